@@ -1,0 +1,98 @@
+"""Rewrite actions: frozen dataclasses that name what a site becomes, and the handler registry.
+
+An action is pure data (JSON round-trip); a *handler* registered for its type builds the replacement for
+one site, or returns ``None`` to decline it (the site then falls back to the next choice, by default
+:class:`Exact`).
+
+Example::
+
+    >>> import rewrite
+    >>> rewrite.Exact().to_json()
+    {'action': 'Exact', 'args': {'kernel': 'sdpa'}}
+    >>> rewrite.action_from_json({'action': 'Exact', 'args': {}})
+    Exact(kernel='sdpa')
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+_ACTION_TYPES: dict[str, type] = {}
+_HANDLERS: dict[type, Callable] = {}
+
+
+class RewriteError(ValueError):
+    """A user-facing error: the message names the problem and the fix."""
+
+
+def register_action(cls):
+    """Class decorator: make a frozen action dataclass known by its class name (for JSON plans)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a dataclass to be registered as an action")
+    _ACTION_TYPES[cls.__name__] = cls
+    return cls
+
+
+def register_handler(action_type: type):
+    """Decorator: ``handler(action, call) -> Replacement | None`` builds the replacement for one site."""
+    def deco(fn):
+        _HANDLERS[action_type] = fn
+        return fn
+    return deco
+
+
+def handler_for(action) -> Optional[Callable]:
+    return _HANDLERS.get(type(action))
+
+
+def action_types() -> dict[str, type]:
+    return dict(_ACTION_TYPES)
+
+
+class Action:
+    """Base of all actions; subclasses are ``@register_action`` frozen dataclasses."""
+
+    exact: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": type(self).__name__, "args": dataclasses.asdict(self)}
+
+    def describe(self) -> str:
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({args})"
+
+
+@register_action
+@dataclasses.dataclass(frozen=True)
+class Exact(Action):
+    """Lossless fused attention. ``kernel="sdpa"`` uses ``F.scaled_dot_product_attention``."""
+
+    kernel: str = "sdpa"
+    exact = True
+
+    def __post_init__(self):
+        if self.kernel not in ("sdpa", "triton"):
+            raise RewriteError(f"Exact(kernel={self.kernel!r}) is not a known kernel; use 'sdpa' or 'triton'.")
+
+
+def action_from_json(obj: Any) -> Optional[Action]:
+    """Build an action from an instance, ``None``, a type name (``"Exact"``) or ``{"action", "args"}``."""
+    if obj is None or isinstance(obj, Action):
+        return obj
+    if isinstance(obj, str):
+        name, args = obj, {}
+    elif isinstance(obj, dict) and "action" in obj:
+        name, args = obj["action"], obj.get("args") or {}
+    else:
+        raise RewriteError(
+            f"Cannot read {obj!r} as an action: give an action object such as rewrite.Exact(), "
+            "a name such as 'Exact', or a dict {'action': 'Exact', 'args': {...}}.")
+    cls = _ACTION_TYPES.get(name) or {k.lower(): v for k, v in _ACTION_TYPES.items()}.get(str(name).lower())
+    if cls is None:
+        known = ", ".join(sorted(_ACTION_TYPES))
+        raise RewriteError(f"Unknown action {name!r}. Known actions: {known}.")
+    try:
+        return cls(**args)
+    except TypeError as err:
+        fields = ", ".join(f.name for f in dataclasses.fields(cls)) or "(none)"
+        raise RewriteError(f"Bad arguments {args!r} for action {name!r}: {err}. Its arguments are: {fields}.") from None

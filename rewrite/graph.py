@@ -1,0 +1,203 @@
+"""Small helpers over torch.fx graphs shared by the passes: metadata, shapes, names, node surgery."""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+
+def meta_value(node: Any) -> Any:
+    """The example value recorded for a node (Dynamo: ``example_value``; export: ``val``)."""
+    if not isinstance(node, fx.Node):
+        return node
+    meta = node.meta
+    if "example_value" in meta:
+        return meta["example_value"]
+    return meta.get("val")
+
+
+def tensor_meta(node: Any) -> Optional[torch.Tensor]:
+    val = meta_value(node)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def shape(node: Any) -> Optional[tuple]:
+    t = tensor_meta(node)
+    return tuple(t.shape) if t is not None else None
+
+
+def rank(node: Any) -> Optional[int]:
+    t = tensor_meta(node)
+    return t.dim() if t is not None else None
+
+
+def dtype(node: Any) -> Optional[torch.dtype]:
+    t = tensor_meta(node)
+    return t.dtype if t is not None else None
+
+
+def is_scalar_like(arg: Any) -> bool:
+    """A Python number, a symbolic number, or a node whose value is a number or a one-element tensor."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return True
+    if isinstance(arg, (torch.SymInt, torch.SymFloat)):
+        return True
+    if isinstance(arg, fx.Node):
+        val = meta_value(arg)
+        if isinstance(val, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(val, bool):
+            return True
+        if isinstance(val, torch.Tensor) and all(_is_one(s) for s in val.shape):
+            return True
+    return False
+
+
+def is_tensor_scalar(arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and isinstance(meta_value(arg), torch.Tensor)
+
+
+def _is_one(size) -> bool:
+    try:
+        return int(size) == 1
+    except Exception:  # unbacked symbolic size: not provably one
+        return False
+
+
+def same_size(a, b) -> bool:
+    """True when two (possibly symbolic) sizes are provably equal."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        try:
+            return bool(a == b) and str(a) == str(b) or _sym_equal(a, b)
+        except Exception:
+            return False
+    return a == b
+
+
+def _sym_equal(a, b) -> bool:
+    try:
+        ea = a.node.expr if isinstance(a, torch.SymInt) else a
+        eb = b.node.expr if isinstance(b, torch.SymInt) else b
+        return (ea - eb) == 0
+    except Exception:
+        return False
+
+
+def fake_mode_of(nodes: Iterable[fx.Node]):
+    from torch._guards import detect_fake_mode
+    vals = [meta_value(n) for n in nodes if isinstance(n, fx.Node)]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def infer_meta(node: fx.Node) -> None:
+    """Fill a new node's example value by running its target on the example values of its inputs."""
+    args = fx.node.map_arg(node.args, meta_value)
+    kwargs = fx.node.map_arg(node.kwargs, meta_value)
+    inputs = [n for n in node.all_input_nodes]
+    mode = fake_mode_of(inputs)
+    try:
+        if mode is not None:
+            with mode:
+                val = _run_target(node, args, kwargs)
+        else:
+            val = _run_target(node, args, kwargs)
+    except Exception:
+        val = None
+    key = "example_value" if any("example_value" in n.meta for n in inputs) else "val"
+    node.meta[key] = val
+
+
+def _run_target(node: fx.Node, args, kwargs):
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    raise ValueError(node.op)
+
+
+def insert_call(graph: fx.Graph, before: fx.Node, target, args=(), kwargs=None, like: Optional[fx.Node] = None,
+                method: bool = False) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` before ``before``, copying provenance from ``like``."""
+    with graph.inserting_before(before):
+        node = (graph.call_method(target, tuple(args), kwargs or {}) if method
+                else graph.call_function(target, tuple(args), kwargs or {}))
+    src = like if like is not None else before
+    for key in ("nn_module_stack", "source_fn_stack", "stack_trace", "seq_nr"):
+        if key in src.meta:
+            node.meta[key] = src.meta[key]
+    infer_meta(node)
+    return node
+
+
+_MUTATING_METHODS = {"copy_", "fill_", "zero_", "set_", "resize_", "index_put_", "scatter_", "masked_scatter_"}
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """In-place and side-effecting calls must never be removed as dead code."""
+    if node.op == "call_method":
+        return node.target.endswith("_") or node.target in _MUTATING_METHODS
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        if name.startswith("i") and name in ("iadd", "isub", "imul", "itruediv", "iand", "ior"):
+            return True
+        if name in ("setitem", "_set_grad_enabled", "manual_seed", "_assert", "print"):
+            return True
+        if name.endswith("_") and not name.startswith("_"):
+            return True
+        schema_mut = getattr(getattr(node.target, "_schema", None), "is_mutable", False)
+        if schema_mut:
+            return True
+        return node.is_impure()
+    return node.op not in ("call_module",) and False
+
+
+def remove_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
+    """Erase nodes left without users, starting from ``candidates`` and walking up their inputs.
+
+    Unlike ``Graph.eliminate_dead_code`` this never touches the rest of the graph, and never removes a
+    mutating call.
+    """
+    work = list(candidates)
+    removed = 0
+    seen_erased: set = set()
+    while work:
+        node = work.pop()
+        if node in seen_erased or node.graph is not graph:
+            continue
+        if node.op not in ("call_function", "call_method") or node.users or is_mutating(node):
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        seen_erased.add(node)
+        removed += 1
+        work.extend(inputs)
+    return removed
+
+
+# --- module names -----------------------------------------------------------------------------------
+
+_DYNAMO_ROOT = re.compile(r"^L\['self'\]\.?|^L\[\"self\"\]\.?|^self\.?")
+
+
+def normalize_module_path(path: str) -> str:
+    """Turn Dynamo's ``L['self'].layers[0]`` / ``L['self'].layers.0`` / ``getattr(...)`` into ``layers.0``."""
+    p = path.strip()
+    getattr_form = re.compile(r"getattr\(([^()]*), '([^']*)'\)")
+    while getattr_form.search(p):
+        p = getattr_form.sub(r"\1.\2", p)
+    p = _DYNAMO_ROOT.sub("", p)
+    p = re.sub(r"(^|\.)_modules\['([^']*)'\]", r"\1\2", p)
+    p = re.sub(r"\[['\"]([^'\"]*)['\"]\]", r".\1", p)
+    p = re.sub(r"\[(\d+)\]", r".\1", p)
+    p = p.replace("..", ".").strip(".")
+    return p
+
+
+def owner_path(node: fx.Node) -> str:
+    """The dotted ``named_modules()`` path of the innermost module on the node's module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return normalize_module_path(path)

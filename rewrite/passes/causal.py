@@ -1,0 +1,161 @@
+"""Prove that a mask term is causal (lower-triangular, top-left aligned) for every sequence length.
+
+The proof has two parts:
+
+1. *Structure*: the mask is a function of sizes alone. Its cone of inputs in the graph may contain
+   sizes (SymInt placeholders, ``sym_size``/``size()`` reads), constants, ``arange``/``ones``/``tril``
+   style factories and module buffers (a registered ``tril`` buffer sliced to the length), but no
+   input data. Such a mask is the same tensor for every batch of a given length.
+2. *Value*: the cone is evaluated as a small graph at the captured length and, when the capture is
+   dynamic, again at lengths 1, 2, 3, 5 and 8 by substituting the length symbol; each must be exactly
+   the causal pattern (0 / True on and below the diagonal, masked above it with a value that
+   underflows softmax to exactly 0).
+
+A mask built from an index comparison is piecewise affine in the length, so agreement at the captured
+length plus small lengths of every residue the construction can distinguish is what "for every
+length" means here; anything that fails to evaluate at another length is not proven.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from ..graph import meta_value, same_size, shape
+from .find_sites import ScoreOp, SiteMatch
+
+#: a mask value at or below this underflows ``exp`` to exactly 0 for any realistic score
+MASKED_BELOW = -1e4
+PROBE_LENGTHS = (1, 2, 3, 5, 8)
+
+
+def _is_size_read(node: fx.Node) -> bool:
+    if node.op == "call_function" and "sym_size" in str(node.target):
+        return True
+    if node.op == "call_method" and node.target == "size":
+        return True
+    return False
+
+
+def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is_state: Callable[[fx.Node], bool]
+                 ) -> tuple[bool, str]:
+    """Whether ``op`` (an additive term or a fill of ``m``'s scores) is exactly the causal mask."""
+    qs, ks = shape(m.q), shape(m.kt)
+    if qs is None or ks is None or not same_size(qs[-2], ks[-1]):
+        return False, "query and key lengths differ (cross-attention or a KV cache)"
+    root = op.value if op.kind == "add" else op.cond
+    if not isinstance(root, fx.Node):
+        return False, "the mask is not a tensor"
+    if op.kind == "fill":
+        fill = op.value
+        if not isinstance(fill, (int, float)) or fill > MASKED_BELOW:
+            return False, "the fill value is not a large negative constant"
+    cone, leaves = _cone(root)
+    for leaf in leaves:
+        if leaf.op == "placeholder" and not is_state(leaf) and not _is_size_value(values.get(leaf)):
+            return False, "the mask depends on input data"
+    sub, leaf_nodes = _extract(gm, cone, leaves, root)
+    length_sym = _length_symbol(qs[-2])
+    captured = {leaf: _leaf_value(leaf, values) for leaf in leaves}
+    ok, why = _check(sub, leaf_nodes, captured, op, None)
+    if not ok:
+        return False, why
+    if length_sym is None:
+        return True, "static length"
+    varying = [leaf for leaf in leaves if _expr(meta_value(leaf)) == length_sym]
+    if not varying:
+        return True, "the mask does not depend on the length symbol"
+    for n in PROBE_LENGTHS:
+        trial = dict(captured)
+        for leaf in varying:
+            trial[leaf] = n
+        ok, why = _check(sub, leaf_nodes, trial, op, n)
+        if not ok:
+            return False, f"at length {n}: {why}"
+    return True, "proven at the captured length and at lengths " + ", ".join(map(str, PROBE_LENGTHS))
+
+
+def _is_size_value(v: Any) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _expr(v: Any):
+    if isinstance(v, torch.SymInt):
+        return v.node.expr
+    return None
+
+
+def _length_symbol(size: Any):
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        if getattr(expr, "is_Symbol", False):
+            return expr
+    return None
+
+
+def _cone(root: fx.Node) -> tuple[set, list]:
+    cone, leaves, work = set(), [], [root]
+    while work:
+        n = work.pop()
+        if n in cone:
+            continue
+        cone.add(n)
+        if n.op in ("placeholder", "get_attr") or _is_size_read(n):
+            leaves.append(n)
+            continue
+        work.extend(n.all_input_nodes)
+    return cone, leaves
+
+
+def _leaf_value(leaf: fx.Node, values: dict) -> Any:
+    if leaf in values:
+        return values[leaf]
+    if _is_size_read(leaf):
+        src = values.get(leaf.args[0])
+        if isinstance(src, torch.Tensor):
+            dim = leaf.args[1] if len(leaf.args) > 1 else leaf.kwargs.get("dim")
+            return src.size(dim) if dim is not None else src.size()
+    return None
+
+
+def _extract(gm: fx.GraphModule, cone: set, leaves: list, root: fx.Node):
+    graph = fx.Graph()
+    env: dict = {}
+    leaf_nodes = {}
+    for n in gm.graph.nodes:
+        if n not in cone:
+            continue
+        if n in leaves and n.op != "get_attr":
+            new = graph.placeholder(f"leaf_{len(leaf_nodes)}")
+            leaf_nodes[n] = new
+        else:
+            new = graph.node_copy(n, lambda a: env[a])
+        env[n] = new
+    graph.output(env[root])
+    return fx.GraphModule(gm, graph), leaf_nodes
+
+
+def _check(sub: fx.GraphModule, leaf_nodes: dict, leaf_values: dict, op: ScoreOp, n: Optional[int]) -> tuple[bool, str]:
+    try:
+        with torch.no_grad():
+            mask = sub(*[leaf_values[leaf] for leaf in leaf_nodes])
+    except Exception as err:  # noqa: BLE001 - any failure means "not proven"
+        return False, f"the mask could not be evaluated ({type(err).__name__})"
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
+        return False, "the mask is not a matrix"
+    rows, cols = mask.shape[-2], mask.shape[-1]
+    if rows != cols or (n is not None and rows != n):
+        return False, f"the mask is {rows}x{cols}, not square at the score shape"
+    visible = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril()
+    if op.kind == "fill":
+        filled = mask.bool() if op.fill_where_true else ~mask.bool()
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            return False, "the fill condition is not boolean"
+        ok = bool((filled == ~visible).all())
+    elif mask.dtype == torch.bool:
+        return False, "a boolean tensor added to the scores"
+    else:
+        m = mask.float()
+        ok = bool(((m == 0) == visible).all() and (m[..., ~visible] <= MASKED_BELOW).all())
+    return (True, "") if ok else (False, "the mask is not the lower-triangular causal pattern")

@@ -1,0 +1,297 @@
+"""Find attention sites in a canonical graph (run ``normalize`` first).
+
+A site is ``softmax(f(q @ kt)) @ v`` where ``f`` is a chain of scalar scales (``mul``/``div``), additive
+terms (masks, biases) and fills (``masked_fill``/``where``), possibly with dtype casts, and between the
+softmax and the value product only casts and dropout. Every check that fails is reported in words; a
+softmax that is not attention-like (no product on either side) is not reported at all.
+
+The score chain is kept as an ordered list of operations, outermost last, so that lowering can rebuild
+``scores = alpha * (q @ kt) + beta`` exactly whatever order the model applied them in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from ..graph import is_scalar_like, meta_value, owner_path, rank, same_size, shape
+from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
+
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
+_PASSTHROUGH_METHODS = {"contiguous", "clone"}
+
+
+def is_cast(node: fx.Node) -> bool:
+    """A dtype conversion or a value-preserving copy (no change of shape)."""
+    if node.op == "call_method" and node.target in _CAST_METHODS | _PASSTHROUGH_METHODS:
+        before, after = shape(node.args[0]), shape(node)
+        return before is not None and before == after
+    if node.op == "call_function":
+        name = str(node.target)
+        if any(k in name for k in ("_to_copy", "aten.to.", "convert_element_type", "aten.clone", "aten.alias",
+                                   "aten.contiguous", "aten.lift_fresh")):
+            return shape(node.args[0]) == shape(node)
+    return False
+
+
+@dataclasses.dataclass
+class ScoreOp:
+    """One step of the score chain, applied outward from ``q @ kt``."""
+    kind: str                      # "scale" | "add" | "fill" | "cast"
+    value: Any = None              # scale factor / additive term / fill value
+    power: int = 1                 # scale: +1 multiply, -1 divide; add: +1 add, -1 subtract
+    cond: Optional[fx.Node] = None  # fill: where the fill applies
+    fill_where_true: bool = True   # fill: True for masked_fill(cond, v) / where(cond, v, x)
+    node: Optional[fx.Node] = None
+
+
+@dataclasses.dataclass
+class SiteMatch:
+    """A matched (or rejected) attention region, with the FX nodes lowering needs."""
+    name: str
+    softmax: Optional[fx.Node]
+    output: Optional[fx.Node] = None          # the value product (or the SDPA call)
+    qk: Optional[fx.Node] = None
+    q: Optional[fx.Node] = None
+    kt: Optional[fx.Node] = None
+    v: Optional[fx.Node] = None
+    ops: list = dataclasses.field(default_factory=list)
+    dropout_p: Any = 0.0
+    softmax_dtype: Optional[torch.dtype] = None
+    region: list = dataclasses.field(default_factory=list)
+    status: str = "matched"
+    reason: str = ""
+    kind: str = "eager"
+    ordinal: int = 0
+    index: int = 0
+    sdpa_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+class _Reject(Exception):
+    pass
+
+
+def _single_user(node: fx.Node, what: str) -> fx.Node:
+    users = [u for u in node.users]
+    if len(users) != 1:
+        raise _Reject(f"{what} are used elsewhere ({len(users)} users: "
+                      f"{', '.join(_describe(u) for u in users[:3])}), so rewriting would change them")
+    return users[0]
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "output":
+        return "a graph output"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target}"
+
+
+def _produces_matmul(node: Any, depth: int = 6) -> bool:
+    """Whether a product (matmul) is among the inputs of ``node`` within ``depth`` steps."""
+    frontier, seen = [node], set()
+    for _ in range(depth + 1):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if n.op == "call_function" and n.target is MATMUL:
+                return True
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def _feeds_matmul(node: fx.Node, depth: int = 4) -> bool:
+    for u in node.users:
+        if u.op == "call_function" and u.target is MATMUL:
+            return True
+        if depth and _feeds_matmul(u, depth - 1):
+            return True
+    return False
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[SiteMatch]]:
+    """All attention sites of a canonical graph, and the attention-like regions rejected (with why)."""
+    sites, rejected = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is SOFTMAX:
+            m = _match_softmax(node)
+            if m is None:
+                continue
+            (sites if m.status == "matched" else rejected).append(m)
+        elif node.target is SDPA or op_kind(node) == "sdpa":
+            sites.append(_match_sdpa(node))
+    counts: dict = {}
+    for i, m in enumerate(sorted(sites + rejected, key=lambda m: _order(gm, m))):
+        m.index = i
+        m.ordinal = counts.get(m.name, 0)
+        counts[m.name] = m.ordinal + 1
+    return sites, rejected
+
+
+def _order(gm: fx.GraphModule, m: SiteMatch) -> int:
+    anchor = m.softmax or m.output
+    for i, n in enumerate(gm.graph.nodes):
+        if n is anchor:
+            return i
+    return 0
+
+
+def _match_sdpa(node: fx.Node) -> SiteMatch:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    kw = {n: (node.args[i] if i < len(node.args) else node.kwargs.get(n, d)) for i, (n, d) in enumerate(zip(names, defaults))}
+    return SiteMatch(name=owner_path(node), softmax=None, output=node, q=kw["query"], v=kw["value"],
+                     kt=kw["key"], kind="sdpa", dropout_p=kw["dropout_p"], sdpa_kwargs=kw, region=[node])
+
+
+def _match_softmax(sm: fx.Node) -> Optional[SiteMatch]:
+    m = SiteMatch(name=owner_path(sm), softmax=sm)
+    try:
+        _match_probabilities(m)
+        _match_scores(m)
+        _check_shapes(m)
+    except _Reject as why:
+        if not (_produces_matmul(sm.args[0]) or _feeds_matmul(sm)):
+            return None  # a softmax that is not attention-like (a router, a classifier head): not ours
+        m.status, m.reason = "rejected", str(why)
+    return m
+
+
+def _match_probabilities(m: SiteMatch) -> None:
+    sm = m.softmax
+    r = rank(sm)
+    dim = sm.kwargs.get("dim")
+    if r is None or r < 2:
+        raise _Reject("the softmax input has no known shape of rank >= 2")
+    if dim != r - 1:
+        raise _Reject(f"softmax is over dim {dim - r} (dim {dim}), not the last (key) dim, so it is not "
+                      "attention's row normalisation")
+    m.softmax_dtype = sm.kwargs.get("dtype")
+    m.region.append(sm)
+    p = sm
+    while True:
+        u = _single_user(p, "the attention probabilities")
+        if is_cast(u):
+            p = u
+        elif u.op == "call_function" and u.target is DROPOUT:
+            if m.dropout_p not in (0.0, 0):
+                raise _Reject("two dropouts on the probabilities")
+            training = u.kwargs.get("training", True)
+            pval = u.kwargs.get("p", 0.5)
+            m.dropout_p = pval if training is True else (0.0 if training is False else _Reject)
+            if m.dropout_p is _Reject:
+                raise _Reject("dropout's training flag is not a constant")
+            p = u
+        elif u.op == "call_function" and u.target is MATMUL:
+            if u.args[0] is not p:
+                raise _Reject("the probabilities are the right operand of the product (v @ p form)")
+            m.output, m.v = u, u.args[1]
+            m.region.append(u)
+            return
+        else:
+            raise _Reject(f"the probabilities feed {_describe(u)}, not a value product")
+        m.region.append(p)
+
+
+def _match_scores(m: SiteMatch) -> None:
+    node = m.softmax.args[0]
+    ops: list[ScoreOp] = []
+    consumer = m.softmax
+    while True:
+        if not isinstance(node, fx.Node):
+            raise _Reject("the scores are not a tensor computed in the graph")
+        users = list(node.users)
+        if len(users) != 1:
+            raise _Reject(f"the attention scores are used elsewhere ({len(users)} users: "
+                          f"{', '.join(_describe(u) for u in users[:3])}), so rewriting would change them")
+        if node.op == "call_function" and node.target is MATMUL:
+            m.qk, m.q, m.kt = node, node.args[0], node.args[1]
+            m.region.append(node)
+            break
+        m.region.append(node)
+        kind = op_kind(node) if node.op == "call_function" else None
+        full = shape(node)
+        if is_cast(node):
+            ops.append(ScoreOp("cast", node=node))
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in (torch.mul, torch.div):
+            a, b = node.args
+            if _on_chain(a, full) and is_scalar_like(b):
+                chain, factor = a, b
+            elif node.target is torch.mul and _on_chain(b, full) and is_scalar_like(a):
+                chain, factor = b, a
+            else:
+                raise _Reject(f"the scores are multiplied by a non-scalar ({_describe(node)} of two tensors)")
+            ops.append(ScoreOp("scale", value=factor, power=1 if node.target is torch.mul else -1, node=node))
+            node = chain
+        elif node.op == "call_function" and node.target in (torch.add, torch.sub):
+            a, b = node.args
+            if _on_chain(a, full) and not _depends_on(b, a):
+                chain, term, sign = a, b, (1 if node.target is torch.add else -1)
+            elif node.target is torch.add and _on_chain(b, full) and not _depends_on(a, b):
+                chain, term, sign = b, a, 1
+            else:
+                raise _Reject("an additive term on the scores could not be told apart from the scores")
+            ops.append(ScoreOp("add", value=term, power=sign, node=node))
+            node = chain
+        elif node.op == "call_function" and node.target is MASKED_FILL:
+            x, cond, val = node.args
+            if not is_scalar_like(val):
+                raise _Reject("masked_fill with a non-scalar value")
+            ops.append(ScoreOp("fill", value=val, cond=cond, fill_where_true=True, node=node))
+            node = x
+        elif node.op == "call_function" and node.target is WHERE:
+            cond, a, b = node.args
+            if _on_chain(a, full) and is_scalar_like(b):
+                ops.append(ScoreOp("fill", value=b, cond=cond, fill_where_true=False, node=node))
+                node = a
+            elif _on_chain(b, full) and is_scalar_like(a):
+                ops.append(ScoreOp("fill", value=a, cond=cond, fill_where_true=True, node=node))
+                node = b
+            else:
+                raise _Reject("torch.where on the scores with a non-scalar replacement")
+        else:
+            name = _describe(node)
+            if "tanh" in name:
+                raise _Reject("the scores pass through tanh (soft-capping), which SDPA cannot express")
+            raise _Reject(f"the scores pass through {name}, which is not a scale, mask or bias")
+        consumer = node
+    ops.reverse()  # innermost (closest to q @ kt) first
+    m.ops = ops
+
+
+def _on_chain(node: Any, full: Optional[tuple]) -> bool:
+    """The operand that carries the scores: a tensor with the full score shape built from a product."""
+    return isinstance(node, fx.Node) and shape(node) == full and _produces_matmul(node, depth=12)
+
+
+def _depends_on(node: Any, target: fx.Node, limit: int = 2000) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    seen, work = set(), [node]
+    while work and len(seen) < limit:
+        n = work.pop()
+        if n is target:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        work.extend(n.all_input_nodes)
+    return False
+
+
+def _check_shapes(m: SiteMatch) -> None:
+    qs, kts, vs, ss = shape(m.q), shape(m.kt), shape(m.v), shape(m.qk)
+    if None in (qs, kts, vs, ss) or len(qs) < 2 or len(kts) < 2 or len(vs) < 2:
+        raise _Reject("q, k or v has no known shape")
+    if not same_size(kts[-1], vs[-2]):
+        raise _Reject("the key length of the scores does not match the value length")
+    if not same_size(qs[-1], kts[-2]):
+        raise _Reject("q and k head dims differ")

@@ -1,0 +1,234 @@
+"""Lower a matched site: rebuild its scores as ``alpha * (q @ kᵀ) + mask`` and call the chosen target.
+
+The canonical call is SDPA's signature (``q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa``);
+exact fused attention and every approximate mixer take it, so a handler only decides *what* to call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from ..graph import insert_call, is_tensor_scalar, meta_value, rank, shape
+from .find_sites import SiteMatch
+from .normalize import ADD, DIV, MUL, PERMUTE, SUB, WHERE
+
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass
+class SiteCall:
+    """The canonical SDPA-signature inputs of one site, as graph nodes (or constants)."""
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    attn_mask: Optional[fx.Node] = None
+    dropout_p: Any = 0.0
+    is_causal: bool = False
+    scale: Any = None
+    enable_gqa: bool = False
+    new_nodes: list = dataclasses.field(default_factory=list)
+
+    def kwargs(self) -> dict:
+        kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
+              "scale": self.scale}
+        if self.enable_gqa:
+            kw["enable_gqa"] = True
+        return kw
+
+
+class _Builder:
+    def __init__(self, graph: fx.Graph, before: fx.Node):
+        self.graph, self.before, self.new = graph, before, []
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        node = insert_call(self.graph, self.before, target, args, kwargs, like=self.before)
+        self.new.append(node)
+        return node
+
+
+def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) -> SiteCall:
+    """Insert the nodes that compute the canonical inputs of ``m`` before its output; nothing is rewired."""
+    b = _Builder(graph, m.output)
+    if m.kind == "sdpa":
+        kw = m.sdpa_kwargs
+        return SiteCall(q=kw["query"], k=kw["key"], v=kw["value"], attn_mask=kw["attn_mask"],
+                        dropout_p=kw["dropout_p"], is_causal=kw["is_causal"], scale=kw["scale"],
+                        enable_gqa=bool(kw["enable_gqa"]))
+    q = m.q
+    k = _untranspose(b, m.kt)
+    v = m.v
+    scale_num: Any = 1.0            # Python-level factor (number, SymFloat, or a node of one)
+    scale_tensor: Optional[fx.Node] = None  # a one-element tensor factor: folded into q
+    beta: Optional[fx.Node] = None
+    qdtype = meta_value(q).dtype
+    for i, op in enumerate(m.ops):
+        if op.kind == "cast" or i in causal_ops:
+            continue
+        if op.kind == "scale":
+            f = op.value
+            if is_tensor_scalar(f):
+                if op.power == 1:
+                    scale_tensor = f if scale_tensor is None else b.call(MUL, scale_tensor, f)
+                else:
+                    scale_tensor = b.call(torch.reciprocal, f) if scale_tensor is None else b.call(DIV, scale_tensor, f)
+            else:
+                scale_num = _pymul(b, scale_num, f, op.power)
+            if beta is not None:
+                beta = b.call(MUL if op.power == 1 else DIV, beta, f)
+        elif op.kind == "add":
+            term = op.value
+            if beta is None:
+                beta = term if op.power == 1 else b.call(torch.neg, term)
+            else:
+                beta = b.call(ADD if op.power == 1 else SUB, beta, term)
+        elif op.kind == "fill":
+            cond = op.cond
+            if beta is None and float_value(op.value) == _NEG_INF and _only_op(m, i, causal_ops):
+                # a lone -inf fill is a boolean mask: SDPA takes True = attend
+                beta = b.call(torch.logical_not, cond) if op.fill_where_true else _as_bool(b, cond)
+                continue
+            base = beta if beta is not None else 0.0
+            if op.fill_where_true:
+                beta = b.call(WHERE, cond, op.value, base)
+            else:
+                beta = b.call(WHERE, cond, base, op.value)
+    if beta is not None and meta_value(beta) is not None and meta_value(beta).dtype not in (torch.bool, qdtype):
+        beta = b.call(_to_dtype, beta, qdtype)
+    if scale_tensor is not None:
+        q = b.call(MUL, q, scale_tensor)
+    enable_gqa = False
+    kb, vb = _unrepeat(k), _unrepeat(v)
+    if kb and vb and kb[1] == vb[1] and rank(q) == 4:
+        k, v, enable_gqa = kb[0], vb[0], True
+    call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
+                    scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new)
+    return call
+
+
+def _to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype)
+
+
+def _as_bool(b: _Builder, cond: fx.Node) -> fx.Node:
+    val = meta_value(cond)
+    if val is not None and val.dtype == torch.bool:
+        return cond
+    return b.call(_to_dtype, cond, torch.bool)
+
+
+def _only_op(m: SiteMatch, i: int, causal_ops: set) -> bool:
+    return all(op.kind in ("cast", "scale") or j == i or j in causal_ops for j, op in enumerate(m.ops))
+
+
+def float_value(v: Any) -> Optional[float]:
+    if isinstance(v, (int, float)):
+        return float(v)
+    return None
+
+
+def _pymul(b: _Builder, acc: Any, factor: Any, power: int) -> Any:
+    """Multiply Python-level scale factors, folding constants and emitting ``operator`` nodes otherwise."""
+    if isinstance(factor, (int, float)) and isinstance(acc, (int, float)):
+        return acc * factor if power == 1 else acc / factor
+    if isinstance(factor, fx.Node) and isinstance(meta_value(factor), torch.Tensor):
+        raise AssertionError("tensor factors are folded into q")
+    return b.call(operator.mul if power == 1 else operator.truediv, acc, factor)
+
+
+def _untranspose(b: _Builder, kt: fx.Node) -> fx.Node:
+    """k such that ``kt == k.transpose(-2, -1)``: fold into the permute that made kt where possible."""
+    r = rank(kt)
+    if kt.op == "call_function" and kt.target is PERMUTE:
+        x, perm = kt.args
+        perm = list(perm)
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        if perm == list(range(r)):
+            return x
+        return b.call(PERMUTE, x, perm)
+    perm = list(range(r))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return b.call(PERMUTE, kt, perm)
+
+
+_VIEW_METHODS = {"reshape", "view"}
+
+
+def _unrepeat(x: fx.Node) -> Optional[tuple]:
+    """``(base, n_rep)`` when x repeats each head of a 4-D ``base`` n_rep times (repeat_kv / repeat_interleave)."""
+    xs = shape(x)
+    if xs is None or len(xs) != 4:
+        return None
+    if _is_call(x, "repeat_interleave"):
+        base = x.args[0]
+        reps = x.args[1] if len(x.args) > 1 else x.kwargs.get("repeats")
+        dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim")
+        if isinstance(reps, int) and dim in (1, -3) and shape(base) is not None and len(shape(base)) == 4:
+            return base, reps
+        return None
+    if not (_is_call(x, "reshape") or _is_call(x, "view") or _is_call(x, "_unsafe_view")):
+        return None
+    ex = x.args[0]
+    if not (_is_call(ex, "expand")) or shape(ex) is None or len(shape(ex)) != 5:
+        return None
+    unsq = ex.args[0]
+    us = shape(unsq)
+    if us is None or len(us) != 5 or not _is_one(us[2]):
+        return None
+    base = _squeeze_source(unsq)
+    if base is None:
+        return None
+    bs, es = shape(base), shape(ex)
+    if bs is None or len(bs) != 4 or tuple(bs) != (us[0], us[1], us[3], us[4]):
+        return None
+    if tuple(es[:2]) != tuple(us[:2]) or tuple(es[3:]) != tuple(us[3:]):
+        return None
+    if tuple(xs) != (es[0], es[1] * es[2], es[3], es[4]) and str(xs[1]) != str(es[1] * es[2]):
+        return None
+    n_rep = es[2]
+    return (base, int(n_rep)) if _is_int(n_rep) else None
+
+
+def _is_one(s) -> bool:
+    try:
+        return int(s) == 1
+    except Exception:
+        return False
+
+
+def _is_int(s) -> bool:
+    try:
+        int(s)
+        return True
+    except Exception:
+        return False
+
+
+def _squeeze_source(unsq: fx.Node) -> Optional[fx.Node]:
+    """The 4-D tensor that ``unsq`` adds a size-1 dim at position 2 to."""
+    if _is_call(unsq, "unsqueeze"):
+        dim = unsq.args[1] if len(unsq.args) > 1 else unsq.kwargs.get("dim")
+        return unsq.args[0] if dim in (2, -3) else None
+    if unsq.op == "call_function" and unsq.target is operator.getitem:
+        src, idx = unsq.args
+        if isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None and all(
+                isinstance(i, slice) and i == slice(None) for i in idx[:2]) and all(
+                i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx[3:]):
+            return src
+    return None
+
+
+def _is_call(node: Any, name: str) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target == name
+    if node.op == "call_function":
+        t = node.target
+        tname = getattr(t, "__name__", "")
+        return tname == name or str(t).startswith(f"aten.{name}.")
+    return False

@@ -1,0 +1,326 @@
+"""Normalise: turn the many spellings of the ops attention is made of into one canonical form.
+
+Dynamo graphs are torch level (``operator.matmul``, ``Tensor.softmax``, ``F.softmax``, method calls),
+``torch.export`` graphs are ATen (``aten.matmul``, ``aten.softmax.int``). After this pass both use:
+
+=================  ==========================================================================
+canonical          spellings folded into it
+=================  ==========================================================================
+torch.matmul       ``@``, ``Tensor.matmul``, ``torch.bmm``, ``aten.matmul``, ``aten.bmm``, 2-operand
+                   batched ``einsum`` (with permutes), ``baddbmm`` (with ``mul``/``add``)
+torch.softmax      ``F.softmax``, ``Tensor.softmax``, ``aten.softmax.int``, ``aten._softmax``;
+                   ``dim`` made non-negative, ``dtype`` kept as a keyword
+torch.permute      ``transpose``/``swapaxes``/``permute``/``.mT``/``.T`` with a full, non-negative permutation
+torch.mul/div/     ``operator``/method/ATen forms and their in-place forms (only where the mutated
+add/sub            tensor has no other user, so the change is invisible)
+torch.masked_fill  method, in-place and ATen forms
+torch.where        ``Tensor.where`` and ATen forms
+F.dropout          ``torch.dropout``, ``aten.dropout``; keywords ``p`` and ``training``
+=================  ==========================================================================
+
+Every rewrite here computes the same values as the spelling it replaces; nothing is approximated.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..graph import insert_call, meta_value, rank
+
+aten = torch.ops.aten
+
+MATMUL = torch.matmul
+SOFTMAX = torch.softmax
+PERMUTE = torch.permute
+MUL, DIV, ADD, SUB = torch.mul, torch.div, torch.add, torch.sub
+MASKED_FILL = torch.masked_fill
+WHERE = torch.where
+DROPOUT = F.dropout
+SDPA = F.scaled_dot_product_attention
+
+
+def _aten(name: str, overloads: tuple[str, ...]) -> set:
+    packet = getattr(aten, name, None)
+    out = set()
+    if packet is None:
+        return out
+    for ov in overloads:
+        op = getattr(packet, ov, None)
+        if op is not None:
+            out.add(op)
+    return out
+
+
+_FN = {
+    "matmul": {torch.matmul, operator.matmul, torch.bmm} | _aten("matmul", ("default",)) | _aten("bmm", ("default",)),
+    "softmax": {torch.softmax, F.softmax, torch.special.softmax, torch.Tensor.softmax}
+    | _aten("softmax", ("int",)) | _aten("_softmax", ("default",)),
+    "transpose": {torch.transpose, torch.swapaxes, torch.swapdims} | _aten("transpose", ("int",)),
+    "permute": {torch.permute} | _aten("permute", ("default",)),
+    "mul": {operator.mul, torch.mul} | _aten("mul", ("Tensor", "Scalar")),
+    "div": {operator.truediv, torch.true_divide} | _aten("div", ("Tensor", "Scalar")),
+    "add": {operator.add} | _aten("add", ("Tensor", "Scalar")),
+    "sub": {operator.sub} | _aten("sub", ("Tensor", "Scalar")),
+    "imul": {operator.imul}, "idiv": {operator.itruediv}, "iadd": {operator.iadd}, "isub": {operator.isub},
+    "masked_fill": {torch.masked_fill} | _aten("masked_fill", ("Scalar", "Tensor")),
+    "where": _aten("where", ("self", "ScalarOther", "ScalarSelf", "Scalar")),
+    "dropout": {F.dropout, torch.dropout} | _aten("dropout", ("default",)),
+    "einsum": {torch.einsum, getattr(torch.functional, "einsum", torch.einsum)} | _aten("einsum", ("default",)),
+    "baddbmm": {torch.baddbmm} | _aten("baddbmm", ("default",)),
+    "sdpa": {SDPA} | _aten("scaled_dot_product_attention", ("default",)),
+}
+_METHOD = {
+    "matmul": {"matmul", "bmm", "__matmul__"}, "softmax": {"softmax"}, "transpose": {"transpose", "swapaxes", "swapdims"},
+    "permute": {"permute"}, "mul": {"mul", "__mul__", "multiply"}, "div": {"div", "true_divide", "__truediv__", "divide"},
+    "add": {"add", "__add__"}, "sub": {"sub", "__sub__", "subtract"}, "imul": {"mul_"}, "idiv": {"div_"},
+    "iadd": {"add_"}, "isub": {"sub_"}, "masked_fill": {"masked_fill", "masked_fill_"}, "where": {"where"},
+    "baddbmm": {"baddbmm"},
+}
+
+
+def op_kind(node: fx.Node) -> Optional[str]:
+    """Which family of spellings a node belongs to (``None`` when it is none of ours)."""
+    if node.op == "call_function":
+        if node.target is torch.add and node.kwargs.get("alpha", 1) == 1:
+            return "add"
+        if node.target is torch.sub and node.kwargs.get("alpha", 1) == 1:
+            return "sub"
+        if node.target is torch.div and node.kwargs.get("rounding_mode") is None:
+            return "div"
+        if node.target is torch.where and len(node.args) == 3:
+            return "where"
+        if node.target is getattr and len(node.args) == 2 and node.args[1] in ("mT", "T", "mH"):
+            return "transpose_attr"
+        for kind, targets in _FN.items():
+            if node.target in targets:
+                return kind
+    elif node.op == "call_method":
+        if node.target == "where":
+            return "where"
+        if node.target == "t":
+            return "transpose_attr"
+        for kind, names in _METHOD.items():
+            if node.target in names:
+                return kind
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def normalize(gm: fx.GraphModule) -> int:
+    """Rewrite ``gm`` in place into the canonical spelling; returns how many nodes changed."""
+    graph = gm.graph
+    changed = 0
+    for node in list(graph.nodes):
+        kind = op_kind(node)
+        if kind is None:
+            continue
+        new = _canonical(graph, node, kind)
+        if new is not None and new is not node:
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            changed += 1
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _replace(graph: fx.Graph, node: fx.Node, target, args, kwargs=None) -> fx.Node:
+    new = insert_call(graph, node, target, args, kwargs or {}, like=node)
+    if meta_value(new) is None:  # could not infer: the old node's value is the same value
+        for key in ("example_value", "val"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+    return new
+
+
+def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
+    is_method = node.op == "call_method"
+    a = node.args
+    if kind == "matmul":
+        if node.target is MATMUL:
+            return None
+        return _replace(graph, node, MATMUL, (a[0], a[1]))
+    if kind == "softmax":
+        return _softmax(graph, node)
+    if kind in ("transpose", "permute", "transpose_attr"):
+        return _permute(graph, node, kind)
+    if kind in ("mul", "div", "add", "sub", "imul", "idiv", "iadd", "isub"):
+        base = {"imul": "mul", "idiv": "div", "iadd": "add", "isub": "sub"}.get(kind, kind)
+        inplace = base != kind
+        if inplace and isinstance(a[0], fx.Node) and len(a[0].users) > 1:
+            return None  # the mutation is visible elsewhere: keep it
+        if len(a) < 2:
+            return None
+        target = {"mul": MUL, "div": DIV, "add": ADD, "sub": SUB}[base]
+        if node.target is target and not node.kwargs:
+            return None
+        if node.kwargs.get("alpha", 1) != 1:
+            return None
+        if not isinstance(a[0], fx.Node) and not isinstance(a[1], fx.Node):
+            return None
+        if not isinstance(a[0], fx.Node) or not isinstance(meta_value(a[0]), torch.Tensor):
+            if not isinstance(a[1], fx.Node) or not isinstance(meta_value(a[1]), torch.Tensor):
+                return None  # scalar arithmetic (SymInt/float): leave Python semantics alone
+        return _replace(graph, node, target, (a[0], a[1]))
+    if kind == "masked_fill":
+        if is_method and node.target.endswith("_") and len(a[0].users) > 1:
+            return None
+        if node.target is MASKED_FILL:
+            return None
+        return _replace(graph, node, MASKED_FILL, (a[0], _arg(node, 1, "mask"), _arg(node, 2, "value")))
+    if kind == "where":
+        if is_method:  # x.where(cond, y) == torch.where(cond, x, y)
+            return _replace(graph, node, WHERE, (a[1], a[0], a[2] if len(a) > 2 else node.kwargs.get("other")))
+        if node.target is WHERE:
+            return None
+        return _replace(graph, node, WHERE, tuple(a[:3]))
+    if kind == "dropout":
+        if node.target is DROPOUT and set(node.kwargs) >= {"p", "training"} and len(a) == 1:
+            return None
+        if node.target is DROPOUT:
+            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+        else:  # torch.dropout(x, p, train) / aten.dropout(x, p, train)
+            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True)
+        if _arg(node, 3, "inplace", False):
+            return None
+        return _replace(graph, node, DROPOUT, (a[0],), {"p": p, "training": training})
+    if kind == "einsum":
+        return _einsum(graph, node)
+    if kind == "baddbmm":
+        return _baddbmm(graph, node)
+    return None
+
+
+def _softmax(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+    x = node.args[0]
+    r = rank(x)
+    if r is None:
+        return None
+    if node.op == "call_function" and node.target in _aten("_softmax", ("default",)):
+        dim, half_to_float = node.args[1], node.args[2]
+        dtype = torch.float32 if half_to_float else None
+    else:
+        dim = _arg(node, 1, "dim")
+        dtype = node.kwargs.get("dtype")
+        if node.op == "call_function" and node.target is F.softmax and len(node.args) > 3:
+            dtype = node.args[3]
+        elif node.target is not F.softmax and len(node.args) > 2:
+            dtype = node.args[2]
+    if not isinstance(dim, int):
+        return None  # implicit or symbolic dim: not ours to guess
+    dim = dim % r if r else dim
+    kwargs = {"dim": dim}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if node.target is SOFTMAX and node.op == "call_function" and dict(node.kwargs) == kwargs and len(node.args) == 1:
+        return None
+    return _replace(graph, node, SOFTMAX, (x,), kwargs)
+
+
+def _permute(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
+    x = node.args[0]
+    r = rank(x)
+    if r is None:
+        return None
+    perm = list(range(r))
+    if kind == "transpose_attr":
+        attr = node.args[1] if node.op == "call_function" else "T"
+        if attr == "mH" and meta_value(x) is not None and meta_value(x).is_complex():
+            return None
+        if attr == "T" or node.target == "t":
+            perm = perm[::-1]
+        else:
+            if r < 2:
+                return None
+            perm[-1], perm[-2] = perm[-2], perm[-1]
+    elif kind == "transpose":
+        d0, d1 = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return None
+        d0, d1 = d0 % r, d1 % r
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        if not all(isinstance(d, int) for d in dims) or len(dims) != r:
+            return None
+        perm = [d % r for d in dims]
+        if node.op == "call_function" and node.target is PERMUTE and list(node.args[1]) == perm:
+            return None
+    return _replace(graph, node, PERMUTE, (x, perm))
+
+
+_EINSUM_TERM = re.compile(r"^[a-zA-Z]*$")
+
+
+def _einsum(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+    """A two-operand batched contraction ``...i,...j->`` over one index becomes permute + matmul."""
+    eq = node.args[0]
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    if not isinstance(eq, str) or len(operands) != 2 or "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or not all(_EINSUM_TERM.match(t) for t in terms + [out]):
+        return None
+    a_idx, b_idx = terms
+    if len(set(a_idx)) != len(a_idx) or len(set(b_idx)) != len(b_idx) or len(set(out)) != len(out):
+        return None
+    contracted = [c for c in a_idx if c in b_idx and c not in out]
+    batch = [c for c in out if c in a_idx and c in b_idx]
+    free_a = [c for c in a_idx if c not in b_idx]
+    free_b = [c for c in b_idx if c not in a_idx]
+    if len(contracted) != 1 or len(free_a) != 1 or len(free_b) != 1:
+        return None
+    if set(out) != set(batch + free_a + free_b) or any(c not in out for c in free_a + free_b):
+        return None
+    a, b = operands
+    a_order = batch + free_a + contracted
+    b_order = batch + contracted + free_b
+    a_p = _permute_to(graph, node, a, a_idx, a_order)
+    b_p = _permute_to(graph, node, b, b_idx, b_order)
+    mm = insert_call(graph, node, MATMUL, (a_p, b_p), like=node)
+    mm_order = batch + free_a + free_b
+    if mm_order == list(out):
+        return mm
+    return _permute_to(graph, node, mm, "".join(mm_order), list(out))
+
+
+def _permute_to(graph, before, x, have: str, want: list) -> fx.Node:
+    perm = [have.index(c) for c in want]
+    if perm == list(range(len(perm))):
+        return x
+    return insert_call(graph, before, PERMUTE, (x, perm), like=before)
+
+
+def _baddbmm(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+    """``baddbmm(input, b1, b2, beta, alpha) == beta * input + alpha * (b1 @ b2)``."""
+    inp, b1, b2 = node.args[0], _arg(node, 1, "batch1"), _arg(node, 2, "batch2")
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if len(node.args) > 3:
+        beta = node.args[3]
+    if len(node.args) > 4:
+        alpha = node.args[4]
+    mm = insert_call(graph, node, MATMUL, (b1, b2), like=node)
+    if not (isinstance(alpha, (int, float)) and alpha == 1):
+        mm = insert_call(graph, node, MUL, (mm, alpha), like=node)
+    if isinstance(beta, (int, float)) and beta == 0:
+        return mm  # beta == 0 ignores input entirely, even NaN/inf (as baddbmm documents)
+    bias = inp
+    if not (isinstance(beta, (int, float)) and beta == 1):
+        bias = insert_call(graph, node, MUL, (inp, beta), like=node)
+    return insert_call(graph, node, ADD, (mm, bias), like=node)

@@ -1,0 +1,330 @@
+"""The rewrite pipeline for one captured graph: the only place that knows the order of the steps.
+
+normalize → find sites → prove causal masks → describe sites → policy → lower → verify → commit → report
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from . import cost
+from .actions import Action, Exact, RewriteError, handler_for
+from .graph import insert_call, meta_value, remove_dead, shape
+from .mixers.exact import Decline
+from .passes.causal import prove_causal
+from .passes.find_sites import SiteMatch, find_sites
+from .passes.lower import SiteCall, _unrepeat, build_call
+from .passes.normalize import DIV, MUL, PERMUTE, normalize
+from .passes.verify import record, relative_error, tolerance
+from .policy import Policy
+from .report import RewriteReport, SiteRow
+from .sites import AttentionSite, SiteTable
+
+
+class Session:
+    """State shared by every graph captured from one model: the policy, the report, the found sites."""
+
+    def __init__(self, policy: Policy, report: RewriteReport, model: Optional[torch.nn.Module] = None,
+                 mode: str = "rewrite"):
+        self.policy, self.report, self.mode = policy, report, mode
+        self.sites = SiteTable()
+        self._site_keys: set = set()
+        self._state_ptrs: Optional[set] = None
+        self.model = model
+        self.errors: list[str] = []
+
+    def state_ptrs(self) -> set:
+        if self._state_ptrs is None:
+            ptrs = set()
+            if self.model is not None:
+                for t in list(self.model.parameters()) + list(self.model.buffers()):
+                    ptrs.add(t.data_ptr())
+            self._state_ptrs = ptrs
+        return self._state_ptrs
+
+    def is_state(self, node: fx.Node, value: Any) -> bool:
+        if isinstance(value, torch.nn.Parameter):
+            return True
+        grapharg = node.meta.get("grapharg")
+        source = getattr(getattr(grapharg, "source", None), "name", None)
+        if callable(source):
+            try:
+                if source().startswith("L['self']"):
+                    return True
+            except Exception:
+                pass
+        if isinstance(value, torch.Tensor) and value.data_ptr() in self.state_ptrs():
+            return True
+        return False
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) -> fx.GraphModule:
+    """Rewrite one captured graph in place according to the session's policy; record what happened."""
+    report = session.report
+    report.graphs += 1
+    normalize(gm)
+    matches, rejected = find_sites(gm)
+    for r in rejected:
+        report.record_rejected(r.name, r.reason, r.ordinal)
+        _add_site(session, _describe(r, {}, False, []))
+    if not matches:
+        return gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    example_inputs = [_concrete(x) for x in example_inputs]
+    values = dict(zip(placeholders, example_inputs))
+
+    def is_state(node: fx.Node) -> bool:
+        return session.is_state(node, values.get(node))
+
+    prepared = []
+    for m in matches:
+        causal_ops, is_causal = _prove(gm, m, values, is_state)
+        site = _describe(m, values, is_causal, causal_ops, is_state)
+        prepared.append((m, site, causal_ops, is_causal))
+        _add_site(session, site)
+    session.policy.prepare([p[1] for p in prepared])
+
+    graph = gm.graph
+    pending = []
+    for m, site, causal_ops, is_causal in prepared:
+        action = session.policy.action_for(site) if session.mode == "rewrite" else None
+        if action is None or (m.kind == "sdpa" and isinstance(action, Exact)):
+            reason = "already scaled_dot_product_attention" if action is not None else "the policy leaves it as it was"
+            pending.append((m, site, action, None, None, reason))
+            continue
+        handler = handler_for(action)
+        if handler is None:
+            raise RewriteError(f"No handler is registered for action {type(action).__name__}; register one with "
+                               "@rewrite.register_handler.")
+        call = build_call(graph, m, causal_ops, is_causal)
+        target = handler(action, call, site)
+        note = ""
+        if target is None or isinstance(target, Decline):
+            note = f"{type(action).__name__} declined: {target or 'the handler cannot serve this site'}; fell back to Exact"
+            action = Exact()
+            target = handler_for(action)(action, call, site)
+        new = insert_call(graph, m.output, target, (call.q, call.k, call.v), call.kwargs(), like=m.output)
+        pending.append((m, site, action, call, new, note))
+
+    wanted = set()
+    for m, site, action, call, new, _ in pending:
+        wanted |= {m.output, m.q, m.kt, m.v}
+        wanted |= {op.value for op in m.ops if op.kind == "scale" and isinstance(op.value, fx.Node)}
+        if new is not None:
+            wanted |= {new, call.q, call.k, call.v}
+            if isinstance(call.scale, fx.Node):
+                wanted.add(call.scale)
+    vals = record(gm, example_inputs, wanted, {p[4] for p in pending if p[4] is not None})
+
+    for m, site, action, call, new, note in pending:
+        site.scale = _scale_value(m, vals)
+        row = _row(m, site, vals)
+        if new is None:
+            row.status, row.reason = "kept", note
+            row.action = action.describe() if action is not None else "-"
+            row.exact = True
+            row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
+            report.record_site(row)
+            continue
+        err = relative_error(vals.get(m.output), vals.get(new))
+        tol = tolerance(vals[m.output].dtype) if isinstance(vals.get(m.output), torch.Tensor) else 1e-4
+        row.action, row.exact, row.error = action.describe(), bool(action.exact), err
+        if action.exact and not err <= tol:
+            remove_dead(graph, [new] + list(reversed(call.new_nodes)))
+            row.status = "rejected"
+            row.reason = (f"the fused call differs from the original by {err:.2e} (tolerance {tol:.0e}); "
+                          "left as it was")
+            site.status, site.reason = "rejected", row.reason
+        else:
+            m.output.replace_all_uses_with(new)
+            remove_dead(graph, [m.output] + list(m.region))
+            row.status, row.reason = "rewritten", note
+            row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
+            row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
+        report.plan[site.name] = action.to_json()
+        report.record_site(row)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _concrete(x: Any) -> Any:
+    """A recompile for dynamic shapes hands sizes over as SymInts: use the values they stand for."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = x.node.hint
+        return hint if hint is not None else x
+    return x
+
+
+def _add_site(session: Session, site: AttentionSite) -> None:
+    if site.key in session._site_keys:
+        return
+    session._site_keys.add(site.key)
+    site.index = len(session.sites)
+    session.sites.append(site)
+
+
+def _prove(gm, m: SiteMatch, values: dict, is_state) -> tuple[set, bool]:
+    """Indices of the score ops that are the causal mask, and whether ``is_causal`` may be used."""
+    if m.kind == "sdpa":
+        return set(), bool(m.sdpa_kwargs.get("is_causal"))
+    masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
+    causal = set()
+    for i in masks:
+        ok, _why = prove_causal(gm, m, m.ops[i], values, is_state)
+        if ok:
+            causal.add(i)
+    if causal and len(causal) == len(masks):
+        return causal, True
+    return set(), False  # SDPA cannot take is_causal with another mask: pass every mask through
+
+
+def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=None) -> AttentionSite:
+    qs, kts, vs = shape(m.q) or (), shape(m.kt) or (), shape(m.v) or ()
+    ks = tuple(kts[:-2]) + (kts[-1], kts[-2]) if len(kts) >= 2 and m.kind != "sdpa" else tuple(kts)
+    site = AttentionSite(name=m.name, index=m.index, status=m.status, reason=m.reason, kind=m.kind,
+                         q_shape=tuple(qs), k_shape=ks, v_shape=tuple(vs), ordinal=m.ordinal)
+    if m.status != "matched":
+        return site
+    site.head_dim = _int(qs[-1]) if qs else None
+    if len(qs) == 4:
+        site.heads = _int(qs[-3])
+        base = _unrepeat(m.v) if m.kind != "sdpa" else None
+        site.kv_heads = _int(shape(base[0])[-3]) if base else _int(vs[-3]) if len(vs) == 4 else None
+        site.gqa = bool(site.kv_heads and site.heads and site.kv_heads != site.heads)
+    site.layout = _layout(m)
+    site.cross = bool(qs and ks) and str(qs[-2]) != str(ks[-2])
+    site.is_causal = is_causal
+    site.dropout_p = float(m.dropout_p) if isinstance(m.dropout_p, (int, float)) else -1.0
+    site.softmax_dtype = str(m.softmax_dtype).replace("torch.", "") if m.softmax_dtype else None
+    q = meta_value(m.q)
+    site.dtype = str(q.dtype).replace("torch.", "") if isinstance(q, torch.Tensor) else None
+    site.mask = _mask_kind(m, causal_ops, is_causal, is_state)
+    return site
+
+
+def _mask_kind(m: SiteMatch, causal_ops, is_causal: bool, is_state) -> str:
+    if m.kind == "sdpa":
+        kinds = []
+        if m.sdpa_kwargs.get("is_causal"):
+            kinds.append("causal")
+        if m.sdpa_kwargs.get("attn_mask") is not None:
+            mask = meta_value(m.sdpa_kwargs["attn_mask"])
+            kinds.append("boolean" if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool else "additive")
+        return "+".join(kinds) or "none"
+    kinds = ["causal"] if is_causal else []
+    for i, op in enumerate(m.ops):
+        if op.kind not in ("add", "fill") or i in causal_ops:
+            continue
+        if op.kind == "fill":
+            kind = "boolean"
+        else:
+            kind = _term_kind(op.value, is_state)
+        if kind not in kinds:
+            kinds.append(kind)
+    return "+".join(kinds) or "none"
+
+
+def _term_kind(term: Any, is_state) -> str:
+    if not isinstance(term, fx.Node):
+        return "additive"
+    leaves, seen, work = [], set(), [term]
+    while work:
+        n = work.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            leaves.append(n)
+        work.extend(n.all_input_nodes)
+    has_param = any(isinstance(meta_value(n), torch.Tensor) and getattr(meta_value(n), "requires_grad", False)
+                    for n in leaves)
+    if has_param:
+        return "bias"
+    s = shape(term)
+    if s and len(s) >= 3 and _int(s[-2]) == 1 and (_int(s[-3]) or 0) > 1:
+        return "alibi"  # per-head, constant over queries: a linear position bias
+    return "additive"
+
+
+def _layout(m: SiteMatch) -> str:
+    qs = shape(m.q)
+    if qs is None:
+        return ""
+    if len(qs) == 3:
+        return "(b h) n d"
+    if len(qs) == 4:
+        src = m.q
+        if src.op == "call_function" and src.target is PERMUTE and list(src.args[1]) == [0, 2, 1, 3]:
+            return "b n h d -> b h n d"
+        return "b h n d"
+    return f"{len(qs)}-d"
+
+
+def _int(v) -> Optional[int]:
+    try:
+        return int(v)
+    except Exception:
+        return None
+
+
+def _scale_value(m: SiteMatch, vals: dict) -> Optional[float]:
+    if m.kind == "sdpa":
+        s = m.sdpa_kwargs.get("scale")
+        q = vals.get(m.q)
+        if isinstance(s, (int, float)):
+            return float(s)
+        return 1 / math.sqrt(q.shape[-1]) if isinstance(q, torch.Tensor) else None
+    scale = 1.0
+    for op in m.ops:
+        if op.kind != "scale":
+            continue
+        f = vals.get(op.value, op.value) if isinstance(op.value, fx.Node) else op.value
+        try:
+            f = float(f.item()) if isinstance(f, torch.Tensor) else float(f)
+        except Exception:
+            return None
+        scale = scale * f if op.power == 1 else scale / f
+    for side in (m.q, m.kt):
+        node = side
+        if isinstance(node, fx.Node) and node.op == "call_function" and node.target is PERMUTE:
+            node = node.args[0]
+        if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (MUL, DIV):
+            a, b = node.args
+            f = b if isinstance(b, (int, float)) else a if isinstance(a, (int, float)) and node.target is MUL else None
+            if f is not None:
+                scale = scale * f if node.target is MUL else scale / f
+    return scale
+
+
+def _core_sizes(q, kt, v, kind: str) -> Optional[dict]:
+    if not all(isinstance(t, torch.Tensor) for t in (q, kt, v)):
+        return None
+    nk = kt.shape[-1] if kind != "sdpa" else kt.shape[-2]
+    bh = math.prod(q.shape[:-2])
+    return {"B": bh, "H": 1, "N": q.shape[-2], "Nk": nk, "d": q.shape[-1], "dv": v.shape[-1]}
+
+
+def _bytes(q, kt, v, materialized: bool, kind: str = "eager") -> Optional[float]:
+    sizes = _core_sizes(q, kt, v, kind)
+    if sizes is None:
+        return None
+    return cost.evaluate(cost.exact_bytes(q.element_size(), materialized), **sizes)
+
+
+def _row(m: SiteMatch, site: AttentionSite, vals: dict) -> SiteRow:
+    q, kt, v = vals.get(m.q), vals.get(m.kt), vals.get(m.v)
+    sizes = _core_sizes(q, kt, v, m.kind)
+    row = SiteRow(name=site.name, index=site.index, status="kept", ordinal=site.ordinal, is_causal=site.is_causal,
+                  mask=site.mask, heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim)
+    if sizes is not None:
+        expr = cost.exact_flops()
+        row.flops_before = cost.evaluate(expr, **sizes)
+        row.flops_before_expr = str(expr)
+        row.bytes_before = _bytes(q, kt, v, materialized=m.kind != "sdpa", kind=m.kind)
+        row.shape = f"q{tuple(q.shape)} k·v Nk={sizes['Nk']}"
+    return row

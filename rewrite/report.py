@@ -1,0 +1,154 @@
+"""The rewrite report: one row per attention site, plus graph breaks and rejected regions.
+
+Example::
+
+    model = rewrite.optimize(model, "exact", example_kwargs=batch)
+    print(model.rewrite_report)            # a table
+    rewrite.report(model).to_json()        # for tools
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+from tabulate import tabulate
+
+
+@dataclasses.dataclass
+class SiteRow:
+    """What happened to one attention site of the model."""
+    name: str
+    index: int
+    status: str                    # "rewritten" | "kept" | "rejected"
+    action: str = "-"
+    exact: Optional[bool] = None
+    error: Optional[float] = None
+    reason: str = ""
+    flops_before: Optional[float] = None
+    flops_after: Optional[float] = None
+    flops_before_expr: str = ""
+    flops_after_expr: str = ""
+    bytes_before: Optional[float] = None
+    bytes_after: Optional[float] = None
+    is_causal: bool = False
+    mask: str = "none"
+    heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    shape: str = ""
+    graphs: int = 1
+    ordinal: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RegionRow:
+    """An attention-like region that is not a site (softmax between products that failed a check)."""
+    name: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BreakRow:
+    """A Dynamo graph break: the model was captured in pieces, each rewritten on its own."""
+    reason: str
+    count: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class RewriteReport:
+    """Rows per site (``.sites``), graph breaks (``.breaks``) and rejected regions (``.rejected``)."""
+
+    def __init__(self, policy: str = ""):
+        self.policy = policy
+        self._sites: dict[tuple, SiteRow] = {}
+        self._rejected: dict[tuple, RegionRow] = {}
+        self.breaks: list[BreakRow] = []
+        self.graphs = 0
+        self.plan: dict[str, dict] = {}
+        self.optimize_seconds: Optional[float] = None
+
+    # -- recording (called by the pipeline for every captured graph) --------------------------------
+    def record_site(self, row: SiteRow) -> SiteRow:
+        key = (row.name, row.ordinal)
+        old = self._sites.get(key)
+        if old is None:
+            row.index = len(self._sites)
+            self._sites[key] = row
+            return row
+        row.index, row.graphs = old.index, old.graphs + 1
+        if old.status == "rejected" and row.status != "rejected":
+            return old  # a site rejected in any captured graph stays reported as rejected
+        if old.error is not None and row.error is not None:
+            row.error = max(old.error, row.error)
+        self._sites[key] = row
+        return row
+
+    def record_rejected(self, name: str, reason: str, ordinal: int) -> None:
+        self._rejected.setdefault((name, ordinal, reason), RegionRow(name, reason))
+
+    # -- reading --------------------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[SiteRow]:
+        return sorted(self._sites.values(), key=lambda r: r.index)
+
+    @property
+    def rejected(self) -> list[RegionRow]:
+        return list(self._rejected.values())
+
+    def counts(self) -> dict[str, int]:
+        out = {"rewritten": 0, "kept": 0, "rejected": 0}
+        for r in self.sites:
+            out[r.status] = out.get(r.status, 0) + 1
+        return out
+
+    def table(self) -> str:
+        headers = ["#", "site", "status", "action", "exact", "error", "mask", "causal", "GFLOP before", "after", "reason"]
+        rows = []
+        for r in self.sites:
+            rows.append([r.index, r.name, r.status, r.action, _yn(r.exact), _fmt_err(r.error), r.mask,
+                         _yn(r.is_causal), _gflop(r.flops_before), _gflop(r.flops_after), r.reason])
+        out = [tabulate(rows, headers=headers, tablefmt="simple")]
+        c = self.counts()
+        out.append(f"\n{len(self.sites)} attention sites: {c['rewritten']} rewritten, {c['kept']} kept, "
+                   f"{c['rejected']} rejected; {self.graphs} captured graph(s), {sum(b.count for b in self.breaks)} graph break(s).")
+        if self.rejected:
+            out.append("\nRejected attention-like regions:")
+            out.append(tabulate([[r.name, r.reason] for r in self.rejected], headers=["module", "why"], tablefmt="simple"))
+        if self.breaks:
+            out.append("\nGraph breaks:")
+            out.append(tabulate([[b.count, b.reason] for b in self.breaks], headers=["count", "reason"], tablefmt="simple"))
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    __repr__ = __str__
+
+    def to_json(self) -> dict[str, Any]:
+        return {"policy": self.policy, "graphs": self.graphs, "sites": [r.to_json() for r in self.sites],
+                "rejected": [r.to_json() for r in self.rejected], "breaks": [b.to_json() for b in self.breaks],
+                "plan": {"version": 1, "sites": self.plan}, "optimize_seconds": self.optimize_seconds}
+
+    def to_json_str(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+def _yn(v: Optional[bool]) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def _fmt_err(e: Optional[float]) -> str:
+    return "-" if e is None else f"{e:.1e}"
+
+
+def _gflop(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v / 1e9:.3f}"

@@ -1,0 +1,77 @@
+"""Attention site records: what policies, reports and users see (never FX nodes)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from tabulate import tabulate
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention computation found in the model.
+
+    ``name`` is the dotted ``named_modules()`` path of the innermost module that owns it and ``index``
+    its order in the forward pass. Shapes are printed as strings (symbolic where the capture was
+    dynamic). ``is_causal`` is True only when the mask was proven lower-triangular for every length.
+    """
+
+    name: str
+    index: int = 0
+    status: str = "matched"            # "matched" or "rejected"
+    reason: str = ""
+    kind: str = "eager"                # "eager" (softmax(q·kᵀ)·v) or "sdpa" (an existing fused call)
+    q_shape: tuple = ()
+    k_shape: tuple = ()
+    v_shape: tuple = ()
+    heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    scale: Optional[float] = None
+    is_causal: bool = False
+    mask: str = "none"                 # none | additive | boolean | causal | bias | alibi, joined by '+'
+    dropout_p: float = 0.0
+    layout: str = ""
+    grid: Optional[tuple] = None
+    prefix_tokens: Optional[int] = None
+    cross: bool = False
+    gqa: bool = False
+    softmax_dtype: Optional[str] = None
+    dtype: Optional[str] = None
+    ordinal: int = 0                   # order among the sites of the same module
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.ordinal)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("q_shape", "k_shape", "v_shape", "grid"):
+            if d[k] is not None:
+                d[k] = [str(s) for s in d[k]]
+        return d
+
+
+class SiteTable(list):
+    """A list of :class:`AttentionSite` that prints as a table."""
+
+    COLUMNS = ("index", "name", "status", "heads", "kv_heads", "head_dim", "scale", "mask", "is_causal",
+               "dropout_p", "layout", "reason")
+
+    def table(self) -> str:
+        rows = []
+        for s in self:
+            row = []
+            for c in self.COLUMNS:
+                v = getattr(s, c)
+                if c == "scale" and isinstance(v, float):
+                    v = f"{v:.4g}"
+                row.append(v)
+            rows.append(row)
+        return tabulate(rows, headers=self.COLUMNS, tablefmt="simple")
+
+    def __str__(self) -> str:
+        return self.table() if self else "(no attention sites found)"
+
+    def to_json(self) -> list:
+        return [s.to_json() for s in self]

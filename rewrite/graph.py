@@ -194,10 +194,39 @@ def normalize_module_path(path: str) -> str:
     return p
 
 
+#: id(module) -> its ``named_modules()`` path, for the model being rewritten (see ``module_names``)
+_NAMES_BY_ID: dict = {}
+
+
+class module_names:
+    """Context: resolve owners through the model's own ``named_modules()`` (Dynamo keys the stack by id)."""
+
+    def __init__(self, model: Optional[torch.nn.Module]):
+        self.names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
+
+    def __enter__(self):
+        self.saved = dict(_NAMES_BY_ID)
+        _NAMES_BY_ID.clear()
+        _NAMES_BY_ID.update(self.names)
+        return self
+
+    def __exit__(self, *exc):
+        _NAMES_BY_ID.clear()
+        _NAMES_BY_ID.update(self.saved)
+
+
+_ROOT_ARG = re.compile(r"^L\['[A-Za-z_]+'\](\[\d+\])?\.?")
+
+
 def owner_path(node: fx.Node) -> str:
     """The dotted ``named_modules()`` path of the innermost module on the node's module stack."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    return normalize_module_path(path)
+    key, (path, _type) = list(stack.items())[-1]
+    if _NAMES_BY_ID and isinstance(key, str) and key.isdigit() and int(key) in _NAMES_BY_ID:
+        return _NAMES_BY_ID[int(key)]
+    name = normalize_module_path(path)
+    if name == normalize_module_path(path) and path.startswith("L[") and not path.startswith("L['self']"):
+        name = normalize_module_path(_ROOT_ARG.sub("", path))
+    return name

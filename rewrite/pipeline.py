@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from . import cost
 from .actions import Action, Exact, RewriteError, handler_for
-from .graph import insert_call, meta_value, remove_dead, shape
+from .graph import insert_call, meta_value, module_names, remove_dead, shape
 from .mixers.exact import Decline
 from .passes.causal import prove_causal
 from .passes.find_sites import SiteMatch, find_sites
@@ -67,7 +67,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     report = session.report
     report.graphs += 1
     normalize(gm)
-    matches, rejected = find_sites(gm)
+    with module_names(session.model):
+        matches, rejected = find_sites(gm)
     for r in rejected:
         report.record_rejected(r.name, r.reason, r.ordinal)
         _add_site(session, _describe(r, {}, False, []))

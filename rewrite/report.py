@@ -86,9 +86,19 @@ class RewriteReport:
             return row
         row.index, row.graphs = old.index, old.graphs + 1
         if old.status == "rejected" and row.status != "rejected":
+            old.graphs = row.graphs
             return old  # a site rejected in any captured graph stays reported as rejected
+        # one row per site across graphs (prefill and decode, train and eval): merge what each saw
+        row.is_causal = row.is_causal or old.is_causal
+        kinds = [k for k in (old.mask + "+" + row.mask).split("+") if k and k != "none"]
+        row.mask = "+".join(dict.fromkeys(kinds)) or "none"
         if old.error is not None and row.error is not None:
             row.error = max(old.error, row.error)
+        for attr in ("flops_before", "flops_after", "bytes_before", "bytes_after"):
+            if (getattr(old, attr) or 0) > (getattr(row, attr) or 0):
+                setattr(row, attr, getattr(old, attr))
+        if old.shape and (old.flops_before or 0) >= (row.flops_before or 0):
+            row.shape = old.shape
         self._sites[key] = row
         return row
 

@@ -7,13 +7,16 @@ Example::
     model = rewrite.optimize(model, "exact", example_kwargs=batch)
     print(model.rewrite_report)
 """
-from .actions import Action, Exact, RewriteError, action_from_json, register_action, register_handler
-from . import mixers as _mixers  # noqa: F401  (registers the handlers)
+from .actions import Action, Decline, Exact, RewriteError, action_from_json, action_types, register_action, register_handler
+from . import mixers as _mixers  # noqa: F401  (registers every action and handler)
 from .api import find_attention, optimize, report
 from .backend import backend, backend_report
 from .report import RewriteReport
 from .sites import AttentionSite
 
-__all__ = ["Action", "Exact", "RewriteError", "AttentionSite", "RewriteReport", "action_from_json", "backend",
-           "backend_report", "find_attention", "optimize", "register_action", "register_handler", "report"]
+globals().update(action_types())  # every registered action is rewrite.<Name>, e.g. rewrite.Exact()
+
+__all__ = sorted(set(action_types()) | {"Action", "Decline", "RewriteError", "AttentionSite", "RewriteReport", "action_from_json", "backend",
+           "backend_report", "find_attention", "optimize", "register_action", "register_handler", "report",
+                                       "action_types"})
 __version__ = "0.1.0"

@@ -25,6 +25,10 @@ class RewriteError(ValueError):
     """A user-facing error: the message names the problem and the fix."""
 
 
+class Decline(str):
+    """What a handler returns to refuse one site; the text says why (it goes to the report)."""
+
+
 def register_action(cls):
     """Class decorator: make a frozen action dataclass known by its class name (for JSON plans)."""
     if not dataclasses.is_dataclass(cls):

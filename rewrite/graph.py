@@ -84,9 +84,13 @@ def _sym_equal(a, b) -> bool:
 
 
 def fake_mode_of(nodes: Iterable[fx.Node]):
-    from torch._guards import detect_fake_mode
-    vals = [meta_value(n) for n in nodes if isinstance(n, fx.Node)]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    """The fake mode that owns the example values of ``nodes`` (not the ambient tracing context's)."""
+    for n in nodes:
+        val = meta_value(n)
+        mode = getattr(val, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
 
 
 def infer_meta(node: fx.Node) -> None:
@@ -101,7 +105,10 @@ def infer_meta(node: fx.Node) -> None:
                 val = _run_target(node, args, kwargs)
         else:
             val = _run_target(node, args, kwargs)
-    except Exception:
+    except Exception as err:
+        import os
+        if os.environ.get("REWRITE_DEBUG"):
+            print("infer_meta failed", node.target, repr(err)[:300])
         val = None
     key = "example_value" if any("example_value" in n.meta for n in inputs) else "val"
     node.meta[key] = val

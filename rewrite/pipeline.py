@@ -12,9 +12,8 @@ import torch
 import torch.fx as fx
 
 from . import cost
-from .actions import Action, Exact, RewriteError, handler_for
+from .actions import Action, Decline, Exact, RewriteError, handler_for
 from .graph import insert_call, meta_value, module_names, remove_dead, shape
-from .mixers.exact import Decline
 from .passes.causal import prove_causal
 from .passes.find_sites import SiteMatch, find_sites
 from .passes.lower import SiteCall, _unrepeat, build_call
@@ -84,7 +83,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     prepared = []
     for m in matches:
         causal_ops, is_causal = _prove(gm, m, values, is_state)
-        site = _describe(m, values, is_causal, causal_ops, is_state)
+        site = _describe(m, values, is_causal, causal_ops, is_state, session.model)
         prepared.append((m, site, causal_ops, is_causal))
         _add_site(session, site)
     session.policy.prepare([p[1] for p in prepared])
@@ -93,6 +92,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     pending = []
     for m, site, causal_ops, is_causal in prepared:
         action = session.policy.action_for(site) if session.mode == "rewrite" else None
+        if m.kind == "mha":
+            reason = ("nn.MultiheadAttention returns its attention weights (need_weights=True), so they are kept"
+                      if m.sdpa_kwargs.get("need_weights") else
+                      "nn.MultiheadAttention already runs scaled_dot_product_attention (need_weights=False)")
+            pending.append((m, site, None, None, None, reason))
+            continue
         if action is None or (m.kind == "sdpa" and isinstance(action, Exact)):
             reason = "already scaled_dot_product_attention" if action is not None else "the policy leaves it as it was"
             pending.append((m, site, action, None, None, reason))
@@ -101,7 +106,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
         if handler is None:
             raise RewriteError(f"No handler is registered for action {type(action).__name__}; register one with "
                                "@rewrite.register_handler.")
-        call = build_call(graph, m, causal_ops, is_causal)
+        call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
         target = handler(action, call, site)
         note = ""
         if target is None or isinstance(target, Decline):
@@ -109,6 +114,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
             action = Exact()
             target = handler_for(action)(action, call, site)
         new = insert_call(graph, m.output, target, (call.q, call.k, call.v), call.kwargs(), like=m.output)
+        if call.flatten_output:
+            call.new_nodes.append(new)
+            new = insert_call(graph, m.output, torch.flatten, (new, 0, call.flatten_output - 1), like=m.output)
         pending.append((m, site, action, call, new, note))
 
     wanted = set()
@@ -170,7 +178,7 @@ def _add_site(session: Session, site: AttentionSite) -> None:
 
 
 def _prove(gm, m: SiteMatch, values: dict, is_state) -> tuple[set, bool]:
-    """Indices of the score ops that are the causal mask, and whether ``is_causal`` may be used."""
+    """Indices of the score ops proven to be the causal mask, and whether one was proven."""
     if m.kind == "sdpa":
         return set(), bool(m.sdpa_kwargs.get("is_causal"))
     masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
@@ -179,20 +187,36 @@ def _prove(gm, m: SiteMatch, values: dict, is_state) -> tuple[set, bool]:
         ok, _why = prove_causal(gm, m, m.ops[i], values, is_state)
         if ok:
             causal.add(i)
-    if causal and len(causal) == len(masks):
-        return causal, True
-    return set(), False  # SDPA cannot take is_causal with another mask: pass every mask through
+    return causal, bool(causal)
 
 
-def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=None) -> AttentionSite:
+def _causal_for_sdpa(m: SiteMatch, causal_ops: set) -> tuple[set, bool]:
+    """SDPA takes ``is_causal`` only without another mask: otherwise the causal term stays in the mask."""
+    masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
+    if causal_ops and len(causal_ops) == len(masks):
+        return causal_ops, True
+    return set(), False
+
+
+def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=None,
+              model: Optional[torch.nn.Module] = None) -> AttentionSite:
     qs, kts, vs = shape(m.q) or (), shape(m.kt) or (), shape(m.v) or ()
     ks = tuple(kts[:-2]) + (kts[-1], kts[-2]) if len(kts) >= 2 and m.kind != "sdpa" else tuple(kts)
     site = AttentionSite(name=m.name, index=m.index, status=m.status, reason=m.reason, kind=m.kind,
                          q_shape=tuple(qs), k_shape=ks, v_shape=tuple(vs), ordinal=m.ordinal)
     if m.status != "matched":
         return site
+    if m.kind == "mha":
+        site.heads = m.sdpa_kwargs.get("num_heads") if isinstance(m.sdpa_kwargs.get("num_heads"), int) else None
+        site.kv_heads = site.heads
+        site.head_dim = _int(qs[-1]) // site.heads if site.heads and qs else None
+        site.layout = "n b e (nn.MultiheadAttention)"
+        return site
     site.head_dim = _int(qs[-1]) if qs else None
-    if len(qs) == 4:
+    split = [op.value for op in m.ops if op.kind == "split"]
+    if split and len(shape(m.softmax) or ()) == 4:
+        site.heads = site.kv_heads = _int(shape(m.softmax)[-3])
+    elif len(qs) == 4:
         site.heads = _int(qs[-3])
         base = _unrepeat(m.v) if m.kind != "sdpa" else None
         site.kv_heads = _int(shape(base[0])[-3]) if base else _int(vs[-3]) if len(vs) == 4 else None
@@ -205,7 +229,28 @@ def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=
     q = meta_value(m.q)
     site.dtype = str(q.dtype).replace("torch.", "") if isinstance(q, torch.Tensor) else None
     site.mask = _mask_kind(m, causal_ops, is_causal, is_state)
+    site.grid, site.prefix_tokens = _vision_grid(model, _int(qs[-2]) if qs else None)
     return site
+
+
+def _vision_grid(model: Optional[torch.nn.Module], n: Optional[int]) -> tuple:
+    """(grid, prefix_tokens) for a vision site of n tokens, from the model's config; (None, None) if unknown."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or n is None:
+        return None, None
+    cfg = getattr(cfg, "vision_config", None) or cfg
+    window = getattr(cfg, "window_size", None)
+    if isinstance(window, int) and window * window == n:  # Swin-style windows
+        return (window, window), 0
+    image, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+    if image is None or patch is None:
+        return None, None
+    ih, iw = image if isinstance(image, (list, tuple)) else (image, image)
+    ph, pw = patch if isinstance(patch, (list, tuple)) else (patch, patch)
+    gh, gw = ih // ph, iw // pw
+    if 0 <= n - gh * gw <= 8:
+        return (gh, gw), n - gh * gw
+    return None, None
 
 
 def _mask_kind(m: SiteMatch, causal_ops, is_causal: bool, is_state) -> str:
@@ -257,7 +302,7 @@ def _layout(m: SiteMatch) -> str:
     if qs is None:
         return ""
     if len(qs) == 3:
-        return "(b h) n d"
+        return "(b h) n d, scores as b h n n" if any(op.kind == "split" for op in m.ops) else "(b h) n d"
     if len(qs) == 4:
         src = m.q
         if src.op == "call_function" and src.target is PERMUTE and list(src.args[1]) == [0, 2, 1, 3]:
@@ -303,7 +348,7 @@ def _scale_value(m: SiteMatch, vals: dict) -> Optional[float]:
 
 
 def _core_sizes(q, kt, v, kind: str) -> Optional[dict]:
-    if not all(isinstance(t, torch.Tensor) for t in (q, kt, v)):
+    if not all(isinstance(t, torch.Tensor) for t in (q, kt, v)) or kind == "mha":
         return None
     nk = kt.shape[-1] if kind != "sdpa" else kt.shape[-2]
     bh = math.prod(q.shape[:-2])

@@ -156,6 +156,17 @@ def qkv_inputs(h: int = H, d: int = D, b: int = B, layout: str = "bhnd", kv_head
     return make
 
 
+def qkv_mask2d_inputs(dtype, n, b=B):
+    q, k, v = qkv_inputs()(dtype, n)
+    keep = random_square_keep(1, n, 6000 + n)[0, 0]
+    return q, k, v, torch.zeros(n, n, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def qkv_bias_inputs(dtype, n, b=B):
+    q, k, v = qkv_inputs()(dtype, n)
+    return q, k, v, randn((1, H, n, n), 7000 + n, dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Wrappers: the attention is always the child called ``attn``
 # ----------------------------------------------------------------------------------------------------
@@ -262,6 +273,23 @@ class Bmm3D(Proj):
         s = torch.bmm(q, k.transpose(1, 2)) * self.scaling
         p = s.softmax(dim=-1)
         o = torch.bmm(p, v).view(b, h, n, d)
+        return self.merge(o)
+
+
+class BmmView4DMaskOPT(Proj):
+    """OPT/old-Bart style: bmm on '(b h)', viewed to 4-D to add the mask, viewed back, softmax, bmm."""
+
+    def forward(self, x, attention_mask):
+        b, n, _ = x.shape
+        h, d = self.heads, self.head_dim
+        q = (self.q_proj(x) * self.scaling).view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
+        k = self.k_proj(x).view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
+        v = self.v_proj(x).view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
+        w = torch.bmm(q, k.transpose(1, 2))
+        w = w.view(b, h, n, n) + attention_mask
+        w = w.view(b * h, n, n)
+        w = nn.functional.softmax(w, dim=-1)
+        o = torch.bmm(w, v).view(b, h, n, d)
         return self.merge(o)
 
 
@@ -897,6 +925,54 @@ class TwoLayers(nn.Module):
         return x
 
 
+class Additive2DMask(nn.Module):
+    """A plain 2-D [N, N] additive mask input broadcast over batch and heads."""
+
+    def forward(self, q, k, v, mask2d):
+        s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        return torch.matmul(F.softmax(s + mask2d, dim=-1), v)
+
+
+class PerHeadBiasInput(nn.Module):
+    """A per-head float bias [1, H, N, N] passed in as an input (e.g. precomputed position bias)."""
+
+    def forward(self, q, k, v, bias):
+        s = torch.matmul(q, k.transpose(-2, -1))
+        s = s * (q.shape[-1] ** -0.5) + bias
+        return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+class SelfThenCross(Proj):
+    """Two attention computations in one module's forward: self-attention, then cross-attention."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.q2 = nn.Linear(C, C)
+
+    def forward(self, x, memory):
+        q, k, v = self.qkv(x)
+        s = torch.matmul(q, k.transpose(-2, -1)) * self.scaling
+        h = self.merge(torch.matmul(F.softmax(s, dim=-1), v))
+        q2 = self.split(self.q2(h), self.heads)
+        _, k2, v2 = self.qkv(x, memory)
+        s2 = torch.matmul(q2, k2.transpose(-2, -1)) * self.scaling
+        return self.merge(torch.matmul(F.softmax(s2, dim=-1), v2))
+
+
+class SharedTwice(nn.Module):
+    """ALBERT-like weight sharing: the same attention module is applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = MatmulBasic()
+        self.norm = nn.LayerNorm(C)
+
+    def forward(self, x):
+        for _ in range(2):
+            x = x + self.attn(self.norm(x))
+        return x
+
+
 class SDPACall(nn.Module):
     def __init__(self, causal=False):
         super().__init__()
@@ -1157,6 +1233,8 @@ _add("tensor_matmul_method", _w(MatmulMethodSoftmaxDim3), qkv_inputs(), "rewrite
      note="Tensor.matmul, transpose(2,3), torch.softmax(x, 3)")
 _add("f_softmax_dim3", _w(FSoftmaxDim3), qkv_inputs(), "rewrite", note="F.softmax(s, dim=3)")
 _add("bmm_3d", _x(Bmm3D), x_inputs(), "rewrite", bf16=True, note="torch.bmm on '(b h) n d'")
+_add("bmm_view4d_mask_opt", _x(BmmView4DMaskOPT), x_mask_inputs("additive"), "rewrite",
+     note="bmm scores viewed to 4-D for the mask and back to 3-D for softmax and bmm (OPT)")
 _add("baddbmm_alpha_beta0", _x(BaddbmmAlpha), x_inputs(), "rewrite",
      note="baddbmm(zeros, q, kᵀ, beta=0, alpha=scale)")
 _add("baddbmm_bias_input", _w(BaddbmmBiasInput), qkv_inputs(flat=True, mask="additive"), "rewrite",
@@ -1255,6 +1333,14 @@ _add("two_layers", TwoLayers, x_inputs(), "rewrite", site="blocks.0.attn", extra
      note="two sites in a ModuleList; blocks.1 is causal (not checked here)")
 _add("permuted_k_T_eq_H", _x(PermutedKTEqH), x_inputs(), "rewrite", n=H,
      note="trap: k = view(B,T,H,D).permute(0,2,3,1) with T == H is legal attention")
+_add("mask_2d_square_additive", _w(Additive2DMask), qkv_mask2d_inputs, "rewrite",
+     note="2-D [N, N] additive mask input, broadcast")
+_add("bias_per_head_input", _w(PerHeadBiasInput), qkv_bias_inputs, "rewrite",
+     note="float [1, H, N, N] bias input added after the scale")
+_add("two_sites_one_module", _x(SelfThenCross), x_memory_inputs(), "rewrite",
+     note="self- then cross-attention in one forward: two rows named 'attn'")
+_add("shared_module_called_twice", SharedTwice, x_inputs(), "rewrite",
+     note="the same attention module applied twice (weight sharing)")
 _add("sdpa_direct", _w(SDPACall), qkv_inputs(), "kept", note="already F.scaled_dot_product_attention")
 _add("sdpa_direct_causal", _w(SDPACall, causal=True), qkv_inputs(), "kept",
      note="existing SDPA with is_causal=True")

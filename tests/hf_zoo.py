@@ -59,6 +59,12 @@ class ZooModel:
             return outputs[self.output_key]
         return getattr(outputs, self.output_key)
 
+    def unpadded_kwargs(self) -> dict[str, Any]:
+        """``example_kwargs`` without any attention mask: every row full length. In a decoder the
+        self-attention mask is then purely causal (built from sizes alone); with the padded batch it
+        is causal AND padding, one data-dependent tensor."""
+        return {k: v for k, v in self.example_kwargs.items() if not k.endswith("attention_mask")}
+
     def run(self, model: nn.Module | None = None) -> torch.Tensor:
         m = self.model if model is None else model
         return self.output_of(m(**self.example_kwargs))

@@ -26,13 +26,6 @@ PARAMS = [pytest.param(c, "fp32", id=f"{c.id}-fp32") for c in CASES] + \
          [pytest.param(c, "bf16", id=f"{c.id}-bf16") for c in CASES if c.bf16]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _get(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)

@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..actions import Exact, register_handler
-
-
-class Decline(str):
-    """A handler's refusal of one site; the text says why (it goes to the report)."""
+from ..actions import Decline, Exact, register_handler
 
 
 @register_handler(Exact)

@@ -49,6 +49,8 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
         return False, "the mask is not a tensor"
     if op.kind == "fill":
         fill = op.value
+        if isinstance(fill, fx.Node):
+            fill = _evaluate_constant(gm, fill, values, is_state)
         if not isinstance(fill, (int, float)) or fill > MASKED_BELOW:
             return False, "the fill value is not a large negative constant"
     cone, leaves = _cone(root)
@@ -62,6 +64,8 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
     if not ok:
         return False, why
     if length_sym is None:
+        if _captured_length(sub, leaf_nodes, captured) < 2:
+            return False, "a 1x1 mask proves nothing about causality"
         return True, "static length"
     varying = [leaf for leaf in leaves if _expr(meta_value(leaf)) == length_sym]
     if not varying:
@@ -74,6 +78,30 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
         if not ok:
             return False, f"at length {n}: {why}"
     return True, "proven at the captured length and at lengths " + ", ".join(map(str, PROBE_LENGTHS))
+
+
+def _evaluate_constant(gm: fx.GraphModule, node: fx.Node, values: dict, is_state) -> Optional[float]:
+    """The value of a data-free one-element tensor (e.g. ``torch.full([], finfo.min)``), or None."""
+    cone, leaves = _cone(node)
+    if any(leaf.op == "placeholder" and not is_state(leaf) and not _is_size_value(values.get(leaf)) for leaf in leaves):
+        return None
+    sub, leaf_nodes = _extract(gm, cone, leaves, node)
+    try:
+        with torch.no_grad():
+            val = sub(*[_leaf_value(leaf, values) for leaf in leaf_nodes])
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(val, torch.Tensor) and val.numel() == 1:
+        return float(val.item())
+    return float(val) if isinstance(val, (int, float)) else None
+
+
+def _captured_length(sub: fx.GraphModule, leaf_nodes: dict, values: dict) -> int:
+    try:
+        with torch.no_grad():
+            return int(sub(*[values[leaf] for leaf in leaf_nodes]).shape[-1])
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def _is_size_value(v: Any) -> bool:

@@ -68,6 +68,7 @@ class SiteMatch:
     ordinal: int = 0
     index: int = 0
     sdpa_kwargs: dict = dataclasses.field(default_factory=dict)
+    merge: Optional[fx.Node] = None           # a view merging split batch dims back before the value product
 
 
 class _Reject(Exception):
@@ -127,6 +128,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[SiteMatch]]:
             (sites if m.status == "matched" else rejected).append(m)
         elif node.target is SDPA or op_kind(node) == "sdpa":
             sites.append(_match_sdpa(node))
+        elif node.target is torch.nn.functional.multi_head_attention_forward:
+            sites.append(_match_mha(node))
     counts: dict = {}
     for i, m in enumerate(sorted(sites + rejected, key=lambda m: _order(gm, m))):
         m.index = i
@@ -149,6 +152,16 @@ def _match_sdpa(node: fx.Node) -> SiteMatch:
     kw = {n: (node.args[i] if i < len(node.args) else node.kwargs.get(n, d)) for i, (n, d) in enumerate(zip(names, defaults))}
     return SiteMatch(name=owner_path(node), softmax=None, output=node, q=kw["query"], v=kw["value"],
                      kt=kw["key"], kind="sdpa", dropout_p=kw["dropout_p"], sdpa_kwargs=kw, region=[node])
+
+
+def _match_mha(node: fx.Node) -> SiteMatch:
+    """``nn.MultiheadAttention`` as Dynamo keeps it: one opaque call (it runs SDPA inside when it can)."""
+    args = list(node.args) + [None] * 20
+    need_weights = node.kwargs.get("need_weights", args[15] if args[15] is not None else True)
+    m = SiteMatch(name=owner_path(node), softmax=None, output=node, q=args[0], kt=args[1], v=args[2], kind="mha",
+                  region=[node])
+    m.sdpa_kwargs = {"num_heads": args[4], "need_weights": need_weights}
+    return m
 
 
 def _match_softmax(sm: fx.Node) -> Optional[SiteMatch]:
@@ -188,6 +201,9 @@ def _match_probabilities(m: SiteMatch) -> None:
             m.dropout_p = pval if training is True else (0.0 if training is False else _Reject)
             if m.dropout_p is _Reject:
                 raise _Reject("dropout's training flag is not a constant")
+            p = u
+        elif leading_view(u) is not None and m.merge is None:
+            m.merge = u
             p = u
         elif u.op == "call_function" and u.target is MATMUL:
             if u.args[0] is not p:
@@ -241,6 +257,10 @@ def _match_scores(m: SiteMatch) -> None:
                 raise _Reject("an additive term on the scores could not be told apart from the scores")
             ops.append(ScoreOp("add", value=term, power=sign, node=node))
             node = chain
+        elif leading_view(node) is not None:
+            kind = "split" if len(shape(node)) > len(shape(node.args[0])) else "merge"
+            ops.append(ScoreOp(kind, value=leading_view(node), node=node))
+            node = node.args[0]
         elif node.op == "call_function" and node.target is MASKED_FILL:
             x, cond, val = node.args
             if not is_scalar_like(val):
@@ -287,7 +307,49 @@ def _depends_on(node: Any, target: fx.Node, limit: int = 2000) -> bool:
     return False
 
 
+def leading_view(node: fx.Node) -> Optional[tuple]:
+    """For a view/reshape that only regroups the leading (batch) dims and keeps the last two: the new
+    leading sizes as the graph gives them (ints or size nodes); otherwise None."""
+    if not (node.op == "call_method" and node.target in ("view", "reshape")) and not (
+            node.op == "call_function" and (node.target is torch.reshape or "aten.view" in str(node.target)
+                                            or "aten._unsafe_view" in str(node.target) or "aten.reshape" in str(node.target))):
+        return None
+    src, out = shape(node.args[0]), shape(node)
+    if src is None or out is None or len(src) < 3 or len(out) < 3:
+        return None
+    if tuple(src[-2:]) != tuple(out[-2:]) or len(src) == len(out):
+        return None
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = tuple(sizes[0])
+    if len(sizes) != len(out):
+        return None
+    lead = tuple(sizes[:-2])
+    if any(isinstance(s, int) and s < 0 for s in lead):
+        lead = tuple(s if not (isinstance(s, int) and s < 0) else _static(out[i]) for i, s in enumerate(lead))
+        if any(s is None for s in lead):
+            return None
+    return lead
+
+
+def _static(size) -> Optional[int]:
+    try:
+        return int(size)
+    except Exception:
+        return None
+
+
 def _check_shapes(m: SiteMatch) -> None:
+    depth = 0
+    for o in m.ops:  # innermost first: a split enters the (b, h) layout, a merge leaves it
+        depth += 1 if o.kind == "split" else -1 if o.kind == "merge" else 0
+        if depth not in (0, 1):
+            raise _Reject("the scores are reshaped in a way other than splitting and merging the batch dims")
+    if depth or m.merge is not None:
+        if not depth or m.merge is None:
+            raise _Reject("the scores and the probabilities are reshaped differently")
+        if len(shape(m.qk)) != 3 or len(shape(m.softmax)) <= 3 or shape(m.merge) != shape(m.qk):
+            raise _Reject("the probabilities are not reshaped back to the layout of the scores")
     qs, kts, vs, ss = shape(m.q), shape(m.kt), shape(m.v), shape(m.qk)
     if None in (qs, kts, vs, ss) or len(qs) < 2 or len(kts) < 2 or len(vs) < 2:
         raise _Reject("q, k or v has no known shape")

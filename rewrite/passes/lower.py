@@ -32,6 +32,7 @@ class SiteCall:
     scale: Any = None
     enable_gqa: bool = False
     new_nodes: list = dataclasses.field(default_factory=list)
+    flatten_output: int = 0   # >0: the call runs in a split batch layout; flatten that many leading dims after
 
     def kwargs(self) -> dict:
         kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
@@ -66,8 +67,21 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     scale_tensor: Optional[fx.Node] = None  # a one-element tensor factor: folded into q
     beta: Optional[fx.Node] = None
     qdtype = meta_value(q).dtype
+    split: Optional[tuple] = None
+    in_split = False
     for i, op in enumerate(m.ops):
         if op.kind == "cast" or i in causal_ops:
+            continue
+        if op.kind == "split":  # from here on the scores are in the split layout: bring beta along
+            split, in_split = op.value, True
+            if beta is not None:
+                beta = _split_leading(b, beta, split)
+            continue
+        if op.kind == "merge":  # back to the merged layout: broadcast beta over the split dims, then merge
+            in_split = False
+            if beta is not None:
+                full = b.call(_expand_leading, beta, tuple(split))
+                beta = b.call(torch.flatten, full, 0, len(split) - 1)
             continue
         if op.kind == "scale":
             f = op.value
@@ -101,13 +115,35 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
         beta = b.call(_to_dtype, beta, qdtype)
     if scale_tensor is not None:
         q = b.call(MUL, q, scale_tensor)
+    if in_split:
+        q, k, v = (b.call(torch.unflatten, t, 0, tuple(split)) for t in (q, k, v))
     enable_gqa = False
     kb, vb = _unrepeat(k), _unrepeat(v)
     if kb and vb and kb[1] == vb[1] and rank(q) == 4:
         k, v, enable_gqa = kb[0], vb[0], True
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
-                    scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new)
+                    scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
+                    flatten_output=len(split) if in_split else 0)
     return call
+
+
+def _split_leading(b: "_Builder", term: fx.Node, split: tuple) -> fx.Node:
+    """A term in the merged layout ``[X, ...]`` seen in the split layout ``[*split, ...]``."""
+    s = shape(term)
+    if s is None or len(s) < 3:
+        return term  # broadcasts over every batch dim as it is
+    try:
+        lead_is_one = int(s[0]) == 1
+    except Exception:
+        lead_is_one = False
+    if lead_is_one:
+        return b.call(torch.unsqueeze, term, 0)
+    return b.call(torch.unflatten, term, 0, tuple(split))
+
+
+def _expand_leading(x: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """Broadcast ``x`` to ``[*lead, *x.shape[-2:]]`` (its last two dims as they are)."""
+    return x.expand(*lead, *x.shape[-2:])
 
 
 def _to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

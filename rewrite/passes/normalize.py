@@ -79,7 +79,7 @@ _METHOD = {
     "permute": {"permute"}, "mul": {"mul", "__mul__", "multiply"}, "div": {"div", "true_divide", "__truediv__", "divide"},
     "add": {"add", "__add__"}, "sub": {"sub", "__sub__", "subtract"}, "imul": {"mul_"}, "idiv": {"div_"},
     "iadd": {"add_"}, "isub": {"sub_"}, "masked_fill": {"masked_fill", "masked_fill_"}, "where": {"where"},
-    "baddbmm": {"baddbmm"},
+    "baddbmm": {"baddbmm"}, "type_as": {"type_as"},
 }
 
 
@@ -135,8 +135,8 @@ def normalize(gm: fx.GraphModule) -> int:
     return changed
 
 
-def _replace(graph: fx.Graph, node: fx.Node, target, args, kwargs=None) -> fx.Node:
-    new = insert_call(graph, node, target, args, kwargs or {}, like=node)
+def _replace(graph: fx.Graph, node: fx.Node, target, args, kwargs=None, method: bool = False) -> fx.Node:
+    new = insert_call(graph, node, target, args, kwargs or {}, like=node, method=method)
     if meta_value(new) is None:  # could not infer: the old node's value is the same value
         for key in ("example_value", "val"):
             if key in node.meta:
@@ -158,8 +158,8 @@ def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
     if kind in ("mul", "div", "add", "sub", "imul", "idiv", "iadd", "isub"):
         base = {"imul": "mul", "idiv": "div", "iadd": "add", "isub": "sub"}.get(kind, kind)
         inplace = base != kind
-        if inplace and isinstance(a[0], fx.Node) and len(a[0].users) > 1:
-            return None  # the mutation is visible elsewhere: keep it
+        if inplace and isinstance(a[0], fx.Node) and len(a[0].users) > 1 and not _private_mutation(a[0], node):
+            return None  # the mutation is visible through an alias: keep it
         if len(a) < 2:
             return None
         target = {"mul": MUL, "div": DIV, "add": ADD, "sub": SUB}[base]
@@ -172,10 +172,18 @@ def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
         if not isinstance(a[0], fx.Node) or not isinstance(meta_value(a[0]), torch.Tensor):
             if not isinstance(a[1], fx.Node) or not isinstance(meta_value(a[1]), torch.Tensor):
                 return None  # scalar arithmetic (SymInt/float): leave Python semantics alone
-        return _replace(graph, node, target, (a[0], a[1]))
+        new = _replace(graph, node, target, (a[0], a[1]))
+        if inplace:
+            _redirect_later_readers(a[0], node, new)
+        return new
     if kind == "masked_fill":
-        if is_method and node.target.endswith("_") and len(a[0].users) > 1:
+        inplace = is_method and node.target.endswith("_")
+        if inplace and len(a[0].users) > 1 and not _private_mutation(a[0], node):
             return None
+        if inplace:
+            new = _replace(graph, node, MASKED_FILL, (a[0], _arg(node, 1, "mask"), _arg(node, 2, "value")))
+            _redirect_later_readers(a[0], node, new)
+            return new
         if node.target is MASKED_FILL:
             return None
         return _replace(graph, node, MASKED_FILL, (a[0], _arg(node, 1, "mask"), _arg(node, 2, "value")))
@@ -185,6 +193,11 @@ def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
         if node.target is WHERE:
             return None
         return _replace(graph, node, WHERE, tuple(a[:3]))
+    if kind == "type_as":  # only the dtype of the reference is read: make that explicit
+        ref = meta_value(a[1])
+        if not isinstance(ref, torch.Tensor):
+            return None
+        return _replace(graph, node, "to", (a[0], ref.dtype), method=True)
     if kind == "dropout":
         if node.target is DROPOUT and set(node.kwargs) >= {"p", "training"} and len(a) == 1:
             return None
@@ -324,3 +337,28 @@ def _baddbmm(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
     if not (isinstance(beta, (int, float)) and beta == 1):
         bias = insert_call(graph, node, MUL, (inp, beta), like=node)
     return insert_call(graph, node, ADD, (mm, bias), like=node)
+
+
+#: producers whose output is a fresh tensor (never a view of another one)
+_FRESH = {MATMUL, SOFTMAX, MUL, DIV, ADD, SUB, MASKED_FILL, WHERE}
+
+
+def _private_mutation(x: fx.Node, inplace: fx.Node) -> bool:
+    """An in-place op on a fresh intermediate whose other readers all come after it.
+
+    Then ``x.op_(y)`` is the same as ``x2 = op(x, y)`` with those readers reading ``x2``.
+    """
+    if not (x.op == "call_function" and x.target in _FRESH):
+        return False
+    later = set()
+    n = inplace.next
+    while n.op != "root":
+        later.add(n)
+        n = n.next
+    return all(u is inplace or u in later for u in x.users)
+
+
+def _redirect_later_readers(x: fx.Node, inplace: fx.Node, new: fx.Node) -> None:
+    for u in list(x.users):
+        if u is not inplace and u is not new:
+            u.replace_input_with(x, new)

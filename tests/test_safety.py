@@ -117,3 +117,41 @@ def test_vision_sites_know_their_grid():
                                image_size=32, patch_size=8, attn_implementation="eager")).eval()
     sites = rewrite.find_attention(model, example_kwargs={"pixel_values": torch.randn(1, 3, 32, 32)})
     assert [(s.grid, s.prefix_tokens) for s in sites] == [((4, 4), 1)]
+
+
+class DropoutAttn(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v):
+        probs = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+        return F.dropout(probs, self.p, training=self.training) @ v
+
+
+class DropoutWrap(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.attn = DropoutAttn(p)
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+def test_training_dropout_is_unbiased_and_has_the_right_rate():
+    """With dropout on, E[out] equals the no-dropout output and the variance matches dropout at rate p."""
+    torch.manual_seed(0)
+    p = 0.3
+    q, k = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    v = torch.ones(1, 2, 6, 1)  # out = sum of kept, rescaled probabilities of each row
+    model = DropoutWrap(p).train()
+    rewrite.optimize(model, "exact", example_inputs=(q, k, v))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rewritten" and row.error < 1e-4  # verified at p = 0
+    with torch.no_grad():
+        samples = torch.stack([model(q, k, v) for _ in range(3000)])
+        probs = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+    expected_var = (probs ** 2).sum(-1, keepdim=True) * p / (1 - p)  # Var of sum_j P_ij * m_j / (1-p)
+    mean, var = samples.mean(0), samples.var(0)
+    assert (mean - 1.0).abs().max() < 5 * (expected_var.max() / 3000) ** 0.5 + 1e-3
+    assert torch.allclose(var, expected_var, rtol=0.25, atol=1e-3)

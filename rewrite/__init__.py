@@ -11,6 +11,8 @@ from .actions import Action, Decline, Exact, RewriteError, action_from_json, act
 from . import mixers as _mixers  # noqa: F401  (registers every action and handler)
 from .api import find_attention, optimize, report
 from .backend import backend, backend_report
+from .measured import auto, isomer, mixed_span
+from .io import load, save
 from .report import RewriteReport
 from .sites import AttentionSite
 
@@ -18,5 +20,6 @@ globals().update(action_types())  # every registered action is rewrite.<Name>, e
 
 __all__ = sorted(set(action_types()) | {"Action", "Decline", "RewriteError", "AttentionSite", "RewriteReport", "action_from_json", "backend",
            "backend_report", "find_attention", "optimize", "register_action", "register_handler", "report",
+                                       "auto", "isomer", "mixed_span", "load", "save",
                                        "action_types"})
 __version__ = "0.1.0"

@@ -74,6 +74,10 @@ class Exact(Action):
     kernel: str = "sdpa"
     exact = True
 
+    def flops(self):
+        from .cost import exact_flops
+        return exact_flops()
+
     def __post_init__(self):
         if self.kernel not in ("sdpa", "triton"):
             raise RewriteError(f"Exact(kernel={self.kernel!r}) is not a known kernel; use 'sdpa' or 'triton'.")

@@ -80,15 +80,22 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     """
     _check_model(model)
     args, kwargs = _inputs(example_inputs, example_kwargs)
-    pol = Policy(policy)
-    if calibration is not None and pol.preset == "exact":
-        pass  # the exact policy needs no calibration: every rewrite is verified on the example inputs
+    from .measured import MeasuredPolicy, auto, calibrate_and_plan
+    if isinstance(policy, str) and policy == "auto":
+        policy = auto()
     _undo(model)
+    calibration_report = None
+    start = time.perf_counter()
+    if isinstance(policy, MeasuredPolicy):
+        plan, fitted, calibration_report = calibrate_and_plan(model, policy, args, kwargs, list(calibration or []))
+        pol = Policy(plan)
+        pol.fitted = fitted
+    else:
+        pol = Policy(policy)
     report = RewriteReport(pol.describe())
     session = Session(pol, report, model, mode="rewrite")
     from torch._dynamo.utils import counters
     counters["graph_break"].clear()
-    start = time.perf_counter()
     model.compile(backend=make_compiler(session, then), dynamic=dynamic)
     try:
         _run(model, args, kwargs)
@@ -103,6 +110,7 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
         _undo(model)
         raise
     report.optimize_seconds = time.perf_counter() - start
+    report.calibration = calibration_report
     report.breaks = _graph_breaks()
     model.__dict__["rewrite_report"] = report
     model.__dict__["_rewrite_session"] = session

@@ -8,6 +8,8 @@ Example::
 """
 from __future__ import annotations
 
+import math
+
 import sympy
 
 B, H, N, Nk, d, dv = sympy.symbols("B H N Nk d dv", positive=True, integer=True)
@@ -31,3 +33,34 @@ def exact_bytes(element_bytes: int = 4, materialized_scores: bool = True) -> sym
 
 def evaluate(expr: sympy.Expr, **sizes) -> float:
     return float(expr.subs({SYMBOLS[k]: v for k, v in sizes.items() if k in SYMBOLS}))
+
+
+def crossover(cheaper, reference, head_dim: int = 64, value_dim: int = None, lo: float = 1.0, hi: float = 1e7):
+    """The sequence length N (self-attention, B = H = 1) above which ``cheaper`` costs fewer FLOPs than
+    ``reference``; None when it never does in [lo, hi]. Both are actions (or sympy expressions).
+
+    Example::
+
+        >>> import rewrite
+        >>> round(crossover(rewrite.Linear(), rewrite.Exact(), head_dim=64))  # doctest: +SKIP
+        66
+    """
+    value_dim = head_dim if value_dim is None else value_dim
+    fa = cheaper.flops() if hasattr(cheaper, "flops") else cheaper
+    fb = reference.flops() if hasattr(reference, "flops") else reference
+    diff = (fa - fb).subs({B: 1, H: 1, Nk: N, d: head_dim, dv: value_dim})
+    f = sympy.lambdify(N, diff, modules=["math", {"Min": min, "Max": max, "ceiling": math.ceil, "floor": math.floor}])
+    if f(hi) >= 0:
+        return None
+    if f(lo) < 0:
+        return lo
+    a, b = lo, hi
+    for _ in range(200):
+        mid = (a * b) ** 0.5 if b / a > 4 else (a + b) / 2
+        if f(mid) < 0:
+            b = mid
+        else:
+            a = mid
+        if b - a < 1e-6 * b:
+            break
+    return b

@@ -35,6 +35,8 @@ class Session:
         self._state_ptrs: Optional[set] = None
         self.model = model
         self.errors: list[str] = []
+        self.calibration = None          # a calibrate.CalibrationState in mode "calibrate"
+        self.candidates = lambda site: []  # site -> candidate actions, in mode "calibrate"
 
     def state_ptrs(self) -> set:
         if self._state_ptrs is None:
@@ -98,6 +100,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
                       "nn.MultiheadAttention already runs scaled_dot_product_attention (need_weights=False)")
             pending.append((m, site, None, None, None, reason))
             continue
+        if session.mode == "calibrate":
+            pending.append(_switch_site(session, graph, m, site, causal_ops))
+            continue
         if action is None or (m.kind == "sdpa" and isinstance(action, Exact)):
             reason = "already scaled_dot_product_attention" if action is not None else "the policy leaves it as it was"
             pending.append((m, site, action, None, None, reason))
@@ -108,15 +113,13 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
                                "@rewrite.register_handler.")
         call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
         target = handler(action, call, site)
+        _restore_fitted(session, site, action, target)
         note = ""
         if target is None or isinstance(target, Decline):
             note = f"{type(action).__name__} declined: {target or 'the handler cannot serve this site'}; fell back to Exact"
             action = Exact()
             target = handler_for(action)(action, call, site)
-        new = insert_call(graph, m.output, target, (call.q, call.k, call.v), call.kwargs(), like=m.output)
-        if call.flatten_output:
-            call.new_nodes.append(new)
-            new = insert_call(graph, m.output, torch.flatten, (new, 0, call.flatten_output - 1), like=m.output)
+        new = _insert_target(gm, m, target, call)
         pending.append((m, site, action, call, new, note))
 
     wanted = set()
@@ -152,13 +155,69 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
             m.output.replace_all_uses_with(new)
             remove_dead(graph, [m.output] + list(m.region))
             row.status, row.reason = "rewritten", note
-            row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
+            row.flops_after, row.flops_after_expr = _action_flops(action, vals, m, row)
             row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
         report.plan[site.name] = action.to_json()
         report.record_site(row)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: AttentionSite, causal_ops: set) -> tuple:
+    """Calibration: lower the site to a switch holding the exact call and every candidate for it."""
+    from .calibrate import SiteSwitch, candidate_key
+    state = session.calibration
+    call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
+    exact = handler_for(Exact())(Exact(), call, site)
+    candidates = {}
+    for action in session.candidates(site):
+        ck = candidate_key(action)
+        handler = handler_for(action)
+        target = handler(action, call, site) if handler is not None else Decline("no handler is registered")
+        if target is None or isinstance(target, Decline):
+            state.declined[(site.key, ck)] = str(target or "the handler cannot serve this site")
+        else:
+            candidates[ck] = target
+    switch = SiteSwitch(site.key, exact, candidates, state)
+    state.switches.setdefault(site.key, []).append(switch)
+    state.sites[site.key] = site
+    new = _insert_target(graph.owning_module, m, switch, call)
+    return (m, site, Exact(), call, new, "calibrating")
+
+
+def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall) -> fx.Node:
+    """Call the replacement with SDPA's signature before the site's output; modules become submodules."""
+    graph = gm.graph
+    args = (call.q, call.k, call.v)
+    if isinstance(target, torch.nn.Module):
+        name = f"rewrite_{m.name.replace('.', '_') or 'site'}_{m.ordinal}"
+        i = 0
+        while hasattr(gm, f"{name}_{i}"):
+            i += 1
+        gm.add_submodule(f"{name}_{i}", target)
+        with graph.inserting_before(m.output):
+            new = graph.call_module(f"{name}_{i}", args, call.kwargs())
+        for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
+            if key in m.output.meta:
+                new.meta[key] = m.output.meta[key]
+    else:
+        new = insert_call(graph, m.output, target, args, call.kwargs(), like=m.output)
+    if call.flatten_output:
+        call.new_nodes.append(new)
+        new = insert_call(graph, m.output, torch.flatten, (new, 0, call.flatten_output - 1), like=m.output)
+    return new
+
+
+def _restore_fitted(session: "Session", site: AttentionSite, action: Action, target: Any) -> None:
+    """A mixer fitted during calibration gets its fitted buffers back when the final plan is applied."""
+    fitted = getattr(session.policy, "fitted", None)
+    if not fitted or not isinstance(target, torch.nn.Module):
+        return
+    from .calibrate import candidate_key
+    state = fitted.get((site.key, candidate_key(action)))
+    if state is not None:
+        target.load_state_dict(state)
 
 
 def _concrete(x: Any) -> Any:
@@ -345,6 +404,19 @@ def _scale_value(m: SiteMatch, vals: dict) -> Optional[float]:
             if f is not None:
                 scale = scale * f if node.target is MUL else scale / f
     return scale
+
+
+def _action_flops(action: Action, vals: dict, m: SiteMatch, row: SiteRow) -> tuple:
+    """The action's attention FLOPs at the captured shape (and its expression)."""
+    sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind)
+    flops = getattr(action, "flops", None)
+    if sizes is None or flops is None:
+        return row.flops_before, row.flops_before_expr
+    try:
+        expr = flops()
+        return cost.evaluate(expr, **sizes), str(expr)
+    except Exception:  # noqa: BLE001 - a cost the model cannot evaluate is reported as unknown
+        return None, ""
 
 
 def _core_sizes(q, kt, v, kind: str) -> Optional[dict]:

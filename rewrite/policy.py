@@ -62,6 +62,7 @@ class Policy:
                 f"Cannot use {type(spec).__name__} as a policy: give 'exact', 'none', a mapping from module "
                 "names to actions, or a callable sites -> plan.")
         self._callable_plan: dict = {}
+        self.fitted: dict = {}  # (site key, candidate key) -> state dict, from calibration
 
     def describe(self) -> str:
         if self.preset:

@@ -75,6 +75,7 @@ class RewriteReport:
         self.graphs = 0
         self.plan: dict[str, dict] = {}
         self.optimize_seconds: Optional[float] = None
+        self.calibration = None   # a measured.CalibrationReport when a measured policy chose the plan
 
     # -- recording (called by the pipeline for every captured graph) --------------------------------
     def record_site(self, row: SiteRow) -> SiteRow:
@@ -120,6 +121,77 @@ class RewriteReport:
             out[r.status] = out.get(r.status, 0) + 1
         return out
 
+    def attention_flops(self) -> tuple[float, float]:
+        """Total attention-core FLOPs before and after, at the captured shapes (sites with known cost)."""
+        before = sum(r.flops_before or 0.0 for r in self.sites if r.flops_before and r.flops_after is not None)
+        after = sum(r.flops_after or 0.0 for r in self.sites if r.flops_before and r.flops_after is not None)
+        return before, after
+
+    def calibration_table(self) -> str:
+        cal = self.calibration
+        if cal is None:
+            return ""
+        rows = []
+        for r in cal.rows:
+            st = r.stats or {}
+            chosen = next((c for c in r.candidates if c.action == r.choice), None)
+            measured = sum(c.error is not None for c in r.candidates)
+            rows.append([r.name, _f2(st.get("entropy")), _f2(st.get("query_independence")),
+                         _f2((st.get("window_mass") or {}).get(128)), _f2((st.get("topk_mass") or {}).get(64)),
+                         r.choice, _fmt_err(chosen.error) if chosen else "-",
+                         f"{chosen.flops / r.exact_flops:.0%}" if chosen and chosen.flops and r.exact_flops else "100%",
+                         f"{measured}/{len(r.candidates)}", r.why])
+        head = (f"Calibration: policy {cal.policy}, metric {cal.metric}, {cal.batches} batch(es), "
+                f"joint error bound {cal.joint_error if cal.joint_error is None else f'{cal.joint_error:.4g}'}"
+                f"{'' if cal.budget is None else f' (budget {cal.budget})'}, {cal.seconds:.1f} s")
+        out = [head, tabulate(rows, headers=["site", "entropy", "query-indep.", "mass |i-j|<=64", "top-64 mass",
+                                             "choice", "error", "FLOPs", "measured", "why"], tablefmt="simple")]
+        if cal.backoffs:
+            out.append("back-off: " + "; ".join(cal.backoffs))
+        if cal.message:
+            out.append(cal.message)
+        return "\n".join(out)
+
+    def plot(self, path: str) -> str:
+        """A PNG of attention FLOPs (before/after) and measured error per site; returns the path."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = self.sites
+        names = [r.name for r in rows]
+        x = list(range(len(rows)))
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4.5))
+        before = [(r.flops_before or 0) / 1e9 for r in rows]
+        after = [(r.flops_after if r.flops_after is not None else r.flops_before or 0) / 1e9 for r in rows]
+        ax.bar([i - 0.2 for i in x], before, width=0.4, label="exact GFLOPs", color="#bbbbbb")
+        ax.bar([i + 0.2 for i in x], after, width=0.4, label="after GFLOPs", color="#3b75af")
+        ax.set_ylabel("attention GFLOPs")
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        ax2 = ax.twinx()
+        errs = [r.error if r.error is not None else 0.0 for r in rows]
+        if self.calibration is not None:
+            by = {(c.name, c.ordinal): c for c in self.calibration.rows}
+            errs = []
+            for r in rows:
+                c = by.get((r.name, r.ordinal))
+                e = next((cand.error for cand in c.candidates if c and cand.action == c.choice), 0.0) if c else 0.0
+                errs.append(e or 0.0)
+            if self.calibration.budget is not None:
+                ax2.axhline(self.calibration.budget, color="#c0392b", linestyle="--", linewidth=1, label="error budget")
+        ax2.plot(x, errs, "o-", color="#e67e22", label="measured error")
+        ax2.set_ylabel("error (swap-one, on calibration data)")
+        b, a = self.attention_flops()
+        ax.set_title(f"rewrite plan: attention FLOPs {b / 1e9:.2f} -> {a / 1e9:.2f} G "
+                     f"({(1 - a / b) if b else 0:.0%} cut)")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     def table(self) -> str:
         headers = ["#", "site", "status", "action", "exact", "error", "mask", "causal", "GFLOP before", "after", "reason"]
         rows = []
@@ -133,6 +205,11 @@ class RewriteReport:
         if self.rejected:
             out.append("\nRejected attention-like regions:")
             out.append(tabulate([[r.name, r.reason] for r in self.rejected], headers=["module", "why"], tablefmt="simple"))
+        b, a = self.attention_flops()
+        if b and a < b:
+            out.append(f"Attention FLOPs: {b / 1e9:.3f} G -> {a / 1e9:.3f} G ({1 - a / b:.1%} cut).")
+        if self.calibration is not None:
+            out.append("\n" + self.calibration_table())
         if self.breaks:
             out.append("\nGraph breaks:")
             out.append(tabulate([[b.count, b.reason] for b in self.breaks], headers=["count", "reason"], tablefmt="simple"))
@@ -146,7 +223,8 @@ class RewriteReport:
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy, "graphs": self.graphs, "sites": [r.to_json() for r in self.sites],
                 "rejected": [r.to_json() for r in self.rejected], "breaks": [b.to_json() for b in self.breaks],
-                "plan": {"version": 1, "sites": self.plan}, "optimize_seconds": self.optimize_seconds}
+                "plan": {"version": 1, "sites": self.plan}, "optimize_seconds": self.optimize_seconds,
+                "calibration": self.calibration.to_json() if self.calibration is not None else None}
 
     def to_json_str(self) -> str:
         return json.dumps(self.to_json(), indent=2)
@@ -158,6 +236,10 @@ def _yn(v: Optional[bool]) -> str:
 
 def _fmt_err(e: Optional[float]) -> str:
     return "-" if e is None else f"{e:.1e}"
+
+
+def _f2(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def _gflop(v: Optional[float]) -> str:

@@ -30,7 +30,8 @@ class _Recorder(fx.Interpreter):
         elif n in self.replacements and "dropout_p" in n.kwargs:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             kwargs = dict(kwargs, dropout_p=0.0)
-            out = n.target(*args, **kwargs)
+            target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
+            out = target(*args, **kwargs)
         else:
             out = super().run_node(n)
         if n in self.wanted:

@@ -1,0 +1,240 @@
+"""Calibration: run the model on the user's batches with every attention site switchable, and measure.
+
+While calibrating, each site is lowered to a :class:`SiteSwitch` (SDPA's call signature) that holds the
+exact call and every candidate mixer built for that site. Switching is a Python-level setting read at
+run time, so one capture serves every measurement and no second copy of the model is made. Three kinds
+of passes run on the calibration batches:
+
+* the reference: every site exact (the outputs errors are measured against);
+* statistics (one pass): per site, from sampled query rows of the exact attention — normalised entropy,
+  probability mass inside windows, top-k mass, sink mass, query-independence (Isomer/PoNet) and
+  low-rank energy; mixers with fitted state (centroids, calibrated queries) are fitted here too;
+* swap-one damage: for each (site, candidate), only that site uses the candidate; the metric on the
+  model's primary output against the reference gives the end-to-end error that selection uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .actions import RewriteError
+
+WINDOWS = (32, 64, 128, 256)
+TOPKS = (16, 32, 64, 128)
+LOWRANK = 8
+SAMPLED_ROWS = 64
+FIT_CALLS = 4
+
+
+# --- outputs and metrics --------------------------------------------------------------------------------
+
+def primary_output(out: Any) -> torch.Tensor:
+    """The model's primary output tensor: itself, or the first tensor of a ModelOutput/tuple/dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    elif isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            try:
+                return primary_output(item)
+            except RewriteError:
+                continue
+    raise RewriteError(f"Cannot find an output tensor in a {type(out).__name__}; pass metric=callable "
+                       "(reference_output, new_output, batch) -> error that reads your model's output.")
+
+
+def _per_example(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().float()
+    return x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+
+
+def cosine_error(ref: Any, new: Any, batch: Any = None) -> float:
+    """1 − cosine similarity of the primary output, flattened per example, averaged over examples."""
+    a, b = _per_example(primary_output(ref)), _per_example(primary_output(new))
+    return max(0.0, float((1 - F.cosine_similarity(a, b, dim=-1)).mean()))
+
+
+def relative_l2_error(ref: Any, new: Any, batch: Any = None) -> float:
+    """‖new − ref‖ / ‖ref‖ of the primary output, per example, averaged."""
+    a, b = _per_example(primary_output(ref)), _per_example(primary_output(new))
+    return float(((b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)).mean())
+
+
+def kl_error(ref: Any, new: Any, batch: Any = None) -> float:
+    """Mean KL(softmax(ref) ‖ softmax(new)) over the last dim of the primary output (for logits)."""
+    a, b = primary_output(ref).detach().float(), primary_output(new).detach().float()
+    return float(F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1).mean())
+
+
+METRICS: dict[str, Callable] = {"cosine": cosine_error, "relative_l2": relative_l2_error, "kl": kl_error}
+
+
+def metric_fn(metric: Any) -> Callable:
+    if callable(metric):
+        return metric
+    if metric in METRICS:
+        return METRICS[metric]
+    raise RewriteError(f"Unknown metric {metric!r}: use one of {', '.join(METRICS)} or a callable "
+                       "(reference_output, new_output, batch) -> error (lower is better).")
+
+
+def run_batch(model: torch.nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+# --- attention statistics ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SiteStats:
+    """Running means of the statistics that predict which mixer a site tolerates."""
+    calls: int = 0
+    entropy: float = 0.0                 # normalised to [0, 1] by log(#visible keys)
+    window_mass: dict = dataclasses.field(default_factory=dict)   # window -> mass within it
+    topk_mass: dict = dataclasses.field(default_factory=dict)     # k -> mass of the k largest
+    sink_mass: float = 0.0               # mass on the first key
+    query_independence: float = 0.0      # mean cosine of each row with the mean row
+    lowrank_energy: float = 0.0          # energy of the top singular values of the sampled rows
+    length: int = 0
+
+    def update(self, s: dict) -> None:
+        n = self.calls
+        w = 1 / (n + 1)
+        for f in ("entropy", "sink_mass", "query_independence", "lowrank_energy"):
+            setattr(self, f, getattr(self, f) * (1 - w) + s[f] * w)
+        for name in ("window_mass", "topk_mass"):
+            d = getattr(self, name)
+            for key, val in s[name].items():
+                d[key] = d.get(key, 0.0) * (1 - w) + val * w
+        self.length = max(self.length, s["length"])
+        self.calls = n + 1
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def attention_stats(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                    rows: int = SAMPLED_ROWS, groups: int = 8) -> dict:
+    """Statistics of exact attention from sampled query rows (fp32, no N×N matrix beyond the sample)."""
+    n, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(rep, dim=-3)
+    lead = q.shape[:-2]
+    k = k.expand(*lead, nk, d)
+    q2, k2 = q.reshape(-1, n, d).float(), k.reshape(-1, nk, d).float()
+    g = q2.shape[0]
+    gi = torch.linspace(0, g - 1, min(groups, g)).round().long()
+    ri = torch.linspace(0, n - 1, min(rows, n)).round().long().unique()
+    scores = q2[gi][:, ri] @ k2[gi].transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(d))
+    if attn_mask is not None:
+        m = attn_mask.expand(*lead, n, nk).reshape(-1, n, nk)[gi][:, ri]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    qpos = ri[:, None] + (nk - n)  # bottom-right alignment covers decoding with a cache; equal for Nq == Nk
+    kpos = torch.arange(nk)[None, :]
+    if is_causal:
+        scores = scores.masked_fill(kpos > ri[:, None], float("-inf"))
+        qpos = ri[:, None]
+    a = torch.softmax(scores, dim=-1).nan_to_num(0.0)                     # [G, R, Nk]
+    visible = torch.isfinite(scores).sum(-1).clamp_min(2).float()
+    ent = -(a * torch.log(a.clamp_min(1e-30))).sum(-1) / torch.log(visible)
+    dist = (kpos - qpos).abs()
+    window = {w: float(a.masked_fill(dist > w // 2, 0).sum(-1).mean()) for w in WINDOWS}
+    srt = a.sort(dim=-1, descending=True).values
+    topk = {kk: float(srt[..., :kk].sum(-1).mean()) for kk in TOPKS}
+    mean_row = a.mean(dim=1, keepdim=True)
+    qi = float(F.cosine_similarity(a, mean_row.expand_as(a), dim=-1).mean())
+    sv = torch.linalg.svdvals(a)
+    energy = float(((sv[..., :LOWRANK] ** 2).sum(-1) / (sv ** 2).sum(-1).clamp_min(1e-30)).mean())
+    return {"entropy": float(ent.mean()), "window_mass": window, "topk_mass": topk, "sink_mass": float(a[..., 0].mean()),
+            "query_independence": qi, "lowrank_energy": energy, "length": int(nk)}
+
+
+# --- the switch ----------------------------------------------------------------------------------------
+
+class CalibrationState:
+    """What every switch reads at run time: which site runs which candidate, and what to record."""
+
+    def __init__(self):
+        self.use: dict = {}          # site key -> candidate key
+        self.collect_stats = False
+        self.switches: dict = {}     # site key -> [SiteSwitch, ...] (one per captured graph)
+        self.stats: dict = {}        # site key -> SiteStats
+        self.declined: dict = {}     # (site key, candidate key) -> reason
+        self.sites: dict = {}        # site key -> AttentionSite
+        self.sizes: dict = {}        # site key -> cost sizes (B, H, N, Nk, d, dv) seen on calibration data
+
+
+class SiteSwitch(torch.nn.Module):
+    """A site's replacement while calibrating: exact by default, any candidate when asked."""
+
+    def __init__(self, key: tuple, exact: Callable, candidates: dict, state: CalibrationState):
+        super().__init__()
+        # plain attributes, not submodules: the switch must not add the candidates' state to anything
+        self.__dict__.update(key=key, exact=exact, candidates=candidates, state=state, fit_inputs=[])
+
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        kw = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
+        if enable_gqa:
+            kw["enable_gqa"] = True
+        choice = self.state.use.get(self.key)
+        if choice is not None and choice in self.candidates:
+            return self.candidates[choice](q, k, v, **kw)
+        if self.state.collect_stats:
+            with torch.no_grad():
+                self.state.stats.setdefault(self.key, SiteStats()).update(
+                    attention_stats(q, k, attn_mask, is_causal, scale, enable_gqa))
+                self.state.sizes[self.key] = {"B": math.prod(q.shape[:-2]), "H": 1, "N": q.shape[-2],
+                                              "Nk": k.shape[-2], "d": q.shape[-1], "dv": v.shape[-1]}
+                if len(self.fit_inputs) < FIT_CALLS:
+                    self.fit_inputs.append((q.detach(), k.detach(), v.detach()))
+        return self.exact(q, k, v, **kw)
+
+
+def fit_candidates(state: CalibrationState) -> dict:
+    """Fit every candidate that has fitted state on the q/k/v its site saw; returns their state dicts."""
+    fitted = {}
+    for key, switches in state.switches.items():
+        inputs = [x for sw in switches for x in sw.fit_inputs]
+        if not inputs:
+            continue
+        for sw in switches:
+            for cand_key, mod in sw.candidates.items():
+                fit = getattr(mod, "fit", None)
+                if fit is None:
+                    continue
+                q = torch.cat([x[0].reshape(-1, *x[0].shape[-3:]) for x in inputs if x[0].dim() >= 3])
+                k = torch.cat([x[1].reshape(-1, *x[1].shape[-3:]) for x in inputs if x[1].dim() >= 3])
+                v = torch.cat([x[2].reshape(-1, *x[2].shape[-3:]) for x in inputs if x[2].dim() >= 3])
+                try:
+                    _call_fit(fit, q, k, v)
+                except RuntimeError:  # lengths differ across batches: fit on the first batch's samples
+                    _call_fit(fit, *inputs[0])
+                if isinstance(mod, torch.nn.Module):
+                    fitted[(key, cand_key)] = {n: t.detach().clone() for n, t in mod.state_dict().items()}
+    return fitted
+
+
+def _call_fit(fit, q, k, v):
+    import inspect
+    params = inspect.signature(fit).parameters
+    return fit(q, k, v) if len(params) >= 3 else fit(q, k)
+
+
+def candidate_key(action) -> str:
+    return action.describe()
+
+
+def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not enabled)

@@ -262,3 +262,15 @@ def test_save_pretrained_after_optimize(tmp_path):
     with torch.no_grad():
         assert torch.allclose(again(**bert_batch()).last_hidden_state, model(**bert_batch()).last_hidden_state,
                               atol=1e-5)
+
+
+@pytest.mark.slow
+def test_backend_hands_the_rewritten_graph_to_inductor():
+    model = tiny_bert()
+    ref = copy.deepcopy(model)
+    be = rewrite.backend("exact", then="inductor")
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        assert torch.allclose(compiled(**bert_batch()).last_hidden_state, ref(**bert_batch()).last_hidden_state,
+                              atol=1e-4)
+    assert [r.status for r in be.session.report.sites] == ["rewritten", "rewritten"]

@@ -59,6 +59,9 @@ def _graph_breaks() -> list:
 
 def _undo(model: torch.nn.Module) -> None:
     model._compiled_call_impl = None
+    session = model.__dict__.get("_rewrite_session")
+    for owner, key in getattr(session, "attached", []):
+        owner._modules.pop(key, None)
     for attr in ("rewrite_report", "_rewrite_session"):
         if attr in model.__dict__:
             del model.__dict__[attr]
@@ -107,6 +110,7 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
         if not session.sites and not report.rejected and session.errors:
             raise RewriteError("The model could not be rewritten: " + "; ".join(session.errors))
     except BaseException:
+        model.__dict__["_rewrite_session"] = session  # so that _undo also removes what this run attached
         _undo(model)
         raise
     report.optimize_seconds = time.perf_counter() - start

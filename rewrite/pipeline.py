@@ -36,6 +36,7 @@ class Session:
         self.model = model
         self.errors: list[str] = []
         self.calibration = None          # a calibrate.CalibrationState in mode "calibrate"
+        self.attached: list = []         # (owner module, name) of mixers attached to the model
         self.candidates = lambda site: []  # site -> candidate actions, in mode "calibrate"
 
     def state_ptrs(self) -> set:
@@ -114,6 +115,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
         call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
         target = handler(action, call, site)
         _restore_fitted(session, site, action, target)
+        target = _attach_state(session, site, action, target)
         note = ""
         if target is None or isinstance(target, Decline):
             note = f"{type(action).__name__} declined: {target or 'the handler cannot serve this site'}; fell back to Exact"
@@ -218,6 +220,27 @@ def _restore_fitted(session: "Session", site: AttentionSite, action: Action, tar
     state = fitted.get((site.key, candidate_key(action)))
     if state is not None:
         target.load_state_dict(state)
+
+
+def _attach_state(session: "Session", site: AttentionSite, action: Action, target: Any) -> Any:
+    """A mixer with state (fitted buffers) lives on the module that owns the site, so the model's
+    ``state_dict`` saves and restores it; a recompile reuses the attached instance."""
+    if session.mode != "rewrite" or session.model is None or not isinstance(target, torch.nn.Module):
+        return target
+    if not list(target.state_dict()):
+        return target
+    try:
+        owner = session.model.get_submodule(site.name)
+    except AttributeError:
+        return target
+    key = f"rewrite_{type(action).__name__.lower()}_{site.ordinal}"
+    existing = owner._modules.get(key)
+    if type(existing) is type(target) and getattr(existing, "_rewrite_action", None) == action:
+        return existing
+    target._rewrite_action = action
+    owner.add_module(key, target)
+    session.attached.append((owner, key))
+    return target
 
 
 def _concrete(x: Any) -> Any:

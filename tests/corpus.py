@@ -1192,6 +1192,132 @@ class WrongViewK(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Traps: legal attention in unusual clothes, and masks that look causal but are not
+# ----------------------------------------------------------------------------------------------------
+
+class BufferTriuAntiCausal(nn.Module):
+    """A registered buffer named like nanoGPT's, but upper-triangular: each query sees itself and the future."""
+
+    def __init__(self, block_size=32):
+        super().__init__()
+        self.register_buffer("bias", torch.triu(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, q, k, v):
+        t = q.size(-2)
+        s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        s = s.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        return F.softmax(s, dim=-1) @ v
+
+
+class TrilTransposed(nn.Module):
+    """tril(...).T is upper-triangular: anti-causal."""
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        keep = torch.tril(torch.ones(n, n, device=q.device)).T
+        s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        s = s.masked_fill(keep == 0, float("-inf"))
+        return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+class CausalSoftFill(nn.Module):
+    """A tril pattern filled with -1.0: the masked scores are *replaced* by -1 (exp(-1) is far from 0), which
+    is neither a mask nor an additive bias independent of the scores."""
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        tri = torch.tril(torch.ones(n, n, device=q.device))
+        s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        s = s.masked_fill(tri == 0, -1.0)
+        return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+class RuntimeTemperature(nn.Module):
+    """The scale is a 0-d *input* tensor: it may change between calls, so it cannot be baked in."""
+
+    def forward(self, q, k, v, temperature):
+        s = torch.matmul(q, k.transpose(-2, -1)) * temperature
+        return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+def qkv_temperature_inputs(dtype, n):
+    q, k, v = qkv_inputs()(dtype, n)
+    return q, k, v, torch.tensor(0.1 + 0.03 * n, dtype=dtype)
+
+
+class SwinV2Cosine(Proj):
+    """Swin-v2 cosine attention: normalized q and k, a clamped learned per-head logit scale [H, 1, 1]."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.logit_scale = nn.Parameter(torch.log(torch.linspace(2.0, 10.0, self.heads)).view(self.heads, 1, 1))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        attn = attn * logit_scale
+        return self.merge(attn.softmax(dim=-1) @ v)
+
+
+class TransposedScores(nn.Module):
+    """Scores computed as k·qᵀ [.., Nk, Nq], normalized over dim -2 (keys), transposed back: attention."""
+
+    def forward(self, q, k, v):
+        st = torch.matmul(k, q.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        p = F.softmax(st, dim=-2)
+        return torch.matmul(p.transpose(-2, -1), v)
+
+
+class SharedKV(nn.Module):
+    """Keys double as values (one tensor used for both products)."""
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        return torch.matmul(F.softmax(s, dim=-1), k) + v
+
+
+class SharedQK(Proj):
+    """Reformer-style shared query/key projection: scores are q·qᵀ."""
+
+    def forward(self, x):
+        q, _, v = self.qkv(x)
+        s = torch.matmul(q, q.transpose(-2, -1)) * self.scaling
+        return self.merge(torch.matmul(F.softmax(s, dim=-1), v))
+
+
+class QueryPaddingAdditive(nn.Module):
+    """An additive [B, 1, N, 1] term (constant along each row): legal, and a no-op after the softmax."""
+
+    def forward(self, q, k, v, row_bias):
+        s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5) + row_bias
+        return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+def qkv_row_bias_inputs(dtype, n, b=B):
+    q, k, v = qkv_inputs()(dtype, n)
+    return q, k, v, randn((b, 1, n, 1), 8000 + n, dtype)
+
+
+class KVCacheConcat(Proj):
+    """Decoding with a past: keys = cat(past, new), bottom-right causal mask j <= P + i, so Nq != Nk."""
+
+    def forward(self, x, past_k, past_v):
+        n, p = x.shape[1], past_k.shape[2]
+        q, k, v = self.qkv(x)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        i = torch.arange(n, device=x.device)[:, None] + p
+        j = torch.arange(n + p, device=x.device)[None, :]
+        s = torch.matmul(q, k.transpose(-2, -1)) * self.scaling
+        s = s.masked_fill(j > i, float("-inf"))
+        return self.merge(torch.matmul(F.softmax(s, dim=-1), v))
+
+
+def kv_cache_inputs(dtype, n, b=B, past=5):
+    return (randn((b, n, C), 9000 + n, dtype), randn((b, H, past, D), 9100, dtype), randn((b, H, past, D), 9200, dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
 # The catalogue
 # ----------------------------------------------------------------------------------------------------
 
@@ -1382,6 +1508,26 @@ _add("any_wrong_permute_T_eq_H", _x(WrongPermuteTEqH), x_inputs(), "any", n=H, n
 _add("any_wrong_view_k", _w(WrongViewK), qkv_inputs(), "any",
      note="k.reshape(B,H,D,N) instead of transpose; outputs must match")
 
+
+# --- traps ----------------------------------------------------------------------------------------------
+_add("buffer_triu_anticausal", _w(BufferTriuAntiCausal), qkv_inputs(), "rewrite",
+     note="nanoGPT-shaped buffer holding triu: anti-causal, is_causal must be False")
+_add("tril_transposed_anticausal", _w(TrilTransposed), qkv_inputs(), "rewrite",
+     note="tril(ones).T: anti-causal, is_causal must be False")
+_add("causal_soft_fill_minus1", _w(CausalSoftFill), qkv_inputs(), "untouched",
+     note="masked_fill(tril == 0, -1.0) replaces scores by -1 (not a bias, not a mask): SDPA cannot express it")
+_add("scale_runtime_tensor_input", _w(RuntimeTemperature), qkv_temperature_inputs, "any",
+     note="scale is a 0-d input that differs at the second length: must not be baked in")
+_add("swinv2_cosine_per_head_scale", _x(SwinV2Cosine), x_inputs(), "any",
+     note="normalized q/k, clamped learned per-head logit scale [H,1,1] (not a scalar scale)")
+_add("transposed_scores_softmax_dim_minus2", _w(TransposedScores), qkv_inputs(), "any",
+     note="k·qᵀ normalized over dim -2 then transposed: still attention; outputs must match")
+_add("shared_kv", _w(SharedKV), qkv_inputs(), "rewrite", note="k used as the value too (and v added after)")
+_add("shared_qk", _x(SharedQK), x_inputs(), "rewrite", note="q·qᵀ scores (Reformer shared QK)")
+_add("query_row_bias", _w(QueryPaddingAdditive), qkv_row_bias_inputs, "rewrite",
+     note="additive [B,1,N,1] term, constant along rows")
+_add("kv_cache_concat", _x(KVCacheConcat), kv_cache_inputs, "rewrite",
+     note="cat(past, new) keys, bottom-right causal via arange: Nq != Nk, is_causal must be False")
 
 def by_id(case_id: str) -> Case:
     for c in CASES:

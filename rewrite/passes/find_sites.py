@@ -265,14 +265,17 @@ def _match_scores(m: SiteMatch) -> None:
             x, cond, val = node.args
             if not is_scalar_like(val):
                 raise _Reject("masked_fill with a non-scalar value")
+            _check_fill(val)
             ops.append(ScoreOp("fill", value=val, cond=cond, fill_where_true=True, node=node))
             node = x
         elif node.op == "call_function" and node.target is WHERE:
             cond, a, b = node.args
             if _on_chain(a, full) and is_scalar_like(b):
+                _check_fill(b)
                 ops.append(ScoreOp("fill", value=b, cond=cond, fill_where_true=False, node=node))
                 node = a
             elif _on_chain(b, full) and is_scalar_like(a):
+                _check_fill(a)
                 ops.append(ScoreOp("fill", value=a, cond=cond, fill_where_true=True, node=node))
                 node = b
             else:
@@ -285,6 +288,17 @@ def _match_scores(m: SiteMatch) -> None:
         consumer = node
     ops.reverse()  # innermost (closest to q @ kt) first
     m.ops = ops
+
+
+#: a fill at or below this removes a key from the softmax (exp underflows to exactly 0); above it, the
+#: fill *replaces* scores with a value that still takes part, which no attention mask can express
+FILL_MASKS_BELOW = -1e4
+
+
+def _check_fill(value: Any) -> None:
+    if isinstance(value, (int, float)) and not value <= FILL_MASKS_BELOW:
+        raise _Reject(f"the scores are replaced by {value!r} where a condition holds; a value above "
+                      f"{FILL_MASKS_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
 
 
 def _on_chain(node: Any, full: Optional[tuple]) -> bool:

@@ -101,6 +101,10 @@ class MeasuredPolicy:
     def choose(self, rows: list, measure_joint: Callable) -> tuple[dict, str, list, Optional[float]]:
         raise NotImplementedError
 
+    def prune_above(self) -> Optional[float]:
+        """Swap-one error above which harsher settings of the same mixer family are not measured."""
+        return None
+
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                            if f.name not in ("candidates", "show_progress") and not callable(getattr(self, f.name)))
@@ -127,6 +131,9 @@ class Auto(MeasuredPolicy):
             raise RewriteError(f"max_error={self.max_error!r} must be >= 0.")
         if self.max_cost is not None and not 0 < self.max_cost <= 1:
             raise RewriteError(f"max_cost={self.max_cost!r} is a fraction of the exact attention FLOPs in (0, 1].")
+
+    def prune_above(self) -> Optional[float]:
+        return self.max_error
 
     def choose(self, rows, measure_joint):
         options = {}
@@ -320,10 +327,20 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
                          for k in keys}
             total = sum(len(v) for v in cand_keys.values())
             errors = {}
+            prune = policy.prune_above()
             bar = progress(range(total), "swap-one errors", total=total, enabled=show)
             for k in keys:
+                failed_families: set = set()
                 for ck in cand_keys[k]:
-                    errors[(k, ck)] = error_with({k: ck})
+                    family = ck.split("(")[0]
+                    if family in failed_families:
+                        # a family is ordered from least to most aggressive: once a gentler setting is over
+                        # the whole budget, the harsher ones are not measured (and cannot be chosen)
+                        state.declined[(k, ck)] = "skipped: a gentler setting already exceeded the error budget"
+                    else:
+                        errors[(k, ck)] = error_with({k: ck})
+                        if prune is not None and errors[(k, ck)] > prune:
+                            failed_families.add(family)
                     bar.update(1)
             bar.close()
             rows = [_row(state, k, cand_keys[k], errors, policy) for k in keys]
@@ -351,8 +368,8 @@ def _row(state: CalibrationState, key, cand_keys, errors, policy) -> Calibration
     by_key = {candidate_key(a): a for a in policy.candidates_for(site)}
     cands = []
     for ck in by_key:
-        if ck in cand_keys:
-            cands.append(CandidateRow(ck, _flops(by_key[ck], sizes), errors.get((key, ck))))
+        if ck in cand_keys and (key, ck) in errors:
+            cands.append(CandidateRow(ck, _flops(by_key[ck], sizes), errors[(key, ck)]))
         else:
             cands.append(CandidateRow(ck, None, None, state.declined.get((key, ck), "not built")))
     return CalibrationRow(name=site.name, ordinal=site.ordinal, stats=st.to_json() if st else {},

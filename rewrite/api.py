@@ -69,12 +69,15 @@ def _undo(model: torch.nn.Module) -> None:
 
 def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequence = (),
              example_kwargs: Optional[dict] = None, calibration: Optional[list] = None, then: str = "eager",
-             dynamic: Optional[bool] = None) -> torch.nn.Module:
+             dynamic: Optional[bool] = None, fitted: Optional[dict] = None) -> torch.nn.Module:
     """Rewrite every attention site of ``model`` by ``policy``; returns the same model object.
 
     The model is compiled in place with the rewrite backend (``model.compile``), so its class, parameters,
     ``generate()``, ``save_pretrained``, ``train()``/``eval()`` and autograd all stay as they were; each
     graph Dynamo captures (including recompiles for new shapes or modes) is rewritten by the same policy.
+
+    ``fitted`` hands back state that mixers fitted on calibration data, keyed by
+    ``((site name, ordinal), action description)`` as ``rewrite.save`` stores it (``rewrite.load`` uses it).
 
     Example::
 
@@ -95,6 +98,8 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
         pol.fitted = fitted
     else:
         pol = Policy(policy)
+    if fitted:
+        pol.fitted = {**pol.fitted, **fitted}
     report = RewriteReport(pol.describe())
     session = Session(pol, report, model, mode="rewrite")
     from torch._dynamo.utils import counters

@@ -214,10 +214,10 @@ def fit_candidates(state: CalibrationState) -> dict:
                 fit = getattr(mod, "fit", None)
                 if fit is None:
                     continue
-                q = torch.cat([x[0].reshape(-1, *x[0].shape[-3:]) for x in inputs if x[0].dim() >= 3])
-                k = torch.cat([x[1].reshape(-1, *x[1].shape[-3:]) for x in inputs if x[1].dim() >= 3])
-                v = torch.cat([x[2].reshape(-1, *x[2].shape[-3:]) for x in inputs if x[2].dim() >= 3])
                 try:
+                    q = torch.cat([x[0].reshape(-1, *x[0].shape[-3:]) for x in inputs if x[0].dim() >= 3])
+                    k = torch.cat([x[1].reshape(-1, *x[1].shape[-3:]) for x in inputs if x[1].dim() >= 3])
+                    v = torch.cat([x[2].reshape(-1, *x[2].shape[-3:]) for x in inputs if x[2].dim() >= 3])
                     _call_fit(fit, q, k, v)
                 except RuntimeError:  # lengths differ across batches: fit on the first batch's samples
                     _call_fit(fit, *inputs[0])

@@ -57,30 +57,46 @@ def is_tensor_scalar(arg: Any) -> bool:
     return isinstance(arg, fx.Node) and isinstance(meta_value(arg), torch.Tensor)
 
 
+def static_int(size) -> Optional[int]:
+    """The value of a size when it is the same for every input (a constant), else None. Never adds a
+    Dynamo guard: deciding on a symbolic size's current value would specialise the graph to it."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        return size.node.maybe_as_int()
+    return None
+
+
+def hint_int(size) -> Optional[int]:
+    """The value a size has on the captured inputs (for reports only; adds no guard)."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else None
+    return None
+
+
 def _is_one(size) -> bool:
-    try:
-        return int(size) == 1
-    except Exception:  # unbacked symbolic size: not provably one
-        return False
+    return static_int(size) == 1
 
 
 def same_size(a, b) -> bool:
-    """True when two (possibly symbolic) sizes are provably equal."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        try:
-            return bool(a == b) and str(a) == str(b) or _sym_equal(a, b)
-        except Exception:
-            return False
-    return a == b
-
-
-def _sym_equal(a, b) -> bool:
+    """True when two (possibly symbolic) sizes are equal for every input; adds no guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
     try:
-        ea = a.node.expr if isinstance(a, torch.SymInt) else a
-        eb = b.node.expr if isinstance(b, torch.SymInt) else b
-        return (ea - eb) == 0
+        return bool(statically_known_true(a == b))
     except Exception:
         return False
+
+
+def same_shape(a, b) -> bool:
+    """Shapes equal dim by dim for every input (see ``same_size``)."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(same_size(x, y) for x, y in zip(a, b))
 
 
 def fake_mode_of(nodes: Iterable[fx.Node]):

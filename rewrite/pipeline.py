@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, handler_for
-from .graph import insert_call, meta_value, module_names, remove_dead, shape
+from .graph import hint_int, insert_call, meta_value, module_names, remove_dead, shape
 from .passes.causal import prove_causal
 from .passes.find_sites import SiteMatch, find_sites
 from .passes.lower import SiteCall, _unrepeat, build_call
@@ -266,7 +266,10 @@ def _prove(gm, m: SiteMatch, values: dict, is_state) -> tuple[set, bool]:
     masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
     causal = set()
     for i in masks:
-        ok, _why = prove_causal(gm, m, m.ops[i], values, is_state)
+        try:
+            ok, _why = prove_causal(gm, m, m.ops[i], values, is_state)
+        except Exception:  # noqa: BLE001 - anything the prover cannot evaluate is simply not proven
+            ok = False
         if ok:
             causal.add(i)
     return causal, bool(causal)
@@ -394,10 +397,8 @@ def _layout(m: SiteMatch) -> str:
 
 
 def _int(v) -> Optional[int]:
-    try:
-        return int(v)
-    except Exception:
-        return None
+    """A size for the report: its value on the captured inputs, without specialising the graph to it."""
+    return hint_int(v)
 
 
 def _scale_value(m: SiteMatch, vals: dict) -> Optional[float]:

@@ -90,6 +90,12 @@ class RewriteReport:
             old.graphs = row.graphs
             return old  # a site rejected in any captured graph stays reported as rejected
         # one row per site across graphs (prefill and decode, train and eval): merge what each saw
+        if old.status == "rewritten" and row.status == "rewritten" and old.action != row.action:
+            row.reason = "; ".join(x for x in (old.reason, f"another captured graph used {row.action}"
+                                               + (f" ({row.reason})" if row.reason else "")) if x)
+            row.action, row.exact = old.action, old.exact
+        elif row.reason != old.reason and old.reason:
+            row.reason = "; ".join(x for x in (old.reason, row.reason) if x)
         row.is_causal = row.is_causal or old.is_causal
         kinds = [k for k in (old.mask + "+" + row.mask).split("+") if k and k != "none"]
         row.mask = "+".join(dict.fromkeys(kinds)) or "none"

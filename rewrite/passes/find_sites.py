@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from ..graph import is_scalar_like, meta_value, owner_path, rank, same_size, shape
+from ..graph import is_scalar_like, meta_value, owner_path, rank, same_shape, same_size, shape, static_int
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
 
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
@@ -28,12 +28,12 @@ def is_cast(node: fx.Node) -> bool:
     """A dtype conversion or a value-preserving copy (no change of shape)."""
     if node.op == "call_method" and node.target in _CAST_METHODS | _PASSTHROUGH_METHODS:
         before, after = shape(node.args[0]), shape(node)
-        return before is not None and before == after
+        return before is not None and same_shape(before, after)
     if node.op == "call_function":
         name = str(node.target)
         if any(k in name for k in ("_to_copy", "aten.to.", "convert_element_type", "aten.clone", "aten.alias",
                                    "aten.contiguous", "aten.lift_fresh")):
-            return shape(node.args[0]) == shape(node)
+            return same_shape(shape(node.args[0]), shape(node))
     return False
 
 
@@ -303,7 +303,7 @@ def _check_fill(value: Any) -> None:
 
 def _on_chain(node: Any, full: Optional[tuple]) -> bool:
     """The operand that carries the scores: a tensor with the full score shape built from a product."""
-    return isinstance(node, fx.Node) and shape(node) == full and _produces_matmul(node, depth=12)
+    return isinstance(node, fx.Node) and same_shape(shape(node), full) and _produces_matmul(node, depth=12)
 
 
 def _depends_on(node: Any, target: fx.Node, limit: int = 2000) -> bool:
@@ -331,7 +331,7 @@ def leading_view(node: fx.Node) -> Optional[tuple]:
     src, out = shape(node.args[0]), shape(node)
     if src is None or out is None or len(src) < 3 or len(out) < 3:
         return None
-    if tuple(src[-2:]) != tuple(out[-2:]) or len(src) == len(out):
+    if not same_shape(tuple(src[-2:]), tuple(out[-2:])) or len(src) == len(out):
         return None
     sizes = node.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
@@ -347,10 +347,7 @@ def leading_view(node: fx.Node) -> Optional[tuple]:
 
 
 def _static(size) -> Optional[int]:
-    try:
-        return int(size)
-    except Exception:
-        return None
+    return static_int(size)
 
 
 def _check_shapes(m: SiteMatch) -> None:
@@ -362,7 +359,7 @@ def _check_shapes(m: SiteMatch) -> None:
     if depth or m.merge is not None:
         if not depth or m.merge is None:
             raise _Reject("the scores and the probabilities are reshaped differently")
-        if len(shape(m.qk)) != 3 or len(shape(m.softmax)) <= 3 or shape(m.merge) != shape(m.qk):
+        if len(shape(m.qk)) != 3 or len(shape(m.softmax)) <= 3 or not same_shape(shape(m.merge), shape(m.qk)):
             raise _Reject("the probabilities are not reshaped back to the layout of the scores")
     qs, kts, vs, ss = shape(m.q), shape(m.kt), shape(m.v), shape(m.qk)
     if None in (qs, kts, vs, ss) or len(qs) < 2 or len(kts) < 2 or len(vs) < 2:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import insert_call, is_tensor_scalar, meta_value, rank, shape
+from ..graph import insert_call, is_tensor_scalar, meta_value, rank, same_shape, shape, static_int
 from .find_sites import SiteMatch
 from .normalize import ADD, DIV, MUL, PERMUTE, SUB, WHERE
 
@@ -132,11 +132,7 @@ def _split_leading(b: "_Builder", term: fx.Node, split: tuple) -> fx.Node:
     s = shape(term)
     if s is None or len(s) < 3:
         return term  # broadcasts over every batch dim as it is
-    try:
-        lead_is_one = int(s[0]) == 1
-    except Exception:
-        lead_is_one = False
-    if lead_is_one:
+    if static_int(s[0]) == 1:
         return b.call(torch.unsqueeze, term, 0)
     return b.call(torch.unflatten, term, 0, tuple(split))
 
@@ -219,29 +215,18 @@ def _unrepeat(x: fx.Node) -> Optional[tuple]:
     if base is None:
         return None
     bs, es = shape(base), shape(ex)
-    if bs is None or len(bs) != 4 or tuple(bs) != (us[0], us[1], us[3], us[4]):
+    if bs is None or len(bs) != 4 or not same_shape(tuple(bs), (us[0], us[1], us[3], us[4])):
         return None
-    if tuple(es[:2]) != tuple(us[:2]) or tuple(es[3:]) != tuple(us[3:]):
+    if not same_shape(tuple(es[:2]), tuple(us[:2])) or not same_shape(tuple(es[3:]), tuple(us[3:])):
         return None
-    if tuple(xs) != (es[0], es[1] * es[2], es[3], es[4]) and str(xs[1]) != str(es[1] * es[2]):
+    if not same_shape(tuple(xs), (es[0], es[1] * es[2], es[3], es[4])):
         return None
-    n_rep = es[2]
-    return (base, int(n_rep)) if _is_int(n_rep) else None
+    n_rep = static_int(es[2])
+    return (base, n_rep) if n_rep is not None else None
 
 
 def _is_one(s) -> bool:
-    try:
-        return int(s) == 1
-    except Exception:
-        return False
-
-
-def _is_int(s) -> bool:
-    try:
-        int(s)
-        return True
-    except Exception:
-        return False
+    return static_int(s) == 1
 
 
 def _squeeze_source(unsq: fx.Node) -> Optional[fx.Node]:

@@ -1,0 +1,214 @@
+"""Block routing attention: BiFormer's bi-level routing (2-D regions) and its 1-D / causal cousin (MoBA).
+
+Tokens are cut into blocks (``layout="1d"``: ``block`` consecutive tokens; ``layout="2d"``: square regions
+of about ``block`` patches on the site's vision grid). Mean-pooled block queries score mean-pooled block
+keys; each query block keeps its ``topk`` best key blocks (its own block always included) and runs exact
+attention over the tokens of those blocks only. Routing is parameter-free and uses the layer's own q/k
+(BiFormer's ``param_routing=False``, without LePE). It equals exact attention when ``topk`` covers every
+block. Time O(N·topk·block·d + (N/block)²·d).
+
+At causal sites (1-D only) a query block routes among the blocks that do not start after it, and tokens
+keep the causal pattern. Prefix tokens of a vision site (CLS, registers) attend to every key and are
+attended to by every query.
+
+Example::
+
+    model = rewrite.optimize(model, {"_default": rewrite.BlockRouting(block=64, topk=3)}, example_kwargs=batch)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import sympy
+import torch
+
+from ..actions import Action, Decline, register_action, register_handler
+from ..cost import B, H, N, Nk, d
+from . import _util_a as U
+
+LAYOUTS = ("auto", "1d", "2d")
+
+
+@register_action
+@dataclasses.dataclass(frozen=True)
+class BlockRouting(Action):
+    """Route each block of queries to its ``topk`` most similar key blocks (own block included)."""
+
+    block: int = 64
+    topk: int = 3
+    layout: str = "auto"
+    exact = False
+
+    def __post_init__(self):
+        U.check_int(self, "block", self.block, 1, "Give the tokens per block (1-D) or per region (2-D), e.g. 64.")
+        U.check_int(self, "topk", self.topk, 1, "Give how many key blocks each query block keeps, e.g. topk=3.")
+        U.check_choice(self, "layout", self.layout, LAYOUTS)
+
+    def flops(self) -> sympy.Expr:
+        """Pooling, block-to-block routing scores and attention over ``topk`` blocks of keys (1-D blocks)."""
+        blocks = sympy.ceiling(Nk / self.block)
+        kept = sympy.Min(self.topk * self.block, Nk)
+        routing = B * H * (N + Nk) * d + 2 * B * H * sympy.ceiling(N / self.block) * blocks * d
+        return U.attention_flops(N, kept) + routing
+
+
+def region_order(gh: int, gw: int, block: int) -> list:
+    """Grid positions (row-major; -1 = padding) of square-ish regions of about ``block`` patches: ``nb`` lists
+    of the same length."""
+    side = max(1, math.isqrt(block))
+    nrh, nrw = -(-gh // side), -(-gw // side)
+    rh, rw = -(-gh // nrh), -(-gw // nrw)       # balanced region sides
+    nrh, nrw = -(-gh // rh), -(-gw // rw)
+    order = []
+    for a in range(nrh):
+        for b in range(nrw):
+            order.append([(r * gw + col) if r < gh and col < gw else -1
+                          for r in range(a * rh, (a + 1) * rh) for col in range(b * rw, (b + 1) * rw)])
+    return order
+
+
+def line_order(n: int, block: int) -> list:
+    """Consecutive blocks of ``block`` tokens (-1 pads the last one)."""
+    bs = min(block, n)
+    nb = -(-n // bs)
+    return [[i if i < n else -1 for i in range(b * bs, (b + 1) * bs)] for b in range(nb)]
+
+
+class BlockRoutingAttention(U.SDPAMixer):
+    """SDPA-signature block-routed attention.
+
+    ``grid=(gh, gw)`` with ``prefix_tokens`` selects 2-D regions; otherwise 1-D blocks of ``block`` tokens.
+    """
+
+    __name__ = "block_routing_attention"
+
+    def __init__(self, block: int = 64, topk: int = 3, grid: Optional[tuple] = None, prefix_tokens: int = 0,
+                 causal: bool = False):
+        super().__init__()
+        self.block, self.topk = int(block), int(topk)
+        self.grid = tuple(int(x) for x in grid) if grid else None
+        self.prefix_tokens, self.causal = int(prefix_tokens or 0), bool(causal)
+        self._layouts: dict = {}
+        if self.grid is not None and self.causal:
+            raise ValueError("2-D block routing has no causal form")
+
+    def _config(self) -> dict:
+        return {"block": self.block, "topk": self.topk, "grid": self.grid, "prefix_tokens": self.prefix_tokens,
+                "causal": self.causal}
+
+    def _layout(self, n: int) -> tuple:
+        """(order: ``nb`` lists of ``bs`` body positions, -1 = padding; prefix count; valid slot indices or
+        None when every slot is a token). Plain Python, so it also works while shapes are inferred."""
+        if n not in self._layouts:
+            if self.grid is None:
+                order, p = line_order(n, self.block), 0
+            else:
+                gh, gw = self.grid
+                if self.prefix_tokens + gh * gw != n:
+                    raise ValueError(f"BlockRoutingAttention: grid {self.grid} with {self.prefix_tokens} prefix "
+                                     f"tokens does not cover {n} tokens")
+                order, p = region_order(gh, gw, self.block), self.prefix_tokens
+            slots = [i for i, x in enumerate(x for row in order for x in row) if x >= 0]
+            self._layouts[n] = (order, p, None if len(slots) == len(order) * len(order[0]) else slots)
+        return self._layouts[n]
+
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        c = U.canon(q, k, v, attn_mask, scale)
+        bf, hkv, g, n, nk, dd, dv = c.dims
+        if n != nk:
+            raise ValueError(f"BlockRoutingAttention needs as many queries as keys (got {n} and {nk})")
+        causal = self.causal or bool(is_causal)
+        dev = c.q.device
+        order_list, p, slots = self._layout(n)
+        order = torch.tensor(order_list, dtype=torch.long, device=dev)
+        nb, bs = order.shape
+        valid = order >= 0                                                   # [nb, bs]
+        pos = torch.where(valid, order + p, torch.zeros_like(order))         # token index of each slot
+        flat = pos.reshape(-1)
+        qb = c.q.index_select(-2, flat).view(bf, hkv, g, nb, bs, dd)
+        kb = c.k.index_select(-2, flat).view(bf, hkv, nb, bs, dd)
+        vb = c.v.index_select(-2, flat).view(bf, hkv, nb, bs, dv)
+
+        # routing on mean-pooled blocks (padding slots excluded)
+        w = valid.to(c.q.dtype)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1)
+        qr = (qb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, G, nb, D]
+        kr = (kb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, nb, D]
+        aff = U.grouped_scores(qr, kr)                                         # [Bf, Hkv, G, nb, nb]
+        eye = torch.eye(nb, dtype=torch.bool, device=dev)
+        if causal:
+            later = torch.ones(nb, nb, dtype=torch.bool, device=dev).triu(1)
+            aff = aff.masked_fill(later, U.NEG_INF)
+        aff = aff.masked_fill(eye, float("inf"))
+        t = min(self.topk, nb)
+        idx = aff.topk(t, dim=-1).indices                                      # [Bf, Hkv, G, nb, t]
+
+        # gather the chosen key blocks per query block: [Bf, Hkv, G, nb, t*bs, D]
+        gi = idx.reshape(bf, hkv, g, nb * t, 1, 1)
+        kg = torch.gather(kb.unsqueeze(2).expand(bf, hkv, g, nb, bs, dd), 3,
+                          gi.expand(bf, hkv, g, nb * t, bs, dd)).view(bf, hkv, g, nb, t * bs, dd)
+        vg = torch.gather(vb.unsqueeze(2).expand(bf, hkv, g, nb, bs, dv), 3,
+                          gi.expand(bf, hkv, g, nb * t, bs, dv)).view(bf, hkv, g, nb, t * bs, dv)
+        scores = (qb @ kg.transpose(-1, -2)).mul_(c.scale)                     # [Bf, Hkv, G, nb, bs, t*bs]
+
+        kpos = pos[idx].reshape(bf, hkv, g, nb, 1, t * bs)
+        kvalid = valid[idx].reshape(bf, hkv, g, nb, 1, t * bs)
+        qpos = pos.view(nb, bs, 1)
+        keep = kvalid & (kpos <= qpos) if causal else kvalid
+        scores = scores.masked_fill(~keep, U.NEG_INF)
+        if c.bias is not None:
+            scores = scores + U.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), kpos)
+
+        parts = [scores]
+        if p:
+            pre = U.grouped_scores(qb.reshape(bf, hkv, g, nb * bs, dd), c.k[..., :p, :]).mul_(c.scale)
+            pre = pre.view(bf, hkv, g, nb, bs, p)
+            if c.bias is not None:
+                cols = torch.arange(p, device=dev).view(1, 1, 1, 1, 1, p)
+                pre = pre + U.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), cols)
+            parts.append(pre)
+        probs = U.dropout(U.safe_softmax(torch.cat(parts, -1) if p else scores), dropout_p)
+        out_b = probs[..., :t * bs] @ vg                                       # [Bf, Hkv, G, nb, bs, Dv]
+        if p:
+            out_b = out_b + U.grouped_values(probs[..., t * bs:].reshape(bf, hkv, g, nb * bs, p),
+                                             c.v[..., :p, :]).view(bf, hkv, g, nb, bs, dv)
+
+        # body slots back to token order; prefix queries attend to everything
+        body = out_b.reshape(bf, hkv, g, nb * bs, dv)
+        dest = flat
+        if slots is not None:
+            keep_slots = torch.tensor(slots, dtype=torch.long, device=dev)
+            body, dest = body.index_select(-2, keep_slots), flat.index_select(0, keep_slots)
+        out = body.new_zeros(bf, hkv, g, n, dv).index_copy(-2, dest, body)
+        if p:
+            pre = U.Canon(c.q[..., :p, :], c.k, c.v, U.bias_rows(c.bias, slice(0, p)), c.scale, (), c.out_dtype,
+                          c.mask_floor)
+            out = torch.cat([U.sdpa_rows(pre, c.k, c.v, pre.bias, dropout_p=dropout_p), out[..., p:, :]], dim=-2)
+        return c.finish(out)
+
+
+@register_handler(BlockRouting)
+def block_routing_handler(action: BlockRouting, call, site):
+    if U.is_cross(site):
+        nq, nk = U.site_lengths(site)
+        return Decline(f"block routing needs as many queries as keys; this site has Nq={nq}, Nk={nk} "
+                       "(cross-attention or KV-cache decoding)")
+    grid = U.site_grid(site)
+    causal = U.site_causal(call, site)
+    layout = action.layout
+    if layout == "2d" and grid is None:
+        return Decline("BlockRouting(layout='2d') needs the site's vision grid (site.grid) and it is unknown here; "
+                       "use layout='1d' or 'auto'")
+    if layout == "auto":
+        layout = "2d" if grid is not None and not causal else "1d"
+    if layout == "2d":
+        if causal:
+            return Decline("2-D region routing has no causal form; use BlockRouting(layout='1d') at causal sites")
+        (gh, gw), prefix = grid
+        nq, _ = U.site_lengths(site)
+        if nq is not None and nq != prefix + gh * gw:
+            return Decline(f"the site's grid {gh}x{gw} with {prefix} prefix tokens does not match its {nq} tokens")
+        return BlockRoutingAttention(action.block, action.topk, (gh, gw), prefix)
+    return BlockRoutingAttention(action.block, action.topk, None, 0, causal=causal)

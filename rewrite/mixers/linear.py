@@ -1,0 +1,155 @@
+"""Kernelised (linear) attention: ``o_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j)``.
+
+Feature maps φ:
+
+* ``"elu"``   — ``elu(x) + 1`` (Katharopoulos et al., "Transformers are RNNs"); m = d features;
+* ``"relu"``  — ``relu(x)`` (ScatterFormer's scattered linear attention); m = d features;
+* ``"favor"`` — Performer FAVOR+ positive orthogonal random features, ``φ(x)_r = exp(ω_r·x - |x|²/2)/√m``,
+  an unbiased estimator of ``exp(q·k)`` (``features`` = m random features, fixed by ``seed``).
+
+q and k are multiplied by ``√scale`` before φ, so the kernel sees the same logits softmax would.
+
+Cost O(N·m·dv): bidirectionally one ``m × dv`` state; causally prefix sums computed in chunks of 64
+(exact inside a chunk, a running state across chunks), which equals the quadratic masked form
+``((φ(Q)φ(K)ᵀ) ⊙ tril) V`` (tested). KV-cache decoding (Nq < Nk, bottom-right causal mask or a key mask)
+and cross-attention are supported: the cached keys form the starting state.
+
+Masks: a padding mask (a bias per key, also when Hugging Face expands it to ``[B, 1, Nq, Nk]``) multiplies
+each key's features by ``exp(bias)`` (0 for masked keys), which is exact for the kernel; a causal mask, with
+or without padding, uses the causal form. Any other mask falls back to the dense O(Nq·Nk) form of the same
+kernel (counted in ``dense_calls``, warned once). Sites with learned or ALiBi score biases are declined.
+
+Training-free use is lossy (elu/relu are not softmax; FAVOR+ is noisy with few features); the error is
+measured by the pipeline on the example inputs. Dropout is not applied (these mixers are for inference).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import cost
+from ..actions import Action, RewriteError, register_action, register_handler
+from . import _util_b as U
+
+FEATURES = ("elu", "relu", "favor")
+
+
+@register_action
+@dataclasses.dataclass(frozen=True)
+class Linear(Action):
+    """Linear attention with feature map ``feature`` (``"elu"``, ``"relu"`` or ``"favor"``).
+
+    ``features`` is the number of FAVOR+ random features (elu/relu use the head dimension and ignore it);
+    ``seed`` fixes the random features.
+    """
+
+    feature: str = "elu"
+    features: int = 64
+    seed: int = 0
+    exact = False
+
+    def __post_init__(self):
+        if self.feature not in FEATURES:
+            raise RewriteError(f"Linear(feature={self.feature!r}) is not a known feature map; use one of "
+                               f"{', '.join(repr(f) for f in FEATURES)}.")
+        if isinstance(self.features, bool) or not isinstance(self.features, int) or self.features < 1:
+            raise RewriteError(f"Linear(features={self.features!r}) must be a positive integer "
+                               "(the number of FAVOR+ random features, e.g. 64).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise RewriteError(f"Linear(seed={self.seed!r}) must be an integer.")
+
+    def flops(self, causal: bool = False) -> sympy.Expr:
+        """Attention-core FLOPs: feature maps, key state, query readout (+ in-chunk products when causal)."""
+        B, H, N, Nk, d, dv = (cost.SYMBOLS[s] for s in ("B", "H", "N", "Nk", "d", "dv"))
+        if self.feature == "favor":
+            m = self.features
+            fmap = (N + Nk) * (2 * d * m + 2 * d + 3 * m)      # projection, |x|², exp and shift
+        else:
+            m = d
+            fmap = (N + Nk) * 3 * d                             # scale, elu/relu, +1
+        state = 2 * Nk * m * (dv + 1)                           # Σ φ(k) [v, 1]ᵀ
+        readout = 2 * N * m * (dv + 1) + N * dv                 # φ(q) · state, divide
+        expr = fmap + state + readout
+        if causal:
+            c = sympy.Min(U.CHUNK, N)
+            expr += 2 * N * c * m + 2 * N * c * (dv + 1)        # exact products inside each chunk
+        return sympy.expand(B * H * expr)
+
+
+class LinearAttention(nn.Module, U.WarnOnce):
+    """Linear attention with SDPA's call signature (see the module docstring)."""
+
+    def __init__(self, feature: str = "elu", features: int = 64, head_dim: Optional[int] = None, seed: int = 0,
+                 chunk: int = U.CHUNK):
+        super().__init__()
+        self.__name__ = f"linear_attention_{feature}"
+        self.feature, self.features, self.seed, self.chunk = feature, features, seed, chunk
+        proj = U.orthogonal_gaussian(features, head_dim, seed) if feature == "favor" and head_dim else torch.empty(0)
+        self.register_buffer("projection", proj, persistent=True)
+        self.dense_calls = 0
+
+    def _proj(self, d: int, device) -> torch.Tensor:
+        if self.projection.numel() == 0 or self.projection.shape[1] != d:
+            self.projection = U.orthogonal_gaussian(self.features, d, self.seed).to(device)
+        elif self.projection.device != device:      # the mixer need not move with the model: follow the inputs
+            self.projection = self.projection.to(device)
+        return self.projection
+
+    def feature_maps(self, q: torch.Tensor, k: torch.Tensor, key_bias: Optional[torch.Tensor]):
+        """``(φ(q), φ(k) · exp(key bias))`` for already scaled q, k (key bias None: no weighting)."""
+        if self.feature == "favor":
+            proj = self._proj(q.shape[-1], q.device)
+            fq, _ = U.favor_query(q, proj)
+            fk, _ = U.favor_key(k, proj, key_bias)
+            return fq, fk
+        if self.feature == "elu":
+            fq, fk = F.elu(q) + 1.0, F.elu(k) + 1.0
+        else:
+            fq, fk = F.relu(q), F.relu(k)
+        w = U.key_weights(key_bias)
+        return fq, (fk if w is None else fk * w)
+
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if U.is_fake(q, k, v, attn_mask):
+            return U.fake_output(q, v)
+        return self._run(q, k, v, attn_mask, is_causal, scale, dense=False)
+
+    def dense(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        """The quadratic reference: the same kernel with an explicit ``[Nq, Nk]`` weight matrix."""
+        return self._run(q, k, v, attn_mask, is_causal, scale, dense=True)
+
+    def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
+        dtype = q.dtype
+        q, k, v, s = U.prepare(q, k, v, scale)
+        nq, nk = q.shape[-2], k.shape[-2]
+        plan = U.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
+        r = s ** 0.5
+        q, k = q * r, k * r
+        v1 = U.with_ones(v)
+        fast = not dense and (plan.kind in ("none", "keys") or (plan.kind == "causal" and plan.offset >= 0))
+        if fast:
+            fq, fk = self.feature_maps(q, k, plan.key_bias)
+            if plan.kind == "causal":
+                num = U.linear_causal(fq, fk, v1, plan.offset, self.chunk)
+            else:
+                num = U.linear_bidirectional(fq, fk, v1)
+        else:
+            if not dense:
+                self._dense_note("the attention mask is neither a padding nor a causal mask")
+            fq, fk = self.feature_maps(q, k, None)
+            weights = U.row_weights(plan.dense_bias(q.device, q.dtype)) if plan.kind != "none" else None
+            num = U.linear_dense(fq, fk, v1, weights)
+        return U.normalise(num).to(dtype)
+
+
+@register_handler(Linear)
+def linear_handler(action: Linear, call, site):
+    bad = U.decline_bias("Linear", site)
+    if bad:
+        return bad
+    return LinearAttention(action.feature, action.features, U.head_dim(call, site), action.seed)

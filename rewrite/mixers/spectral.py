@@ -1,0 +1,197 @@
+"""Spectral token mixing (FNet / SVT / DSM family): a low-pass filter over the tokens of ``v``.
+
+The values are transformed along the token axis, every frequency at or above ``keep`` is zeroed, and the
+result is transformed back; queries and keys are not used.
+
+* ``kind="fft"``: the real DFT (``rfft``); bins ``0 .. keep-1`` are kept (for the full DFT: frequencies
+  ``min(f, N - f) < keep``). ``keep >= N // 2 + 1`` keeps everything (the identity).
+* ``kind="dct"``: the orthonormal DCT-II; coefficients ``0 .. keep-1`` are kept (the DCT has no wrap-around,
+  so the sequence ends are not mixed). Computed through an ``rfft`` of the even extension ``[x, flip(x)]``,
+  whose low-pass equals the truncated DCT.
+
+Both cost O(N log N) per channel. 1-D for text; 2-D (``rfft2`` / separable DCT over the site's ``grid``)
+for vision where the grid is known, with the site's prefix tokens (CLS) given the global mean (the DC term).
+
+**Training needed.** FNet, SVT and DSM learn their spectral filters and train the whole model; swapped into
+a pretrained model this mixer discards the attention pattern and the error (measured and reported by the
+pipeline) is large.
+
+It mixes the whole sequence at once, so it has no causal form: causal sites are declined, and a causal mask
+found at run time raises a :class:`~rewrite.actions.RewriteError`. Padding masks are honoured when each
+sequence's unpadded tokens are contiguous (right or left padding): the transform runs over exactly those
+tokens (per distinct length), and padded positions get the mean of the valid values. Cross-attention and
+KV-cache decoding (Nq != Nk) and sites with score biases are declined.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import sympy
+import torch
+from torch import nn
+
+from .. import cost
+from ..actions import Action, Decline, RewriteError, register_action, register_handler
+from . import _util_b as U
+
+KINDS = ("fft", "dct")
+
+
+@register_action
+@dataclasses.dataclass(frozen=True)
+class Spectral(Action):
+    """Low-pass token mixing: keep the lowest ``keep`` frequencies of ``v`` (``kind="fft"`` or ``"dct"``).
+
+    ``dims``: ``None`` (2-D where the site's image grid is known, else 1-D), ``1`` or ``2``.
+    Training needed: the error of a training-free swap is large (measured and reported).
+    """
+
+    kind: str = "fft"
+    keep: int = 16
+    dims: Optional[int] = None
+    exact = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise RewriteError(f"Spectral(kind={self.kind!r}) is not known; use 'fft' or 'dct'.")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
+            raise RewriteError(f"Spectral(keep={self.keep!r}) must be a positive integer: the number of lowest "
+                               "frequencies kept, e.g. Spectral(keep=16).")
+        if self.dims not in (None, 1, 2):
+            raise RewriteError(f"Spectral(dims={self.dims!r}) must be None (2-D where the site's grid is known), "
+                               "1 or 2.")
+
+    def flops(self, causal: bool = False) -> sympy.Expr:
+        """A forward and an inverse real FFT per value channel (~2.5·L·log2 L each) plus the zeroing."""
+        B, H, N, dv = (cost.SYMBOLS[s] for s in ("B", "H", "N", "dv"))
+        length = N if self.kind == "fft" else 2 * N                        # the DCT transforms the even extension
+        expr = dv * (5 * length * sympy.log(length, 2) + length)
+        return B * H * expr
+
+
+def lowpass_fft(x: torch.Tensor, keep: int, dim: int = -2) -> torch.Tensor:
+    n = x.shape[dim]
+    spec = torch.fft.rfft(x, dim=dim)
+    if keep < spec.shape[dim]:
+        spec = spec.narrow(dim, 0, keep)                                    # irfft zero-fills the rest
+    return torch.fft.irfft(spec, n=n, dim=dim)
+
+
+def lowpass_dct(x: torch.Tensor, keep: int, dim: int = -2) -> torch.Tensor:
+    n = x.shape[dim]
+    ext = torch.cat([x, x.flip(dim)], dim=dim)                              # half-sample symmetric extension
+    spec = torch.fft.rfft(ext, dim=dim)
+    if keep < spec.shape[dim]:
+        spec = spec.narrow(dim, 0, keep)
+    return torch.fft.irfft(spec, n=2 * n, dim=dim).narrow(dim, 0, n)
+
+
+def lowpass_fft2(img: torch.Tensor, keep: int) -> torch.Tensor:
+    """``img`` ``[..., H, W]``: keep ``min(f_h, H - f_h) < keep`` and ``f_w < keep``."""
+    h, w = img.shape[-2:]
+    spec = torch.fft.rfft2(img)
+    fh = torch.arange(h, device=img.device)
+    keep_h = torch.minimum(fh, h - fh) < keep
+    keep_w = torch.arange(spec.shape[-1], device=img.device) < keep
+    spec = spec * (keep_h[:, None] & keep_w[None, :])
+    return torch.fft.irfft2(spec, s=(h, w))
+
+
+class SpectralMixer(nn.Module):
+    """Spectral low-pass mixer with SDPA's call signature (see the module docstring). ``grid`` None: 1-D."""
+
+    def __init__(self, kind: str = "fft", keep: int = 16, grid: Optional[tuple] = None, prefix_tokens: int = 0):
+        super().__init__()
+        self.__name__ = f"spectral_{kind}"
+        self.kind, self.keep, self.grid, self.prefix = kind, keep, (tuple(grid) if grid else None), prefix_tokens
+
+    def lowpass(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        return (lowpass_fft if self.kind == "fft" else lowpass_dct)(x, self.keep, dim)
+
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if U.is_fake(q, k, v, attn_mask):
+            return U.fake_output(q, v)
+        dtype = q.dtype
+        q, k, v, _ = U.prepare(q, k, v, scale)
+        nq, nk = q.shape[-2], k.shape[-2]
+        if nq != nk:
+            raise RewriteError(f"Spectral mixes one sequence; Nq={nq} != Nk={nk} (cross-attention or KV-cache "
+                               "decoding) is not supported. Keep this site Exact.")
+        plan = U.plan_mask(attn_mask, is_causal, nq, nk, v.dtype)
+        if plan.kind not in ("none", "keys"):
+            raise RewriteError("Spectral has no causal form and cannot honour a mask that is not a padding mask "
+                               f"(found a {plan.kind} mask at run time); keep this site Exact.")
+        lead = torch.broadcast_shapes(q.shape[:-2], v.shape[:-2])
+        v = v.expand(*lead, nk, v.shape[-1])
+        valid = plan.key_valid()
+        if valid is not None:
+            valid = valid[..., 0, :].expand(*lead, nk)
+            if bool(valid.all()):
+                valid = None
+        if self.grid is not None:
+            out = self._mix2d(v, valid)
+        elif valid is None:
+            out = self.lowpass(v)
+        else:
+            out = self._mix_segments(v, valid)
+        return out.to(dtype)
+
+    def _mix_segments(self, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per row, transform only its contiguous run of valid tokens; padded positions get their mean."""
+        n, dv = v.shape[-2:]
+        flat_v, flat_ok = v.reshape(-1, n, dv), valid.reshape(-1, n)
+        count = flat_ok.sum(-1)
+        first = torch.where(count > 0, flat_ok.to(torch.int64).argmax(-1), torch.zeros_like(count))
+        last = torch.where(count > 0, n - 1 - flat_ok.flip(-1).to(torch.int64).argmax(-1), first - 1)
+        if bool(((last - first + 1) != count).any()):
+            raise RewriteError("Spectral honours padding masks only when each sequence's valid tokens are "
+                               "contiguous; this mask has gaps. Keep this site Exact.")
+        okf = flat_ok.unsqueeze(-1).to(v.dtype)
+        mean = (flat_v * okf).sum(-2, keepdim=True) / count.clamp_min(1)[:, None, None].to(v.dtype)
+        out = mean.expand_as(flat_v).clone()
+        segments = torch.stack([first, count], -1)
+        for start, length in torch.unique(segments, dim=0).tolist():
+            if length == 0:
+                continue
+            rows = ((first == start) & (count == length)).nonzero().squeeze(-1)
+            out[rows, start:start + length] = self.lowpass(flat_v[rows, start:start + length])
+        return out.reshape(v.shape)
+
+    def _mix2d(self, v: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        gh, gw = self.grid
+        p = self.prefix
+        n, dv = v.shape[-2:]
+        if n != p + gh * gw:
+            raise RewriteError(f"Spectral 2-D: {n} tokens do not match the grid {gh}x{gw} with {p} prefix token(s).")
+        if valid is not None:
+            raise RewriteError("Spectral 2-D cannot honour a padding mask over image patches; keep this site Exact.")
+        flat = v.reshape(-1, n, dv)
+        img = flat[:, p:, :].transpose(1, 2).reshape(-1, dv, gh, gw)
+        if self.kind == "fft":
+            mixed = lowpass_fft2(img, self.keep)
+        else:
+            mixed = lowpass_dct(lowpass_dct(img, self.keep, dim=-2), self.keep, dim=-1)
+        parts = []
+        if p:
+            parts.append(flat.mean(1, keepdim=True).expand(-1, p, dv))
+        parts.append(mixed.reshape(-1, dv, gh * gw).transpose(1, 2))
+        return torch.cat(parts, 1).reshape(v.shape)
+
+
+@register_handler(Spectral)
+def spectral_handler(action: Spectral, call, site):
+    bad = U.decline_bias("Spectral", site)
+    if bad:
+        return bad
+    if U.site_causal(call, site):
+        return Decline("Spectral mixing is global over the sequence and has no causal form")
+    if U.lengths_differ(call, site):
+        return Decline("Spectral mixes the values of one sequence; cross-attention and KV-cache decoding "
+                       "(Nq != Nk) are not supported")
+    bad, grid, prefix = U.check_grid("Spectral", call, site, action.dims)
+    if bad:
+        return bad
+    if grid is not None and "none" not in U.mask_kinds(site):
+        return Decline("Spectral 2-D cannot honour a padding mask over image patches")
+    return SpectralMixer(action.kind, action.keep, grid, prefix)

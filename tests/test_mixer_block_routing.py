@@ -1,0 +1,157 @@
+"""BlockRouting: mean-pooled block routing (1-D blocks, 2-D grid regions), exact when topk covers all blocks."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_mixer_a_common import (assert_close, assert_decreasing, attention_case, bert_end_to_end, build,  # noqa: E402
+                                 local_qkv, reference, rel_err, run_case)
+
+import rewrite  # noqa: E402
+from rewrite import cost  # noqa: E402
+from rewrite.actions import Decline  # noqa: E402
+from rewrite.mixers.block_routing import BlockRoutingAttention, line_order, region_order  # noqa: E402
+
+
+def routing_reference_allow(q, k, order, prefix, topk, causal):
+    """Bool ``[B, H, N, N]`` pattern built token by token from the same routing rule (loops, no gathers)."""
+    b, h, n, _ = q.shape
+    g = h // k.shape[-3]
+    kk = k.repeat_interleave(g, -3)
+    block_of = torch.full((n,), -1)
+    for bi, row in enumerate(order):
+        for x in row:
+            if x >= 0:
+                block_of[x + prefix] = bi
+    nb = len(order)
+    members = [(block_of == c).nonzero().squeeze(-1) for c in range(nb)]
+    kr = torch.stack([kk[:, :, m].mean(2) for m in members], 2)               # [B, H, nb, D]
+    allow = torch.zeros(b, h, n, n, dtype=torch.bool)
+    for c in range(nb):
+        aff = (q[:, :, members[c]].mean(2).unsqueeze(2) * kr).sum(-1)           # [B, H, nb]
+        if causal:
+            aff[..., c + 1:] = float("-inf")
+        aff[..., c] = float("inf")
+        chosen = aff.topk(min(topk, nb), -1).indices
+        for bb in range(b):
+            for hh in range(h):
+                for sel in chosen[bb, hh].tolist():
+                    allow[bb, hh][members[c][:, None], members[sel][None, :]] = True
+    if prefix:
+        allow[..., :prefix, :] = True
+        allow[..., :, :prefix] = True
+    return allow
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=attention_case(), block=st.integers(1, 12), extra=st.integers(0, 2))
+def test_exact_when_topk_covers_all_blocks(case, block, extra):
+    n = case["q"].shape[-2]
+    module = BlockRoutingAttention(block, -(-n // block) + extra, causal=case["causal"])
+    assert_close(run_case(module, case), reference(case["q"], case["k"], case["v"], case["mask"], case["causal"]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=attention_case(max_len=30), block=st.integers(1, 9), topk=st.integers(1, 4))
+def test_1d_matches_token_level_reference(case, block, topk):
+    n = case["q"].shape[-2]
+    module = BlockRoutingAttention(block, topk, causal=case["causal"])
+    allow = routing_reference_allow(case["q"], case["k"], line_order(n, block), 0, topk, case["causal"])
+    ref = reference(case["q"], case["k"], case["v"], case["mask"], case["causal"], allow=allow)
+    assert_close(run_case(module, case), ref)
+
+
+@settings(max_examples=15, deadline=None)
+@given(gh=st.integers(1, 7), gw=st.integers(1, 7), prefix=st.integers(0, 2), block=st.sampled_from([1, 4, 9, 16]),
+       topk=st.integers(1, 5), kind=st.sampled_from(["none", "bool_pad", "additive_full"]), seed=st.integers(0, 999))
+def test_2d_regions_match_token_level_reference(gh, gw, prefix, block, topk, kind, seed):
+    n = prefix + gh * gw
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, n, 8, generator=gen)
+    k, v = torch.randn(2, 2, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
+    mask = None
+    if kind == "bool_pad":
+        mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+        mask[0, ..., n // 2 + 1:] = False
+    elif kind == "additive_full":
+        mask = torch.randn(2, 4, n, n, generator=gen)
+    module = BlockRoutingAttention(block, topk, grid=(gh, gw), prefix_tokens=prefix)
+    allow = routing_reference_allow(q, k, region_order(gh, gw, block), prefix, topk, False)
+    assert_close(module(q, k, v, attn_mask=mask), reference(q, k, v, mask, allow=allow))
+    nb = len(region_order(gh, gw, block))
+    full = BlockRoutingAttention(block, nb, grid=(gh, gw), prefix_tokens=prefix)
+    assert_close(full(q, k, v, attn_mask=mask), reference(q, k, v, mask))
+
+
+def test_regions_are_square_and_cover_the_grid():
+    order = region_order(14, 14, 64)       # 14x14 ViT grid, ~8x8 regions -> 2x2 regions of 7x7
+    assert len(order) == 4 and all(len(r) == 49 for r in order)
+    assert sorted(x for r in order for x in r) == list(range(196))
+    order = region_order(5, 7, 4)
+    flat = [x for r in order for x in r if x >= 0]
+    assert sorted(flat) == list(range(35))
+    assert [x for x in line_order(10, 4)[-1]] == [8, 9, -1, -1]
+
+
+def test_handler_layouts_and_declines():
+    assert isinstance(build(rewrite.BlockRouting(layout="2d"), nq=16), Decline)                 # no grid known
+    assert isinstance(build(rewrite.BlockRouting(), nq=1, nk=32, causal=True, mask="causal"), Decline)
+    assert isinstance(build(rewrite.BlockRouting(), nq=16, nk=40), Decline)                     # cross
+    assert isinstance(build(rewrite.BlockRouting(layout="2d"), nq=17, grid=(4, 4), prefix=1, causal=True,
+                            mask="causal"), Decline)                                            # no causal 2-D
+    assert isinstance(build(rewrite.BlockRouting(layout="2d"), nq=20, grid=(4, 4), prefix=1), Decline)  # mismatch
+    m = build(rewrite.BlockRouting(block=4), nq=17, grid=(4, 4), prefix=1)
+    assert m.grid == (4, 4) and m.prefix_tokens == 1                                           # auto -> 2-D
+    m = build(rewrite.BlockRouting(block=4, layout="1d"), nq=17, grid=(4, 4), prefix=1)
+    assert m.grid is None
+    m = build(rewrite.BlockRouting(block=4), nq=32, causal=True, mask="causal")
+    assert m.grid is None and m.causal
+
+
+def test_flops_fall_with_topk():
+    ev = lambda a: cost.evaluate(a.flops(), B=1, H=1, N=4096, Nk=4096, d=64, dv=64)  # noqa: E731
+    exact = cost.evaluate(cost.exact_flops(), B=1, H=1, N=4096, Nk=4096, d=64, dv=64)
+    f = [ev(rewrite.BlockRouting(block=64, topk=t)) for t in (1, 3, 16, 64)]
+    assert f == sorted(f) and f[0] < 0.05 * exact and abs(f[-1] / exact - 1) < 0.05
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_error_falls_as_topk_grows(causal):
+    n = 128
+    q, k, v = local_qkv(n)
+    exact = reference(q, k, v, causal=causal)
+    errors = [rel_err(BlockRoutingAttention(16, t, causal=causal)(q, k, v, is_causal=causal), exact)
+              for t in (1, 2, 4, 8)]
+    assert_decreasing(errors)
+    assert errors[-1] < 1e-5
+
+
+def test_error_falls_as_topk_grows_2d():
+    gh = gw = 12
+    n = 1 + gh * gw
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    coords = torch.stack([yy.flatten(), xx.flatten()], -1).float()
+    feat = torch.cat([torch.zeros(1, 16), torch.cat([torch.cos(coords[:, :1] * torch.linspace(0.1, 1.0, 4)),
+                                                     torch.sin(coords[:, :1] * torch.linspace(0.1, 1.0, 4)),
+                                                     torch.cos(coords[:, 1:] * torch.linspace(0.1, 1.0, 4)),
+                                                     torch.sin(coords[:, 1:] * torch.linspace(0.1, 1.0, 4))], -1)])
+    q = 2 * feat + 0.2 * torch.randn(1, 2, n, 16, generator=gen)
+    k = 2 * feat + 0.2 * torch.randn(1, 2, n, 16, generator=gen)
+    v = torch.randn(1, 2, n, 16, generator=gen)
+    exact = reference(q, k, v)
+    errors = [rel_err(BlockRoutingAttention(16, t, grid=(gh, gw), prefix_tokens=1)(q, k, v), exact)
+              for t in (1, 2, 4, 9)]
+    assert_decreasing(errors)
+    assert errors[-1] < 1e-5
+
+
+@pytest.mark.parametrize("topk, exact", [(1, False), (4, True)])
+def test_bert_end_to_end(topk, exact):
+    bert_end_to_end(rewrite.BlockRouting(block=4, topk=topk), exact_expected=exact)

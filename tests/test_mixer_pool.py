@@ -1,0 +1,200 @@
+"""Pool: against a direct loop reference (1-D centred/causal, 2-D grid with prefix tokens), masks, handler,
+pipeline (training-needed: the error is reported, never hidden)."""
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rewrite
+from rewrite.actions import Decline, RewriteError
+from rewrite.mixers.pool import PoolMixer, pool_handler
+from rewrite.passes.lower import SiteCall
+from rewrite.sites import AttentionSite
+
+MIN = torch.finfo(torch.float32).min
+
+
+def make_call(q_shape, k_shape, is_causal=False):
+    g = fx.Graph()
+    nodes = []
+    for name, shp in (("q", q_shape), ("k", k_shape), ("v", k_shape)):
+        n = g.placeholder(name)
+        n.meta["val"] = torch.empty(shp)
+        nodes.append(n)
+    return SiteCall(q=nodes[0], k=nodes[1], v=nodes[2], is_causal=is_causal)
+
+
+def make_site(q_shape=(2, 4, 16, 16), k_shape=None, mask="none", is_causal=False, **kw):
+    k_shape = k_shape or q_shape
+    return AttentionSite(name="layer", q_shape=q_shape, k_shape=k_shape, v_shape=k_shape, heads=q_shape[1],
+                         kv_heads=k_shape[1], head_dim=q_shape[-1], mask=mask, is_causal=is_causal,
+                         cross=q_shape[-2] != k_shape[-2], **kw)
+
+
+def reduce(vals, kind):
+    return vals.mean(0) if kind == "avg" else vals.amax(0)
+
+
+def reference_1d(v, valid, size, kind, causal, offset=0, nq=None):
+    """Loops: token i (at key position i + offset) pools the valid values in its window."""
+    b, h, nk, dv = v.shape
+    nq = nk if nq is None else nq
+    out = torch.zeros(b, h, nq, dv)
+    for bi in range(b):
+        for i in range(nq):
+            p = i + offset
+            js = range(p - size + 1, p + 1) if causal else range(p - size // 2, p + size // 2 + 1)
+            js = [j for j in js if 0 <= j < nk and valid[bi, j]]
+            if js:
+                out[bi, :, i] = reduce(v[bi, :, js].transpose(0, 1), kind)
+    return out
+
+
+def reference_2d(v, valid, size, kind, grid, prefix):
+    b, h, n, dv = v.shape
+    gh, gw = grid
+    out = torch.zeros_like(v)
+    r = size // 2
+    for bi in range(b):
+        ok = [j for j in range(n) if valid[bi, j]]
+        for t in range(prefix):
+            out[bi, :, t] = reduce(v[bi, :, ok].transpose(0, 1), kind)
+        for y in range(gh):
+            for x in range(gw):
+                js = [prefix + yy * gw + xx for yy in range(y - r, y + r + 1) for xx in range(x - r, x + r + 1)
+                      if 0 <= yy < gh and 0 <= xx < gw and valid[bi, prefix + yy * gw + xx]]
+                if js:
+                    out[bi, :, prefix + y * gw + x] = reduce(v[bi, :, js].transpose(0, 1), kind)
+    return out
+
+
+def key_mask(valid, nq, causal=False, offset=0, expanded=True, kind="additive"):
+    b, nk = valid.shape
+    allowed = valid[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + offset)
+    elif expanded:
+        allowed = allowed.expand(b, 1, nq, nk)
+    return allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, MIN)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 20), st.sampled_from([1, 3, 5]),
+       st.sampled_from(["avg", "max"]), st.booleans(), st.integers(0, 3), st.sampled_from(["keys", "expanded", "bool"]))
+def test_1d_against_direct_reference(b, heads, n, size, kind, causal, pad, mask_kind):
+    hq, hkv = heads
+    torch.manual_seed(n + size)
+    q, k, v = torch.randn(b, hq, n, 4), torch.randn(b, hkv, n, 4), torch.randn(b, hkv, n, 3)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[-1, n - min(pad, n - 1):] = False
+    mask = key_mask(valid, n, causal, expanded=mask_kind != "keys", kind="bool" if mask_kind == "bool" else "additive")
+    out = PoolMixer(kind, size)(q, k, v, attn_mask=mask, enable_gqa=True)
+    ref = reference_1d(v.repeat_interleave(hq // hkv, 1), valid, size, kind, causal)
+    torch.testing.assert_close(out, ref)
+
+
+def test_1d_kv_decoding_uses_the_causal_window():
+    torch.manual_seed(0)
+    n, new = 12, 3
+    v = torch.randn(2, 2, n, 4)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    mask = key_mask(valid, new, causal=True, offset=n - new)
+    out = PoolMixer("avg", 3)(torch.randn(2, 2, new, 4), torch.randn(2, 2, n, 4), v, attn_mask=mask)
+    torch.testing.assert_close(out, reference_1d(v, valid, 3, "avg", True, offset=n - new, nq=new))
+
+
+def test_1d_general_mask_applies_inside_the_window():
+    torch.manual_seed(0)
+    v = torch.randn(1, 1, 8, 2)
+    allowed = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 == 0        # a checkerboard
+    out = PoolMixer("avg", 3)(torch.randn(1, 1, 8, 2), torch.randn(1, 1, 8, 2), v, attn_mask=allowed)
+    for i in range(8):
+        js = [j for j in range(i - 1, i + 2) if 0 <= j < 8 and allowed[i, j]]
+        torch.testing.assert_close(out[0, 0, i], v[0, 0, js].mean(0))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5), st.integers(0, 2), st.sampled_from([1, 3, 5]),
+       st.sampled_from(["avg", "max"]), st.booleans())
+def test_2d_against_direct_reference(b, gh, gw, prefix, size, kind, padded):
+    n = prefix + gh * gw
+    torch.manual_seed(n + size)
+    q, v = torch.randn(b, 2, n, 4), torch.randn(b, 2, n, 3)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    if padded and n > 1:
+        valid[-1, -1] = False
+    mask = key_mask(valid, n) if padded else None
+    out = PoolMixer(kind, size, (gh, gw), prefix)(q, q, v, attn_mask=mask)
+    torch.testing.assert_close(out, reference_2d(v, valid, size, kind, (gh, gw), prefix))
+
+
+def test_2d_refuses_causal_masks_and_wrong_token_counts():
+    v = torch.randn(1, 1, 10, 2)
+    mod = PoolMixer("avg", 3, (3, 3), 1)
+    with pytest.raises(RewriteError, match="causal"):
+        mod(v, v, v, is_causal=True)
+    with pytest.raises(RewriteError, match="grid"):
+        mod(v[..., :9, :], v[..., :9, :], v[..., :9, :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", [None, (3, 4)])
+def test_output_shape_and_dtype_match_sdpa(dtype, grid):
+    q, k, v = (torch.randn(2, 4, 12, 16, dtype=dtype), torch.randn(2, 2, 12, 16, dtype=dtype),
+               torch.randn(2, 2, 12, 8, dtype=dtype))
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    for kind in ("avg", "max"):
+        out = PoolMixer(kind, 3, grid)(q, k, v, enable_gqa=True)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+
+
+def test_json_validation_flops_and_docs():
+    import sympy
+    from rewrite import cost
+    from rewrite.mixers import pool
+    for act in (rewrite.Pool(), rewrite.Pool(kind="max", size=5, dims=2)):
+        assert rewrite.action_from_json(act.to_json()) == act
+    assert rewrite.Pool().kind == "avg" and rewrite.Pool.exact is False
+    for bad, word in (({"kind": "min"}, "'min'"), ({"size": 4}, "4"), ({"size": 0}, "0"), ({"dims": 3}, "3")):
+        with pytest.raises(RewriteError, match=word):
+            rewrite.Pool(**bad)
+    assert "raining needed" in pool.__doc__ and "raining needed" in rewrite.Pool.__doc__
+    f = rewrite.Pool().flops()
+    assert isinstance(f, sympy.Expr) and f.free_symbols <= set(cost.SYMBOLS.values())
+
+
+def test_handler():
+    act = rewrite.Pool()
+    call, site = make_call((2, 4, 8, 16), (2, 4, 8, 16), True), make_site(mask="causal", is_causal=True)
+    mod = pool_handler(act, call, site)
+    assert isinstance(mod, PoolMixer) and mod.grid is None
+    grid_site = make_site((2, 4, 10, 16), grid=(3, 3), prefix_tokens=1)
+    mod = pool_handler(act, make_call((2, 4, 10, 16), (2, 4, 10, 16)), grid_site)
+    assert isinstance(mod, PoolMixer) and mod.grid == (3, 3) and mod.prefix == 1
+    assert pool_handler(rewrite.Pool(dims=1), make_call((2, 4, 10, 16), (2, 4, 10, 16)), grid_site).grid is None
+    causal_grid = make_site((2, 4, 10, 16), grid=(3, 3), prefix_tokens=1, is_causal=True, mask="causal")
+    assert isinstance(pool_handler(act, make_call((2, 4, 10, 16), (2, 4, 10, 16), True), causal_grid), Decline)
+    assert isinstance(pool_handler(rewrite.Pool(dims=2), make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site()), Decline)
+    bad_grid = make_site((2, 4, 10, 16), grid=(4, 4), prefix_tokens=1)
+    assert isinstance(pool_handler(act, make_call((2, 4, 10, 16), (2, 4, 10, 16)), bad_grid), Decline)
+    cross = pool_handler(act, make_call((2, 4, 3, 16), (2, 4, 9, 16)), make_site((2, 4, 3, 16), (2, 4, 9, 16)))
+    assert isinstance(cross, Decline) and "Nq != Nk" in cross
+    assert isinstance(pool_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="bias")), Decline)
+
+
+def test_pipeline_tiny_bert_reports_the_error():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    m = BertModel(BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                             attn_implementation="eager")).eval()
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, -4:] = 0
+    batch = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": am}
+    rewrite.optimize(m, {"_default": rewrite.Pool()}, example_kwargs=batch)
+    rows = m.rewrite_report.sites
+    assert len(rows) == 2
+    for row in rows:
+        assert row.status == "rewritten" and row.exact is False
+        assert row.error is not None and row.error > 0.05          # training-needed: large, and reported

@@ -1,0 +1,241 @@
+"""Scatterbrain: exact with a covering window, beats both its parts on structured inputs, fast == dense."""
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rewrite
+from rewrite.actions import Decline, RewriteError
+from rewrite.mixers.linear import LinearAttention
+from rewrite.mixers.scatterbrain import ScatterbrainAttention, scatterbrain_handler
+from rewrite.passes.lower import SiteCall
+from rewrite.sites import AttentionSite
+
+MIN = torch.finfo(torch.float32).min
+
+
+def make_call(q_shape, k_shape, is_causal=False):
+    g = fx.Graph()
+    nodes = []
+    for name, shp in (("q", q_shape), ("k", k_shape), ("v", k_shape)):
+        n = g.placeholder(name)
+        n.meta["val"] = torch.empty(shp)
+        nodes.append(n)
+    return SiteCall(q=nodes[0], k=nodes[1], v=nodes[2], is_causal=is_causal)
+
+
+def make_site(q_shape=(2, 4, 16, 16), k_shape=None, mask="none", is_causal=False, **kw):
+    k_shape = k_shape or q_shape
+    return AttentionSite(name="layer", q_shape=q_shape, k_shape=k_shape, v_shape=k_shape, heads=q_shape[1],
+                         kv_heads=k_shape[1], head_dim=q_shape[-1], mask=mask, is_causal=is_causal,
+                         cross=q_shape[-2] != k_shape[-2], **kw)
+
+
+def padded_mask(b, nq, nk, pad, causal, expanded=True, kind="additive"):
+    valid = torch.ones(b, nk, dtype=torch.bool)
+    if pad:
+        valid[-1, nk - pad:] = False
+    allowed = valid[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq))
+    elif expanded:
+        allowed = allowed.expand(b, 1, nq, nk)
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, MIN)
+
+
+def structured(seed, b=2, h=2, n=256, d=32):
+    """q/k with local structure (smooth positional codes: near tokens align) and global structure (a shared
+    direction in every query, carried strongly by ~10% "hub" keys anywhere in the sequence)."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freqs = torch.rand(d // 2, generator=g) * 0.3
+    codes = torch.cat([torch.sin(pos * freqs), torch.cos(pos * freqs)], -1) * 1.2
+    glob = torch.randn(d, generator=g)
+    glob = glob / glob.norm()
+    hubs = (torch.rand(b, h, n, 1, generator=g) < 0.1).float()
+    q = codes + 2.0 * glob + 0.1 * torch.randn(b, h, n, d, generator=g)
+    k = codes + 3.0 * hubs * glob + 0.1 * torch.randn(b, h, n, d, generator=g)
+    v = torch.randn(b, h, n, d, generator=g)
+    return q, k, v
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_error_below_both_parts_on_structured_inputs(causal):
+    w, m = 16, 64
+    errs = []
+    for seed in range(3):
+        q, k, v = structured(seed)
+        n = q.shape[-2]
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        band = ((j <= i) & (j > i - w)) if causal else ((i - j).abs() <= w // 2)
+        local = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        lowrank = LinearAttention("favor", m, q.shape[-1], seed=0)(q, k, v, is_causal=causal)
+        sb = ScatterbrainAttention(w, m, q.shape[-1], seed=0)(q, k, v, is_causal=causal)
+        errs.append((rel(sb, ref), rel(local, ref), rel(lowrank, ref)))
+    for e_sb, e_local, e_lowrank in errs:
+        assert e_sb < e_local and e_sb < e_lowrank, errs
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 30), st.sampled_from([4, 8]),
+       st.booleans(), st.integers(0, 2))
+def test_exact_when_window_covers_every_key(b, heads, n, d, causal, pad):
+    hq, hkv = heads
+    torch.manual_seed(n)
+    q, k, v = torch.randn(b, hq, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    pad = min(pad, n - 1)
+    mask = padded_mask(b, n, n, pad, causal) if pad else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not pad, enable_gqa=True)
+    window = n if causal else 2 * n
+    out = ScatterbrainAttention(window, 8, d)(q, k, v, attn_mask=mask, is_causal=causal and not pad, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 40), st.integers(0, 8),
+       st.sampled_from([1, 3, 8]), st.sampled_from(["none", "keys", "expanded", "causal", "bool_causal", "flag"]))
+def test_fast_form_equals_dense_reference(b, heads, nk, extra_q, window, mask_kind):
+    hq, hkv = heads
+    d = 8
+    nq = max(1, nk - extra_q)            # Nq <= Nk: KV-cache style when shorter
+    torch.manual_seed(nk * 3 + nq)
+    q, k, v = torch.randn(b, hq, nq, d), torch.randn(b, hkv, nk, d), torch.randn(b, hkv, nk, d)
+    pad = min(2, nk - 1)
+    causal = mask_kind in ("causal", "bool_causal")
+    mask = None if mask_kind in ("none", "flag") else padded_mask(
+        b, nq, nk, pad, causal, expanded=mask_kind != "keys", kind="bool" if mask_kind == "bool_causal" else "additive")
+    mod = ScatterbrainAttention(window, 8, d, seed=2, chunk=4)
+    flag = mask_kind == "flag" and nq == nk
+    out = mod(q, k, v, attn_mask=mask, is_causal=flag, enable_gqa=True)
+    assert mod.dense_calls == 0 and out.shape == (b, hq, nq, d)
+    torch.testing.assert_close(out, mod.dense(q, k, v, attn_mask=mask, is_causal=flag, enable_gqa=True),
+                               atol=5e-5, rtol=1e-4)
+
+
+def test_stable_with_large_logits():
+    """Logits in the hundreds: exp would overflow without the per-row shift."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 64, 16) * 6, torch.randn(1, 2, 64, 16) * 6, torch.randn(1, 2, 64, 16)
+    for causal in (False, True):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        mod = ScatterbrainAttention(8, 16, 16)
+        out = mod(q, k, v, is_causal=causal)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, mod.dense(q, k, v, is_causal=causal), atol=1e-4, rtol=1e-4)
+        full = ScatterbrainAttention(128, 16, 16)(q, k, v, is_causal=causal)
+        torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_general_mask_uses_dense_form():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    strided = (torch.arange(9)[:, None] + torch.arange(9)[None, :]) % 2 == 0
+    mod = ScatterbrainAttention(20, 8, 4)
+    with pytest.warns(RuntimeWarning, match="dense"):
+        out = mod(q, k, v, attn_mask=strided)
+    assert mod.dense_calls == 1
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=strided), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_output_shape_and_dtype_match_sdpa(dtype, causal):
+    q, k, v = (torch.randn(2, 4, 12, 16, dtype=dtype), torch.randn(2, 2, 12, 16, dtype=dtype),
+               torch.randn(2, 2, 12, 16, dtype=dtype))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    out = ScatterbrainAttention(4, 16, 16)(q, k, v, is_causal=causal, enable_gqa=True)
+    assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
+
+
+def test_json_validation_and_flops():
+    import sympy
+    from rewrite import cost
+    for act in (rewrite.Scatterbrain(), rewrite.Scatterbrain(window=16, features=24, seed=5)):
+        assert rewrite.action_from_json(act.to_json()) == act
+    assert rewrite.Scatterbrain.exact is False
+    for bad in ({"window": 0}, {"features": -3}, {"window": 2.5}):
+        with pytest.raises(RewriteError, match="Scatterbrain"):
+            rewrite.Scatterbrain(**bad)
+    f = rewrite.Scatterbrain().flops()
+    assert isinstance(f, sympy.Expr) and f.free_symbols <= set(cost.SYMBOLS.values())
+    sizes = dict(B=1, H=12, N=4096, Nk=4096, d=64, dv=64)
+    assert cost.evaluate(f, **sizes) < cost.evaluate(cost.exact_flops(), **sizes) / 4
+
+
+def test_handler():
+    act = rewrite.Scatterbrain()
+    assert isinstance(scatterbrain_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True),
+                                           make_site(mask="causal", is_causal=True)), ScatterbrainAttention)
+    assert isinstance(scatterbrain_handler(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)),
+                                           make_site((2, 4, 1, 16), (2, 4, 9, 16), mask="additive")),
+                      ScatterbrainAttention)
+    for mask in ("bias", "alibi+additive"):
+        out = scatterbrain_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask=mask))
+        assert isinstance(out, Decline)
+
+
+def test_pipeline_tiny_bert():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    m = BertModel(BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                             attn_implementation="eager")).eval()
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, -4:] = 0
+    batch = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": am}
+    rewrite.optimize(m, {"_default": rewrite.Scatterbrain(window=8, features=16)}, example_kwargs=batch)
+    rows = m.rewrite_report.sites
+    assert len(rows) == 2
+    for row in rows:
+        assert row.status == "rewritten" and row.exact is False and row.error is not None and row.error > 0
+    # a window covering the sequence is exact up to float error
+    torch._dynamo.reset()
+    rewrite.optimize(m, {"_default": rewrite.Scatterbrain(window=64, features=16)}, example_kwargs=batch)
+    assert all(r.status == "rewritten" and r.error < 1e-4 for r in m.rewrite_report.sites)
+
+
+def test_kv_cache_decoding_matches_the_full_causal_forward():
+    """A decode step's mask is padding-only ([B, 1, 1, Nk]); with queries at the last positions the band must
+    still be the causal one the full forward used."""
+    torch.manual_seed(0)
+    n = 24
+    q, k, v = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8), torch.randn(2, 2, n, 8)
+    mod = ScatterbrainAttention(5, 16, 8, chunk=4)
+    full = mod(q, k, v, attn_mask=padded_mask(2, n, n, 2, causal=True), enable_gqa=True)
+    for new in (1, 3):
+        step = mod(q[:, :, -new:], k, v, attn_mask=padded_mask(2, new, n, 2, causal=True), enable_gqa=True)
+        torch.testing.assert_close(step, full[:, :, -new:], atol=1e-5, rtol=1e-4)
+    one = mod(q[:, :, -1:], k, v, attn_mask=padded_mask(2, 1, n, 2, causal=False, expanded=False), enable_gqa=True)
+    torch.testing.assert_close(one, full[:, :, -1:], atol=1e-5, rtol=1e-4)
+
+
+def test_pipeline_llama_cached_decoding_equals_full_forward():
+    """GQA decoder through the real pipeline: prefill + cached steps give the logits of one full forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="eager")
+    m = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 100, (2, 12))
+    am = torch.ones_like(ids)
+    am[1, -3:] = 0
+    rewrite.optimize(m, {"_default": rewrite.Scatterbrain(window=4, features=16)},
+                     example_kwargs={"input_ids": ids, "attention_mask": am})
+    assert all(r.status == "rewritten" for r in m.rewrite_report.sites)
+    x = torch.randint(3, 100, (1, 9))
+    with torch.no_grad():
+        full = m(input_ids=x, use_cache=False).logits
+        pre = m(input_ids=x[:, :6], use_cache=True)
+        step = m(input_ids=x[:, 6:7], past_key_values=pre.past_key_values, use_cache=True)
+    torch.testing.assert_close(pre.logits, full[:, :6], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step.logits, full[:, 6:7], atol=1e-4, rtol=1e-4)

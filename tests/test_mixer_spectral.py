@@ -1,0 +1,174 @@
+"""Spectral: against explicit DFT / DCT matrices (1-D, 2-D, padded segments), handler, pipeline
+(training-needed: the error is reported, never hidden)."""
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rewrite
+from rewrite.actions import Decline, RewriteError
+from rewrite.mixers.spectral import SpectralMixer, spectral_handler
+from rewrite.passes.lower import SiteCall
+from rewrite.sites import AttentionSite
+
+MIN = torch.finfo(torch.float32).min
+
+
+def make_call(q_shape, k_shape, is_causal=False):
+    g = fx.Graph()
+    nodes = []
+    for name, shp in (("q", q_shape), ("k", k_shape), ("v", k_shape)):
+        n = g.placeholder(name)
+        n.meta["val"] = torch.empty(shp)
+        nodes.append(n)
+    return SiteCall(q=nodes[0], k=nodes[1], v=nodes[2], is_causal=is_causal)
+
+
+def make_site(q_shape=(2, 4, 16, 16), k_shape=None, mask="none", is_causal=False, **kw):
+    k_shape = k_shape or q_shape
+    return AttentionSite(name="layer", q_shape=q_shape, k_shape=k_shape, v_shape=k_shape, heads=q_shape[1],
+                         kv_heads=k_shape[1], head_dim=q_shape[-1], mask=mask, is_causal=is_causal,
+                         cross=q_shape[-2] != k_shape[-2], **kw)
+
+
+def dft_filter(n, keep):
+    """Explicit complex DFT matrix, keep frequencies min(f, n - f) < keep, explicit inverse: a real [n, n]."""
+    f = torch.arange(n, dtype=torch.float64)
+    fmat = torch.exp(-2j * math.pi * f[:, None] * f[None, :] / n)
+    low = (torch.minimum(f, n - f) < keep).to(torch.complex128)
+    return (fmat.conj().T / n @ (low[:, None] * fmat)).real
+
+
+def dct_filter(n, keep):
+    """Explicit orthonormal DCT-II matrix, keep coefficients < keep, inverse by its transpose."""
+    i = torch.arange(n, dtype=torch.float64)
+    d = torch.cos(math.pi * (i[None, :] + 0.5) * i[:, None] / n) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    assert torch.allclose(d @ d.T, torch.eye(n, dtype=torch.float64))
+    return d.T @ ((i < keep).double()[:, None] * d)
+
+
+def filt(kind, n, keep):
+    return (dft_filter if kind == "fft" else dct_filter)(n, keep)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 33), st.integers(1, 20),
+       st.sampled_from(["fft", "dct"]))
+def test_1d_against_explicit_matrices(b, heads, n, keep, kind):
+    hq, hkv = heads
+    torch.manual_seed(n + keep)
+    q, k, v = torch.randn(b, hq, n, 4), torch.randn(b, hkv, n, 4), torch.randn(b, hkv, n, 5)
+    out = SpectralMixer(kind, keep)(q, k, v, enable_gqa=True)
+    ref = (filt(kind, n, keep) @ v.double().repeat_interleave(hq // hkv, 1)).float()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2), st.integers(1, 4), st.sampled_from(["fft", "dct"]))
+def test_2d_against_explicit_matrices(gh, gw, prefix, keep, kind):
+    n = prefix + gh * gw
+    torch.manual_seed(n + keep)
+    v = torch.randn(2, 3, n, 4, dtype=torch.float64)
+    out = SpectralMixer(kind, keep, (gh, gw), prefix)(v, v, v)
+    img = v[:, :, prefix:].reshape(2, 3, gh, gw, 4)
+    mixed = torch.einsum("yY,xX,bhYXc->bhyxc", filt(kind, gh, keep), filt(kind, gw, keep), img)
+    # (rfft2 keeps the half spectrum along W; for a real input that is the separable full-DFT filter)
+    ref = torch.cat([v.mean(2, keepdim=True).expand(2, 3, prefix, 4), mixed.reshape(2, 3, gh * gw, 4)], 2)
+    torch.testing.assert_close(out, ref, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["fft", "dct"])
+def test_padding_transforms_only_the_valid_tokens(kind):
+    torch.manual_seed(0)
+    n, keep = 12, 3
+    v = torch.randn(3, 2, n, 4, dtype=torch.float64)
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[1, -4:] = False            # right padding
+    valid[2, :5] = False             # left padding
+    mask = torch.zeros(3, 1, n, n, dtype=torch.float64).masked_fill(~valid[:, None, None, :], MIN)
+    out = SpectralMixer(kind, keep)(v, v, v, attn_mask=mask)
+    torch.testing.assert_close(out[0], filt(kind, n, keep) @ v[0])
+    torch.testing.assert_close(out[1, :, :8], filt(kind, 8, keep) @ v[1, :, :8])
+    torch.testing.assert_close(out[1, :, 8:], v[1, :, :8].mean(1, keepdim=True).expand(2, 4, 4))
+    torch.testing.assert_close(out[2, :, 5:], filt(kind, 7, keep) @ v[2, :, 5:])
+    gaps = valid.clone()
+    gaps[0, 3] = False
+    with pytest.raises(RewriteError, match="contiguous"):
+        SpectralMixer(kind, keep)(v, v, v, attn_mask=gaps[:, None, None, :])
+
+
+def test_runtime_causal_mask_is_refused_clearly():
+    v = torch.randn(1, 1, 6, 2)
+    with pytest.raises(RewriteError, match="no causal form"):
+        SpectralMixer("fft", 2)(v, v, v, attn_mask=torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", [None, (3, 4)])
+def test_output_shape_and_dtype_match_sdpa(dtype, grid):
+    q, k, v = (torch.randn(2, 4, 12, 16, dtype=dtype), torch.randn(2, 2, 12, 16, dtype=dtype),
+               torch.randn(2, 2, 12, 8, dtype=dtype))
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    for kind in ("fft", "dct"):
+        out = SpectralMixer(kind, 3, grid)(q, k, v, enable_gqa=True)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+
+
+def test_keep_everything_is_identity():
+    v = torch.randn(1, 2, 9, 3, dtype=torch.float64)
+    for kind in ("fft", "dct"):
+        torch.testing.assert_close(SpectralMixer(kind, 9)(v, v, v), v)
+
+
+def test_json_validation_flops_and_docs():
+    import sympy
+    from rewrite import cost
+    from rewrite.mixers import spectral
+    for act in (rewrite.Spectral(), rewrite.Spectral(kind="dct", keep=4, dims=1)):
+        assert rewrite.action_from_json(act.to_json()) == act
+    assert rewrite.Spectral.exact is False
+    for bad, word in (({"kind": "wavelet"}, "'wavelet'"), ({"keep": 0}, "0"), ({"dims": 0}, "0")):
+        with pytest.raises(RewriteError, match=word):
+            rewrite.Spectral(**bad)
+    assert "raining needed" in spectral.__doc__ and "raining needed" in rewrite.Spectral.__doc__
+    f = rewrite.Spectral().flops()
+    assert isinstance(f, sympy.Expr) and f.free_symbols <= set(cost.SYMBOLS.values())
+    sizes = dict(B=1, H=12, N=4096, Nk=4096, d=64, dv=64)
+    assert cost.evaluate(f, **sizes) < cost.evaluate(cost.exact_flops(), **sizes) / 10
+
+
+def test_handler():
+    act = rewrite.Spectral()
+    out = spectral_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True), make_site(mask="causal", is_causal=True))
+    assert isinstance(out, Decline) and "causal" in out
+    out = spectral_handler(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)), make_site((2, 4, 1, 16), (2, 4, 9, 16)))
+    assert isinstance(out, Decline) and "Nq != Nk" in out
+    assert isinstance(spectral_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="alibi")), Decline)
+    assert isinstance(spectral_handler(rewrite.Spectral(dims=2), make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site()),
+                      Decline)
+    mod = spectral_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="additive"))
+    assert isinstance(mod, SpectralMixer) and mod.grid is None
+    grid_site = make_site((2, 4, 17, 16), grid=(4, 4), prefix_tokens=1)
+    mod = spectral_handler(act, make_call((2, 4, 17, 16), (2, 4, 17, 16)), grid_site)
+    assert isinstance(mod, SpectralMixer) and mod.grid == (4, 4)
+
+
+def test_pipeline_tiny_bert_reports_the_error():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    m = BertModel(BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                             attn_implementation="eager")).eval()
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, -4:] = 0
+    batch = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": am}
+    rewrite.optimize(m, {"_default": rewrite.Spectral(keep=4)}, example_kwargs=batch)
+    rows = m.rewrite_report.sites
+    assert len(rows) == 2
+    for row in rows:
+        assert row.status == "rewritten" and row.exact is False
+        assert row.error is not None and row.error > 0.05          # training-needed: large, and reported

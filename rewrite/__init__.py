@@ -9,6 +9,7 @@ Example::
 """
 from .actions import Action, Decline, Exact, RewriteError, action_from_json, action_types, register_action, register_handler
 from . import mixers as _mixers  # noqa: F401  (registers every action and handler)
+from . import kernels as _kernels  # noqa: F401  (registers torch.ops.rewrite.*; Triton itself loads lazily)
 from .api import find_attention, optimize, report
 from .backend import backend, backend_report
 from .measured import auto, isomer, mixed_span

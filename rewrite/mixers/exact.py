@@ -9,5 +9,12 @@ from ..actions import Decline, Exact, register_handler
 @register_handler(Exact)
 def exact_handler(action: Exact, call, site):
     if action.kernel == "triton":
-        return Decline("the Triton flash kernel is not available in this build; used SDPA instead")
+        from ..graph import meta_value
+        q = meta_value(call.q) if call.q is not None else None
+        device = getattr(q, "device", None)
+        if device is None or device.type != "cuda":
+            return Decline(f"the Triton flash kernel runs on CUDA tensors and this site is on {device}; "
+                           "used SDPA instead")
+        from ..kernels import flash_attention
+        return flash_attention
     return F.scaled_dot_product_attention

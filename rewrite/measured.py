@@ -135,6 +135,14 @@ class Auto(MeasuredPolicy):
     def prune_above(self) -> Optional[float]:
         return self.max_error
 
+    @staticmethod
+    def _gentler(options: list, current, current_error: float):
+        """The cheapest measured option with a smaller swap-one error than ``current`` (None: exact)."""
+        better = [o for o in options if o.key is not None and o.key != current and o.error < current_error]
+        if not better:
+            return None
+        return min(better, key=lambda o: (o.cost, o.error)).key
+
     def choose(self, rows, measure_joint):
         options = {}
         for r in rows:
@@ -163,8 +171,9 @@ class Auto(MeasuredPolicy):
                 break
             err_of = {(r.name, r.ordinal): {c.action: c.error for c in r.candidates} for r in rows}
             worst = max(chosen, key=lambda ka: err_of[ka[0]].get(ka[1], 0.0))
-            plan[worst[0]] = None
-            backoffs.append(f"{worst[0][0]}: {worst[1]} -> exact (joint error {joint:.4g} > {budget:.4g})")
+            plan[worst[0]] = self._gentler(options[worst[0]], worst[1], err_of[worst[0]].get(worst[1], 0.0))
+            backoffs.append(f"{worst[0][0]}: {worst[1]} -> {plan[worst[0]] or 'exact'} "
+                            f"(joint error {joint:.4g} > {budget:.4g})")
             joint = measure_joint(plan)
         why = {}
         for r in rows:

@@ -14,25 +14,9 @@ from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.spectral import SpectralMixer, spectral_handler
 from rewrite.passes.lower import SiteCall
 from rewrite.sites import AttentionSite
+from mixer_b_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
-
-
-def make_call(q_shape, k_shape, is_causal=False):
-    g = fx.Graph()
-    nodes = []
-    for name, shp in (("q", q_shape), ("k", k_shape), ("v", k_shape)):
-        n = g.placeholder(name)
-        n.meta["val"] = torch.empty(shp)
-        nodes.append(n)
-    return SiteCall(q=nodes[0], k=nodes[1], v=nodes[2], is_causal=is_causal)
-
-
-def make_site(q_shape=(2, 4, 16, 16), k_shape=None, mask="none", is_causal=False, **kw):
-    k_shape = k_shape or q_shape
-    return AttentionSite(name="layer", q_shape=q_shape, k_shape=k_shape, v_shape=k_shape, heads=q_shape[1],
-                         kv_heads=k_shape[1], head_dim=q_shape[-1], mask=mask, is_causal=is_causal,
-                         cross=q_shape[-2] != k_shape[-2], **kw)
 
 
 def dft_filter(n, keep):

@@ -384,3 +384,19 @@ def check_grid(name: str, call, site, dims: Optional[int]) -> tuple[Optional[Dec
     except Exception:
         pass
     return None, grid, prefix
+
+
+class FastAndDense(torch.nn.Module):
+    """A mixer whose ``_run(..., dense)`` computes either its fast form or its quadratic reference.
+
+    ``forward`` is the fast form (SDPA's signature); ``dense`` the reference with an explicit ``[Nq, Nk]``
+    weight matrix, which the tests compare it with and which serves masks the fast form cannot.
+    """
+
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if is_fake(q, k, v, attn_mask):
+            return fake_output(q, v)
+        return self._run(q, k, v, attn_mask, is_causal, scale, dense=False)
+
+    def dense(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return self._run(q, k, v, attn_mask, is_causal, scale, dense=True)

@@ -81,7 +81,7 @@ class Linear(Action):
         return sympy.expand(B * H * expr)
 
 
-class LinearAttention(nn.Module, U.WarnOnce):
+class LinearAttention(U.FastAndDense, U.WarnOnce):
     """Linear attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, feature: str = "elu", features: int = 64, head_dim: Optional[int] = None, seed: int = 0,
@@ -113,15 +113,6 @@ class LinearAttention(nn.Module, U.WarnOnce):
             fq, fk = F.relu(q), F.relu(k)
         w = U.key_weights(key_bias)
         return fq, (fk if w is None else fk * w)
-
-    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if U.is_fake(q, k, v, attn_mask):
-            return U.fake_output(q, v)
-        return self._run(q, k, v, attn_mask, is_causal, scale, dense=False)
-
-    def dense(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        """The quadratic reference: the same kernel with an explicit ``[Nq, Nk]`` weight matrix."""
-        return self._run(q, k, v, attn_mask, is_causal, scale, dense=True)
 
     def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
         dtype = q.dtype

@@ -71,7 +71,7 @@ class Scatterbrain(Action):
         return sympy.expand(B * H * expr)
 
 
-class ScatterbrainAttention(nn.Module, U.WarnOnce):
+class ScatterbrainAttention(U.FastAndDense, U.WarnOnce):
     """Scatterbrain attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, window: int = 64, features: int = 64, head_dim: Optional[int] = None, seed: int = 0,
@@ -96,15 +96,6 @@ class ScatterbrainAttention(nn.Module, U.WarnOnce):
             return self.window - 1, 0
         r = self.window // 2
         return r, r
-
-    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if U.is_fake(q, k, v, attn_mask):
-            return U.fake_output(q, v)
-        return self._run(q, k, v, attn_mask, is_causal, scale, dense=False)
-
-    def dense(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        """The quadratic reference: the same estimator with explicit ``[Nq, Nk]`` matrices."""
-        return self._run(q, k, v, attn_mask, is_causal, scale, dense=True)
 
     def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
         dtype = q.dtype

@@ -61,7 +61,7 @@ class SharedQuery(Action):
         return sympy.expand(B * H * expr)
 
 
-class SharedQueryAttention(nn.Module, U.WarnOnce):
+class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
     """Shared-query attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, query: str = "mean"):
@@ -110,15 +110,6 @@ class SharedQueryAttention(nn.Module, U.WarnOnce):
         return (self.q_sum / self.q_count)
 
     # ---------------------------------------------------------------------------------------- forward
-    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if U.is_fake(q, k, v, attn_mask):
-            return U.fake_output(q, v)
-        return self._run(q, k, v, attn_mask, is_causal, scale, dense=False)
-
-    def dense(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        """The quadratic reference: a per-row shared query and an explicit ``[Nq, Nk]`` softmax."""
-        return self._run(q, k, v, attn_mask, is_causal, scale, dense=True)
-
     def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
         dtype = q.dtype
         if self.query == "calibrated" and not self.fitted:

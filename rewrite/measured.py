@@ -26,7 +26,7 @@ import torch
 
 from . import cost
 from .actions import Action, Exact, RewriteError, action_types
-from .calibrate import (CalibrationState, candidate_key, fit_candidates, metric_fn, primary_output, progress,
+from .calibrate import (CalibrationState, candidate_key, fit_candidates, metric_fn, progress,
                         run_batch)
 from .select import Option, solve
 

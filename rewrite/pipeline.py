@@ -5,7 +5,6 @@ normalize → find sites → prove causal masks → describe sites → policy �
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Optional
 
 import torch

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..actions import RewriteError
+from ..actions import Decline, RewriteError
 from ..cost import SOFTMAX_FLOPS_PER_SCORE, B, H, d, dv
 
 NEG_INF = float("-inf")
@@ -303,3 +303,27 @@ class SDPAMixer(nn.Module):
 
     def _config(self) -> dict:
         return {}
+
+
+def resolve_grid_layout(what: str, layout: str, call, site):
+    """Resolve a mixer's ``layout`` ("auto", "1d", "2d") against the site's vision grid.
+
+    Returns ``(grid, prefix, causal)`` (``grid`` None for 1-D) or a :class:`Decline` saying why the 2-D
+    form cannot serve the site: unknown grid, a causal site, or a grid that does not match its tokens.
+    """
+    grid = site_grid(site)
+    causal = site_causal(call, site)
+    if layout == "2d" and grid is None:
+        return Decline(f"{what}(layout='2d') needs the site's vision grid (site.grid) and it is unknown here; "
+                       "use layout='1d' or 'auto'")
+    if layout == "auto":
+        layout = "2d" if grid is not None and not causal else "1d"
+    if layout != "2d":
+        return None, 0, causal
+    if causal:
+        return Decline(f"{what} has no causal 2-D form; use {what}(layout='1d') at causal sites")
+    (gh, gw), prefix = grid
+    nq, _ = site_lengths(site)
+    if nq is not None and nq != prefix + gh * gw:
+        return Decline(f"the site's grid {gh}x{gw} with {prefix} prefix tokens does not match its {nq} tokens")
+    return (gh, gw), prefix, False

@@ -195,20 +195,10 @@ def block_routing_handler(action: BlockRouting, call, site):
         nq, nk = U.site_lengths(site)
         return Decline(f"block routing needs as many queries as keys; this site has Nq={nq}, Nk={nk} "
                        "(cross-attention or KV-cache decoding)")
-    grid = U.site_grid(site)
-    causal = U.site_causal(call, site)
-    layout = action.layout
-    if layout == "2d" and grid is None:
-        return Decline("BlockRouting(layout='2d') needs the site's vision grid (site.grid) and it is unknown here; "
-                       "use layout='1d' or 'auto'")
-    if layout == "auto":
-        layout = "2d" if grid is not None and not causal else "1d"
-    if layout == "2d":
-        if causal:
-            return Decline("2-D region routing has no causal form; use BlockRouting(layout='1d') at causal sites")
-        (gh, gw), prefix = grid
-        nq, _ = U.site_lengths(site)
-        if nq is not None and nq != prefix + gh * gw:
-            return Decline(f"the site's grid {gh}x{gw} with {prefix} prefix tokens does not match its {nq} tokens")
-        return BlockRoutingAttention(action.block, action.topk, (gh, gw), prefix)
+    resolved = U.resolve_grid_layout("BlockRouting", action.layout, call, site)
+    if isinstance(resolved, Decline):
+        return resolved
+    grid, prefix, causal = resolved
+    if grid is not None:
+        return BlockRoutingAttention(action.block, action.topk, grid, prefix)
     return BlockRoutingAttention(action.block, action.topk, None, 0, causal=causal)

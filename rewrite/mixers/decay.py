@@ -96,20 +96,10 @@ def decay_handler(action: Decay, call, site):
         nq, nk = U.site_lengths(site)
         return Decline(f"a distance decay needs query and key positions to agree; this site has Nq={nq}, "
                        f"Nk={nk} (cross-attention or KV-cache decoding)")
-    grid = U.site_grid(site)
-    causal = U.site_causal(call, site)
-    layout = action.layout
-    if layout == "2d" and grid is None:
-        return Decline("Decay(layout='2d') needs the site's vision grid (site.grid) and it is unknown here; "
-                       "use layout='1d' or 'auto'")
-    if layout == "auto":
-        layout = "2d" if grid is not None and not causal else "1d"
-    if layout == "2d":
-        if causal:
-            return Decline("a 2-D Manhattan decay has no causal form; use Decay(layout='1d') at causal sites")
-        (gh, gw), prefix = grid
-        nq, _ = U.site_lengths(site)
-        if nq is not None and nq != prefix + gh * gw:
-            return Decline(f"the site's grid {gh}x{gw} with {prefix} prefix tokens does not match its {nq} tokens")
-        return DecayAttention(action.gamma, (gh, gw), prefix, causal=False)
+    resolved = U.resolve_grid_layout("Decay", action.layout, call, site)
+    if isinstance(resolved, Decline):
+        return resolved
+    grid, prefix, causal = resolved
+    if grid is not None:
+        return DecayAttention(action.gamma, grid, prefix, causal=False)
     return DecayAttention(action.gamma, None, 0, causal=causal)

@@ -11,13 +11,12 @@ The score chain is kept as an ordered list of operations, outermost last, so tha
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-from ..graph import is_scalar_like, meta_value, owner_path, rank, same_shape, same_size, shape, static_int
+from ..graph import is_scalar_like, owner_path, rank, same_shape, same_size, shape, static_int
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
 
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
@@ -219,7 +218,6 @@ def _match_probabilities(m: SiteMatch) -> None:
 def _match_scores(m: SiteMatch) -> None:
     node = m.softmax.args[0]
     ops: list[ScoreOp] = []
-    consumer = m.softmax
     while True:
         if not isinstance(node, fx.Node):
             raise _Reject("the scores are not a tensor computed in the graph")
@@ -285,7 +283,6 @@ def _match_scores(m: SiteMatch) -> None:
             if "tanh" in name:
                 raise _Reject("the scores pass through tanh (soft-capping), which SDPA cannot express")
             raise _Reject(f"the scores pass through {name}, which is not a scale, mask or bias")
-        consumer = node
     ops.reverse()  # innermost (closest to q @ kt) first
     m.ops = ops
 

@@ -6,9 +6,8 @@ exact fused attention and every approximate mixer take it, so a handler only dec
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx

@@ -34,19 +34,18 @@ from .select import Option, solve
 def default_candidates() -> list:
     """Training-free candidates, gentlest first within each family (those whose classes are registered).
 
-    Block routing with blocks of 32 gives finer cost steps than 64 at a few hundred tokens; measured on
-    MiniLM it reaches a larger cut at the same error (BENCHMARKS.md)."""
+    Block routing with one sink token and pooled summaries of the unchosen blocks leads: measured on MiniLM
+    with real text it has about half the error of plain routing at the same cost (BENCHMARKS.md). Blocks of
+    32 give finer cost steps than 64 at a few hundred tokens."""
     t = action_types()
     out = []
     if "BlockRouting" in t:
-        out += [t["BlockRouting"](block=32, topk=k) for k in (12, 10, 8, 6, 5)]
-        out += [t["BlockRouting"](block=64, topk=k) for k in (5, 4, 3, 2)]
+        out += [t["BlockRouting"](block=32, topk=k, sinks=1, summary=True) for k in (10, 8, 7, 6, 5, 4)]
+        out += [t["BlockRouting"](block=64, topk=k, sinks=1, summary=True) for k in (4, 3, 2)]
     if "SlidingWindow" in t:
         out += [t["SlidingWindow"](window=w, sinks=4) for w in (256, 128)]
     if "TokenMerge" in t:
         out += [t["TokenMerge"](r=128)]
-    if "TopK" in t:
-        out += [t["TopK"](k=k) for k in (128, 64)]
     return out
 
 
@@ -327,12 +326,13 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
                 return sum(errs) / len(errs)
 
             def joint_bound(use: dict) -> float:
-                """The end-to-end check is conservative: the worst batch, or mean + 2 std over batches,
-                whichever is larger, so that unseen batches stay within the budget too."""
+                """The end-to-end check bounds the *expected* error of unseen batches like these: the mean
+                over calibration batches plus two standard errors (one batch alone is not bounded: the
+                budget is on the average, as the metric is)."""
                 errs = per_batch(use)
                 mean = sum(errs) / len(errs)
                 std = (sum((e - mean) ** 2 for e in errs) / max(len(errs) - 1, 1)) ** 0.5
-                return max(max(errs), mean + 2 * std)
+                return mean + 2 * std / len(errs) ** 0.5
 
             keys = sorted(state.switches, key=lambda k: state.sites[k].index)
             cand_keys = {k: sorted({ck for sw in state.switches[k] for ck in sw.candidates},

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_mixer_a_common import (assert_close, assert_decreasing, attention_case, bert_end_to_end, build,  # noqa: E402
-                                 local_qkv, reference, rel_err, run_case)
+from test_mixer_a_common import (additive, assert_close, assert_decreasing, attention_case, bert_end_to_end,  # noqa: E402
+                                 build, local_qkv, reference, rel_err, run_case)
 
 import rewrite  # noqa: E402
 from rewrite import cost  # noqa: E402
@@ -155,3 +155,109 @@ def test_error_falls_as_topk_grows_2d():
 @pytest.mark.parametrize("topk, exact", [(1, False), (4, True)])
 def test_bert_end_to_end(topk, exact):
     bert_end_to_end(rewrite.BlockRouting(block=4, topk=topk), exact_expected=exact)
+
+
+# --- sinks and pooled summaries of the unchosen blocks ------------------------------------------------------
+
+def summary_reference(q, k, v, mask, causal, block, topk, sinks):
+    """Token-level loops for ``BlockRouting(sinks=.., summary=True)``: exact scores where the routing allows,
+    plus one pooled column per unchosen block (mean visible key/value, mask log-sum-exp over its keys)."""
+    b, h, n, d = q.shape
+    g = h // k.shape[-3]
+    kk, vv = k.repeat_interleave(g, -3), v.repeat_interleave(g, -3)
+    p = min(sinks, n - 1)
+    order = line_order(n - p, block)
+    allow = routing_reference_allow(q, k, order, p, topk, causal)
+    scale = d ** -0.5
+    add = additive(mask) if mask is not None else torch.zeros(1, 1, 1, n)
+    add = add.expand(b, h, n, n) if add.shape[-2] == n else add.expand(b, h, 1, n)
+    causal_ok = torch.ones(n, n, dtype=torch.bool).tril() if causal else torch.ones(n, n, dtype=torch.bool)
+    exact = (q @ kk.transpose(-1, -2)) * scale + add
+    exact = exact.masked_fill(~(allow & causal_ok), float("-inf"))
+    members = [[x + p for x in row if x >= 0] for row in order]
+    own = {i: c for c, m in enumerate(members) for i in m}
+    visible = add.amax(-2) > torch.finfo(torch.float32).min / 2                     # [b, h, n]
+    pooled = torch.full((b, h, n, len(members)), float("-inf"))
+    pooled_v = torch.zeros(b, h, len(members), v.shape[-1])
+    for c, m in enumerate(members):
+        idx = torch.tensor(m)
+        vis = visible[..., idx].float()                                            # [b, h, |m|]
+        cnt = vis.sum(-1, keepdim=True)
+        kbar = (vis.unsqueeze(-1) * kk[..., idx, :]).sum(-2) / cnt.clamp(min=1)
+        pooled_v[..., c, :] = (vis.unsqueeze(-1) * vv[..., idx, :]).sum(-2) / cnt.clamp(min=1)
+        for i in range(p, n):
+            if allow[0, 0, i, m[0]] and allow[..., i, m[0]].all() or c == own[i] or (causal and c > own[i]):
+                continue
+            lse = torch.logsumexp(add[..., i if add.shape[-2] == n else 0, idx], -1)
+            logit = (q[..., i, :] * kbar).sum(-1) * scale + lse
+            logit = torch.where(cnt.squeeze(-1) > 0, logit, torch.full_like(logit, float("-inf")))
+            chosen = allow[..., i, m[0]]                                           # per (batch, head)
+            pooled[..., i, c] = torch.where(chosen, torch.full_like(logit, float("-inf")), logit)
+    probs = torch.softmax(torch.cat([exact, pooled], -1), -1).nan_to_num(0.0)
+    return probs[..., :n] @ vv + probs[..., n:] @ pooled_v
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=attention_case(), block=st.integers(1, 12), extra=st.integers(0, 2), sinks=st.integers(0, 3),
+       summary=st.booleans())
+def test_sinks_and_summary_exact_when_topk_covers_all_blocks(case, block, extra, sinks, summary):
+    n = case["q"].shape[-2]
+    module = BlockRoutingAttention(block, -(-n // block) + extra, causal=case["causal"], sinks=sinks, summary=summary)
+    assert_close(run_case(module, case), reference(case["q"], case["k"], case["v"], case["mask"], case["causal"]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=attention_case(max_len=30), block=st.integers(1, 9), topk=st.integers(1, 4), sinks=st.integers(0, 3))
+def test_sinks_match_token_level_reference(case, block, topk, sinks):
+    n = case["q"].shape[-2]
+    p = min(sinks, n - 1)
+    module = BlockRoutingAttention(block, topk, causal=case["causal"], sinks=sinks)
+    allow = routing_reference_allow(case["q"], case["k"], line_order(n - p, block), p, topk, case["causal"])
+    ref = reference(case["q"], case["k"], case["v"], case["mask"], case["causal"], allow=allow)
+    assert_close(run_case(module, case), ref)
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=attention_case(max_len=24), block=st.integers(1, 6), topk=st.integers(1, 3), sinks=st.integers(0, 2))
+def test_summary_matches_token_level_reference(case, block, topk, sinks):
+    module = BlockRoutingAttention(block, topk, causal=case["causal"], sinks=sinks, summary=True)
+    ref = summary_reference(case["q"], case["k"], case["v"], case["mask"], case["causal"], block, topk, sinks)
+    assert_close(run_case(module, case), ref, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_summary_is_exact_when_blocks_are_uniform(causal):
+    """A pooled block equals its keys exactly when they are all the same: then summary=True is exact
+    whatever the routing drops (and dropping them, summary=False, is not)."""
+    gen = torch.Generator().manual_seed(0)
+    n, block = 48, 8
+    k = torch.randn(1, 2, n // block, 1, 16, generator=gen).expand(1, 2, n // block, block, 16).reshape(1, 2, n, 16)
+    v = torch.randn(1, 2, n // block, 1, 16, generator=gen).expand(1, 2, n // block, block, 16).reshape(1, 2, n, 16)
+    q = torch.randn(1, 2, n, 16, generator=gen)
+    exact = reference(q, k, v, causal=causal)
+    pooled = BlockRoutingAttention(block, 1, causal=causal, summary=True)(q, k, v, is_causal=causal)
+    dropped = BlockRoutingAttention(block, 1, causal=causal)(q, k, v, is_causal=causal)
+    if causal:  # the own block is causal inside: uniform keys, but only a prefix of them is visible
+        exact, pooled, dropped = exact[..., block:, :], pooled[..., block:, :], dropped[..., block:, :]
+    assert rel_err(pooled, exact) < 1e-5 < rel_err(dropped, exact)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_summary_and_sinks_lower_the_error(causal):
+    q, k, v = local_qkv(256, sharp=1.0)
+    q[..., 0, :] *= 0
+    k[..., 0, :] = 3 * q[..., 1:, :].mean(-2)          # a key every query likes: an attention sink
+    exact = reference(q, k, v, causal=causal)
+    err = {kw: rel_err(BlockRoutingAttention(32, 2, causal=causal, **dict(kw))(q, k, v, is_causal=causal), exact)
+           for kw in [(), (("summary", True),), (("summary", True), ("sinks", 1))]}
+    plain, summary, both = err.values()
+    assert both < summary < plain, err
+
+
+def test_summary_and_sinks_flops():
+    ev = lambda a: cost.evaluate(a.flops(), B=1, H=1, N=512, Nk=512, d=32, dv=32)  # noqa: E731
+    base = ev(rewrite.BlockRouting(block=32, topk=6))
+    assert base < ev(rewrite.BlockRouting(block=32, topk=6, sinks=1)) < ev(rewrite.BlockRouting(block=32, topk=7))
+    assert base < ev(rewrite.BlockRouting(block=32, topk=6, summary=True)) < ev(rewrite.BlockRouting(block=32, topk=7))
+    with pytest.raises(rewrite.RewriteError, match="summary"):
+        rewrite.BlockRouting(summary="yes")

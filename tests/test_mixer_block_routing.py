@@ -261,3 +261,71 @@ def test_summary_and_sinks_flops():
     assert base < ev(rewrite.BlockRouting(block=32, topk=6, summary=True)) < ev(rewrite.BlockRouting(block=32, topk=7))
     with pytest.raises(rewrite.RewriteError, match="summary"):
         rewrite.BlockRouting(summary="yes")
+
+
+# --- per-head block counts fitted on calibration data ------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(10))
+def test_allocate_blocks_is_optimal(seed):
+    import itertools
+
+    from rewrite.mixers.block_routing import allocate_blocks
+    gen = torch.Generator().manual_seed(seed)
+    counts, heads = 4, 3
+    errors = torch.rand(counts, heads, generator=gen).sort(0, descending=True).values
+    total = int(torch.randint(heads, counts * heads + 1, (1,), generator=gen))
+    picks = allocate_blocks(errors, total).tolist()
+    assert len(picks) == heads and sum(picks) <= total and min(picks) >= 1
+    best = min(sum(errors[t - 1, h] for h, t in enumerate(ts))
+               for ts in itertools.product(range(1, counts + 1), repeat=heads) if sum(ts) <= total)
+    assert float(sum(errors[t - 1, h] for h, t in enumerate(picks))) == pytest.approx(float(best))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_head_counts_route_each_head_with_its_own_count(causal):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 40, 8, generator=gen) for _ in range(3))
+    module = BlockRoutingAttention(8, 2, causal=causal, sinks=1, summary=True, per_head=True)
+    module.head_topk = torch.tensor([1, 3, 2, 5])
+    out = module(q, k, v, is_causal=causal)
+    for h, t in enumerate([1, 3, 2, 5]):
+        alone = BlockRoutingAttention(8, t, causal=causal, sinks=1, summary=True)(q, k, v, is_causal=causal)
+        assert_close(out[:, h], alone[:, h])
+
+
+def test_per_head_fit_spends_blocks_where_heads_need_them():
+    """Head 0 is local (a few blocks suffice), head 1 attends to random far keys: fitting gives head 1
+    more blocks, keeps the mean count, and lowers the error against one count for all heads."""
+    n, block, topk = 128, 16, 3
+    ql, kl, vl = local_qkv(n, d=16, heads=1, sharp=4.0)
+    gen = torch.Generator().manual_seed(3)
+    qg = torch.randn(1, 1, n, 16, generator=gen)
+    kg = qg[..., torch.randperm(n, generator=gen), :] * 1.5
+    q, k, v = torch.cat([ql, qg], 1), torch.cat([kl, kg], 1), torch.cat([vl, torch.randn(1, 1, n, 16)], 1)
+    fitted = BlockRoutingAttention(block, topk, per_head=True).fit(q, k, v)
+    assert fitted.head_topk.sum() == topk * 2 and fitted.head_topk[1] > fitted.head_topk[0]
+    exact = reference(q, k, v)
+    assert rel_err(fitted(q, k, v), exact) < rel_err(BlockRoutingAttention(block, topk)(q, k, v), exact)
+
+
+def test_per_head_counts_are_saved_fitted_lazily_and_declared_in_the_action():
+    q, k, v = local_qkv(64, d=8, heads=3)
+    first = BlockRoutingAttention(8, 2, per_head=True)
+    out = first(q, k, v)                                   # no fit(): the first batch fits the counts
+    assert first.head_topk.shape == (3,) and int(first.head_topk.sum()) == 6
+    fresh = BlockRoutingAttention(8, 2, per_head=True)
+    fresh.load_state_dict(first.state_dict())
+    assert torch.equal(fresh.head_topk, first.head_topk)
+    assert_close(fresh(q, k, v), out)
+    action = rewrite.BlockRouting(block=8, topk=2, per_head=True)
+    assert rewrite.actions.action_from_json(action.to_json()) == action
+    with pytest.raises(rewrite.RewriteError, match="per_head"):
+        rewrite.BlockRouting(per_head=1)
+
+
+def test_per_head_state_lands_in_the_model_state_dict():
+    from test_mixer_a_common import tiny_bert
+    model, batch = tiny_bert()
+    rewrite.optimize(model, {"_default": rewrite.BlockRouting(block=4, topk=2, per_head=True)}, example_kwargs=batch)
+    counts = {key: t for key, t in model.state_dict().items() if key.endswith("head_topk")}
+    assert len(counts) == 2 and all(t.shape == (4,) and int(t.sum()) == 8 for t in counts.values()), counts

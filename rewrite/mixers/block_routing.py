@@ -18,6 +18,11 @@ unchosen block is attended as one pooled token, its mean key and mean value with
 still normalises over every key. On MiniLM this lowers the error of a routing setting by about a third
 for ``N/block`` extra scores per query (BENCHMARKS.md).
 
+``per_head=True`` spends the same number of blocks differently: ``topk`` becomes the mean over kv heads,
+and each head's own count is fitted on calibration q/k/v (``fit``; else on the first batch it sees) to
+minimise the summed relative output error of the heads, as heads differ (some are local, some global).
+The counts are a buffer (``head_topk``), saved and restored with the model.
+
 Example::
 
     model = rewrite.optimize(model, {"_default": rewrite.BlockRouting(block=64, topk=3)}, example_kwargs=batch)
@@ -47,6 +52,7 @@ class BlockRouting(Action):
     layout: str = "auto"
     sinks: int = 0
     summary: bool = False
+    per_head: bool = False
     exact = False
 
     def __post_init__(self):
@@ -57,6 +63,9 @@ class BlockRouting(Action):
         if not isinstance(self.summary, bool):
             raise RewriteError(f"BlockRouting(summary={self.summary!r}) is invalid: use True (attend to unchosen "
                                "blocks through their pooled key/value) or False (drop them).")
+        if not isinstance(self.per_head, bool):
+            raise RewriteError(f"BlockRouting(per_head={self.per_head!r}) is invalid: use True (topk is the mean "
+                               "over kv heads, each head's own share fitted on calibration data) or False.")
 
     def flops(self) -> sympy.Expr:
         """Pooling, block-to-block routing scores, attention over ``topk`` blocks of keys (1-D blocks), the
@@ -105,13 +114,15 @@ class BlockRoutingAttention(U.SDPAMixer):
     __name__ = "block_routing_attention"
 
     def __init__(self, block: int = 64, topk: int = 3, grid: tuple | None = None, prefix_tokens: int = 0,
-                 causal: bool = False, sinks: int = 0, summary: bool = False):
+                 causal: bool = False, sinks: int = 0, summary: bool = False, per_head: bool = False):
         super().__init__()
         self.block, self.topk = int(block), int(topk)
         self.grid = tuple(int(x) for x in grid) if grid else None
         self.prefix_tokens, self.causal = int(prefix_tokens or 0), bool(causal)
-        self.sinks, self.summary = int(sinks or 0), bool(summary)
+        self.sinks, self.summary, self.per_head = int(sinks or 0), bool(summary), bool(per_head)
         self._layouts: dict = {}
+        if self.per_head:
+            self.register_buffer("head_topk", torch.zeros(0, dtype=torch.long))  # [Hkv] once fitted
         if self.grid is not None and self.causal:
             raise ValueError("2-D block routing has no causal form")
         if self.grid is not None and self.sinks:
@@ -119,7 +130,33 @@ class BlockRoutingAttention(U.SDPAMixer):
 
     def _config(self) -> dict:
         return {"block": self.block, "topk": self.topk, "grid": self.grid, "prefix_tokens": self.prefix_tokens,
-                "causal": self.causal, "sinks": self.sinks, "summary": self.summary}
+                "causal": self.causal, "sinks": self.sinks, "summary": self.summary, "per_head": self.per_head}
+
+    # ------------------------------------------------------------------------------- per-head calibration
+    @torch.no_grad()
+    def fit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False,
+            scale=None) -> BlockRoutingAttention:
+        """Fit each kv head's block count on calibration ``q [..., Hq, N, D]``, ``k, v [..., Hkv, N, D]``.
+
+        For every count 1..blocks the routed output of each head is compared with exact attention; a small
+        dynamic program then picks the counts (summing to ``topk`` × kv heads) of least summed relative
+        squared error. ``scale`` defaults to SDPA's ``1/sqrt(D)``."""
+        c = U.canon(q, k, v, attn_mask, scale)
+        causal = self.causal or bool(is_causal)
+        exact = U.sdpa_rows(c, c.k, c.v, c.bias, causal=causal)                # [Bf, Hkv, G, N, Dv]
+        norm = exact.double().pow(2).sum((0, 2, 3, 4)).clamp(min=1e-30)       # [Hkv]
+        nb = len(self._layout(c.dims[3])[0])
+        errors = torch.stack([(self._attend(c, t, causal, 0.0) - exact).double().pow(2).sum((0, 2, 3, 4)) / norm
+                              for t in range(1, nb + 1)])                       # [nb, Hkv]
+        self.head_topk = allocate_blocks(errors, min(self.topk, nb) * errors.shape[1]).to(q.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Fitted counts load into a fresh (unfitted, empty) module: take the saved shape first."""
+        saved = state_dict.get(prefix + "head_topk")
+        if self.per_head and saved is not None and saved.shape != self.head_topk.shape:
+            self.head_topk = torch.empty(saved.shape, dtype=saved.dtype, device=self.head_topk.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _layout(self, n: int) -> tuple:
         """(order: ``nb`` lists of ``bs`` body positions, -1 = padding; prefix count; valid slot indices or
@@ -140,10 +177,28 @@ class BlockRoutingAttention(U.SDPAMixer):
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         c = U.canon(q, k, v, attn_mask, scale)
-        bf, hkv, g, n, nk, dd, dv = c.dims
+        bf, hkv, g, n, nk, _, dv = c.dims
         if n != nk:
             raise ValueError(f"BlockRoutingAttention needs as many queries as keys (got {n} and {nk})")
         causal = self.causal or bool(is_causal)
+        if not self.per_head or U.is_fake(c.q):
+            return c.finish(self._attend(c, self.topk, causal, dropout_p))
+        if self.head_topk.numel() != hkv:
+            self.fit(q, k, v, attn_mask, is_causal, scale)
+        out = c.q.new_empty(bf, hkv, g, n, dv)
+        for t in self.head_topk.unique().tolist():                              # one routed pass per count
+            heads = (self.head_topk == t).nonzero().squeeze(-1)
+            bias = c.bias
+            if bias is not None and bias.shape[1] > 1:
+                bias = bias.index_select(1, heads)
+            part = U.Canon(c.q.index_select(1, heads), c.k.index_select(1, heads), c.v.index_select(1, heads),
+                           bias, c.scale, (), c.out_dtype, c.mask_floor)
+            out.index_copy_(1, heads, self._attend(part, int(t), causal, dropout_p))
+        return c.finish(out)
+
+    def _attend(self, c: U.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
+        """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``."""
+        bf, hkv, g, n, _, dd, dv = c.dims
         dev = c.q.device
         order_list, p, slots = self._layout(n)
         order = torch.tensor(order_list, dtype=torch.long, device=dev)
@@ -166,7 +221,7 @@ class BlockRoutingAttention(U.SDPAMixer):
         if causal:
             aff = aff.masked_fill(later, U.NEG_INF)
         aff = aff.masked_fill(eye, float("inf"))
-        t = min(self.topk, nb)
+        t = min(topk, nb)
         idx = aff.topk(t, dim=-1).indices                                      # [Bf, Hkv, G, nb, t]
 
         # gather the chosen key blocks per query block: [Bf, Hkv, G, nb, t*bs, D]
@@ -223,7 +278,7 @@ class BlockRoutingAttention(U.SDPAMixer):
                           c.mask_floor)
             out = torch.cat([U.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p),
                              out[..., p:, :]], dim=-2)
-        return c.finish(out)
+        return out
 
     @staticmethod
     def _pooled(c, qb, kb, vb, valid, pos, flat) -> tuple:
@@ -262,6 +317,24 @@ class BlockRoutingAttention(U.SDPAMixer):
         return scores + lse, v_mean
 
 
+def allocate_blocks(errors: torch.Tensor, total: int) -> torch.Tensor:
+    """Per-head counts ``t_h >= 1`` with ``sum t_h <= total`` minimising ``sum errors[t_h - 1, h]`` (a
+    knapsack over heads, exact by dynamic programming). ``errors`` is ``[max_count, heads]``."""
+    counts, heads = errors.shape
+    total = max(heads, min(int(total), counts * heads))
+    err = errors.tolist()
+    best = {0: (0.0, ())}                      # blocks used -> (summed error, counts so far)
+    for h in range(heads):
+        nxt: dict = {}
+        for used, (e, picks) in best.items():
+            for t in range(1, min(counts, total - used - (heads - h - 1)) + 1):
+                cand = (e + err[t - 1][h], picks + (t,))
+                if used + t not in nxt or cand[0] < nxt[used + t][0]:
+                    nxt[used + t] = cand
+        best = nxt
+    return torch.tensor(min(best.values())[1], dtype=torch.long)
+
+
 @register_handler(BlockRouting)
 def block_routing_handler(action: BlockRouting, call, site):
     if U.is_cross(site):
@@ -273,6 +346,7 @@ def block_routing_handler(action: BlockRouting, call, site):
         return resolved
     grid, prefix, causal = resolved
     if grid is not None:
-        return BlockRoutingAttention(action.block, action.topk, grid, prefix, summary=action.summary)
+        return BlockRoutingAttention(action.block, action.topk, grid, prefix, summary=action.summary,
+                                     per_head=action.per_head)
     return BlockRoutingAttention(action.block, action.topk, None, 0, causal=causal, sinks=action.sinks,
-                                 summary=action.summary)
+                                 summary=action.summary, per_head=action.per_head)

@@ -25,7 +25,9 @@ import rewrite  # noqa: E402
 SETTINGS = {
     "SlidingWindow": [dict(window=256, sinks=1), dict(window=64, sinks=1)],
     "TopK": [dict(k=128), dict(k=32)],
-    "BlockRouting": [dict(block=64, topk=4), dict(block=64, topk=2)],
+    "BlockRouting": [dict(block=64, topk=4), dict(block=64, topk=2), dict(block=64, topk=4, sinks=1, summary=True),
+                     dict(block=64, topk=2, sinks=1, summary=True),
+                     dict(block=64, topk=2, sinks=1, summary=True, per_head=True)],
     "KMeansRouting": [dict(clusters=2, window=256), dict(clusters=4, window=128)],
     "TokenMerge": [dict(r=128), dict(r=256)],
     "Decay": [dict(gamma=0.99), dict(gamma=0.9)],
@@ -38,7 +40,7 @@ SETTINGS = {
 }
 
 
-def accuracy() -> None:
+def accuracy(only: str = "") -> None:
     from transformers import AutoModel, AutoTokenizer
     from rewrite.demo import minilm_folder
     from text_passages import passages
@@ -52,6 +54,8 @@ def accuracy() -> None:
     rows = [("SlidingWindow", dict(window=1024))] + [(m, s) for m, ss in SETTINGS.items() for s in
                                                      (ss if m != "Flow" else ss[:1])]
     for mixer, setting in rows:
+        if only and mixer not in only.split(","):
+            continue
         action = rewrite.action_types()[mixer](**setting)
         cells = []
         for scope in (names, names[:3]):
@@ -143,6 +147,7 @@ def speed() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["accuracy", "speed", "all"], default="all")
+    ap.add_argument("--mixers", default="", help="accuracy rows of these mixers only, e.g. BlockRouting")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -150,7 +155,7 @@ def main() -> None:
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("accuracy", "all"):
-        accuracy()
+        accuracy(args.mixers)
 
 
 if __name__ == "__main__":

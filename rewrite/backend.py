@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from .actions import RewriteError
-from .pipeline import Session, rewrite_graph
+from .pipeline import Session, _register_state_sources, rewrite_graph
 from .policy import Policy
 from .report import RewriteReport
 
@@ -40,12 +40,35 @@ def make_compiler(session: Session, then: str = "eager") -> Callable:
             gm.graph = backup
             gm.recompile()
         if then == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-            return compile_fx(gm, example_inputs)
+            return _inductor(gm, example_inputs, session)
         return gm.forward
 
     compile_graph.session = session  # type: ignore[attr-defined]
     return compile_graph
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list, session: Session) -> Callable:
+    """Compile the rewritten graph with Inductor. A mixer that Inductor cannot trace (one whose Python code
+    branches on tensor values, such as a mask classified at run time) makes the whole graph run as rewritten,
+    eagerly, with a warning and a note on its sites: never the unrewritten code behind the report's back."""
+    from torch._inductor.compile_fx import compile_fx
+    mixers = [n for n in gm.graph.nodes if n.op == "call_module" and "rewrite_site" in n.meta]
+    if not mixers:
+        return compile_fx(gm, example_inputs)
+    for n in mixers:  # state a mixer made while the graph was verified (a first fit) needs its source too
+        _register_state_sources(gm, n.target, gm.get_submodule(n.target))
+    try:
+        return compile_fx(gm, example_inputs)
+    except Exception as err:  # noqa: BLE001 - the rewritten graph itself runs; only the compiler is skipped
+        what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        log.warning("rewrite: Inductor could not compile a rewritten graph (%s); it runs eagerly", what)
+        note = f"then='inductor' could not compile its graph ({what[:200]}); that graph runs eagerly"
+        rows = session.report._sites
+        for key in dict.fromkeys(n.meta["rewrite_site"] for n in mixers):
+            row = rows.get(key)
+            if row is not None and note not in row.reason:
+                row.reason = "; ".join(x for x in (row.reason, note) if x)
+        return gm.forward
 
 
 def backend(policy: Any = "exact", then: str = "eager") -> Callable:

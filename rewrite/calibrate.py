@@ -209,21 +209,52 @@ def fit_candidates(state: CalibrationState) -> dict:
         inputs = [x for sw in switches for x in sw.fit_inputs]
         if not inputs:
             continue
+        groups = _fit_groups(inputs)
         for sw in switches:
             for cand_key, mod in sw.candidates.items():
                 fit = getattr(mod, "fit", None)
                 if fit is None:
                     continue
-                try:
-                    q = torch.cat([x[0].reshape(-1, *x[0].shape[-3:]) for x in inputs if x[0].dim() >= 3])
-                    k = torch.cat([x[1].reshape(-1, *x[1].shape[-3:]) for x in inputs if x[1].dim() >= 3])
-                    v = torch.cat([x[2].reshape(-1, *x[2].shape[-3:]) for x in inputs if x[2].dim() >= 3])
-                    _call_fit(fit, q, k, v)
-                except RuntimeError:  # lengths differ across batches: fit on the first batch's samples
-                    _call_fit(fit, *inputs[0])
+                _fit_pooled(fit, groups)
                 if isinstance(mod, torch.nn.Module):
                     fitted[(key, cand_key)] = {n: t.detach().clone() for n, t in mod.state_dict().items()}
     return fitted
+
+
+def _fit_layout(x: torch.Tensor) -> torch.Tensor:
+    """A recorded q, k or v in the layout its mixer sees at run time, batch dims merged into one.
+
+    ``[..., H, N, D]`` becomes ``[B, H, N, D]``: per-head state is fitted per head. A 3-D ``[(b·h), N, D]``
+    (batch and heads merged, as BLOOM-style or hand-written code spells it) stays as it is: the mixer sees
+    one head per row there, so its fitted state is one set shared by every row, whatever the batch size; it
+    must not be read as ``b·h`` heads (that state would change shape with the batch size)."""
+    return x.reshape(-1, *x.shape[-3:]) if x.dim() >= 4 else x
+
+
+def _fit_groups(inputs: list) -> list:
+    """The recorded (q, k, v) calls joined along the batch dim, one group per distinct per-row shape
+    (calibration batches of different lengths cannot be joined), largest group first."""
+    groups: dict = {}
+    for call in inputs:
+        if any(t.dim() < 3 for t in call):
+            continue
+        call = tuple(_fit_layout(t) for t in call)
+        groups.setdefault(tuple(tuple(t.shape[1:]) for t in call), []).append(call)
+    joined = [tuple(torch.cat(parts) for parts in zip(*calls)) for calls in groups.values()]
+    return sorted(joined, key=lambda g: -g[0].shape[0] * g[0].shape[-2])
+
+
+def _fit_pooled(fit, groups: list) -> None:
+    """Fit on every group at once (lists of tensors) where the mixer's ``fit`` pools lists, else on the largest."""
+    if not groups:
+        return
+    if len(groups) > 1:
+        try:
+            _call_fit(fit, *(list(parts) for parts in zip(*groups)))
+            return
+        except (TypeError, AttributeError, RuntimeError, ValueError):
+            pass  # this fit takes one tensor per argument
+    _call_fit(fit, *groups[0])
 
 
 def _call_fit(fit, q, k, v):

@@ -34,14 +34,15 @@ from .select import Option, solve
 def default_candidates() -> list:
     """Training-free candidates, gentlest first within each family (those whose classes are registered).
 
-    Block routing with one sink token and pooled summaries of the unchosen blocks leads: measured on MiniLM
-    with real text it has about half the error of plain routing at the same cost (BENCHMARKS.md). Blocks of
-    32 give finer cost steps than 64 at a few hundred tokens."""
+    Block routing with one sink token, pooled summaries of the unchosen blocks and per-head block counts
+    leads: measured on MiniLM with real text it has about half the error of plain routing at the same cost
+    (BENCHMARKS.md). Blocks of 32 give finer cost steps than 64 at a few hundred tokens."""
     t = action_types()
     out = []
     if "BlockRouting" in t:
-        out += [t["BlockRouting"](block=32, topk=k, sinks=1, summary=True) for k in (10, 8, 7, 6, 5, 4)]
-        out += [t["BlockRouting"](block=64, topk=k, sinks=1, summary=True) for k in (4, 3, 2)]
+        routing = dict(sinks=1, summary=True, per_head=True)
+        out += [t["BlockRouting"](block=32, topk=k, **routing) for k in (10, 8, 7, 6, 5, 4)]
+        out += [t["BlockRouting"](block=64, topk=k, **routing) for k in (4, 3, 2)]
     if "SlidingWindow" in t:
         out += [t["SlidingWindow"](window=w, sinks=4) for w in (256, 128)]
     if "TokenMerge" in t:

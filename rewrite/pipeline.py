@@ -197,17 +197,34 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
         while hasattr(gm, f"{name}_{i}"):
             i += 1
         gm.add_submodule(f"{name}_{i}", target)
+        _register_state_sources(gm, f"{name}_{i}", target)
         with graph.inserting_before(m.output):
             new = graph.call_module(f"{name}_{i}", args, call.kwargs())
         for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
             if key in m.output.meta:
                 new.meta[key] = m.output.meta[key]
+        new.meta["rewrite_site"] = (m.name, m.ordinal)
     else:
         new = insert_call(graph, m.output, target, args, call.kwargs(), like=m.output)
     if call.flatten_output:
         call.new_nodes.append(new)
         new = insert_call(graph, m.output, torch.flatten, (new, 0, call.flatten_output - 1), like=m.output)
     return new
+
+
+def _register_state_sources(gm: fx.GraphModule, name: str, module: torch.nn.Module) -> None:
+    """Give the parameters and buffers of a mixer inserted as submodule ``name`` a source, as Dynamo does for
+    its own graph attributes (``gm._param_name_to_source``): AOTAutograd (``then="inductor"``) lifts every
+    parameter and buffer of the graph module into a graph input and looks each one up there. They stay
+    inputs (never baked in as constants), so state loaded in place later (``load_state_dict``) is used."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:  # not a Dynamo graph (torch.export, a plain GraphModule): nothing to keep in step
+        return
+    from torch._dynamo.source import ConstantSource
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for leaf, _ in named:
+        key = f"{name}.{leaf}"
+        sources.setdefault(key, ConstantSource(f"__rewrite_state__.{key}"))
 
 
 def _restore_fitted(session: "Session", site: AttentionSite, action: Action, target: Any) -> None:

@@ -1,7 +1,6 @@
 """The foundation end to end: optimize / find_attention / report / policies / training / bad input."""
 import copy
 import json
-import os
 import subprocess
 import sys
 

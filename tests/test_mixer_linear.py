@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,8 +11,6 @@ from torch import nn
 import rewrite
 from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.linear import LinearAttention, linear_handler
-from rewrite.passes.lower import SiteCall
-from rewrite.sites import AttentionSite
 from mixer_b_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min

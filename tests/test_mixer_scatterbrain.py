@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,8 +10,6 @@ import rewrite
 from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.linear import LinearAttention
 from rewrite.mixers.scatterbrain import ScatterbrainAttention, scatterbrain_handler
-from rewrite.passes.lower import SiteCall
-from rewrite.sites import AttentionSite
 from mixer_b_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min

@@ -1,7 +1,6 @@
 """SharedQuery: exact when all queries are equal, calibrated causal prefix form, masks, handler, pipeline."""
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,8 +8,6 @@ from hypothesis import strategies as st
 import rewrite
 from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.shared_query import SharedQueryAttention, shared_query_handler
-from rewrite.passes.lower import SiteCall
-from rewrite.sites import AttentionSite
 from mixer_b_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min

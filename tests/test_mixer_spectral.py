@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,8 +11,6 @@ from hypothesis import strategies as st
 import rewrite
 from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.spectral import SpectralMixer, spectral_handler
-from rewrite.passes.lower import SiteCall
-from rewrite.sites import AttentionSite
 from mixer_b_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
@@ -82,14 +79,26 @@ def test_padding_transforms_only_the_valid_tokens(kind):
     torch.testing.assert_close(out[2, :, 5:], filt(kind, 7, keep) @ v[2, :, 5:])
     gaps = valid.clone()
     gaps[0, 3] = False
-    with pytest.raises(RewriteError, match="contiguous"):
-        SpectralMixer(kind, keep)(v, v, v, attn_mask=gaps[:, None, None, :])
+    mixer = SpectralMixer(kind, keep)
+    with pytest.warns(RuntimeWarning, match="contiguous"):       # served exactly, never an error
+        out = mixer(v, v, v, attn_mask=gaps[:, None, None, :])
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(v, v, v, attn_mask=gaps[:, None, None, :]))
+    assert mixer.exact_calls == 1
 
 
-def test_runtime_causal_mask_is_refused_clearly():
+@pytest.mark.parametrize("mask, words", [
+    (torch.ones(6, 6, dtype=torch.bool).tril(), "no causal form"),
+    (torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) > 0.3, "general"),
+])
+def test_a_mask_it_cannot_honour_at_run_time_runs_exact_attention_with_a_warning(mask, words):
     v = torch.randn(1, 1, 6, 2)
-    with pytest.raises(RewriteError, match="no causal form"):
-        SpectralMixer("fft", 2)(v, v, v, attn_mask=torch.ones(6, 6, dtype=torch.bool).tril())
+    mixer = SpectralMixer("fft", 2)
+    with pytest.warns(RuntimeWarning, match=words):
+        out = mixer(v, v, v, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(v, v, v, attn_mask=mask))
+    q = torch.randn(1, 1, 2, 2)                                   # Nq != Nk (a decoding step): exact too
+    torch.testing.assert_close(mixer(q, v, v), F.scaled_dot_product_attention(q, v, v))
+    assert mixer.exact_calls == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

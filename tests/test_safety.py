@@ -1,7 +1,6 @@
 """The safety nets: verification rejects a wrong lowering, declines fall back, breaks are reported."""
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 

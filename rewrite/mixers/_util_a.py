@@ -255,22 +255,24 @@ def check_choice(action, name: str, value, choices: tuple) -> None:
 
 
 def site_lengths(site) -> tuple:
-    """(Nq, Nk) of a site as ints, or None where symbolic / unknown."""
-    def as_int(s):
-        try:
-            return int(s)
-        except Exception:
-            return None
+    """(Nq, Nk) of a site as ints (the captured values of symbolic lengths), or None where unknown. For
+    messages and checks only: reading them adds no guard, so a dynamic graph is not pinned to one length."""
+    from ..graph import hint_int
     qs, ks = tuple(getattr(site, "q_shape", ()) or ()), tuple(getattr(site, "k_shape", ()) or ())
-    return (as_int(qs[-2]) if len(qs) >= 2 else None), (as_int(ks[-2]) if len(ks) >= 2 else None)
+    return (hint_int(qs[-2]) if len(qs) >= 2 else None), (hint_int(ks[-2]) if len(ks) >= 2 else None)
 
 
 def is_cross(site) -> bool:
-    """Nq differs from Nk at this site (cross-attention or KV-cache decoding)."""
+    """Nq may differ from Nk at this site (cross-attention or KV-cache decoding): the lengths are not the
+    same size for every input. Decided without guards (``int()`` of a symbolic length would specialise the
+    graph to it and recompile it at every new length)."""
     if getattr(site, "cross", False):
         return True
-    nq, nk = site_lengths(site)
-    return nq is not None and nk is not None and nq != nk
+    from ..graph import same_size
+    qs, ks = tuple(getattr(site, "q_shape", ()) or ()), tuple(getattr(site, "k_shape", ()) or ())
+    if len(qs) < 2 or len(ks) < 2 or qs[-2] is None or ks[-2] is None:
+        return False
+    return not same_size(qs[-2], ks[-2])
 
 
 def site_causal(call, site) -> bool:

@@ -310,6 +310,145 @@ def favor_key(k: torch.Tensor, proj: torch.Tensor, key_bias: Optional[torch.Tens
 
 # ---------------------------------------------------------------------------------------------- handlers
 
+#: the largest mask computation (graph nodes) a handler evaluates on the example batch
+EXAMPLE_CONE_LIMIT = 400
+
+
+def example_value(node: Any) -> Any:
+    """The value a graph node had on the captured example batch, or None where that cannot be known.
+
+    Only the node's cone of inputs is evaluated, from the inputs Dynamo recorded for the graph's placeholders
+    (``meta["grapharg"]``); a cone that is large, calls a submodule or has side effects is not evaluated.
+    Handlers use it to see a mask that is built at run time (e.g. a decoder's causal mask combined with
+    padding in one data-dependent tensor, which the causal prover cannot see through)."""
+    from torch import fx
+    if not isinstance(node, fx.Node):
+        return node
+    from ..graph import is_mutating
+    cone, work = set(), [node]
+    while work:
+        n = work.pop()
+        if n in cone:
+            continue
+        cone.add(n)
+        if len(cone) > EXAMPLE_CONE_LIMIT or n.op == "call_module" or _mutates(n, is_mutating):
+            return None
+        work.extend(n.all_input_nodes)
+    gm = node.graph.owning_module
+    if gm is None:
+        return None
+    interp = fx.Interpreter(gm, garbage_collect_values=False)
+    try:
+        with torch.no_grad():
+            for n in node.graph.nodes:
+                if n not in cone:
+                    continue
+                if n.op == "placeholder":
+                    value = _placeholder_example(n)
+                    if value is None:
+                        return None
+                    interp.env[n] = value
+                else:
+                    interp.env[n] = interp.run_node(n)
+                if n is node:
+                    break
+    except Exception:  # noqa: BLE001 - a mask that cannot be evaluated here is simply not known
+        return None
+    return interp.env.get(node)
+
+
+def _mutates(n: Any, is_mutating) -> bool:
+    import operator
+    if n.op == "placeholder":
+        return False
+    if n.op == "call_function" and getattr(operator, getattr(n.target, "__name__", ""), None) is n.target:
+        # the operator module: only its in-place forms (iand, setitem, ...) mutate; and_/or_ do not
+        name = n.target.__name__
+        return name in ("setitem", "delitem") or (name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
+    return is_mutating(n)
+
+
+def _placeholder_example(n: Any) -> Any:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+    arg = n.meta.get("grapharg")
+    try:
+        value = arg.example if arg is not None else None
+    except Exception:  # noqa: BLE001 - a freed example
+        return None
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        value = value.node.hint
+    if isinstance(value, torch.Tensor) and _is_fake(value):
+        return None
+    if value is not None and getattr(arg, "pass_arg_as_tensor", False) and not isinstance(value, torch.Tensor):
+        value = torch.tensor(value)
+    return value
+
+
+def example_mask_plan(call) -> MaskPlan | None:
+    """:func:`plan_mask` of the site's ``attn_mask`` (and ``is_causal``) on the example batch; None if unknown."""
+    from ..graph import hint_int
+    mask = getattr(call, "attn_mask", None)
+    nq, nk = hint_int(static_len(call.q, -2)), hint_int(static_len(call.k, -2))
+    if nq is None or nk is None:
+        return None
+    if mask is None:
+        return plan_mask(None, bool(getattr(call, "is_causal", False)), nq, nk)
+    value = example_value(mask)
+    if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[-1] not in (1, nk):
+        return None
+    try:
+        return plan_mask(value.detach(), bool(getattr(call, "is_causal", False)), nq, nk)
+    except Exception:  # noqa: BLE001 - a mask of a shape this classification does not cover: unknown
+        return None
+
+
+def hides_future(plan: MaskPlan | None) -> bool:
+    """Whether the plan masks every key after each query's own position (a causal mask, maybe with more)."""
+    if plan is None:
+        return False
+    if plan.kind == "causal":
+        return True
+    if plan.kind != "general":
+        return False
+    future = ~causal_allowed(plan.nq, plan.nk, plan.nk - plan.nq, plan.bias.device)
+    return bool(future.any()) and bool((plan.bias.masked_select(future.expand_as(plan.bias)) <= MASKED).all())
+
+
+def visibility_varies(plan: MaskPlan | None) -> bool:
+    """Whether some key is masked for some queries but visible to others (a causal, windowed or other
+    per-query mask, rather than one that only hides keys such as padding)."""
+    if plan is None or plan.kind in ("none", "keys"):
+        return False
+    if plan.kind == "causal":
+        return plan.nq > 1
+    visible = plan.bias > MASKED
+    return not torch.equal(visible, visible[..., :1, :].expand_as(visible))
+
+
+def exact_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Exact SDPA, for a call a mixer cannot serve faithfully (``attn_mask`` and ``is_causal`` both honoured)."""
+    if attn_mask is not None and is_causal:
+        nq, nk = q.shape[-2], k.shape[-2]
+        attn_mask = to_additive(attn_mask, q.dtype).masked_fill(~causal_allowed(nq, nk, 0, q.device), float("-inf"))
+        is_causal = False
+    if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        k, v = expand_kv(q, k, v)
+    scale = None if scale is None else resolve_scale(scale, q.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=float(dropout_p or 0.0),
+                                          is_causal=bool(is_causal), scale=scale)
+
+
+class ExactFallback:
+    """Mixin state: count calls served by exact attention instead (a mask the mixer cannot honour), warn once."""
+
+    def _exact_note(self, why: str) -> None:
+        self.exact_calls = getattr(self, "exact_calls", 0) + 1
+        if not getattr(self, "_warned_exact", False):
+            self._warned_exact = True
+            warnings.warn(f"{type(self).__name__}: {why}; this call ran exact attention instead (counted in "
+                          ".exact_calls)", RuntimeWarning, stacklevel=3)
+
+
 def static_len(node: Any, dim: int) -> Any:
     from ..graph import shape
     s = shape(node)

@@ -12,8 +12,13 @@ them). At run time:
 For fixed shapes the queries are sorted by cluster into blocks of ``Bq`` slots, each block holding one
 cluster's queries; a block scores only its cluster's ``window`` keys. Time
 O((N + clusters·Bq)·window·d + N·clusters·d), memory O(N·window), whatever the cluster sizes.
-It equals exact attention with one cluster and ``window >= N``. Causal sites keep the causal pattern
-inside each cluster (a query's own key is always visible).
+It equals exact attention with one cluster and ``window >= N``.
+
+Causal sites route so that nothing depends on a later token (choosing each cluster's window among all keys
+would let a later key push an earlier one out): every key joins its nearest centroid's cluster, and a query
+attends to the ``window`` most recent keys of its cluster at or before its position, plus its own key. Time
+O(N·window·d + N·clusters·d). Sites whose mask is causal only at run time (a decoder's causal-and-padding
+mask) are recognised on the example batch and routed causally too.
 
 Until ``fit`` has been called, the first real batch the module sees fits the centroids (inside
 ``rewrite.optimize`` that is the example batch).
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from ..actions import Action, Decline, register_action, register_handler
 from ..cost import B, H, N, Nk, d
 from . import _util_a as U
+from . import _util_b as UB
 
 
 @register_action
@@ -148,18 +154,50 @@ class KMeansRoutingAttention(U.SDPAMixer):
             bf, hkv, g, n, _, dd, _ = c.dims
             self.fit(c.q.reshape(bf, hkv * g, n, dd), c.k)
 
+    @torch.no_grad()
+    def route_causal(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        """Causal routing in the grouped layout (q ``[Bf, Hkv, G, N, D]``, k ``[Bf, Hkv, N, D]``).
+
+        Returns ``kidx [Bf, Hkv, G, N, w]`` (each query's window: the ``w`` most recent keys of its cluster at
+        or before its position, oldest first) and ``valid`` (False where the cluster has fewer such keys)."""
+        mu = self.centroids
+        if U.is_fake(q) and not U.is_fake(mu):
+            from torch._guards import detect_fake_mode
+            mu = detect_fake_mode((q,)).from_tensor(mu)
+        mu = mu.to(q.dtype)
+        bf, hkv, g, n, _ = q.shape
+        nc, w = self.clusters, min(self.window, k.shape[-2])
+        qc = U.grouped_scores(F.normalize(q, dim=-1), mu.unsqueeze(0)).argmax(-1)       # [Bf, Hkv, G, N]
+        kc = (F.normalize(k, dim=-1) @ mu.transpose(-1, -2).unsqueeze(0)).argmax(-1)    # [Bf, Hkv, N]
+        seen = F.one_hot(kc, nc).cumsum(-2)                                             # [Bf, Hkv, N, C]
+        counts = seen[..., -1, :]
+        start = counts.cumsum(-1) - counts                                              # each cluster's first slot
+        pos = torch.arange(n, device=q.device)
+        order = (kc * n + pos).argsort(-1)                                # keys sorted by (cluster, position)
+        mine = seen.unsqueeze(2).expand(bf, hkv, g, n, nc).gather(-1, qc.unsqueeze(-1)).squeeze(-1)
+        first = start.unsqueeze(2).expand(bf, hkv, g, nc).gather(-1, qc)                 # [Bf, Hkv, G, N]
+        rank = mine.unsqueeze(-1) - w + torch.arange(w, device=q.device)                 # rank in the cluster
+        valid = rank >= 0
+        slot = (first.unsqueeze(-1) + rank.clamp(min=0)).clamp(max=n - 1)
+        kidx = order.unsqueeze(2).expand(bf, hkv, g, n).gather(-1, slot.reshape(bf, hkv, g, n * w))
+        return kidx.view(bf, hkv, g, n, w), valid
+
     def allowed(self, q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """Bool ``[Bf, Hq, N, Nk]``: which keys each query attends to (its cluster's keys and its own key)."""
         c = U.canon(q, k, k, None, None)
         bf, hkv, g, n, nk, _, _ = c.dims
         self._ensure_fitted(c)
+        if causal:
+            kidx, valid = self.route_causal(c.q, c.k)
+            allow = torch.zeros(bf, hkv, g, n, nk + 1, dtype=torch.bool, device=q.device)
+            allow.scatter_(-1, kidx.masked_fill(~valid, nk), True)
+            allow = allow[..., :nk] | torch.eye(n, nk, dtype=torch.bool, device=q.device)
+            return allow.reshape(bf, hkv * g, n, nk)
         cluster, kidx = self.route(c.q, c.k)
         member = torch.zeros(bf, hkv, self.clusters, nk, dtype=torch.bool, device=q.device).scatter_(-1, kidx, True)
         allow = member.unsqueeze(2).expand(bf, hkv, g, self.clusters, nk).gather(
             3, cluster.unsqueeze(-1).expand(bf, hkv, g, n, nk))                # [Bf, Hkv, G, N, Nk]
         allow = allow | torch.eye(n, nk, dtype=torch.bool, device=q.device)
-        if causal:
-            allow = allow & torch.ones(n, nk, dtype=torch.bool, device=q.device).tril()
         return allow.reshape(bf, hkv * g, n, nk)
 
     # ---------------------------------------------------------------------------------------------- forward
@@ -172,7 +210,8 @@ class KMeansRoutingAttention(U.SDPAMixer):
             # shape inference before any real batch: nothing to route with yet, and nothing to fit on
             return c.finish(c.q.new_zeros(bf, hkv, g, n, dv))
         self._ensure_fitted(c)
-        causal = self.causal or bool(is_causal)
+        if self.causal or bool(is_causal):
+            return c.finish(self._causal(c, dropout_p))
         nc = self.clusters
         cluster, kidx = self.route(c.q, c.k)                                  # [Bf,Hkv,G,N], [Bf,Hkv,C,w]
         w = kidx.shape[-1]
@@ -204,10 +243,7 @@ class KMeansRoutingAttention(U.SDPAMixer):
         own = (qs * kown).sum(-1, keepdim=True).mul_(c.scale)                  # [L, nblk, Bq, 1]
 
         kp, qp = kpos.unsqueeze(-2), qpos.unsqueeze(-1)
-        drop = kp == qp                                                        # the own key is counted once
-        if causal:
-            drop = drop | (kp > qp)
-        scores = scores.masked_fill(drop, U.NEG_INF)
+        scores = scores.masked_fill(kp == qp, U.NEG_INF)                      # the own key is counted once
         if c.bias is not None:
             rows = own_pos.unsqueeze(-1)
             scores = scores + U.gather_bias(c.bias, full, rows, kp)
@@ -216,6 +252,34 @@ class KMeansRoutingAttention(U.SDPAMixer):
         out = probs[..., :w] @ vb + probs[..., w:] * vown                      # [L, nblk, Bq, Dv]
         out = torch.gather(out.reshape(*full, nblk * bq, dv), 3, slot_of.unsqueeze(-1).expand(*full, n, dv))
         return c.finish(out)
+
+
+    def _causal(self, c: U.Canon, dropout_p) -> torch.Tensor:
+        """Causal routed attention ``[Bf, Hkv, G, N, Dv]`` (see :meth:`route_causal`), in chunks of query rows."""
+        bf, hkv, g, _, nk, dd, dv = c.dims
+        kidx, valid = self.route_causal(c.q, c.k)
+        w = kidx.shape[-1]
+        full = (bf, hkv, g)
+        keys = c.k.unsqueeze(2).expand(*full, nk, dd)
+        vals = c.v.unsqueeze(2).expand(*full, nk, dv)
+        outs = []
+        for rows in U.row_chunks(c, per_row=bf * hkv * g * (w + 1) * max(dd, dv)):
+            r = rows.stop - rows.start
+            ki = kidx[..., rows, :]                                            # [Bf, Hkv, G, R, w]
+            flat = ki.reshape(*full, r * w, 1)
+            kb = torch.gather(keys, 3, flat.expand(*full, r * w, dd)).view(*full, r, w, dd)
+            vb = torch.gather(vals, 3, flat.expand(*full, r * w, dv)).view(*full, r, w, dv)
+            qr = c.q[..., rows, :]
+            scores = (qr.unsqueeze(-2) @ kb.transpose(-1, -2)).squeeze(-2).mul_(c.scale)        # [.., R, w]
+            own = (qr * c.k[:, :, None, rows, :]).sum(-1, keepdim=True).mul_(c.scale)          # [.., R, 1]
+            qpos = torch.arange(rows.start, rows.stop, device=c.q.device).view(1, 1, 1, r, 1)
+            scores = scores.masked_fill(~valid[..., rows, :] | (ki == qpos), U.NEG_INF)   # own key counted once
+            if c.bias is not None:
+                scores = scores + U.gather_bias(c.bias, full, qpos, ki)
+                own = own + U.gather_bias(c.bias, full, qpos, qpos)
+            probs = U.dropout(U.safe_softmax(torch.cat([scores, own], -1)), dropout_p)
+            outs.append((probs[..., None, :w] @ vb).squeeze(-2) + probs[..., w:] * c.v[:, :, None, rows, :])
+        return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
 
 def _slot_block(n, clusters):
@@ -281,5 +345,6 @@ def kmeans_routing_handler(action: KMeansRouting, call, site):
         nq, nk = U.site_lengths(site)
         return Decline(f"k-means routing clusters queries and keys of one sequence; this site has Nq={nq}, "
                        f"Nk={nk} (cross-attention or KV-cache decoding)")
-    return KMeansRoutingAttention(action.clusters, action.window, causal=U.site_causal(call, site),
-                                  iterations=action.iterations)
+    # a mask that hides every later key, built at run time (seen on the example batch), needs causal routing too
+    causal = U.site_causal(call, site) or UB.hides_future(UB.example_mask_plan(call))
+    return KMeansRoutingAttention(action.clusters, action.window, causal=causal, iterations=action.iterations)

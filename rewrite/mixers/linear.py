@@ -30,7 +30,6 @@ from typing import Optional
 import sympy
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler

@@ -28,7 +28,6 @@ from typing import Optional
 
 import sympy
 import torch
-from torch import nn
 
 from .. import cost
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
@@ -75,11 +74,18 @@ class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
     # ---------------------------------------------------------------------------------- calibration
     @property
     def fitted(self) -> bool:
-        return bool(self.q_count > 0)
+        """Whether a mean query is there; read from the buffer's size, never its values, so a compiler tracing
+        the mixer (``then="inductor"``) can decide it without data."""
+        return self.q_sum.numel() > 0
 
     @torch.no_grad()
     def fit(self, q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None) -> "SharedQueryAttention":
-        """Accumulate the mean query per head (dim -3 when q has 4+ dims, else one vector) over ``q``."""
+        """Accumulate the mean query per head (dim -3 when q has 4+ dims, else one vector) over ``q``
+        (a list of tensors: over each of them)."""
+        if isinstance(q, (list, tuple)):
+            for part in q:
+                self.fit(part)
+            return self
         qd = q.detach().to(torch.float64)
         if qd.dim() >= 4:
             dims = tuple(i for i in range(qd.dim()) if i not in (qd.dim() - 3, qd.dim() - 1))
@@ -88,6 +94,8 @@ class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
         else:
             total = qd.reshape(-1, qd.shape[-1]).sum(0).reshape(1, 1, -1)
             count = qd.numel() / qd.shape[-1]
+        if count == 0:  # no queries: nothing to accumulate (an empty fit must not count as fitted)
+            return self
         if self.q_sum.shape != total.shape:
             if self.fitted and self.q_sum.numel():
                 raise RewriteError(f"SharedQuery was calibrated on queries shaped {tuple(self.q_sum.shape)} per "

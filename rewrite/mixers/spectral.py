@@ -16,11 +16,13 @@ for vision where the grid is known, with the site's prefix tokens (CLS) given th
 a pretrained model this mixer discards the attention pattern and the error (measured and reported by the
 pipeline) is large.
 
-It mixes the whole sequence at once, so it has no causal form: causal sites are declined, and a causal mask
-found at run time raises a :class:`~rewrite.actions.RewriteError`. Padding masks are honoured when each
-sequence's unpadded tokens are contiguous (right or left padding): the transform runs over exactly those
-tokens (per distinct length), and padded positions get the mean of the valid values. Cross-attention and
-KV-cache decoding (Nq != Nk) and sites with score biases are declined.
+It mixes the whole sequence at once, so it has no causal form: causal sites are declined, including sites
+whose causal mask is built at run time (a decoder's causal-and-padding mask: the handler reads the mask on the
+example batch). Padding masks are honoured when each sequence's unpadded tokens are contiguous (right or left
+padding): the transform runs over exactly those tokens (per distinct length), and padded positions get the
+mean of the valid values. Cross-attention and KV-cache decoding (Nq != Nk) and sites with score biases are
+declined. A call that still brings a mask it cannot honour runs exact attention instead, with a warning
+(counted in ``exact_calls``): never an error, never a silently wrong result.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def lowpass_fft2(img: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.fft.irfft2(spec, s=(h, w))
 
 
-class SpectralMixer(nn.Module):
+class SpectralMixer(nn.Module, U.ExactFallback):
     """Spectral low-pass mixer with SDPA's call signature (see the module docstring). ``grid`` None: 1-D."""
 
     def __init__(self, kind: str = "fft", keep: int = 16, grid: Optional[tuple] = None, prefix_tokens: int = 0):
@@ -112,30 +114,40 @@ class SpectralMixer(nn.Module):
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if U.is_fake(q, k, v, attn_mask):
             return U.fake_output(q, v)
+        why = self.refusal(q, k, attn_mask, is_causal)
+        if why:
+            self._exact_note(why)
+            return U.exact_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         dtype = q.dtype
         q, k, v, _ = U.prepare(q, k, v, scale)
-        nq, nk = q.shape[-2], k.shape[-2]
-        if nq != nk:
-            raise RewriteError(f"Spectral mixes one sequence; Nq={nq} != Nk={nk} (cross-attention or KV-cache "
-                               "decoding) is not supported. Keep this site Exact.")
-        plan = U.plan_mask(attn_mask, is_causal, nq, nk, v.dtype)
-        if plan.kind not in ("none", "keys"):
-            raise RewriteError("Spectral has no causal form and cannot honour a mask that is not a padding mask "
-                               f"(found a {plan.kind} mask at run time); keep this site Exact.")
+        nk = k.shape[-2]
+        plan = U.plan_mask(attn_mask, is_causal, q.shape[-2], nk, v.dtype)
         lead = torch.broadcast_shapes(q.shape[:-2], v.shape[:-2])
         v = v.expand(*lead, nk, v.shape[-1])
-        valid = plan.key_valid()
-        if valid is not None:
-            valid = valid[..., 0, :].expand(*lead, nk)
-            if bool(valid.all()):
-                valid = None
+        valid = _valid_keys(plan, lead, nk)
         if self.grid is not None:
-            out = self._mix2d(v, valid)
+            out = self._mix2d(v)
         elif valid is None:
             out = self.lowpass(v)
         else:
             out = self._mix_segments(v, valid)
         return out.to(dtype)
+
+    def refusal(self, q, k, attn_mask=None, is_causal=False) -> str:
+        """Why this call cannot be served faithfully ("" when it can): Spectral then runs exact attention."""
+        nq, nk = q.shape[-2], k.shape[-2]
+        if nq != nk:
+            return (f"Spectral mixes one sequence; Nq={nq} != Nk={nk} (cross-attention or KV-cache decoding) "
+                    "is not supported")
+        plan = U.plan_mask(attn_mask, is_causal, nq, nk)
+        if plan.kind not in ("none", "keys"):
+            return ("Spectral has no causal form and honours only padding masks (found a "
+                    f"{plan.kind} mask at run time)")
+        if self.grid is not None:
+            gh, gw = self.grid
+            if nk != self.prefix + gh * gw:
+                return f"Spectral 2-D: {nk} tokens do not match the grid {gh}x{gw} with {self.prefix} prefix token(s)"
+        return _padding_refusal(plan, self.grid is not None)
 
     def _mix_segments(self, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per row, transform only its contiguous run of valid tokens; padded positions get their mean."""
@@ -143,10 +155,6 @@ class SpectralMixer(nn.Module):
         flat_v, flat_ok = v.reshape(-1, n, dv), valid.reshape(-1, n)
         count = flat_ok.sum(-1)
         first = torch.where(count > 0, flat_ok.to(torch.int64).argmax(-1), torch.zeros_like(count))
-        last = torch.where(count > 0, n - 1 - flat_ok.flip(-1).to(torch.int64).argmax(-1), first - 1)
-        if bool(((last - first + 1) != count).any()):
-            raise RewriteError("Spectral honours padding masks only when each sequence's valid tokens are "
-                               "contiguous; this mask has gaps. Keep this site Exact.")
         okf = flat_ok.unsqueeze(-1).to(v.dtype)
         mean = (flat_v * okf).sum(-2, keepdim=True) / count.clamp_min(1)[:, None, None].to(v.dtype)
         out = mean.expand_as(flat_v).clone()
@@ -158,14 +166,10 @@ class SpectralMixer(nn.Module):
             out[rows, start:start + length] = self.lowpass(flat_v[rows, start:start + length])
         return out.reshape(v.shape)
 
-    def _mix2d(self, v: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    def _mix2d(self, v: torch.Tensor) -> torch.Tensor:
         gh, gw = self.grid
         p = self.prefix
         n, dv = v.shape[-2:]
-        if n != p + gh * gw:
-            raise RewriteError(f"Spectral 2-D: {n} tokens do not match the grid {gh}x{gw} with {p} prefix token(s).")
-        if valid is not None:
-            raise RewriteError("Spectral 2-D cannot honour a padding mask over image patches; keep this site Exact.")
         flat = v.reshape(-1, n, dv)
         img = flat[:, p:, :].transpose(1, 2).reshape(-1, dv, gh, gw)
         if self.kind == "fft":
@@ -177,6 +181,37 @@ class SpectralMixer(nn.Module):
             parts.append(flat.mean(1, keepdim=True).expand(-1, p, dv))
         parts.append(mixed.reshape(-1, dv, gh * gw).transpose(1, 2))
         return torch.cat(parts, 1).reshape(v.shape)
+
+
+def _valid_keys(plan: U.MaskPlan, lead: tuple, nk: int) -> Optional[torch.Tensor]:
+    """Boolean ``[*lead, Nk]`` valid (unpadded) keys of a padding plan; None when every key is valid."""
+    valid = plan.key_valid()
+    if valid is None:
+        return None
+    valid = valid[..., 0, :].expand(*lead, nk)
+    return None if bool(valid.all()) else valid
+
+
+def _padding_refusal(plan: U.MaskPlan, two_d: bool) -> str:
+    """Why a padding plan cannot be served ("" when it can)."""
+    valid = plan.key_valid()
+    if valid is None or bool(valid.all()):
+        return ""
+    if two_d:
+        return "Spectral 2-D cannot honour a padding mask over image patches"
+    if not _contiguous(valid[..., 0, :]):
+        return "Spectral honours padding masks only when each sequence's valid tokens are contiguous"
+    return ""
+
+
+def _contiguous(valid: torch.Tensor) -> bool:
+    """Whether every row's valid tokens form one run (right or left padding), as the transform needs."""
+    n = valid.shape[-1]
+    flat = valid.reshape(-1, n)
+    count = flat.sum(-1)
+    first = flat.to(torch.int64).argmax(-1)
+    last = n - 1 - flat.flip(-1).to(torch.int64).argmax(-1)
+    return bool(((count == 0) | (last - first + 1 == count)).all())
 
 
 @register_handler(Spectral)
@@ -194,4 +229,13 @@ def spectral_handler(action: Spectral, call, site):
         return bad
     if grid is not None and "none" not in U.mask_kinds(site):
         return Decline("Spectral 2-D cannot honour a padding mask over image patches")
-    return SpectralMixer(action.kind, action.keep, grid, prefix)
+    mixer = SpectralMixer(action.kind, action.keep, grid, prefix)
+    plan = U.example_mask_plan(call)  # a mask built at run time, as the example batch has it
+    if plan is not None and plan.kind not in ("none", "keys"):
+        what = "a causal mask" if plan.kind == "causal" else "a mask that differs between queries"
+        return Decline(f"Spectral mixing is global over the sequence and honours only padding masks; this site's "
+                       f"mask (built at run time) is {what} on the example batch")
+    why = _padding_refusal(plan, grid is not None) if plan is not None else ""
+    if why:
+        return Decline(f"{why} (the example batch's mask is not)")
+    return mixer

@@ -9,7 +9,8 @@ their count, so the output shape is SDPA's. It equals exact attention when ``r =
 
 Merging is done inside the attention call only (this layer's later tokens are untouched), so it is a
 pure swap of one attention site. Time: matching O(Nk²·d/4) plus attention O(N·(Nk - r)·d). Merging
-would mix past and future keys, so causal sites are declined; cross-attention is fine.
+would mix past and future keys, so causal sites are declined, including sites whose mask is causal (or
+otherwise hides keys from some queries only) at run time, as the example batch shows; cross-attention is fine.
 
 Example::
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from ..actions import Action, Decline, register_action, register_handler
 from ..cost import B, H, N, Nk, d, dv
 from . import _util_a as U
+from . import _util_b as UB
 
 
 @register_action
@@ -130,4 +132,9 @@ def token_merge_handler(action: TokenMerge, call, site):
     if U.site_causal(call, site):
         return Decline("token merging averages keys across positions, which would let a query see future "
                        "tokens; causal sites are not supported")
+    plan = UB.example_mask_plan(call)  # a mask built at run time, as the example batch has it
+    if UB.visibility_varies(plan):
+        what = "a causal mask" if plan.kind == "causal" else "a mask that hides keys from some queries only"
+        return Decline(f"token merging averages keys across positions, which would let a query see keys its mask "
+                       f"hides; this site's mask (built at run time) is {what} on the example batch")
     return TokenMergeAttention(action.r)

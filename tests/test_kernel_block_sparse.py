@@ -225,3 +225,58 @@ def test_bad_block_mask_shape(device):
     q, k, v = _qkv(device, 1, 2, 2, 32, 32, 16)
     with pytest.raises(ValueError, match="block_mask"):
         kernels.block_sparse_attention(q, k, v, torch.ones(1, 1, 3, 2, dtype=torch.bool, device=device), 16)
+
+
+# ------------------------------------------------------------------------------------------ in-kernel band
+
+BAND_CASES = [
+    # B, Hq, Hkv, N, D, block, (left, right), sinks, causal
+    (1, 2, 2, 37, 16, 16, (5, 5), 0, False),      # odd length, symmetric band
+    (1, 2, 1, 45, 16, 16, (9, 0), 2, True),       # causal band with sinks, GQA
+    (2, 2, 2, 50, 32, 16, (3, 20), 3, False),     # asymmetric band, sinks, bidirectional
+    (1, 4, 2, 70, 16, 32, (17, 17), 1, False),    # blocks of 32 as 2 x 2 tiles, GQA
+    (1, 2, 2, 33, 16, 16, (4, None), 0, False),   # one side unbounded
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,bs,window,sinks,causal", BAND_CASES)
+def test_band_matches_reference(device, B, Hq, Hkv, N, D, bs, window, sinks, causal):
+    from rewrite.kernels.block_sparse_attention import band_block_mask
+    from rewrite.kernels.block_sparse_attention.reference import band_keep
+    q, k, v = _qkv(device, B, Hq, Hkv, N, N, D, seed=7)
+    left, right = (-1 if w is None else w for w in window)
+    bm = band_block_mask(N, N, bs, bs, left, right, sinks, device=device)
+    assert kept_fraction(bm) < 1.0 or N <= 2 * bs
+    out = _check(q, k, v, bm, bs, is_causal=causal, window=window, sinks=sinks)
+    # the band alone equals dense attention with the band as a mask
+    keep = band_keep(N, N, window, sinks, device)
+    dense = attention_reference(q, k, v, attn_mask=keep, is_causal=causal)
+    _assert_close(out, dense, 2e-5, "band vs dense")
+
+
+def test_band_with_key_padding_mask(device):
+    from rewrite.kernels.block_sparse_attention import band_block_mask
+    B, H, N = 2, 2, 41
+    q, k, v = _qkv(device, B, H, H, N, N, 16, seed=9)
+    pad = torch.ones(B, 1, 1, N, dtype=torch.bool, device=device)
+    pad[1, ..., 30:] = False
+    bm = band_block_mask(N, N, 16, 16, 6, 6, 1, device=device)
+    _check(q, k, v, bm, 16, attn_mask=pad, window=(6, 6), sinks=1)
+
+
+def test_band_op_schema_backward_compatible():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 40, 16)
+        bm = torch.empty(1, 1, 3, 3, dtype=torch.bool)
+        out = torch.ops.rewrite.block_sparse_attention(q, q, q, bm, 16, 16, None, False, None, 4, 4, 1)
+        assert out.shape == (1, 2, 40, 16)
+        out, lse = torch.ops.rewrite.block_sparse_attention_fwd(q, q, q, bm, None, 16, 16, False, 0.25)
+        assert lse.shape == (1, 2, 40)
+
+
+def test_opcheck_band(device):
+    q, k, v = _qkv(device, 1, 2, 1, 20, 20, 16)
+    bm = torch.tensor([[True, False], [True, True]], device=device)[None, None]
+    torch.library.opcheck(torch.ops.rewrite.block_sparse_attention_fwd.default,
+                          (q, k, v, bm, None, 16, 16, True, 0.25, 3, 0, 1))

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-__all__ = ["interpret_mode", "autotune_enabled", "triton_available", "use_triton", "next_pow2", "new_rng_state"]
+__all__ = ["mixer_kernels", "interpret_mode", "autotune_enabled", "triton_available", "use_triton", "next_pow2", "new_rng_state"]
 
 
 def interpret_mode() -> bool:
@@ -46,6 +46,22 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return triton_available()
     if t.device.type == "cpu" and interpret_mode():
+        return triton_available()
+    return False
+
+
+def mixer_kernels(t: torch.Tensor) -> bool:
+    """Whether a mixer (``rewrite.mixers``) should send tensor ``t`` through the Triton kernel ops.
+
+    Read at call time from ``REWRITE_MIXER_KERNELS``: unset (or ``auto``) -> CUDA tensors only; ``0`` -> never
+    (every mixer keeps its PyTorch path); ``1`` -> CUDA tensors, and CPU tensors too when ``TRITON_INTERPRET=1``
+    (the kernels then run in Triton's interpreter: how the tests compare both paths without a GPU)."""
+    mode = os.environ.get("REWRITE_MIXER_KERNELS", "auto").strip().lower()
+    if mode in ("0", "false", "no", "off"):
+        return False
+    if t.device.type == "cuda":
+        return triton_available()
+    if t.device.type == "cpu" and mode in ("1", "true", "yes", "on") and interpret_mode():
         return triton_available()
     return False
 

@@ -23,6 +23,15 @@ and each head's own count is fitted on calibration q/k/v (``fit``; else on the f
 minimise the summed relative output error of the heads, as heads differ (some are local, some global).
 The counts are a buffer (``head_topk``), saved and restored with the model.
 
+On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
+``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs
+on the Triton block-sparse kernel: the same routing picks the key blocks, which become the kernel's block mask
+(per batch and query head; causal sites add the kernel's causal mask), so time is proportional to the kept
+blocks. The routing block must be a kernel block size (a power of two from 16 to 256). Everything else keeps
+the PyTorch path: 2-D regions (not contiguous token ranges), ``sinks`` (they shift the blocks off the kernel's
+grid and attend globally), ``summary`` (pooled tokens are not blocks of keys), dropout (the kernel has none),
+a per-query site mask (only key-padding masks are passed, never an [N, N] one), float64, head dims over 256.
+
 Example::
 
     model = rewrite.optimize(model, {"_default": rewrite.BlockRouting(block=64, topk=3)}, example_kwargs=batch)
@@ -182,9 +191,13 @@ class BlockRoutingAttention(U.SDPAMixer):
             raise ValueError(f"BlockRoutingAttention needs as many queries as keys (got {n} and {nk})")
         causal = self.causal or bool(is_causal)
         if not self.per_head or U.is_fake(c.q):
-            return c.finish(self._attend(c, self.topk, causal, dropout_p))
+            out = self._kernel(c, self.topk, causal, dropout_p)
+            return c.finish(out if out is not None else self._attend(c, self.topk, causal, dropout_p))
         if self.head_topk.numel() != hkv:
             self.fit(q, k, v, attn_mask, is_causal, scale)
+        out = self._kernel(c, self.head_topk, causal, dropout_p)
+        if out is not None:
+            return c.finish(out)
         out = c.q.new_empty(bf, hkv, g, n, dv)
         for t in self.head_topk.unique().tolist():                              # one routed pass per count
             heads = (self.head_topk == t).nonzero().squeeze(-1)
@@ -195,6 +208,63 @@ class BlockRoutingAttention(U.SDPAMixer):
                            bias, c.scale, (), c.out_dtype, c.mask_floor)
             out.index_copy_(1, heads, self._attend(part, int(t), causal, dropout_p))
         return c.finish(out)
+
+    def _kernel(self, c: U.Canon, topk, causal: bool, dropout_p: float):
+        """Routed attention on the Triton block-sparse kernel (``[Bf, Hkv, G, N, Dv]``), or None where the kernel
+        would not compute this call exactly (see the module docstring). ``topk``: an int, or per-kv-head counts
+        ``[Hkv]`` (``per_head``)."""
+        from ..kernels._common import mixer_kernels
+        if not mixer_kernels(c.q):
+            return None
+        bf, hkv, g, n, _, dd, dv = c.dims
+        blk = self.block
+        if (self.grid is not None or self.sinks or self.summary or dropout_p or c.q.dtype == torch.float64
+                or max(dd, dv) > 256 or blk < 16 or blk > 256 or blk & (blk - 1)):
+            return None
+        mask = None
+        if c.bias is not None:
+            bm, hm, gm, rows, nk = c.bias.shape
+            if rows != 1:        # a per-query mask would go to the kernel as an [N, N] tensor: keep PyTorch
+                return None
+            # key padding broadcast over queries in-kernel; clamped at the mask floor so that finfo.min masks
+            # stay finite in the kernel's log2 domain (as in the PyTorch path)
+            mask = c.bias.reshape(bm, hm * gm, 1, nk).clamp(min=c.mask_floor)
+        order_list, p, _ = self._layout(n)
+        nb = len(order_list)
+        if p or nb != -(-n // blk):
+            return None
+        dev = c.q.device
+        order = torch.tensor(order_list, dtype=torch.long, device=dev)
+        bs = order.shape[1]
+        valid = order >= 0
+        pos = torch.where(valid, order, torch.zeros_like(order))
+        flat = pos.reshape(-1)
+        # the routing of ``_attend``, op for op (same pooled scores, same picks)
+        qb = c.q.index_select(-2, flat).view(bf, hkv, g, nb, bs, dd)
+        kb = c.k.index_select(-2, flat).view(bf, hkv, nb, bs, dd)
+        w = valid.to(c.q.dtype)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1)
+        qr = (qb * w.view(nb, bs, 1)).sum(-2)
+        kr = (kb * w.view(nb, bs, 1)).sum(-2)
+        aff = U.grouped_scores(qr, kr)                                         # [Bf, Hkv, G, nb, nb]
+        eye = torch.eye(nb, dtype=torch.bool, device=dev)
+        if causal:
+            aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=dev).triu(1), U.NEG_INF)
+        aff = aff.masked_fill(eye, float("inf"))
+        if isinstance(topk, torch.Tensor):                                     # per-head counts: the best t_h
+            counts = topk.to(dev).clamp(max=nb)
+            t = int(counts.max())
+            idx = aff.topk(t, dim=-1).indices                                  # sorted: best first
+            rank_ok = torch.arange(t, device=dev) < counts.view(hkv, 1, 1, 1)  # [Hkv, 1, 1, t]
+            picked = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=dev)
+            picked.scatter_(-1, idx, rank_ok.expand(bf, hkv, g, nb, t).clone())
+        else:
+            idx = aff.topk(min(int(topk), nb), dim=-1).indices
+            picked = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=dev).scatter_(-1, idx, True)
+        from ..kernels.block_sparse_attention import block_sparse_attention
+        out = block_sparse_attention(c.q.reshape(bf, hkv * g, n, dd), c.k, c.v, picked.view(bf, hkv * g, nb, nb),
+                                     blk, attn_mask=mask, is_causal=causal, scale=c.scale)
+        return out.view(bf, hkv, g, n, dv)
 
     def _attend(self, c: U.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
         """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``."""

@@ -21,7 +21,13 @@ Padding masks remove masked keys (and, when Nq = Nk, the same positions as queri
 
 Flow attention needs the queries of every key position (the outgoing flows), so cross-attention and KV-cache
 decoding (Nq != Nk) are declined. The sigmoid kernel differs from softmax: the paper trains it (RT/FT);
-used training-free the error is large and is reported, not hidden. Score biases (ALiBi, relative position)
+used training-free the error is large and is reported, not hidden.
+
+On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``) the causal form's
+linear-attention product (the chunked prefix sums) runs on the Triton linear-attention kernel with identity
+features; the kernel normalises, so its output is multiplied back by the normaliser (a cumsum, O(N·d)).
+The bidirectional product is two plain matrix products (nothing for a kernel to fuse) and the dense form has
+an explicit ``A``: both stay in PyTorch. Score biases (ALiBi, relative position)
 are declined. ``scale`` is unused (flow normalisation replaces the softmax temperature); dropout is not
 applied.
 """
@@ -36,6 +42,7 @@ from torch import nn
 from .. import cost
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
 from . import _util_b as U
+from .linear import kernel_linear
 
 EPS = 1e-6
 
@@ -138,7 +145,12 @@ class FlowAttention(nn.Module, U.WarnOnce):
         alloc = torch.sigmoid(inc_c)
         e = torch.exp(out_c) * w
         comp = e / (e.cumsum(-2) / n).clamp_min(1e-30)
-        prod = U.linear_causal(fq, fk * w, comp * v, 0, self.chunk)
+        fkw, cv = fk * w, comp * v
+        prod = kernel_linear(fq, fkw, cv, "identity", True, EPS)
+        if prod is None:
+            prod = U.linear_causal(fq, fkw, cv, 0, self.chunk)
+        else:   # the kernel divides by Σ_{j<=i} φq_i·φk_j + EPS: multiply it back
+            prod = prod * ((fq * fkw.cumsum(-2)).sum(-1, keepdim=True) + EPS)
         return alloc * prod / (n * inc)
 
     def _dense(self, fq, fk, v, plan: U.MaskPlan):
@@ -146,7 +158,6 @@ class FlowAttention(nn.Module, U.WarnOnce):
         lead = torch.broadcast_shapes(fq.shape[:-2], fk.shape[:-2], a.shape[:-2])
         a = a.expand(*lead, plan.nq, plan.nk)
         if plan.nq == plan.nk:
-            at = a.transpose(-1, -2)                               # at[j, i] = A[i, j]; sums over i ∈ A_j use A[j, i]
             a_src = a                                              # row j of A: what position j sees
         else:                                                      # cross-attention: every query, every valid key
             a_src = None

@@ -19,6 +19,14 @@ each key's features by ``exp(bias)`` (0 for masked keys), which is exact for the
 or without padding, uses the causal form. Any other mask falls back to the dense O(Nq·Nk) form of the same
 kernel (counted in ``dense_calls``, warned once). Sites with learned or ALiBi score biases are declined.
 
+On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
+``rewrite/kernels/README.md``) the fast form runs on the Triton linear-attention kernel
+(``rewrite::linear_attention_core``): elu / relu without a padding mask apply φ in-kernel; FAVOR+ and padded
+keys pass this module's own features (``identity``), so the math is the module's. GQA kv heads are expanded
+before the call (the kernel has no GQA). The PyTorch path stays for KV-cache decoding (a causal mask with
+Nk > Nq: the cached keys form a starting state the kernel does not take), masks that are neither padding nor
+causal (the dense form), and float64.
+
 Training-free use is lossy (elu/relu are not softmax; FAVOR+ is noisy with few features); the error is
 measured by the pipeline on the example inputs. Dropout is not applied (these mixers are for inference).
 """
@@ -80,6 +88,27 @@ class Linear(Action):
         return sympy.expand(B * H * expr)
 
 
+def kernel_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, feature: str, causal: bool,
+                  eps: float) -> Optional[torch.Tensor]:
+    """``Σ_j (φq_i·φk_j) v_j / (Σ_j φq_i·φk_j + eps)`` (over ``j <= i`` when ``causal``, Nq == Nk) on the Triton
+    linear-attention kernel, for ``[..., N, m]`` inputs whose leading dims broadcast (heads already matched), or
+    None when the kernels are off for these tensors (see ``rewrite.kernels._common.mixer_kernels``)."""
+    from ..kernels._common import mixer_kernels
+    if not mixer_kernels(fq) or fq.dtype == torch.float64:
+        return None
+    import importlib
+    core = importlib.import_module("rewrite.kernels.linear_attention").linear_attention_core
+    lead = torch.broadcast_shapes(fq.shape[:-2], fk.shape[:-2], v.shape[:-2])
+    nq, nk = fq.shape[-2], fk.shape[-2]
+    heads = lead[-1] if lead and lead[-1] > 0 else 1
+
+    def flat(t: torch.Tensor, n: int) -> torch.Tensor:          # [B', H', N, m] for the kernel's (H, B) grid
+        return t.expand(*lead, n, t.shape[-1]).reshape(-1, heads, n, t.shape[-1])
+
+    out, _ = core(flat(fq, nq), flat(fk, nk), flat(v, nk), feature, bool(causal), float(eps))
+    return out.reshape(*lead, nq, v.shape[-1])
+
+
 class LinearAttention(U.FastAndDense, U.WarnOnce):
     """Linear attention with SDPA's call signature (see the module docstring)."""
 
@@ -122,6 +151,15 @@ class LinearAttention(U.FastAndDense, U.WarnOnce):
         q, k = q * r, k * r
         v1 = U.with_ones(v)
         fast = not dense and (plan.kind in ("none", "keys") or (plan.kind == "causal" and plan.offset >= 0))
+        if fast and (plan.kind != "causal" or plan.offset == 0):
+            # the kernel; eps 1e-12 matches ``normalise``'s clamp (an empty row gives 0 either way)
+            if plan.key_bias is None and self.feature in ("elu", "relu"):
+                out = kernel_linear(q, k, v, self.feature, plan.kind == "causal", 1e-12)   # φ applied in-kernel
+            else:
+                fq, fk = self.feature_maps(q, k, plan.key_bias)
+                out = kernel_linear(fq, fk, v, "identity", plan.kind == "causal", 1e-12)
+            if out is not None:
+                return out.to(dtype)
         if fast:
             fq, fk = self.feature_maps(q, k, plan.key_bias)
             if plan.kind == "causal":

@@ -20,6 +20,14 @@ chunk (a copy) so that one differentiable SDPA call per segment sees them. Globa
 (bidirectional) are a plain SDPA over all keys. When one chunk would hold every key anyway (short inputs,
 wide windows) the band is a dense mask over all keys.
 
+On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
+``rewrite/kernels/README.md``) the band runs on the Triton block-sparse kernel instead: a block mask covering
+only the blocks the band and the sink columns touch, and the exact band (``window=(left, right)``, ``sinks``)
+applied in-kernel, so time is proportional to the kept blocks and no [N, N] mask is built. Global sink query
+rows (bidirectional) are still one small dense SDPA. The PyTorch path above is kept where the kernel would not
+compute the same thing: dropout (the kernel has none), a per-query site mask (only key-padding masks, one row
+broadcast over the queries, are passed to the kernel, never an [N, N] one), float64, head dims over 256.
+
 Example::
 
     model = rewrite.optimize(model, {"_default": rewrite.SlidingWindow(window=128, sinks=1)}, example_kwargs=batch)
@@ -200,12 +208,45 @@ class SlidingWindowAttention(U.SDPAMixer):
         left, right = min(left, n - 1), min(right, n - 1)
         s = min(self.sinks, n)
         p = float(dropout_p or 0.0)
+        out = self._kernel(c, left, right, s, causal, p)
+        if out is not None:
+            return c.finish(out)
         bq = _block(left, right)
         if n <= bq + left + right:
             out = self._dense(c, left, right, s, causal, p)
         else:
             out = self._banded(c, bq, left, right, s, causal, p)
         return c.finish(out)
+
+    @staticmethod
+    def _kernel(c: U.Canon, left: int, right: int, s: int, causal: bool, p: float):
+        """The band on the Triton block-sparse kernel (``[Bf, Hkv, G, N, Dv]``), or None where the kernel would
+        not compute this call exactly (then the PyTorch path runs; see the module docstring)."""
+        from ..kernels._common import interpret_mode, mixer_kernels
+        if not mixer_kernels(c.q):
+            return None
+        bf, hkv, g, n, _, dd, dv = c.dims
+        if p > 0.0 or c.q.dtype == torch.float64 or max(dd, dv) > 256:
+            return None          # no dropout in the kernel; fp64 / wide heads are not kernel shapes
+        mask = None
+        if c.bias is not None:
+            bm, hm, gm, rows, nk = c.bias.shape
+            if rows != 1:        # a per-query mask would go to the kernel as an [N, N] tensor: keep PyTorch
+                return None
+            # key padding [Bm, 1|Hq, 1, N]: broadcast over the queries in-kernel (zero stride). Clamped at the
+            # mask floor so that finfo.min masks stay finite in the kernel's log2 domain, as in SDPA
+            mask = c.bias.reshape(bm, hm * gm, 1, nk).clamp(min=c.mask_floor)
+        from ..kernels.block_sparse_attention import band_block_mask, block_sparse_attention
+        block = 16 if interpret_mode() else (32 if left + right < 64 else 64)
+        bmask = band_block_mask(n, n, block, block, left, right, s, device=c.q.device)
+        out = block_sparse_attention(c.q.reshape(bf, hkv * g, n, dd), c.k, c.v, bmask, block, attn_mask=mask,
+                                     is_causal=causal, scale=c.scale, window=(left, right), sinks=s)
+        out = out.view(bf, hkv, g, n, dv)
+        if s and not causal:     # global sink queries see every key: a small dense SDPA for those rows
+            sink = U.Canon(c.q[..., :s, :], c.k, c.v, U.bias_rows(c.bias, slice(0, s)), c.scale, (), c.out_dtype,
+                           c.mask_floor)
+            out = torch.cat([U.sdpa_rows(sink, c.k, c.v, sink.bias), out[..., s:, :]], dim=-2)
+        return out
 
     @staticmethod
     def _dense(c: U.Canon, left: int, right: int, s: int, causal: bool, p: float) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Ops (``torch.ops.rewrite.<name>`` after ``import rewrite.kernels``):
 
 * ``block_sparse_attention(q, k, v, block_mask, block_size_q=64, block_size_k=64, attn_mask=None,
-  is_causal=False, scale=None) -> Tensor`` -- public, CompositeImplicitAutograd (traced down to the kernel op);
+  is_causal=False, scale=None, window_left=-1, window_right=-1, sinks=0) -> Tensor`` -- public,
+  CompositeImplicitAutograd (traced down to the kernel op);
 * ``block_sparse_attention_fwd(...) -> (out, lse)`` -- kernel op with fake impl and autograd;
 * ``block_sparse_attention_bwd(...) -> (dq, dk, dv)``.
 
@@ -12,6 +13,12 @@ builders (sliding window, fixed patterns, top-k block routing, from a dense mask
 optional ``attn_mask`` (additive or boolean) and a top-left causal mask apply. GQA is native (Hq a multiple of
 Hkv). Rows with no admissible key give 0. On the Triton path block sizes must be powers of two >= 16; the
 reference (CPU) path takes any block size. Gradients flow to q, k, v (not to the masks).
+
+Optional token-level band, applied in-kernel (no [Nq, Nk] mask is built): with ``window_left >= 0`` key ``j``
+is admissible for query ``i`` only if ``j >= i - window_left``, with ``window_right >= 0`` only if
+``j <= i + window_right`` (a negative value leaves that side unbounded), and the first ``sinks`` keys are
+admissible whatever the band says. The band is ANDed with the block mask, ``attn_mask`` and causal masking,
+so pass a block mask covering the blocks the band (and the sink columns) touch, e.g. ``band_block_mask``.
 """
 from __future__ import annotations
 
@@ -21,11 +28,11 @@ from typing import Optional
 import torch
 
 from .._common import use_triton
-from .masks import (block_mask_from_dense, causal_block_mask, fixed_block_mask, kept_fraction, num_blocks,
+from .masks import (band_block_mask, block_mask_from_dense, causal_block_mask, fixed_block_mask, kept_fraction, num_blocks,
                     sliding_window_block_mask, topk_block_mask)
 from .reference import block_sparse_reference, block_sparse_reference_backward, expand_block_mask
 
-__all__ = ["block_sparse_attention", "block_sparse_reference", "expand_block_mask", "sliding_window_block_mask",
+__all__ = ["block_sparse_attention", "band_block_mask", "block_sparse_reference", "expand_block_mask", "sliding_window_block_mask",
            "fixed_block_mask", "topk_block_mask", "block_mask_from_dense", "causal_block_mask", "kept_fraction",
            "num_blocks"]
 
@@ -33,17 +40,26 @@ __all__ = ["block_sparse_attention", "block_sparse_reference", "expand_block_mas
 @torch.library.custom_op("rewrite::block_sparse_attention_fwd", mutates_args=())
 def block_sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
                                attn_mask: Optional[torch.Tensor], block_size_q: int, block_size_k: int,
-                               is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                               is_causal: bool, scale: float, window_left: int = -1, window_right: int = -1,
+                               sinks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    window = _window(window_left, window_right)
     if use_triton(q):
         from . import triton as _kernels
-        return _kernels.bs_fwd(q, k, v, block_mask, attn_mask, block_size_q, block_size_k, is_causal, scale)
+        return _kernels.bs_fwd(q, k, v, block_mask, attn_mask, block_size_q, block_size_k, is_causal, scale,
+                               window, sinks)
     out, lse = block_sparse_reference(q, k, v, block_mask, block_size_q, block_size_k, attn_mask, is_causal, scale,
-                                      return_lse=True)
+                                      return_lse=True, window=window, sinks=sinks)
     return out.contiguous(), lse.contiguous()
 
 
+def _window(left: int, right: int):
+    """(left, right) of the band, or None when neither side is bounded (sinks alone then change nothing)."""
+    return None if left < 0 and right < 0 else (int(left), int(right))
+
+
 @block_sparse_attention_fwd.register_fake
-def _(q, k, v, block_mask, attn_mask, block_size_q, block_size_k, is_causal, scale):
+def _(q, k, v, block_mask, attn_mask, block_size_q, block_size_k, is_causal, scale, window_left=-1,
+      window_right=-1, sinks=0):
     B, H, Nq, _ = q.shape
     return q.new_empty((B, H, Nq, v.shape[3])), q.new_empty((B, H, Nq), dtype=torch.float32)
 
@@ -52,32 +68,36 @@ def _(q, k, v, block_mask, attn_mask, block_size_q, block_size_k, is_causal, sca
 def block_sparse_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                out: torch.Tensor, lse: torch.Tensor, block_mask: torch.Tensor,
                                attn_mask: Optional[torch.Tensor], block_size_q: int, block_size_k: int,
-                               is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               is_causal: bool, scale: float, window_left: int = -1, window_right: int = -1,
+                               sinks: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    window = _window(window_left, window_right)
     if use_triton(q):
         from . import triton as _kernels
         return _kernels.bs_bwd(grad_out, q, k, v, out, lse, block_mask, attn_mask, block_size_q, block_size_k,
-                               is_causal, scale)
+                               is_causal, scale, window, sinks)
     return block_sparse_reference_backward(grad_out, q, k, v, block_mask, block_size_q, block_size_k, attn_mask,
-                                           is_causal, scale)
+                                           is_causal, scale, window=window, sinks=sinks)
 
 
 @block_sparse_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, block_mask, attn_mask, block_size_q, block_size_k, is_causal, scale):
+def _(grad_out, q, k, v, out, lse, block_mask, attn_mask, block_size_q, block_size_k, is_causal, scale,
+      window_left=-1, window_right=-1, sinks=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_mask, attn_mask, bq, bk, is_causal, scale = inputs
+    q, k, v, block_mask, attn_mask, bq, bk, is_causal, scale = inputs[:9]
+    band = tuple(inputs[9:]) + (-1, -1, 0)[len(inputs) - 9:]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, block_mask, attn_mask)
-    ctx.bq, ctx.bk, ctx.is_causal, ctx.scale = bq, bk, is_causal, scale
+    ctx.bq, ctx.bk, ctx.is_causal, ctx.scale, ctx.band = bq, bk, is_causal, scale, band
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, block_mask, attn_mask = ctx.saved_tensors
     dq, dk, dv = block_sparse_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, block_mask, attn_mask,
-                                            ctx.bq, ctx.bk, ctx.is_causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None
+                                            ctx.bq, ctx.bk, ctx.is_causal, ctx.scale, *ctx.band)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -85,11 +105,13 @@ block_sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_con
 _lib = torch.library.Library("rewrite", "FRAGMENT")
 _lib.define(
     "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_mask, int block_size_q=64, "
-    "int block_size_k=64, Tensor? attn_mask=None, bool is_causal=False, float? scale=None) -> Tensor"
+    "int block_size_k=64, Tensor? attn_mask=None, bool is_causal=False, float? scale=None, "
+    "int window_left=-1, int window_right=-1, int sinks=0) -> Tensor"
 )
 
 
-def _composite(q, k, v, block_mask, block_size_q=64, block_size_k=64, attn_mask=None, is_causal=False, scale=None):
+def _composite(q, k, v, block_mask, block_size_q=64, block_size_k=64, attn_mask=None, is_causal=False, scale=None,
+               window_left=-1, window_right=-1, sinks=0):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("block_sparse_attention expects q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]")
     B, Hq, Nq, D = q.shape
@@ -106,19 +128,32 @@ def _composite(q, k, v, block_mask, block_size_q=64, block_size_k=64, attn_mask=
         raise ValueError("block_sparse_attention: attn_mask receives no gradient; detach it")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    if sinks < 0:
+        raise ValueError(f"block_sparse_attention: sinks must be >= 0, got {sinks}")
+    if window_left < 0 and window_right < 0:
+        window_left = window_right = -1
+        sinks = 0          # no band: sinks change nothing
     out, _ = torch.ops.rewrite.block_sparse_attention_fwd(q, k, v, bm.bool(), attn_mask, int(block_size_q),
-                                                          int(block_size_k), bool(is_causal), float(scale))
+                                                          int(block_size_k), bool(is_causal), float(scale),
+                                                          int(window_left), int(window_right), int(sinks))
     return out
 
 
 _lib.impl("block_sparse_attention", _composite, "CompositeImplicitAutograd")
 
 
-def block_sparse_attention(q, k, v, block_mask, block_size=64, attn_mask=None, is_causal=False, scale=None):
+def block_sparse_attention(q, k, v, block_mask, block_size=64, attn_mask=None, is_causal=False, scale=None,
+                           window=None, sinks=0):
     """Block-sparse attention. ``block_size`` is an int or a (block_q, block_k) pair; other arguments as in
-    ``flash_attention`` (GQA is accepted whenever Hq is a multiple of Hkv)."""
+    ``flash_attention`` (GQA is accepted whenever Hq is a multiple of Hkv). ``window=(left, right)`` adds the
+    in-kernel band ``i - left <= j <= i + right`` (None or a negative side: unbounded) and ``sinks`` keeps the
+    first keys admissible for every query despite the band (see the module docstring)."""
     if isinstance(block_size, (tuple, list)):
         bq, bk = (int(x) for x in block_size)
     else:
         bq = bk = int(block_size)
-    return torch.ops.rewrite.block_sparse_attention(q, k, v, block_mask, bq, bk, attn_mask, is_causal, scale)
+    left, right = (-1, -1) if window is None else (-1 if w is None else int(w) for w in window)
+    if window is not None and left < 0 and right < 0:
+        left = right = 1 << 30      # an explicit unbounded band: keep it (sinks are then moot anyway)
+    return torch.ops.rewrite.block_sparse_attention(q, k, v, block_mask, bq, bk, attn_mask, is_causal, scale,
+                                                    left, right, int(sinks))

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["num_blocks", "sliding_window_block_mask", "fixed_block_mask", "topk_block_mask",
+__all__ = ["num_blocks", "band_block_mask", "sliding_window_block_mask", "fixed_block_mask", "topk_block_mask",
            "block_mask_from_dense", "causal_block_mask", "kept_fraction"]
 
 
@@ -29,6 +29,26 @@ def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None)
     r, c = _grid(num_blocks(nq, block_q), num_blocks(nk, block_k), device)
     last_row = torch.clamp((r + 1) * block_q - 1, max=max(nq - 1, 0))
     return (c * block_k <= last_row)[None, None]
+
+
+def band_block_mask(nq: int, nk: int, block_q: int, block_k: int, left: int, right: int, sinks: int = 0,
+                    device=None) -> torch.Tensor:
+    """Blocks holding at least one (i, j) with ``i - left <= j <= i + right`` (negative: unbounded side), plus
+    the key blocks of the first ``sinks`` keys: the block mask to pair with the kernel's ``window`` band.
+    [1, 1, ceil(Nq / block_q), ceil(Nk / block_k)]; O((N / block)^2) booleans, never an [Nq, Nk] mask."""
+    r, c = _grid(num_blocks(nq, block_q), num_blocks(nk, block_k), device)
+    row0 = r * block_q
+    row1 = torch.clamp(row0 + block_q - 1, max=max(nq - 1, 0))
+    col0 = c * block_k
+    col1 = torch.clamp(col0 + block_k - 1, max=max(nk - 1, 0))
+    keep = torch.ones_like(r * c, dtype=torch.bool)
+    if left >= 0:
+        keep = keep & (col1 >= row0 - left)
+    if right >= 0:
+        keep = keep & (col0 <= row1 + right)
+    if sinks:
+        keep = keep | (col0 < sinks)
+    return keep[None, None]
 
 
 def sliding_window_block_mask(num_q_blocks: int, num_k_blocks: int, window_blocks: int, causal: bool = True,

@@ -12,6 +12,12 @@ large sparsity blocks (128, 256) run with tiles that fit the GPU's shared memory
 kernels' own (``_fwd_inner``, ``_dq_inner``, ``_dkdv_inner``: online fp32 softmax, additive or boolean
 ``attn_mask`` broadcast by zero strides, top-left causal), GQA maps query head h to kv head h // (Hq // Hkv),
 head dims are padded to powers of two, offsets are int64.
+
+Optional token-level band (``HAS_BAND``): key ``j`` is admissible for query ``i`` iff
+``i - WIN_L <= j <= i + WIN_R`` or ``j < SINKS`` (ANDed with the block mask, ``attn_mask`` and causal). With a
+band the tile loops are the band-aware ``_band_*_inner`` below, which also narrow each kept block's tile
+range to the tiles the band reaches (sink tiles are always visited), so a block mask covering the band's
+blocks plus a band gives exact sliding-window attention in time proportional to the kept blocks.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import triton.language as tl
 
 from .._common import (autotune_enabled, dot_precision, interpret_mode, launch_first_fitting, max_shared_memory,
                        next_pow2)
-from ..flash_attention.triton import _bias_args, _dkdv_inner, _dq_inner, _flash_bwd_preprocess, _fwd_inner
+from ..flash_attention.triton import _bias_args, _dkdv_inner, _dq_inner, _flash_bwd_preprocess, _fwd_inner, _mm, _scores
 
 _INTERPRET = interpret_mode()
 
@@ -54,8 +60,109 @@ def _autotuned(kernel):
     if _INTERPRET:
         return None
     return triton.autotune(configs=_configs(), key=["N_KEY", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "BIAS_KIND",
-                                                    "BLOCK_Q", "BLOCK_K"],
+                                                    "BLOCK_Q", "BLOCK_K", "HAS_BAND"],
                            prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+# --------------------------------------------------------------------------------------------- band helpers
+
+
+@triton.jit
+def _band_keep(s, offs_m, offs_n, win_l, win_r, sinks):
+    """-inf outside the band ``i - win_l <= j <= i + win_r`` (the first ``sinks`` keys always kept)."""
+    rel = offs_n[None, :] - offs_m[:, None]
+    ok = ((rel >= -win_l) & (rel <= win_r)) | (offs_n[None, :] < sinks)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _band_key_range(lo, hi, row0, row1, win_l, win_r, sinks, BLOCK_N: tl.constexpr):
+    """Narrow the key range [lo, hi) of one kept block for query rows [row0, row1] to the tiles the band
+    reaches (aligned to BLOCK_N inside the block); a range starting among the sinks is left alone."""
+    if lo >= sinks:
+        first = tl.maximum(row0 - win_l, 0)
+        lo = tl.maximum(lo, (first // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, row1 + win_r + 1)
+    return lo, hi
+
+
+@triton.jit
+def _band_fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, lo, hi,
+                    offs_m, offs_d, offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
+                    stride_bm, stride_bn, qk_scale, win_l, win_r, sinks,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASK_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi) with the band applied (no ALiBi / dropout here)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Nk
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, 0.0,
+                    MASK_CAUSAL, BIAS_KIND, False, DOT_PREC)
+        s = _band_keep(s, offs_m, offs_n, win_l, win_r, sinks)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _band_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
+                   Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                   qk_scale, win_l, win_r, sinks,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Nk
+        rows_n = offs_n[:, None].to(tl.int64)
+        k = tl.load(k_base + rows_n * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_base + rows_n * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, 0.0,
+                    MASK_CAUSAL, BIAS_KIND, False, DOT_PREC)
+        s = _band_keep(s, offs_m, offs_n, win_l, win_r, sinks)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _mm(do, tl.trans(v), DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _band_dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d, offs_dv,
+                     Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
+                     qk_scale, row_base, win_l, win_r, sinks,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                     MASK_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Nq
+        rows_m = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_base + rows_m * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(do_base + rows_m * stride_gm + offs_dv[None, :] * stride_gd,
+                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, 0.0,
+                    MASK_CAUSAL, BIAS_KIND, False, DOT_PREC)
+        s = _band_keep(s, offs_m, offs_n, win_l, win_r, sinks)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _mm(do, tl.trans(v), DOT_PREC)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -68,9 +175,9 @@ def _bs_fwd(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_cb, stride_ch, stride_cr,
     stride_ib, stride_ih, stride_ir, stride_ic,
-    H, Nq, Nk, GROUP, sm_scale, N_KEY,
+    H, Nq, Nk, GROUP, sm_scale, N_KEY, WIN_L, WIN_R, SINKS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BAND: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # query tile (BLOCK_M rows) inside query block pid_m * BLOCK_M // BLOCK_Q
@@ -106,10 +213,19 @@ def _bs_fwd(
         kb = tl.load(idx_base + t * stride_ic)
         lo = kb * BLOCK_K
         hi = tl.minimum(tl.minimum(lo + BLOCK_K, Nk), causal_end)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, LSE, lo, hi,
-                                   offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   stride_bm, stride_bn, qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
-                                   HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, False, DOT_PREC)
+        if HAS_BAND:
+            lo, hi = _band_key_range(lo, hi, pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, WIN_L, WIN_R, SINKS,
+                                     BLOCK_N)
+            acc, l_i, m_i = _band_fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d,
+                                            offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                            stride_bm, stride_bn, qk_scale, WIN_L, WIN_R, SINKS,
+                                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, DOT_PREC)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, LSE, lo, hi,
+                                       offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, stride_bm, stride_bn, qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
+                                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, False,
+                                       DOT_PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -133,9 +249,9 @@ def _bs_bwd_dkdv(
     stride_ib, stride_ih, stride_ir, stride_ic,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Nq, Nk, GROUP, sm_scale, N_KEY,
+    H, Nq, Nk, GROUP, sm_scale, N_KEY, WIN_L, WIN_R, SINKS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BAND: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """CNT / IDX here are the transposed lists: per key block, the query blocks attending to it."""
@@ -174,10 +290,22 @@ def _bs_bwd_dkdv(
             qb = tl.load(idx_base + t * stride_ic)
             lo = tl.maximum(qb * BLOCK_Q, causal_start)
             hi = tl.minimum(qb * BLOCK_Q + BLOCK_Q, Nq)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d, offs_dv,
-                                 Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
-                                 qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
-                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC)
+            if HAS_BAND:
+                # query rows the band reaches from keys [n0, n1]: n0 - WIN_R .. n1 + WIN_L (all rows for sinks)
+                n0 = pid_n * BLOCK_N
+                if n0 >= SINKS:
+                    first = tl.maximum(n0 - WIN_R, 0)
+                    lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
+                    hi = tl.minimum(hi, n0 + BLOCK_N + WIN_L)
+                dk, dv = _band_dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d,
+                                          offs_dv, Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm,
+                                          stride_bn, qk_scale, row_base, WIN_L, WIN_R, SINKS,
+                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, IS_CAUSAL, BIAS_KIND, DOT_PREC)
+            else:
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d,
+                                     offs_dv, Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
+                                     qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
+                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -196,9 +324,9 @@ def _bs_bwd_dq(
     stride_cb, stride_ch, stride_cr,
     stride_ib, stride_ih, stride_ir, stride_ic,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Nq, Nk, GROUP, sm_scale, N_KEY,
+    H, Nq, Nk, GROUP, sm_scale, N_KEY, WIN_L, WIN_R, SINKS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BAND: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -236,10 +364,18 @@ def _bs_bwd_dq(
         kb = tl.load(idx_base + t * stride_ic)
         lo = kb * BLOCK_K
         hi = tl.minimum(tl.minimum(lo + BLOCK_K, Nk), causal_end)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
-                       Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                       qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
-                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC)
+        if HAS_BAND:
+            lo, hi = _band_key_range(lo, hi, pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, WIN_L, WIN_R, SINKS,
+                                     BLOCK_N)
+            dq = _band_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
+                                Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                qk_scale, WIN_L, WIN_R, SINKS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND,
+                                DOT_PREC)
+        else:
+            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
+                           Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                           qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
+                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -305,15 +441,26 @@ def _launch(tuned, plain, grid_fn, args, kwargs):
         tuned[grid_fn](*args, **kwargs)
 
 
-def _meta(q, k, v, bq, bk, is_causal, bias_kind):
+def _band_args(window, sinks, Nq, Nk):
+    """(WIN_L, WIN_R, SINKS, HAS_BAND) from ``window`` = (left, right) (None or a negative side: unbounded)."""
+    if window is None and not sinks:
+        return 0, 0, 0, False
+    big = int(Nq) + int(Nk) + 1
+    left, right = window if window is not None else (-1, -1)
+    left = big if left is None or left < 0 else min(int(left), big)
+    right = big if right is None or right < 0 else min(int(right), big)
+    return left, right, int(sinks or 0), True
+
+
+def _meta(q, k, v, bq, bk, is_causal, bias_kind, has_band=False):
     D, Dv = q.shape[3], v.shape[3]
     if D > 256 or Dv > 256:
         raise ValueError(f"block_sparse_attention (Triton): head dims up to 256, got {D}/{Dv}")
     return dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv), IS_CAUSAL=bool(is_causal),
-                BIAS_KIND=bias_kind, DOT_PREC=dot_precision(q.dtype), BLOCK_Q=bq, BLOCK_K=bk)
+                BIAS_KIND=bias_kind, DOT_PREC=dot_precision(q.dtype), BLOCK_Q=bq, BLOCK_K=bk, HAS_BAND=bool(has_band))
 
 
-def bs_fwd(q, k, v, block_mask, attn_mask, bq, bk, is_causal, scale):
+def bs_fwd(q, k, v, block_mask, attn_mask, bq, bk, is_causal, scale, window=None, sinks=0):
     _check_block(bq, "block_size_q")
     _check_block(bk, "block_size_k")
     B, H, Nq, D = q.shape
@@ -325,14 +472,16 @@ def bs_fwd(q, k, v, block_mask, attn_mask, bq, bk, is_causal, scale):
     m = prepare_block_mask(block_mask, B, H, Nq, Nk, bq, bk, is_causal)
     cnt, idx = compress(m, B, H)
     bias, bias_kind, bs = _bias_args(attn_mask, q, B, H, Nq, Nk)
+    wl, wr, ns, band = _band_args(window, sinks, Nq, Nk)
     args = (q, k, v, out, lse, bias, cnt, idx, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bs,
-            *cnt.stride(), *idx.stride(), H, Nq, Nk, H // Hkv, float(scale), next_pow2(max(Nq, Nk)))
+            *cnt.stride(), *idx.stride(), H, Nq, Nk, H // Hkv, float(scale), next_pow2(max(Nq, Nk)),
+            wl, wr, ns)
     _launch(_bs_fwd_tuned, _bs_fwd, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), H, B), args,
-            _meta(q, k, v, bq, bk, is_causal, bias_kind))
+            _meta(q, k, v, bq, bk, is_causal, bias_kind, band))
     return out, lse
 
 
-def bs_bwd(grad_out, q, k, v, out, lse, block_mask, attn_mask, bq, bk, is_causal, scale):
+def bs_bwd(grad_out, q, k, v, out, lse, block_mask, attn_mask, bq, bk, is_causal, scale, window=None, sinks=0):
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -348,9 +497,10 @@ def bs_bwd(grad_out, q, k, v, out, lse, block_mask, attn_mask, bq, bk, is_causal
     cnt, idx = compress(m, B, H)
     cnt_t, idx_t = compress(m.transpose(-1, -2), B, H)
     bias, bias_kind, bs = _bias_args(attn_mask, q, B, H, Nq, Nk)
-    meta = _meta(q, k, v, bq, bk, is_causal, bias_kind)
+    wl, wr, ns, band = _band_args(window, sinks, Nq, Nk)
+    meta = _meta(q, k, v, bq, bk, is_causal, bias_kind, band)
     lse = lse.contiguous()
-    tail = (H, Nq, Nk, H // Hkv, float(scale), next_pow2(max(Nq, Nk)))
+    tail = (H, Nq, Nk, H // Hkv, float(scale), next_pow2(max(Nq, Nk)), wl, wr, ns)
     _launch(_bs_bwd_dkdv_tuned, _bs_bwd_dkdv, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), Hkv, B),
             (q, k, v, grad_out, lse, delta, bias, cnt_t, idx_t, dk, dv, *q.stride(), *k.stride(), *v.stride(),
              *grad_out.stride(), *bs, *cnt_t.stride(), *idx_t.stride(), *dk.stride(), *dv.stride(), *tail), meta)

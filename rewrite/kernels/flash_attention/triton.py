@@ -545,7 +545,7 @@ def _launch(tuned, plain, grid_fn, args, kwargs, fwd=True):
 
 def _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p):
     B, H, Nq, D = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
+    Dv = v.shape[3]
     if D > 256 or Dv > 256:
         raise ValueError(f"flash_attention (Triton): head dims up to 256 are supported, got {D}/{Dv}")
     return dict(

@@ -1,0 +1,224 @@
+"""Mixers on the Triton kernels vs their PyTorch paths (``REWRITE_MIXER_KERNELS=1`` + ``TRITON_INTERPRET=1``).
+
+Without CUDA the kernels run in Triton's interpreter: small shapes only, so the file stays fast.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("REWRITE_KERNELS_AUTOTUNE", "0")
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import rewrite.kernels  # noqa: E402,F401
+from rewrite.kernels import interpret_mode  # noqa: E402
+from rewrite.mixers.block_routing import BlockRoutingAttention  # noqa: E402
+from rewrite.mixers.flow import FlowAttention  # noqa: E402
+from rewrite.mixers.linear import LinearAttention  # noqa: E402
+from rewrite.mixers.sliding_window import SlidingWindowAttention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not interpret_mode():  # pragma: no cover - TRITON_INTERPRET set too late
+    pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported", allow_module_level=True)
+
+_BS = importlib.import_module("rewrite.kernels.block_sparse_attention")
+_LA = importlib.import_module("rewrite.kernels.linear_attention")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of the block-sparse and linear-attention kernel wrappers."""
+    calls = {"block_sparse": 0, "linear": 0}
+    bs, core = _BS.block_sparse_attention, _LA.linear_attention_core
+
+    def bs_counted(*a, **k):
+        calls["block_sparse"] += 1
+        return bs(*a, **k)
+
+    def core_counted(*a, **k):
+        calls["linear"] += 1
+        return core(*a, **k)
+
+    monkeypatch.setattr(_BS, "block_sparse_attention", bs_counted)
+    monkeypatch.setattr(_LA, "linear_attention_core", core_counted)
+    return calls
+
+
+def _qkv(B, Hq, Hkv, N, D, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def mk(h):
+        return torch.randn(B, h, N, D, generator=g).to(DEVICE).requires_grad_(grad)
+
+    return mk(Hq), mk(Hkv), mk(Hkv)
+
+
+def _close(a, b, tol, what):
+    err = (a.float() - b.float()).abs().max().item()
+    scale = max(1.0, b.float().abs().max().item())
+    assert err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:.1e} * {scale:.2f}"
+
+
+def both_ways(monkeypatch, module, q, k, v, grads=True, tol=5e-5, **kw):
+    """The module's output (and q/k/v gradients) with the kernels off, then on; compared."""
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("REWRITE_MIXER_KERNELS", mode)
+        out = module(q, k, v, **kw)
+        gr = None
+        if grads:
+            gr = torch.autograd.grad(out, (q, k, v), torch.ones_like(out) * 0.5 + out.detach() * 0.1,
+                                     allow_unused=True)
+        results.append((out.detach(), gr))
+    (ref, gref), (got, ggot) = results
+    assert torch.isfinite(got).all()
+    _close(got, ref, tol, "out")
+    if grads:
+        for name, a, b in zip("qkv", ggot, gref):
+            assert a is not None and b is not None, f"d{name} missing"
+            _close(a, b, tol * 4, f"d{name}")
+    return got
+
+
+def _key_padding(B, N, cut, kind):
+    keep = torch.ones(B, 1, 1, N, dtype=torch.bool, device=DEVICE)
+    keep[-1, ..., cut:] = False
+    if kind == "bool":
+        return keep
+    return torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+# ------------------------------------------------------------------------------------------ SlidingWindow
+
+SW_CASES = [
+    # B, Hq, Hkv, N, window, sinks, causal, mask
+    (1, 2, 2, 37, 9, 0, False, None),
+    (2, 2, 1, 45, 10, 2, True, None),
+    (2, 2, 2, 50, 12, 3, False, "bool"),
+    (2, 4, 2, 41, 7, 1, False, "additive"),
+    (1, 2, 2, 23, 64, 0, True, "additive"),       # window wider than the sequence
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,window,sinks,causal,mask", SW_CASES)
+def test_sliding_window(monkeypatch, spy, B, Hq, Hkv, N, window, sinks, causal, mask):
+    q, k, v = _qkv(B, Hq, Hkv, N, 16, seed=N)
+    am = None if mask is None else _key_padding(B, N, N - 9, mask)
+    module = SlidingWindowAttention(window, sinks, causal=causal)
+    both_ways(monkeypatch, module, q, k, v, attn_mask=am, enable_gqa=Hq != Hkv)
+    assert spy["block_sparse"] == 1
+
+
+def test_sliding_window_falls_back(monkeypatch, spy):
+    q, k, v = _qkv(1, 2, 2, 40, 16)
+    module = SlidingWindowAttention(9, 1)
+    full = torch.rand(1, 1, 40, 40, device=DEVICE) > 0.2          # a per-query mask: no [N, N] kernel mask
+    full |= torch.eye(40, dtype=torch.bool, device=DEVICE)
+    both_ways(monkeypatch, module, q, k, v, attn_mask=full)
+    monkeypatch.setenv("REWRITE_MIXER_KERNELS", "1")
+    module(q, k, v, dropout_p=0.1)                                 # dropout: no kernel
+    assert spy["block_sparse"] == 0
+
+
+# ------------------------------------------------------------------------------------------ BlockRouting
+
+BR_CASES = [
+    # B, Hq, Hkv, N, block, topk, causal, mask
+    (1, 2, 2, 61, 16, 2, False, None),           # odd length: partial last block
+    (2, 4, 2, 64, 16, 2, True, None),            # GQA, causal
+    (2, 2, 2, 50, 16, 3, False, "additive"),     # HF-style finfo.min key padding
+    (1, 2, 1, 45, 16, 1, True, "bool"),
+    (1, 2, 2, 12, 16, 1, False, None),           # shorter than one block
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,block,topk,causal,mask", BR_CASES)
+def test_block_routing(monkeypatch, spy, B, Hq, Hkv, N, block, topk, causal, mask):
+    q, k, v = _qkv(B, Hq, Hkv, N, 16, seed=N + 1)
+    am = None if mask is None else _key_padding(B, N, N - 7, mask)
+    module = BlockRoutingAttention(block, topk, causal=causal)
+    both_ways(monkeypatch, module, q, k, v, attn_mask=am, enable_gqa=Hq != Hkv)
+    assert spy["block_sparse"] == 1
+
+
+def test_block_routing_per_head(monkeypatch, spy):
+    q, k, v = _qkv(1, 4, 2, 64, 16, seed=3)
+    module = BlockRoutingAttention(16, 2, per_head=True)
+    with torch.no_grad():
+        module.fit(q, k, v)
+    module.head_topk = torch.tensor([1, 3])          # two different counts
+    both_ways(monkeypatch, module, q, k, v, enable_gqa=True)
+    assert spy["block_sparse"] == 1
+
+
+@pytest.mark.parametrize("kw", [dict(summary=True), dict(sinks=2), dict(block=24), dict(grid=(4, 4))])
+def test_block_routing_falls_back(monkeypatch, spy, kw):
+    kw = dict(kw)
+    block = kw.pop("block", 16)
+    n = 16 if "grid" in kw else 40
+    q, k, v = _qkv(1, 2, 2, n, 16, seed=5)
+    module = BlockRoutingAttention(block, 2, **kw)
+    both_ways(monkeypatch, module, q, k, v, tol=1e-6)
+    assert spy["block_sparse"] == 0
+
+
+# ------------------------------------------------------------------------------------------ Linear / Flow
+
+LIN_CASES = [
+    # feature, B, Hq, Hkv, N, causal, mask
+    ("elu", 1, 2, 2, 37, False, None),
+    ("elu", 2, 4, 2, 33, True, None),            # GQA expanded in the wrapper, causal
+    ("relu", 2, 2, 2, 29, False, "additive"),    # padded keys: features weighted in PyTorch, identity kernel
+    ("favor", 1, 2, 2, 40, True, None),
+    ("favor", 2, 2, 1, 21, False, "bool"),
+]
+
+
+@pytest.mark.parametrize("feature,B,Hq,Hkv,N,causal,mask", LIN_CASES)
+def test_linear(monkeypatch, spy, feature, B, Hq, Hkv, N, causal, mask):
+    q, k, v = _qkv(B, Hq, Hkv, N, 16, seed=N + 2)
+    am = None if mask is None else _key_padding(B, N, N - 5, mask)
+    module = LinearAttention(feature, features=32, head_dim=16, seed=1)
+    both_ways(monkeypatch, module, q, k, v, tol=1e-4, attn_mask=am, is_causal=causal, enable_gqa=Hq != Hkv)
+    assert spy["linear"] == 1
+
+
+def test_linear_decoding_falls_back(monkeypatch, spy):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(1, 2, 10, 16, generator=g).to(DEVICE) for _ in range(2))
+    i = torch.arange(3, device=DEVICE)[:, None] + 7
+    mask = torch.arange(10, device=DEVICE)[None, :] <= i           # bottom-right causal: a KV cache
+    both_ways(monkeypatch, LinearAttention("elu"), q, k, v, grads=False, tol=1e-6, attn_mask=mask)
+    assert spy["linear"] == 0
+
+
+@pytest.mark.parametrize("B,H,N,mask", [(1, 2, 37, None), (2, 2, 30, "additive"), (2, 4, 45, "bool")])
+def test_flow_causal(monkeypatch, spy, B, H, N, mask):
+    q, k, v = _qkv(B, H, H, N, 16, seed=N + 3)
+    am = None if mask is None else _key_padding(B, N, N - 6, mask)
+    both_ways(monkeypatch, FlowAttention(), q, k, v, tol=1e-4, attn_mask=am, is_causal=True)
+    assert spy["linear"] == 1
+
+
+def test_flow_bidirectional_stays_pytorch(monkeypatch, spy):
+    q, k, v = _qkv(1, 2, 2, 20, 16)
+    both_ways(monkeypatch, FlowAttention(), q, k, v, tol=1e-6)
+    assert spy["linear"] == 0
+
+
+def test_switch_off_and_cpu_default(monkeypatch):
+    from rewrite.kernels._common import mixer_kernels
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("REWRITE_MIXER_KERNELS", "0")
+    assert not mixer_kernels(cpu)
+    monkeypatch.delenv("REWRITE_MIXER_KERNELS", raising=False)
+    assert not mixer_kernels(cpu)                      # CPU tensors: PyTorch unless asked for
+    monkeypatch.setenv("REWRITE_MIXER_KERNELS", "1")
+    assert mixer_kernels(cpu) == interpret_mode()

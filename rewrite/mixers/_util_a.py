@@ -329,3 +329,16 @@ def resolve_grid_layout(what: str, layout: str, call, site):
     if nq is not None and nq != prefix + gh * gw:
         return Decline(f"the site's grid {gh}x{gw} with {prefix} prefix tokens does not match its {nq} tokens")
     return (gh, gw), prefix, False
+
+
+def kernel_key_mask(c: Canon):
+    """The site mask as the block-sparse kernel takes it: ``(True, None)`` without a mask, ``(True, [Bm,
+    Hq|1, 1, N])`` for a key-padding mask (broadcast over queries in-kernel, clamped at the mask floor so that
+    ``finfo.min`` masks stay finite in the kernel's log2 domain, as in SDPA), ``(False, None)`` for a
+    per-query mask, which would reach the kernel as an N×N tensor: the caller keeps its PyTorch path."""
+    if c.bias is None:
+        return True, None
+    bm, hm, gm, rows, nk = c.bias.shape
+    if rows != 1:
+        return False, None
+    return True, c.bias.reshape(bm, hm * gm, 1, nk).clamp(min=c.mask_floor)

@@ -221,14 +221,9 @@ class BlockRoutingAttention(U.SDPAMixer):
         if (self.grid is not None or self.sinks or self.summary or dropout_p or c.q.dtype == torch.float64
                 or max(dd, dv) > 256 or blk < 16 or blk > 256 or blk & (blk - 1)):
             return None
-        mask = None
-        if c.bias is not None:
-            bm, hm, gm, rows, nk = c.bias.shape
-            if rows != 1:        # a per-query mask would go to the kernel as an [N, N] tensor: keep PyTorch
-                return None
-            # key padding broadcast over queries in-kernel; clamped at the mask floor so that finfo.min masks
-            # stay finite in the kernel's log2 domain (as in the PyTorch path)
-            mask = c.bias.reshape(bm, hm * gm, 1, nk).clamp(min=c.mask_floor)
+        servable, mask = U.kernel_key_mask(c)
+        if not servable:
+            return None
         order_list, p, _ = self._layout(n)
         nb = len(order_list)
         if p or nb != -(-n // blk):

@@ -228,14 +228,9 @@ class SlidingWindowAttention(U.SDPAMixer):
         bf, hkv, g, n, _, dd, dv = c.dims
         if p > 0.0 or c.q.dtype == torch.float64 or max(dd, dv) > 256:
             return None          # no dropout in the kernel; fp64 / wide heads are not kernel shapes
-        mask = None
-        if c.bias is not None:
-            bm, hm, gm, rows, nk = c.bias.shape
-            if rows != 1:        # a per-query mask would go to the kernel as an [N, N] tensor: keep PyTorch
-                return None
-            # key padding [Bm, 1|Hq, 1, N]: broadcast over the queries in-kernel (zero stride). Clamped at the
-            # mask floor so that finfo.min masks stay finite in the kernel's log2 domain, as in SDPA
-            mask = c.bias.reshape(bm, hm * gm, 1, nk).clamp(min=c.mask_floor)
+        servable, mask = U.kernel_key_mask(c)
+        if not servable:
+            return None
         from ..kernels.block_sparse_attention import band_block_mask, block_sparse_attention
         block = 16 if interpret_mode() else (32 if left + right < 64 else 64)
         bmask = band_block_mask(n, n, block, block, left, right, s, device=c.q.device)

@@ -3,13 +3,16 @@
 Accuracy: 8 full 512-token passages of standard-library docstrings; each mixer at two settings, on every
 layer and on the first half of the layers; the mean embedding cosine (mean-pooled) to the original model.
 Speed: an eager-spelled attention module (B=1, H=12, d=64, fp32, CPU) rewritten by ``optimize`` into exact
-SDPA and into each mixer; time ratio exact/mixer and peak live tensor memory at N = 1k, 4k (and 16k for
-exact, SlidingWindow and Linear). Run: ``python bench/bench_mixers.py [--part accuracy|speed]``.
+SDPA and into each mixer; time ratio exact/mixer and extra peak resident memory at N = 1k, 4k and 16k, each
+in a process of its own. At 16k a mixer whose run would take over ``LIMIT_S`` seconds or ``LIMIT_MIB`` MiB
+(extrapolated from its 1k and 4k runs) gets a row saying so instead of a run, and a run that fails, runs out
+of memory or time gets a row saying why. Run: ``python bench/bench_mixers.py [--part accuracy|speed]``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import sys
@@ -101,10 +104,18 @@ def _time(fn, repeats):
     return statistics.median(ts)
 
 
+#: a speed run at 16k is skipped (with a row saying why) when it would take longer or hold more than this
+LIMIT_S = 120.0
+LIMIT_MIB = 20 * 1024
+
+
 def one_run(n: int, action_json: str) -> None:
     """In a fresh process: time and peak resident memory of one rewritten forward (prints JSON)."""
     import json
     import resource
+    cap = int(os.environ.get("BENCH_MAX_AS_MIB", "0"))
+    if cap:  # an allocation past this fails in this process (reported) instead of exhausting the machine
+        resource.setrlimit(resource.RLIMIT_AS, (cap << 20, cap << 20))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     action = rewrite.action_from_json(json.loads(action_json))
     torch.manual_seed(0)
@@ -121,27 +132,79 @@ def one_run(n: int, action_json: str) -> None:
                       "declined": any("declined" in (r.reason or "") for r in rows)}))
 
 
-def speed() -> None:
+def _flops(action, n: int) -> float:
+    from rewrite import cost
+    return cost.evaluate(action.flops(), B=1, H=12, N=n, Nk=n, d=64, dv=64)
+
+
+def _too_big(action, n: int, runs: dict) -> str:
+    """Why a run at ``n`` would exceed LIMIT_S / LIMIT_MIB, from the runs at the two smaller lengths (time grows
+    as the action's FLOPs do, memory as it grew between them); "" when it fits or cannot be told."""
+    (n1, r1), (n0, r0) = sorted(runs.items())[-1], sorted(runs.items())[-2]
+    grow = _flops(action, n) / max(_flops(action, n1), 1.0)
+    order = "N^2" if grow > 0.6 * (n / n1) ** 2 else "N log N" if grow > 1.2 * n / n1 else "N"
+    t = r1["time"] * grow
+    ratio = max(r1["peak_mib"], 1.0) / max(r0["peak_mib"], 1.0)
+    mib = r1["peak_mib"] * min(max(ratio, 1.0) ** (math.log(n / n1) / math.log(n1 / n0)), (n / n1) ** 2)
+    name = type(action).__name__
+    if t > LIMIT_S:
+        return f"skipped: O({order}) {name} would take ~{t:.0f} s (limit {LIMIT_S:.0f} s)"
+    if mib > LIMIT_MIB:
+        return f"skipped: {name} would hold ~{mib / 1024:.0f} GiB extra (limit {LIMIT_MIB / 1024:.0f} GiB)"
+    return ""
+
+
+def _run_one(n: int, action) -> tuple:
+    """(result dict, None) or (None, why it gave no result)."""
     import json
     import subprocess
+    ram_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    env = dict(os.environ, BENCH_MAX_AS_MIB=str(int(min(LIMIT_MIB + 6 * 1024, 0.85 * ram_mib))))
+    timeout = 6 * LIMIT_S if n >= 16384 else 1800
+    try:
+        res = subprocess.run([sys.executable, __file__, "--one", str(n), json.dumps(action.to_json())],
+                             capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"skipped: did not finish within {timeout:.0f} s"
+    line = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    if line:
+        return json.loads(line[-1]), None
+    err = [x.strip() for x in res.stderr.splitlines() if x.strip()]
+    why = err[-1] if err else f"exit status {res.returncode}"
+    if res.returncode < 0:
+        why = f"killed by signal {-res.returncode}"
+    elif "memory" in why.lower() or "alloc" in why.lower():
+        why = f"out of memory ({why[:80]})"
+    return None, f"failed: {why[:120]}"
+
+
+def speed() -> None:
     print("| N | action | time s | exact / action | extra peak RSS MiB |\n|---|---|---|---|---|")
+    actions = [rewrite.Exact()] + [rewrite.action_types()[m](**SETTINGS[m][0]) for m in SETTINGS]
+    runs = {a.describe(): {} for a in actions}      # action -> {N: result} of the runs that gave one
     for n in (1024, 4096, 16384):
-        actions = [rewrite.Exact()] + [rewrite.action_types()[m](**SETTINGS[m][0]) for m in SETTINGS]
-        if n == 16384:
-            actions = [rewrite.Exact(), rewrite.SlidingWindow(window=256, sinks=1), rewrite.Linear()]
         exact_t = None
         for action in actions:
-            res = subprocess.run([sys.executable, __file__, "--one", str(n), json.dumps(action.to_json())],
-                                 capture_output=True, text=True, timeout=1800)
-            line = [x for x in res.stdout.splitlines() if x.startswith("{")]
-            if not line:
-                print(f"| {n} | {action.describe()} | failed | - | - |", flush=True)
+            done = runs[action.describe()]
+            why = ""
+            if n >= 16384:
+                if len(done) < 2:
+                    missing = [m for m in (1024, 4096) if m not in done]
+                    why = f"skipped: no result at N={', '.join(map(str, missing))} to extrapolate from"
+                else:
+                    why = _too_big(action, n, done)
+            r = None
+            if not why:
+                r, why = _run_one(n, action)
+            if r is None:
+                print(f"| {n} | {action.describe()} | {why} | - | - |", flush=True)
                 continue
-            r = json.loads(line[-1])
-            exact_t = exact_t or r["time"]
+            done[n] = r
+            if isinstance(action, rewrite.Exact):
+                exact_t = r["time"]
             note = " (declined: ran exact)" if r["declined"] else ""
-            print(f"| {n} | {action.describe()}{note} | {r['time']:.3f} | {exact_t / r['time']:.2f}x | "
-                  f"{r['peak_mib']:.0f} |", flush=True)
+            ratio = f"{exact_t / r['time']:.2f}x" if exact_t else "-"
+            print(f"| {n} | {action.describe()}{note} | {r['time']:.3f} | {ratio} | {r['peak_mib']:.0f} |", flush=True)
 
 
 def main() -> None:

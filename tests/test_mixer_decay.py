@@ -112,3 +112,48 @@ def test_vit_end_to_end_uses_the_grid():
     handler = rewrite.actions.handler_for(rewrite.Decay())
     module = handler(rewrite.Decay(gamma=0.5), None, site)
     assert isinstance(module, DecayAttention) and module.grid == (4, 4) and module.prefix_tokens == 1
+
+
+# ------------------------------------------------------------- the strided (Toeplitz) bias and causal row blocks
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([(1, 1, 1), (2, 2, 1), (1, 4, 2)]), st.integers(1, 130), st.floats(0.05, 0.999),
+       st.booleans(), st.sampled_from([3, 16, 256]), st.integers(0, 999))
+def test_strided_bias_equals_the_dense_bias(shape, n, gamma, causal, block, seed):
+    """Without a site mask the bias is a strided view and causal rows go in blocks: odd lengths, GQA, the same
+    output as SDPA with the dense ``log(gamma)·|i - j|`` bias built out."""
+    from rewrite.mixers import decay
+    b, hq, hkv = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, dd, generator=gen) for h, dd in ((hq, 8), (hkv, 8), (hkv, 5)))
+    i = torch.arange(n)
+    bias = math.log(gamma) * (i[:, None] - i[None, :]).abs().float()
+    ref = reference(q, k, v, causal=causal, bias=bias)
+    saved = decay._CAUSAL_BLOCK
+    decay._CAUSAL_BLOCK = block
+    try:
+        out = DecayAttention(gamma, causal=causal)(q, k, v, is_causal=causal, enable_gqa=True)
+    finally:
+        decay._CAUSAL_BLOCK = saved
+    assert_close(out, ref)
+
+
+def test_no_quadratic_tensor_without_a_site_mask():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.untyped_storage().nbytes())
+            return out
+
+    n = 1024
+    q, k, v = torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8)
+    for causal in (False, True):
+        with torch.no_grad(), Largest():
+            DecayAttention(0.9, causal=causal)(q, k, v, is_causal=causal)
+    assert Largest.largest < n * n * 4 / 16, Largest.largest

@@ -140,3 +140,49 @@ def test_error_falls_as_fewer_tokens_merge():
 @pytest.mark.parametrize("r, exact", [(4, False), (0, True)])
 def test_bert_end_to_end(r, exact):
     bert_end_to_end(rewrite.TokenMerge(r=r), exact_expected=exact)
+
+
+# ----------------------------------------------------------------- matching in row blocks, a broadcast key bias
+@settings(max_examples=20, deadline=None)
+@given(case=attention_case(same_len=False, allow_causal=False, min_len=9, max_len=31), r=st.integers(1, 15))
+def test_matching_in_row_blocks_equals_loop_reference(case, r):
+    """The A·Bᵀ similarities a few rows at a time (several blocks at these sizes): odd lengths, every mask
+    kind, GQA; the same as the token-by-token reference."""
+    from rewrite.mixers import _util_a as U
+    saved = U.ROW_CHUNK_ELEMENTS
+    U.ROW_CHUNK_ELEMENTS = 40
+    try:
+        out = run_case(TokenMergeAttention(r), case)
+    finally:
+        U.ROW_CHUNK_ELEMENTS = saved
+    assert_close(out, tome_reference(case["q"], case["k"], case["v"], case["mask"], r), atol=5e-5, rtol=5e-5)
+
+
+def test_no_quadratic_tensor_with_a_padding_mask():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from rewrite.mixers import _util_a as U
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.untyped_storage().nbytes())
+            return out
+
+    n = 1024
+    q, k, v = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
+    mask[..., -100:] = False
+    saved = U.ROW_CHUNK_ELEMENTS
+    U.ROW_CHUNK_ELEMENTS = 1 << 14
+    try:
+        with torch.no_grad(), Largest():
+            out = TokenMergeAttention(64)(q, k, v, attn_mask=mask)
+    finally:
+        U.ROW_CHUNK_ELEMENTS = saved
+    assert out.shape == (1, 2, n, 8) and torch.isfinite(out).all()
+    assert Largest.largest < 2 * n * n * 4 / 16, Largest.largest     # the bipartite [N/2, N/2] never at once

@@ -82,3 +82,81 @@ def test_error_falls_as_k_grows(causal):
 @pytest.mark.parametrize("k, exact", [(3, False), (16, True)])
 def test_bert_end_to_end(k, exact):
     bert_end_to_end(rewrite.TopK(k=k), exact_expected=exact)
+
+
+# -------------------------------------------------------- two-stage selection, row chunks, weighted-gather values
+def dense_topk_reference(q, k, v, mask, causal, kk):
+    """The previous formulation: dense masked scores, ``topk``, probabilities scattered into a dense
+    ``[Nq, Nk]`` matrix and multiplied with every value."""
+    g = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(g, -3), v.repeat_interleave(g, -3)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s + additive(mask)
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    vals, idx = s.topk(min(kk, s.shape[-1]), dim=-1)
+    p = torch.softmax(vals, -1).nan_to_num(0.0)
+    return torch.zeros_like(s).scatter_(-1, idx, p) @ v
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([(1, 1, 1), (2, 3, 1), (1, 4, 2)]), st.integers(1, 90), st.integers(150, 700),
+       st.sampled_from([1, 3, 5, 8]), st.sampled_from(["none", "bool_full", "additive_full", "additive_bcast"]),
+       st.booleans(), st.booleans(), st.integers(0, 999))
+def test_grouped_selection_and_row_chunks_equal_dense_form(shape, nq, nk, kk, kind, causal, small_chunks, seed):
+    """Odd lengths where the two-stage (group maxima first) selection runs, several row chunks, masks, causal,
+    GQA: the same output as the dense scatter formulation."""
+    from rewrite.mixers import _util_a as U
+    b, hq, hkv = shape
+    causal = causal and kind == "none"
+    nk = nq if causal else nk
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, dd, generator=gen) for h, n, dd in ((hq, nq, 8), (hkv, nk, 8), (hkv, nk, 5)))
+    mask = None
+    if kind == "bool_full":
+        mask = torch.rand(b, hq, nq, nk, generator=gen) > 0.6
+    elif kind == "additive_full":
+        mask = torch.randn(1, 1, nq, nk, generator=gen)
+    elif kind == "additive_bcast":
+        mask = torch.zeros(b, 1, 1, nk)
+        mask[..., nk // 3:] = torch.finfo(torch.float32).min
+    saved = U.ROW_CHUNK_ELEMENTS
+    U.ROW_CHUNK_ELEMENTS = 3000 if small_chunks else saved
+    try:
+        out = TopKAttention(kk, causal=causal)(q, k, v, attn_mask=mask, enable_gqa=True)
+    finally:
+        U.ROW_CHUNK_ELEMENTS = saved
+    assert_close(out, dense_topk_reference(q, k, v, mask, causal, kk))
+
+
+def test_select_top_keeps_the_values_of_topk():
+    from rewrite.mixers.top_k import _group_size, select_top
+    gen = torch.Generator().manual_seed(0)
+    for nk, kk in ((4096, 128), (1024, 16), (640, 5), (512, 1)):
+        gs = _group_size(nk, kk)
+        assert gs > 1
+        for sc in (torch.randn(3, 7, nk, generator=gen),
+                   torch.randn(3, 7, nk, generator=gen).masked_fill(torch.rand(3, 7, nk, generator=gen) > 0.1,
+                                                                     float("-inf")),
+                   torch.randint(0, 4, (3, 7, nk), generator=gen).float()):          # many ties
+            vals, idx = select_top(sc, kk, gs)
+            ref = sc.topk(kk, -1).values
+            torch.testing.assert_close(vals.sort(-1).values, ref.sort(-1).values)
+            assert torch.equal(torch.gather(sc, -1, idx), vals)
+            assert (idx.sort(-1).values.diff(dim=-1) > 0).all()                     # distinct keys
+
+
+def test_grad_path_equals_no_grad_path():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 33, 8, generator=gen), torch.randn(1, 2, 300, 8, generator=gen), \
+        torch.randn(1, 2, 300, 8, generator=gen)
+    mask = torch.randn(1, 1, 33, 300, generator=gen)
+    module = TopKAttention(4)
+    with torch.no_grad():
+        ref = module(q, k, v, attn_mask=mask, enable_gqa=True)
+    ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = module(*ts, attn_mask=mask, enable_gqa=True)
+    assert_close(out, ref)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ts)

@@ -18,7 +18,10 @@ mask is padding-only, yet it must see the band the prefill saw, so cached and fu
 cross-attention the band is then an arbitrary slice of the other sequence (still a valid approximation,
 but not a local one).
 
-Cost O(N·(w·(d + m + dv) + m·(d + dv))); causal forms use chunked prefix sums. Padding masks (a bias per
+Cost O(N·(w·(d + m + dv) + m·(d + dv))) in time and O(N·(d + m + dv)) in memory: the band is computed a
+block of ``Bq`` queries at a time against the window of keys the block can reach (one shared ``[Bq, w + Bq]``
+band pattern, the windows strided views of the keys), the estimate subtracted there only; the low-rank term
+comes from the feature sums (global, or chunked prefix sums for causal forms). Padding masks (a bias per
 key) enter both terms exactly; causal masks use the causal band and prefix sums; any other mask falls back
 to the dense O(Nq·Nk) form (counted in ``dense_calls``). Sites with learned or ALiBi score biases are declined.
 
@@ -29,13 +32,41 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import functools
+import math
+
 import sympy
 import torch
-from torch import nn
 
 from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler
 from . import _util_b as U
+
+#: query block of the band (16 for bands narrower than that)
+_BLOCK = 32
+#: band scores of one group of blocks at most this many elements (32 MiB in fp32)
+_GROUP_ELEMENTS = 1 << 23
+
+
+def _build_band(bq: int, left: int, right: int, dtype: torch.dtype, device) -> tuple:
+    """Block row ``r`` against window column ``c`` is in the band iff ``0 <= c - r <= left + right``: the
+    additive ``[Bq, chunk]`` pattern (0 / -inf) and the same as 1 / 0."""
+    r = torch.arange(bq, device=device)[:, None]
+    c = torch.arange(bq + left + right, device=device)[None, :]
+    keep = (c >= r) & (c <= r + left + right)
+    return (torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf")),
+            keep.to(dtype))
+
+
+_cached_band = functools.lru_cache(maxsize=16)(_build_band)
+
+
+def _band(bq: int, left: int, right: int, dtype: torch.dtype, device) -> tuple:
+    if all(isinstance(x, int) for x in (bq, left, right)) and not torch.compiler.is_compiling():
+        with torch.inference_mode(False):       # usable later outside inference mode too
+            return _cached_band(bq, left, right, dtype, device)
+    return _build_band(bq, left, right, dtype, device)
+
 
 
 @register_action
@@ -58,13 +89,19 @@ class Scatterbrain(Action):
             raise RewriteError(f"Scatterbrain(seed={self.seed!r}) must be an integer.")
 
     def flops(self, causal: bool = False) -> sympy.Expr:
-        """Band scores/softmax/values, band low-rank correction, FAVOR+ maps, low-rank state and readout."""
+        """What the blocked CPU form computes: each query block of ``Bq`` rows scores a window of
+        ``Bq + left + right`` keys (a band never wider than the keys), exactly and by the estimate, and sums
+        its values; FAVOR+ maps; the low-rank state and readout. Rows are padded per head by about one window
+        (``N + span + Bq`` rows)."""
         B, H, N, Nk, d, dv = (cost.SYMBOLS[s] for s in ("B", "H", "N", "Nk", "d", "dv"))
         m = self.features
-        w = sympy.Min(self.window if causal else 2 * (self.window // 2) + 1, Nk)   # a band never exceeds the keys
-        band = N * w * (2 * d + cost.SOFTMAX_FLOPS_PER_SCORE + 2 * m + 2 * (dv + 1))
-        fmap = (N + Nk) * (2 * d * m + 2 * d + 3 * m)
-        lowrank = 2 * Nk * m * (dv + 1) + 2 * N * m * (dv + 1) + N * dv
+        span0 = self.window - 1 if causal else 2 * (self.window // 2)
+        bq = _BLOCK if span0 >= _BLOCK else 16
+        span = sympy.Min(span0, 2 * (Nk - 1))                          # a band never exceeds the keys
+        rows = N + span + bq
+        band = rows * (bq + span) * (2 * d + cost.SOFTMAX_FLOPS_PER_SCORE + 2 * m + 2 * (dv + 1))
+        fmap = (rows + Nk) * (2 * d * m + 2 * d + 3 * m)
+        lowrank = 2 * Nk * m * (dv + 1) + 2 * rows * m * (dv + 1) + N * dv
         expr = band + fmap + lowrank
         if causal:
             expr += 2 * N * sympy.Min(U.CHUNK, N) * (m + dv + 1)
@@ -121,38 +158,95 @@ class ScatterbrainAttention(U.FastAndDense, U.WarnOnce):
         return U.normalise(num).to(dtype)
 
     def _fast(self, q, k, v1, plan: U.MaskPlan, proj, causal: bool, offset: int, back_only: bool):
-        nq, nk = q.shape[-2], k.shape[-2]
-        left, right = self._extent(back_only)
-        pos = torch.arange(nq, device=q.device) + offset
-        left = max(0, min(left, int(pos.max()) if nq else 0))
-        right = max(0, min(right, nk - 1 - (int(pos.min()) if nq else 0)))
-        span = torch.arange(-left, right + 1, device=q.device)
-        idx = pos[:, None] + span[None, :]                              # [Nq, L] key index of each band slot
-        inside = (idx >= 0) & (idx < nk)
-        safe = idx.clamp(0, max(nk - 1, 0))
+        """Blocked band plus low-rank sums: time and memory O(N·(w + m)·d), never an ``[Nq, Nk]`` tensor.
 
-        fq, cq = U.favor_query(q, proj)                                 # [..., Nq, m], [..., Nq, 1]
+        Queries go in blocks of ``Bq`` rows. Block ``b`` of a head reads ``chunk = Bq + left + right``
+        consecutive keys from ``b·Bq + offset - left`` on, so every block has the same ``[Bq, chunk]`` band
+        pattern. The keys of every (batch, head) are laid one after the other in one zero-padded buffer of
+        ``nb2·Bq`` rows each (``nb2`` covers the last block's window), so the windows of all blocks of all
+        heads are one strided view of it that batched products read without a copy; the padding carries a
+        ``-inf`` key bias. The blocks (and a few blocks of padding per head, whose rows are dropped) go in
+        groups that keep their scores small."""
+        nq, nk = q.shape[-2], k.shape[-2]
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2],
+                                      () if plan.key_bias is None else plan.key_bias.shape[:-2])
+        bh, dd, dv1, m = math.prod(lead), q.shape[-1], v1.shape[-1], proj.shape[0]
+        if nq == 0 or nk == 0 or bh == 0:
+            return q.new_zeros(*lead, nq, dv1)
+        left, right = self._extent(back_only)
+        # the first and last positions are offset and offset + nq - 1: from sizes, not tensor values
+        left = max(0, min(left, offset + nq - 1))
+        right = max(0, min(right, nk - 1 - offset))
+        span = left + right
+        bq = _BLOCK if span >= _BLOCK else 16
+        nb = -(-nq // bq)
+        nb2 = nb + -(-span // bq)                                       # blocks per head in the buffers
+        rows, chunk, lo = nb2 * bq, bq + span, offset - left            # window of block b: keys lo + b·Bq ..
+        dev, dt = q.device, q.dtype
+        ip = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v1)))   # in place
+
         fk, ck = U.favor_key(k, proj, plan.key_bias)                    # [..., Nk, m], [..., 1, 1]
-        kb = plan.key_bias
-        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-        kw = k.expand(*lead, nk, k.shape[-1])[..., safe, :]            # [..., Nq, L, d]
-        s_loc = (q.unsqueeze(-2) @ kw.transpose(-1, -2)).squeeze(-2)   # [..., Nq, L]
-        if kb is not None:
-            s_loc = s_loc + kb[..., 0, :][..., safe]
-        s_loc = s_loc.masked_fill(~inside, float("-inf"))
-        shift = torch.maximum(s_loc.amax(-1, keepdim=True), cq + ck)    # one shift per row
-        e_loc = torch.exp(s_loc - shift)
-        lr_scale = torch.exp(cq + ck - shift)                           # [..., Nq, 1]
-        fkw = fk.expand(*lead, nk, fk.shape[-1])[..., safe, :]         # [..., Nq, L, m]
-        lr_loc = (fq.unsqueeze(-2) @ fkw.transpose(-1, -2)).squeeze(-2) * lr_scale
-        corr = (e_loc - lr_loc).masked_fill(~inside, 0.0)
-        vw = v1.expand(*lead, nk, v1.shape[-1])[..., safe, :]          # [..., Nq, L, dv+1]
-        num_local = (corr.unsqueeze(-2) @ vw).squeeze(-2)
-        if causal:
-            num_lr = U.linear_causal(fq, fk, v1, offset, self.chunk)
-        else:
-            num_lr = U.linear_bidirectional(fq, fk, v1)
-        return num_local + num_lr * lr_scale
+        j0, j1 = max(lo, 0), min(nk, lo + rows)                         # the keys the windows reach
+
+        def key_buffer(x, fill):                                        # [..., Nk, c] -> [Bh·rows + span, c]
+            buf = x.new_full((bh * rows + span, x.shape[-1]), fill)
+            buf[:bh * rows].view(*lead, rows, x.shape[-1])[..., j0 - lo:j1 - lo, :] = x[..., j0:j1, :]
+            return buf
+
+        kbuf, fkbuf, vbuf = key_buffer(k, 0.0), key_buffer(fk, 0.0), key_buffer(v1, 0.0)
+        kbias = torch.full((bh * rows + span,), float("-inf"), dtype=dt, device=dev)
+        kbias[:bh * rows].view(*lead, rows)[..., j0 - lo:j1 - lo] = (
+            0.0 if plan.key_bias is None else plan.key_bias[..., 0, j0:j1])
+        qbuf = q.new_zeros(bh, rows, dd)
+        qbuf.view(*lead, rows, dd)[..., :nq, :] = q
+        fq, cq = U.favor_query(qbuf, proj)                              # [Bh, rows, m], [Bh, rows, 1]
+        lq = (cq + ck.expand(*lead, 1, 1).reshape(bh, 1, 1)).view(bh * nb2, bq, 1)   # log-scale of the low rank
+        fq = fq.view(bh * nb2, bq, m)
+        qbuf = qbuf.view(bh * nb2, bq, dd)
+
+        # the windows of every block: strided views of the buffers (block t = head·nb2 + b starts at row t·Bq)
+        kw = kbuf.as_strided((bh * nb2, chunk, dd), (bq * dd, dd, 1))
+        fkw = fkbuf.as_strided((bh * nb2, chunk, m), (bq * m, m, 1))
+        vw = vbuf.as_strided((bh * nb2, chunk, dv1), (bq * dv1, dv1, 1))
+        kbw = kbias.as_strided((bh * nb2, 1, chunk), (bq, chunk, 1))
+        band, inside = _band(bq, left, right, dt, dev)                # [Bq, chunk] additive, and 0/1
+
+        per_block = bq * chunk
+        step = max(1, _GROUP_ELEMENTS // per_block)
+        num = q.new_empty(bh * nb2, bq, dv1) if ip else []
+        fql_all = fq if ip else []
+        if ip:   # the groups' scores and estimates in two buffers reused by every group (fresh group-sized
+            # blocks freed between kept results would fragment the heap)
+            sbuf, lbuf = q.new_empty(min(step, bh * nb2), bq, chunk), q.new_empty(min(step, bh * nb2), bq, chunk)
+        for t0 in range(0, bh * nb2, step):
+            g = slice(t0, min(bh * nb2, t0 + step))
+            size = g.stop - g.start
+            # scores + band pattern
+            s = torch.baddbmm(band, qbuf[g], kw[g].transpose(1, 2), out=sbuf[:size]) if ip else \
+                torch.baddbmm(band, qbuf[g], kw[g].transpose(1, 2))
+            s = s.add_(kbw[g]) if ip else s + kbw[g]                   # + key bias (and padding)
+            shift = torch.maximum(s.amax(-1, keepdim=True), lq[g])     # one shift per row
+            e = s.sub_(shift).exp_() if ip else torch.exp(s - shift)
+            lr_scale = (lq[g] - shift).exp_()                           # [G, Bq, 1]
+            fql = fq[g].mul_(lr_scale) if ip else fq[g] * lr_scale
+            lr_loc = torch.bmm(fql, fkw[g].transpose(1, 2), out=lbuf[:size]) if ip else \
+                torch.bmm(fql, fkw[g].transpose(1, 2))                # the estimate on the window
+            corr = e.addcmul_(lr_loc, inside, value=-1.0) if ip else e - lr_loc * inside   # exact - estimate
+            if ip:
+                torch.bmm(corr, vw[g], out=num[g])
+            else:
+                num.append(torch.bmm(corr, vw[g]))
+                fql_all.append(fql)
+        if not ip:
+            num, fql_all = torch.cat(num), torch.cat(fql_all)
+        num, fql_all = num.view(bh, rows, dv1), fql_all.view(bh, rows, m)
+        if causal:   # (φ(q)·scale) against the prefix sums: scale times the low-rank term
+            lr = U.linear_causal(fql_all.view(*lead, rows, m)[..., :nq, :], fk, v1, offset, self.chunk)
+            return num[:, :nq].reshape(*lead, nq, dv1) + lr
+        state = fk.transpose(-1, -2) @ v1                               # [..., m, dv+1]
+        state = state.expand(*lead, m, dv1).reshape(bh, m, dv1)
+        num = num.baddbmm_(fql_all, state) if ip else torch.baddbmm(num, fql_all, state)
+        return num[:, :nq].reshape(*lead, nq, dv1)
 
     def _dense(self, q, k, v1, plan: U.MaskPlan, proj, offset: int, back_only: bool):
         nq, nk = q.shape[-2], k.shape[-2]

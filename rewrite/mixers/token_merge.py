@@ -8,7 +8,8 @@ nothing is masked), and keys that no query may see are never averaged into a vis
 their count, so the output shape is SDPA's. It equals exact attention when ``r = 0``.
 
 Merging is done inside the attention call only (this layer's later tokens are untouched), so it is a
-pure swap of one attention site. Time: matching O(Nk²·d/4) plus attention O(N·(Nk - r)·d). Merging
+pure swap of one attention site. Time: matching O(Nk²·d/4) (the similarities a block of rows at a time,
+memory O(rows·Nk)) plus attention O(N·(Nk - r)·d), one fused call when the bias is a per-key one. Merging
 would mix past and future keys, so causal sites are declined, including sites whose mask is causal (or
 otherwise hides keys from some queries only) at run time, as the example batch shows; cross-attention is fine.
 
@@ -70,6 +71,14 @@ class TokenMergeAttention(U.SDPAMixer):
         keys, values, bias = c.k, c.v, c.bias
         if r > 0:
             keys, values, bias = self.merge(c, r)
+        if bias is not None and bias.shape[-2] == 1:
+            # one bias row for every query (padding and the merged keys' sizes): a broadcast SDPA mask, one
+            # fused call (no [Nq, Nk] mask is built)
+            out = F.scaled_dot_product_attention(c.q.view(bf, hkv * g, nq, dd), keys, values,
+                                                 attn_mask=U.heads_mask(bias, hkv, g),
+                                                 dropout_p=float(dropout_p or 0.0), scale=c.scale,
+                                                 enable_gqa=g > 1)
+            return c.finish(out.view(bf, hkv, g, nq, dv))
         return c.finish(U.sdpa_rows(c, keys, values, bias, dropout_p=dropout_p))
 
     @staticmethod
@@ -83,10 +92,23 @@ class TokenMergeAttention(U.SDPAMixer):
             visible = (bias.amax(dim=(2, 3)) > c.mask_floor).expand(bf, hkv, nk)
         with torch.no_grad():
             m = F.normalize(k, dim=-1)
-            sim = m[..., ::2, :] @ m[..., 1::2, :].transpose(-1, -2)           # [Bf, Hkv, Na, Nb]
-            sim = sim.masked_fill(~visible[..., ::2, None], U.NEG_INF)
-            sim = sim.masked_fill(~visible[..., None, 1::2], U.NEG_INF)
-            node_max, node_idx = sim.max(dim=-1)                              # best B partner of each A key
+            bh = bf * hkv
+            ma, mb = m[..., ::2, :].reshape(bh, -1, dd), m[..., 1::2, :].reshape(bh, -1, dd).transpose(1, 2)
+            va, vb = (~visible[..., ::2]).reshape(bh, -1, 1), (~visible[..., 1::2]).reshape(bh, 1, -1)
+            # best B partner of each A key: the similarities [Bf·Hkv, Na, Nb] a block of A rows at a time, in
+            # one buffer reused by every block (fresh blocks between the kept results would fragment the heap)
+            na, nb = ma.shape[-2], mb.shape[-1]
+            step = min(na, max(1, U.ROW_CHUNK_ELEMENTS // max(1, bh * nb)))
+            buf = m.new_empty(bh * step * nb)
+            node_max, node_idx = m.new_empty(bh, na), torch.empty(bh, na, dtype=torch.long, device=m.device)
+            for a0 in range(0, na, step):
+                a1 = min(na, a0 + step)
+                sim = torch.bmm(ma[:, a0:a1], mb, out=buf[:bh * (a1 - a0) * nb].view(bh, a1 - a0, nb))
+                if bias is not None:
+                    sim.masked_fill_(va[:, a0:a1], U.NEG_INF).masked_fill_(vb, U.NEG_INF)
+                torch.max(sim, dim=-1, out=(node_max[:, a0:a1], node_idx[:, a0:a1]))
+            del buf
+            node_max, node_idx = node_max.view(bf, hkv, na), node_idx.view(bf, hkv, na)
             order = node_max.argsort(dim=-1, descending=True, stable=True)
             src = order[..., :r]                                               # A keys merged away
             unm = order[..., r:].sort(dim=-1).values                           # A keys kept (in order)

@@ -65,6 +65,32 @@ def assert_close(out, ref, atol=2e-5, rtol=2e-5):
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
 
 
+class LargestAllocation:
+    """Context manager recording the largest tensor storage (bytes) any op produced inside it: a test that a
+    mixer never materialises an N×N tensor."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        record = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        record.largest = max(record.largest, t.untyped_storage().nbytes())
+                return out
+
+        self.largest = 0
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 MASK_KINDS = ("none", "bool_pad", "bool_full", "additive_full", "additive_bcast")
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_mixer_a_common import (assert_close, assert_decreasing, attention_case, bert_end_to_end, build,  # noqa: E402
-                                 local_qkv, reference, rel_err, run_case)
+                                 LargestAllocation, local_qkv, reference, rel_err, run_case)
 
 import rewrite  # noqa: E402
 from rewrite import cost  # noqa: E402
@@ -138,22 +138,9 @@ def test_strided_bias_equals_the_dense_bias(shape, n, gamma, causal, block, seed
 
 
 def test_no_quadratic_tensor_without_a_site_mask():
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.untyped_storage().nbytes())
-            return out
-
     n = 1024
     q, k, v = torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8)
-    for causal in (False, True):
-        with torch.no_grad(), Largest():
+    with torch.no_grad(), LargestAllocation() as seen:
+        for causal in (False, True):
             DecayAttention(0.9, causal=causal)(q, k, v, is_causal=causal)
-    assert Largest.largest < n * n * 4 / 16, Largest.largest
+    assert seen.largest < n * n * 4 / 16, seen.largest

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_mixer_a_common import (additive, assert_close, assert_decreasing, attention_case,  # noqa: E402
-                                 bert_end_to_end, build, reference, rel_err, run_case)
+                                 LargestAllocation, bert_end_to_end, build, reference, rel_err, run_case)
 
 import rewrite  # noqa: E402
 from rewrite import cost  # noqa: E402
@@ -159,19 +159,7 @@ def test_matching_in_row_blocks_equals_loop_reference(case, r):
 
 
 def test_no_quadratic_tensor_with_a_padding_mask():
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
     from rewrite.mixers import _util_a as U
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.untyped_storage().nbytes())
-            return out
 
     n = 1024
     q, k, v = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
@@ -180,9 +168,9 @@ def test_no_quadratic_tensor_with_a_padding_mask():
     saved = U.ROW_CHUNK_ELEMENTS
     U.ROW_CHUNK_ELEMENTS = 1 << 14
     try:
-        with torch.no_grad(), Largest():
+        with torch.no_grad(), LargestAllocation() as seen:
             out = TokenMergeAttention(64)(q, k, v, attn_mask=mask)
     finally:
         U.ROW_CHUNK_ELEMENTS = saved
     assert out.shape == (1, 2, n, 8) and torch.isfinite(out).all()
-    assert Largest.largest < 2 * n * n * 4 / 16, Largest.largest     # the bipartite [N/2, N/2] never at once
+    assert seen.largest < 2 * n * n * 4 / 16, seen.largest     # the bipartite [N/2, N/2] never at once

@@ -1,4 +1,4 @@
-"""Shared helpers of the mixer tests: a SiteCall and an AttentionSite built by hand."""
+"""Shared helpers of the mixer tests: a SiteCall and an AttentionSite built by hand, padded masks."""
 import torch
 import torch.fx as fx
 
@@ -21,3 +21,18 @@ def make_site(q_shape=(2, 4, 16, 16), k_shape=None, mask="none", is_causal=False
     return AttentionSite(name="layer", q_shape=q_shape, k_shape=k_shape, v_shape=k_shape, heads=q_shape[1],
                          kv_heads=k_shape[1], head_dim=q_shape[-1], mask=mask, is_causal=is_causal,
                          cross=q_shape[-2] != k_shape[-2], **kw)
+
+
+def padded_mask(b, nq, nk, pad, causal, expanded=True, kind="additive"):
+    """HF-style mask: [B, 1, Nq, Nk] (or [B, 1, 1, Nk]); the last ``pad`` keys of the last row are padding."""
+    valid = torch.ones(b, nk, dtype=torch.bool)
+    if pad:
+        valid[-1, nk - pad:] = False
+    allowed = valid[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq))
+    elif expanded:
+        allowed = allowed.expand(b, 1, nq, nk)
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)

@@ -10,23 +10,10 @@ import rewrite
 from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.linear import LinearAttention
 from rewrite.mixers.scatterbrain import ScatterbrainAttention, scatterbrain_handler
-from mixer_b_helpers import make_call, make_site  # noqa: E402
+from mixer_b_helpers import make_call, make_site, padded_mask  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
-
-def padded_mask(b, nq, nk, pad, causal, expanded=True, kind="additive"):
-    valid = torch.ones(b, nk, dtype=torch.bool)
-    if pad:
-        valid[-1, nk - pad:] = False
-    allowed = valid[:, None, None, :]
-    if causal:
-        allowed = allowed & (torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq))
-    elif expanded:
-        allowed = allowed.expand(b, 1, nq, nk)
-    if kind == "bool":
-        return allowed
-    return torch.zeros(allowed.shape).masked_fill(~allowed, MIN)
 
 
 def structured(seed, b=2, h=2, n=256, d=32):

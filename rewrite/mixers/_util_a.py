@@ -275,6 +275,14 @@ def is_cross(site) -> bool:
     return not same_size(qs[-2], ks[-2])
 
 
+def decline_cross(site, needs: str) -> Optional[Decline]:
+    """A Decline saying ``needs`` and the site's lengths when Nq may differ from Nk (``is_cross``), else None."""
+    if not is_cross(site):
+        return None
+    nq, nk = site_lengths(site)
+    return Decline(f"{needs}; this site has Nq={nq}, Nk={nk} (cross-attention or KV-cache decoding)")
+
+
 def site_causal(call, site) -> bool:
     return bool(getattr(site, "is_causal", False) or getattr(call, "is_causal", False)
                 or "causal" in str(getattr(site, "mask", "") or ""))

@@ -525,6 +525,18 @@ def check_grid(name: str, call, site, dims: Optional[int]) -> tuple[Optional[Dec
     return None, grid, prefix
 
 
+class FavorProjection:
+    """Mixin for mixers with a FAVOR+ projection buffer ``projection [features, D]`` (from ``self.features``
+    and ``self.seed``): drawn lazily for the inputs' head dim, and following the inputs' device."""
+
+    def _proj(self, d: int, device) -> torch.Tensor:
+        if self.projection.numel() == 0 or self.projection.shape[1] != d:
+            self.projection = orthogonal_gaussian(self.features, d, self.seed).to(device)
+        elif self.projection.device != device:      # the mixer need not move with the model: follow the inputs
+            self.projection = self.projection.to(device)
+        return self.projection
+
+
 class FastAndDense(torch.nn.Module):
     """A mixer whose ``_run(..., dense)`` computes either its fast form or its quadratic reference.
 

@@ -209,6 +209,21 @@ class BlockRoutingAttention(U.SDPAMixer):
             out.index_copy_(1, heads, self._attend(part, int(t), causal, dropout_p))
         return c.finish(out)
 
+    @staticmethod
+    def _block_affinity(qb: torch.Tensor, kb: torch.Tensor, valid: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Routing scores ``[Bf, Hkv, G, nb, nb]`` of mean-pooled query blocks ``qb [Bf, Hkv, G, nb, bs, D]``
+        against mean-pooled key blocks ``kb [Bf, Hkv, nb, bs, D]`` (padding slots, ``~valid [nb, bs]``, left
+        out): a block's own block scores +inf (always kept) and, causally, later blocks -inf."""
+        nb, bs = valid.shape
+        w = valid.to(qb.dtype)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1)
+        qr = (qb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, G, nb, D]
+        kr = (kb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, nb, D]
+        aff = U.grouped_scores(qr, kr)
+        if causal:
+            aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu(1), U.NEG_INF)
+        return aff.masked_fill(torch.eye(nb, dtype=torch.bool, device=qb.device), float("inf"))
+
     def _kernel(self, c: U.Canon, topk, causal: bool, dropout_p: float):
         """Routed attention on the Triton block-sparse kernel (``[Bf, Hkv, G, N, Dv]``), or None where the kernel
         would not compute this call exactly (see the module docstring). ``topk``: an int, or per-kv-head counts
@@ -234,18 +249,10 @@ class BlockRoutingAttention(U.SDPAMixer):
         valid = order >= 0
         pos = torch.where(valid, order, torch.zeros_like(order))
         flat = pos.reshape(-1)
-        # the routing of ``_attend``, op for op (same pooled scores, same picks)
+        # the routing of ``_attend`` (same pooled scores, same picks)
         qb = c.q.index_select(-2, flat).view(bf, hkv, g, nb, bs, dd)
         kb = c.k.index_select(-2, flat).view(bf, hkv, nb, bs, dd)
-        w = valid.to(c.q.dtype)
-        w = w / w.sum(-1, keepdim=True).clamp(min=1)
-        qr = (qb * w.view(nb, bs, 1)).sum(-2)
-        kr = (kb * w.view(nb, bs, 1)).sum(-2)
-        aff = U.grouped_scores(qr, kr)                                         # [Bf, Hkv, G, nb, nb]
-        eye = torch.eye(nb, dtype=torch.bool, device=dev)
-        if causal:
-            aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=dev).triu(1), U.NEG_INF)
-        aff = aff.masked_fill(eye, float("inf"))
+        aff = self._block_affinity(qb, kb, valid, causal)
         if isinstance(topk, torch.Tensor):                                     # per-head counts: the best t_h
             counts = topk.to(dev).clamp(max=nb)
             t = int(counts.max())
@@ -275,17 +282,7 @@ class BlockRoutingAttention(U.SDPAMixer):
         kb = c.k.index_select(-2, flat).view(bf, hkv, nb, bs, dd)
         vb = c.v.index_select(-2, flat).view(bf, hkv, nb, bs, dv)
 
-        # routing on mean-pooled blocks (padding slots excluded)
-        w = valid.to(c.q.dtype)
-        w = w / w.sum(-1, keepdim=True).clamp(min=1)
-        qr = (qb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, G, nb, D]
-        kr = (kb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, nb, D]
-        aff = U.grouped_scores(qr, kr)                                         # [Bf, Hkv, G, nb, nb]
-        eye = torch.eye(nb, dtype=torch.bool, device=dev)
-        later = torch.ones(nb, nb, dtype=torch.bool, device=dev).triu(1)
-        if causal:
-            aff = aff.masked_fill(later, U.NEG_INF)
-        aff = aff.masked_fill(eye, float("inf"))
+        aff = self._block_affinity(qb, kb, valid, causal)
         t = min(topk, nb)
         idx = aff.topk(t, dim=-1).indices                                      # [Bf, Hkv, G, nb, t]
 
@@ -310,8 +307,8 @@ class BlockRoutingAttention(U.SDPAMixer):
         if self.summary and nb > 1:
             # one pooled token per block a query block did not choose (and, causally, that ends before it)
             chosen = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=dev).scatter_(-1, idx, True)
-            if causal:
-                chosen = chosen | later | eye
+            if causal:  # blocks that do not end before the query block: never pooled
+                chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=dev).triu()
             pooled_scores, pooled_v = self._pooled(c, qb, kb, vb, valid, pos, flat)
             parts.append(pooled_scores.masked_fill(chosen.unsqueeze(-2), U.NEG_INF))
         if p:
@@ -402,10 +399,9 @@ def allocate_blocks(errors: torch.Tensor, total: int) -> torch.Tensor:
 
 @register_handler(BlockRouting)
 def block_routing_handler(action: BlockRouting, call, site):
-    if U.is_cross(site):
-        nq, nk = U.site_lengths(site)
-        return Decline(f"block routing needs as many queries as keys; this site has Nq={nq}, Nk={nk} "
-                       "(cross-attention or KV-cache decoding)")
+    cross = U.decline_cross(site, "block routing needs as many queries as keys")
+    if cross:
+        return cross
     resolved = U.resolve_grid_layout("BlockRouting", action.layout, call, site)
     if isinstance(resolved, Decline):
         return resolved

@@ -134,10 +134,9 @@ class DecayAttention(U.SDPAMixer):
 
 @register_handler(Decay)
 def decay_handler(action: Decay, call, site):
-    if U.is_cross(site):
-        nq, nk = U.site_lengths(site)
-        return Decline(f"a distance decay needs query and key positions to agree; this site has Nq={nq}, "
-                       f"Nk={nk} (cross-attention or KV-cache decoding)")
+    cross = U.decline_cross(site, "a distance decay needs query and key positions to agree")
+    if cross:
+        return cross
     resolved = U.resolve_grid_layout("Decay", action.layout, call, site)
     if isinstance(resolved, Decline):
         return resolved

@@ -36,7 +36,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from ..actions import Action, Decline, register_action, register_handler
+from ..actions import Action, register_action, register_handler
 from ..cost import B, H, N, Nk, d
 from . import _util_a as U
 from . import _util_b as UB
@@ -341,10 +341,9 @@ def _spherical_kmeans(x: torch.Tensor, nc: int, iterations: int, seed: int) -> t
 
 @register_handler(KMeansRouting)
 def kmeans_routing_handler(action: KMeansRouting, call, site):
-    if U.is_cross(site):
-        nq, nk = U.site_lengths(site)
-        return Decline(f"k-means routing clusters queries and keys of one sequence; this site has Nq={nq}, "
-                       f"Nk={nk} (cross-attention or KV-cache decoding)")
+    cross = U.decline_cross(site, "k-means routing clusters queries and keys of one sequence")
+    if cross:
+        return cross
     # a mask that hides every later key, built at run time (seen on the example batch), needs causal routing too
     causal = U.site_causal(call, site) or UB.hides_future(UB.example_mask_plan(call))
     return KMeansRoutingAttention(action.clusters, action.window, causal=causal, iterations=action.iterations)

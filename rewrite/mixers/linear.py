@@ -109,7 +109,7 @@ def kernel_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, feature: 
     return out.reshape(*lead, nq, v.shape[-1])
 
 
-class LinearAttention(U.FastAndDense, U.WarnOnce):
+class LinearAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
     """Linear attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, feature: str = "elu", features: int = 64, head_dim: Optional[int] = None, seed: int = 0,
@@ -120,13 +120,6 @@ class LinearAttention(U.FastAndDense, U.WarnOnce):
         proj = U.orthogonal_gaussian(features, head_dim, seed) if feature == "favor" and head_dim else torch.empty(0)
         self.register_buffer("projection", proj, persistent=True)
         self.dense_calls = 0
-
-    def _proj(self, d: int, device) -> torch.Tensor:
-        if self.projection.numel() == 0 or self.projection.shape[1] != d:
-            self.projection = U.orthogonal_gaussian(self.features, d, self.seed).to(device)
-        elif self.projection.device != device:      # the mixer need not move with the model: follow the inputs
-            self.projection = self.projection.to(device)
-        return self.projection
 
     def feature_maps(self, q: torch.Tensor, k: torch.Tensor, key_bias: Optional[torch.Tensor]):
         """``(φ(q), φ(k) · exp(key bias))`` for already scaled q, k (key bias None: no weighting)."""

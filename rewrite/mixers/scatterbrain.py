@@ -108,7 +108,7 @@ class Scatterbrain(Action):
         return sympy.expand(B * H * expr)
 
 
-class ScatterbrainAttention(U.FastAndDense, U.WarnOnce):
+class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
     """Scatterbrain attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, window: int = 64, features: int = 64, head_dim: Optional[int] = None, seed: int = 0,
@@ -119,13 +119,6 @@ class ScatterbrainAttention(U.FastAndDense, U.WarnOnce):
         proj = U.orthogonal_gaussian(features, head_dim, seed) if head_dim else torch.empty(0)
         self.register_buffer("projection", proj, persistent=True)
         self.dense_calls = 0
-
-    def _proj(self, d: int, device) -> torch.Tensor:
-        if self.projection.numel() == 0 or self.projection.shape[1] != d:
-            self.projection = U.orthogonal_gaussian(self.features, d, self.seed).to(device)
-        elif self.projection.device != device:      # the mixer need not move with the model: follow the inputs
-            self.projection = self.projection.to(device)
-        return self.projection
 
     def _extent(self, causal: bool) -> tuple[int, int]:
         """Keys before and after the query's own position that the band covers."""

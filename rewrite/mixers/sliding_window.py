@@ -41,7 +41,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from ..actions import Action, Decline, register_action, register_handler
+from ..actions import Action, register_action, register_handler
 from ..cost import N, Nk
 from . import _util_a as U
 
@@ -380,8 +380,7 @@ class SlidingWindowAttention(U.SDPAMixer):
 
 @register_handler(SlidingWindow)
 def sliding_window_handler(action: SlidingWindow, call, site):
-    if U.is_cross(site):
-        nq, nk = U.site_lengths(site)
-        return Decline(f"a sliding window needs as many queries as keys; this site has Nq={nq}, Nk={nk} "
-                       "(cross-attention or KV-cache decoding)")
+    cross = U.decline_cross(site, "a sliding window needs as many queries as keys")
+    if cross:
+        return cross
     return SlidingWindowAttention(action.window, action.sinks, causal=U.site_causal(call, site))

@@ -160,6 +160,78 @@ def test_fully_masked_rows_give_zero(device):
     assert dq[:, :, 5:9].abs().max().item() == 0.0
 
 
+# ----------------------------------------------------------------------------------------------- learned bias
+
+BIAS_CASES = [
+    # mask shape (B=2, Hq=4, Nq=33, Nk=20 or Nq=Nk=33 when causal), Hkv, causal
+    ((2, 4, 33, 20), 4, False),    # a bias per batch entry and head
+    ((1, 4, 33, 33), 2, True),     # T5's relative-position bias: shared over the batch; GQA, causal tiles
+    ((33, 20), 1, False),          # one [Nq, Nk] bias for every head (MQA)
+    ((2, 1, 1, 20), 4, False),     # a learnable key bias (summed over heads and queries)
+]
+
+
+@pytest.mark.parametrize("mask_shape,Hkv,causal", BIAS_CASES)
+def test_learned_bias_gradient(device, mask_shape, Hkv, causal):
+    """A float attn_mask that requires grad gets the gradient of the reference (autograd through s + bias),
+    summed over the dims it broadcasts along, in its own shape."""
+    Nk = mask_shape[-1]
+    q, k, v = _qkv(device, 2, 4, Hkv, 33, Nk, 32)
+    bias = _rand(device, *mask_shape, seed=3).requires_grad_(True)
+    out = kernels.flash_attention(q, k, v, attn_mask=bias, is_causal=causal, enable_gqa=Hkv != 4)
+    ref = attention_reference(q, k, v, attn_mask=bias, is_causal=causal)
+    _assert_close(out, ref, 2e-5, "out")
+    g = torch.randn_like(ref)
+    got, want = _grads(out, (q, k, v, bias), g), _grads(ref, (q, k, v, bias), g)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), got, want):
+        assert a.shape == b.shape, name
+        _assert_close(a, b, 2e-5, name)
+    assert got[3].abs().max().item() > 0
+    if causal:   # keys above the diagonal never touch the output
+        assert got[3][..., 0, 1:].abs().max().item() == 0.0
+
+
+def test_learned_bias_gradient_with_dropout_and_half(device):
+    """dS under dropout uses the replayed keep-mask; a bf16 bias gets a bf16 gradient."""
+    q, k, v = _qkv(device, 1, 2, 2, 17, 17, 16)
+    bias = _rand(device, 1, 2, 17, 17, seed=4).requires_grad_(True)
+    rng = torch.tensor([7, 0], dtype=torch.int64, device=device)
+    out, keep = kernels.flash_attention(q, k, v, attn_mask=bias, dropout_p=0.2, rng_state=rng,
+                                        return_dropout_mask=True)
+    ref = attention_reference(q, k, v, attn_mask=bias, dropout_p=0.2, dropout_mask=keep)
+    g = torch.randn_like(ref)
+    _assert_close(_grads(out, (bias,), g)[0], _grads(ref, (bias,), g)[0], 2e-5, "dbias under dropout")
+    qh, kh, vh = (t.detach().to(torch.bfloat16).requires_grad_(True) for t in (q, k, v))
+    bh = bias.detach().to(torch.bfloat16).requires_grad_(True)
+    (dbh,) = _grads(kernels.flash_attention(qh, kh, vh, attn_mask=bh), (bh,), g.to(torch.bfloat16))
+    (dbf,) = _grads(attention_reference(q, k, v, attn_mask=bias), (bias,), g)
+    assert dbh.dtype == torch.bfloat16
+    _assert_close(dbh, dbf, 3e-2, "bf16 dbias")
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_learned_bias_trains_like_sdpa(device, monkeypatch, path):
+    """One SGD step on a T5-style relative bias table gives the same table through the op as through SDPA
+    (on the kernel, and on the CPU reference path that runs without the interpreter)."""
+    if path == "reference":
+        if ON_GPU:
+            pytest.skip("the reference path is the CPU path")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    H, N, buckets = 2, 24, 8
+    q, k, v = (t.detach() for t in _qkv(device, 1, H, H, N, N, 16))
+    rel = torch.arange(N)[None, :] - torch.arange(N)[:, None]
+    bucket = rel.clamp(-(buckets // 2), buckets // 2 - 1) + buckets // 2
+    tables = []
+    for attend in (kernels.flash_attention, F.scaled_dot_product_attention):
+        table = torch.nn.Parameter(_rand(device, buckets, H, seed=5))
+        bias = table[bucket.to(device)].permute(2, 0, 1)[None]          # [1, H, N, N]
+        attend(q, k, v, attn_mask=bias, is_causal=False).square().sum().backward()
+        with torch.no_grad():
+            table -= 0.1 * table.grad
+        tables.append(table.detach())
+    _assert_close(tables[0], tables[1], 1e-4, "table after a step")
+
+
 # ----------------------------------------------------------------------------------------------- ALiBi
 
 
@@ -283,8 +355,12 @@ def test_fake_tensor_shapes():
         assert out.shape == (2, 8, 33, 64) and out.dtype == torch.bfloat16
         o, lse, m = torch.ops.rewrite.flash_attention_fwd(q, k, v, None, None, None, False, 0.1, 0.0, False)
         assert lse.shape == (2, 8, 33) and lse.dtype == torch.float32 and m.numel() == 0
-        dq, dk, dv = torch.ops.rewrite.flash_attention_bwd(o, q, k, v, o, lse, None, None, None, False, 0.1, 0.0)
-        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        dq, dk, dv, dm = torch.ops.rewrite.flash_attention_bwd(o, q, k, v, o, lse, None, None, None, False, 0.1,
+                                                               0.0)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dm.numel() == 0
+        mask = torch.empty(1, 8, 33, 40)
+        *_, dm = torch.ops.rewrite.flash_attention_bwd(o, q, k, v, o, lse, mask, None, None, False, 0.1, 0.0, True)
+        assert dm.shape == mask.shape
 
 
 def test_opcheck(device):
@@ -292,6 +368,13 @@ def test_opcheck(device):
     mask = torch.zeros(7, 16, device=device)
     torch.library.opcheck(torch.ops.rewrite.flash_attention_fwd.default,
                           (q, k, v, mask, None, None, True, 0.25, 0.0, False))
+
+
+def test_opcheck_learned_bias(device):
+    q, k, v = _qkv(device, 1, 2, 1, 7, 16, 16)
+    bias = torch.randn(1, 2, 7, 16, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.rewrite.flash_attention_fwd.default,
+                          (q, k, v, bias, None, None, False, 0.25, 0.0, False))
 
 
 def test_torch_compile_fullgraph(device):
@@ -347,7 +430,7 @@ def test_argument_errors(device):
     with pytest.raises(ValueError, match="broadcast"):
         kernels.flash_attention(q, k, v, attn_mask=torch.zeros(2, 1, 8, 8, device=device), enable_gqa=True)
     with pytest.raises(ValueError, match="no gradient"):
-        kernels.flash_attention(q, k, v, attn_mask=torch.zeros(8, 8, device=device, requires_grad=True),
+        kernels.flash_attention(q, k, v, alibi_slopes=torch.ones(4, device=device, requires_grad=True),
                                 enable_gqa=True)
     q3, k3, v3 = (t[0].detach() for t in _qkv(device, 1, 2, 2, 8, 8, 16))
     assert kernels.flash_attention(q3, k3, v3).shape == (2, 8, 16)   # unbatched inputs

@@ -372,10 +372,10 @@ def _bs_bwd_dq(
                                 qk_scale, WIN_L, WIN_R, SINKS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND,
                                 DOT_PREC)
         else:
-            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
-                           Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, bias_ptr, lo, hi, offs_m, offs_d,
+                           offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                            qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
-                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC)
+                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC, False)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

@@ -9,14 +9,17 @@ Ops (all in the ``rewrite`` namespace, visible as ``torch.ops.rewrite.<name>`` a
 * ``flash_attention_fwd(...) -> (out, lse, dropout_keep_mask)`` -- the kernel op (custom op with a fake
   implementation and autograd: its backward calls ``flash_attention_bwd``). ``lse`` is the natural-log
   logsumexp of each score row (fp32, ``-inf`` for a fully masked row); the keep-mask is empty unless asked for.
-* ``flash_attention_bwd(...) -> (dq, dk, dv)``.
+* ``flash_attention_bwd(..., mask_grad=False) -> (dq, dk, dv, d_attn_mask)``; ``d_attn_mask`` is empty unless
+  ``mask_grad``.
 
 Path: CUDA tensors run the Triton kernels (``triton.py``), CPU tensors the PyTorch reference (``reference.py``)
 unless ``TRITON_INTERPRET=1``, in which case CPU tensors run the Triton kernels in Triton's interpreter.
 
 Semantics are documented in ``reference.py`` (causal is top-left aligned like SDPA; ALiBi is
-``slope[h] * (j - i)``; fully masked rows give 0). Gradients flow to ``q``, ``k`` and ``v``; ``attn_mask`` and
-``alibi_slopes`` are treated as constants (no gradient).
+``slope[h] * (j - i)``; fully masked rows give 0). Gradients flow to ``q``, ``k``, ``v`` and to a float
+``attn_mask`` that requires grad (a learned bias such as T5's relative positions: the backward then writes
+dS [B, Hq, Nq, Nk] in fp32 and sums it over the dims the mask broadcasts along, an N×N buffer like the bias
+itself); ``alibi_slopes`` get none.
 
 Dropout: when ``dropout_p > 0`` the Triton path draws a Philox keep-mask from ``rng_state`` = (seed, offset)
 (drawn from torch's RNG when not given) and regenerates it in the backward; the CPU reference path draws its
@@ -32,7 +35,8 @@ from typing import Optional
 import torch
 
 from .._common import new_rng_state, use_triton
-from .reference import alibi_bias, attention_reference, attention_reference_backward, dropout_keep_mask
+from .reference import (alibi_bias, attention_reference, attention_reference_backward, dropout_keep_mask,
+                        reduce_to_mask)
 
 __all__ = ["flash_attention", "attention_reference", "alibi_bias", "alibi_slopes"]
 
@@ -53,9 +57,9 @@ def _check(q, k, v, attn_mask, alibi_slopes, dropout_p):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if alibi_slopes is not None and alibi_slopes.numel() != Hq:
         raise ValueError(f"alibi_slopes needs one slope per query head ({Hq}), got {alibi_slopes.numel()}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (attn_mask, alibi_slopes)):
-        raise ValueError("flash_attention: attn_mask and alibi_slopes receive no gradient; detach them "
-                         "(or use F.scaled_dot_product_attention for a learnable bias)")
+    if torch.is_grad_enabled() and alibi_slopes is not None and alibi_slopes.requires_grad:
+        raise ValueError("flash_attention: alibi_slopes receive no gradient; detach them (or pass the ALiBi "
+                         "bias as a float attn_mask, which does)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if attn_mask is not None:
@@ -105,20 +109,32 @@ def _(q, k, v, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p, 
 def flash_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
                         alibi_slopes: Optional[torch.Tensor], rng_state: Optional[torch.Tensor], is_causal: bool,
-                        scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        scale: float, dropout_p: float,
+                        mask_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d_attn_mask); the last is empty unless ``mask_grad`` (a float ``attn_mask`` only)."""
+    mask_grad = bool(mask_grad) and attn_mask is not None and attn_mask.is_floating_point()
     if use_triton(q):
         from . import triton as _kernels
-        return _kernels.flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, is_causal,
-                                  scale, dropout_p)
-    B, Hq, Nq, _ = q.shape
-    keep = (dropout_keep_mask(rng_state, (B, Hq, Nq, k.shape[2]), dropout_p, q.device)
-            if dropout_p > 0.0 else None)
-    return attention_reference_backward(grad_out, q, k, v, attn_mask, is_causal, scale, alibi_slopes, dropout_p, keep)
+        dq, dk, dv, ds = _kernels.flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state,
+                                            is_causal, scale, dropout_p, mask_grad)
+    else:
+        B, Hq, Nq, _ = q.shape
+        keep = (dropout_keep_mask(rng_state, (B, Hq, Nq, k.shape[2]), dropout_p, q.device)
+                if dropout_p > 0.0 else None)
+        dq, dk, dv, ds = attention_reference_backward(grad_out, q, k, v, attn_mask, is_causal, scale, alibi_slopes,
+                                                      dropout_p, keep, return_dscores=True)
+    dmask = reduce_to_mask(ds, attn_mask) if mask_grad else q.new_empty(_EMPTY_MASK_SHAPE)
+    return dq, dk, dv, dmask
 
 
 @flash_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p,
+      mask_grad=False):
+    if mask_grad and attn_mask is not None and attn_mask.is_floating_point():
+        dmask = attn_mask.new_empty(attn_mask.shape)
+    else:
+        dmask = q.new_empty(_EMPTY_MASK_SHAPE)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,9 +146,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse, grad_mask):
     q, k, v, out, lse, attn_mask, alibi_slopes, rng_state = ctx.saved_tensors
-    dq, dk, dv = flash_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes, rng_state,
-                                     ctx.is_causal, ctx.scale, ctx.dropout_p)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    mask_grad = bool(ctx.needs_input_grad[3])      # a learnable bias (e.g. T5's relative positions)
+    dq, dk, dv, dmask = flash_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes,
+                                            rng_state, ctx.is_causal, ctx.scale, ctx.dropout_p, mask_grad)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

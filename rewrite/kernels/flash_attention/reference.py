@@ -28,7 +28,8 @@ import math
 
 import torch
 
-__all__ = ["attention_reference", "attention_reference_backward", "dropout_keep_mask", "alibi_bias"]
+__all__ = ["attention_reference", "attention_reference_backward", "dropout_keep_mask", "alibi_bias",
+           "reduce_to_mask"]
 
 
 def alibi_bias(slopes: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
@@ -106,10 +107,22 @@ def attention_reference(q, k, v, attn_mask=None, is_causal=False, scale=None, al
     return (out, lse) if return_lse else out
 
 
+def reduce_to_mask(dscores: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """The gradient of an additive ``attn_mask`` from the score gradient ``dscores`` [B, Hq, Nq, Nk]: summed
+    over the dims the mask was broadcast along, in the mask's shape and dtype."""
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    dims = [i for i, (m, full) in enumerate(zip(shape, dscores.shape)) if m == 1 and full != 1]
+    grad = dscores.sum(dim=dims, keepdim=True) if dims else dscores
+    return grad.reshape(attn_mask.shape).to(attn_mask.dtype)
+
+
 def attention_reference_backward(grad_out, q, k, v, attn_mask=None, is_causal=False, scale=None,
-                                 alibi_slopes=None, dropout_p: float = 0.0, dropout_mask=None):
+                                 alibi_slopes=None, dropout_p: float = 0.0, dropout_mask=None,
+                                 return_dscores: bool = False):
     """(dq, dk, dv) of ``attention_reference`` written out (no autograd: the CPU backward of the op runs
-    where autograd recording is off). Same algebra as the kernels: dS = P * (dP - rowsum(dP * P))."""
+    where autograd recording is off). Same algebra as the kernels: dS = P * (dP - rowsum(dP * P)).
+    ``return_dscores``: also return dS [B, Hq, Nq, Nk] (fp32), the gradient of an additive mask before
+    ``reduce_to_mask``."""
     B, Hq, Nq, _ = q.shape
     Hkv = k.shape[1]
     qf, kf, vf, scale, group = _prepare(q, k, v, scale)
@@ -130,4 +143,6 @@ def attention_reference_backward(grad_out, q, k, v, attn_mask=None, is_causal=Fa
     if group > 1:
         dk = dk.view(B, Hkv, group, *dk.shape[2:]).sum(2)
         dv = dv.view(B, Hkv, group, *dv.shape[2:]).sum(2)
+    if return_dscores:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

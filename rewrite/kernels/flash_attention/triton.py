@@ -313,12 +313,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, off
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, lo, hi, offs_m, offs_d, offs_dv,
               Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
               qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-              BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate dQ [BM, BD] of one query tile over the key tiles [lo, hi)."""
+              BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+              WRITE_DBIAS: tl.constexpr):
+    """Accumulate dQ [BM, BD] of one query tile over the key tiles [lo, hi); with WRITE_DBIAS also store each
+    dS tile (the gradient of an additive mask) to the fp32 [Nq, Nk] rows at ``dbias_base``."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)   # [BN]
         n_ok = offs_n < Nk
@@ -335,6 +337,10 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, 
             keep = _dropout_keep(seed, rng_offset, row_base, offs_m, offs_n, Nk, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
+        if WRITE_DBIAS:
+            m_ok = offs_m < Nq
+            tl.store(dbias_base + offs_m[:, None].to(tl.int64) * Nk + offs_n[None, :], ds,
+                     mask=m_ok[:, None] & n_ok[None, :])
         dq += _mm(ds.to(k.dtype), k, DOT_PREC)                                        # [BM, BD]
     return dq
 
@@ -422,7 +428,7 @@ def _flash_bwd_dkdv(
 
 @triton.jit
 def _flash_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, RNG, DQ,
+    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, RNG, DQ, DBIAS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -433,7 +439,7 @@ def _flash_bwd_dq(
     N_KEY, GROUP_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -461,6 +467,7 @@ def _flash_bwd_dq(
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
     bias_ptr = BIAS + b64 * stride_bb + h64 * stride_bh
+    dbias_base = DBIAS + row_base * Nk                 # dS rows of (b, h): a contiguous [B, H, Nq, Nk] buffer
     qk_scale = sm_scale * 1.4426950408889634
     slope_log2 = 0.0
     if HAS_ALIBI:
@@ -474,19 +481,22 @@ def _flash_bwd_dq(
     if IS_CAUSAL:
         hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
         mid = tl.minimum(((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N, hi)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, 0, mid, offs_m, offs_d, offs_dv,
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, 0, mid, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
-                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, mid, hi, offs_m, offs_d, offs_dv,
+                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
+                       WRITE_DBIAS)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, mid, hi, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
-                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC)
+                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
+                       WRITE_DBIAS)
     else:
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, 0, Nk, offs_m, offs_d, offs_dv,
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, 0, Nk, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
-                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC)
+                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
+                       WRITE_DBIAS)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -581,15 +591,19 @@ def flash_fwd(q, k, v, attn_mask, alibi_slopes, rng_state, is_causal, scale, dro
     return out, lse, dmask
 
 
-def flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p):
-    """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes."""
+def flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p,
+              mask_grad=False):
+    """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes and dS [B, H, Nq, Nk] fp32 (the
+    gradient of an additive mask before it is summed to the mask's shape; empty unless ``mask_grad``)."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    # zeros: causal key tiles above the diagonal are never visited, and their dS is 0
+    ds = torch.zeros((B, H, Nq, Nk) if mask_grad else (0,), device=q.device, dtype=torch.float32)
     if Nq == 0 or Nk == 0 or B == 0 or H == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), ds
     grad_out = grad_out.to(q.dtype)
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     bdv = next_pow2(Dv)
@@ -609,7 +623,7 @@ def flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, i
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bs, *dk.stride(), *dv.stride(), *tail),
             kwargs, fwd=False)
     _launch(_flash_bwd_dq_tuned, _flash_bwd_dq, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), H, B),
-            (q, k, v, grad_out, lse, delta, bias, slopes, rng, dq,
+            (q, k, v, grad_out, lse, delta, bias, slopes, rng, dq, ds if mask_grad else lse,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bs, *dq.stride(), *tail),
-            kwargs, fwd=False)
-    return dq, dk, dv
+            dict(kwargs, WRITE_DBIAS=bool(mask_grad)), fwd=False)
+    return dq, dk, dv, ds

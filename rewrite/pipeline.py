@@ -1,6 +1,6 @@
 """The rewrite pipeline for one captured graph: the only place that knows the order of the steps.
 
-normalize → find sites → prove causal masks → describe sites → policy → lower → verify → commit → report
+normalize → expand nn.MultiheadAttention → find sites → prove causal masks → describe sites → policy → lower → verify → commit → report
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from . import cost
 from .actions import Action, Decline, Exact, RewriteError, handler_for
 from .graph import hint_int, insert_call, meta_value, module_names, remove_dead, shape
 from .passes.causal import prove_causal
+from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
 from .passes.find_sites import SiteMatch, find_sites
 from .passes.lower import SiteCall, _unrepeat, build_call
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
@@ -68,6 +69,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     report = session.report
     report.graphs += 1
     normalize(gm)
+    expand_mha(gm)
     with module_names(session.model):
         matches, rejected = find_sites(gm)
     for r in rejected:
@@ -94,10 +96,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     pending = []
     for m, site, causal_ops, is_causal in prepared:
         action = session.policy.action_for(site) if session.mode == "rewrite" else None
-        if m.kind == "mha":
-            reason = ("nn.MultiheadAttention returns its attention weights (need_weights=True), so they are kept"
-                      if m.sdpa_kwargs.get("need_weights") else
-                      "nn.MultiheadAttention already runs scaled_dot_product_attention (need_weights=False)")
+        if m.kind == "mha":      # left opaque by expand_mha: the note says why
+            reason = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
             pending.append((m, site, None, None, None, reason))
             continue
         if session.mode == "calibrate":
@@ -105,7 +105,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
             continue
         if action is None or (m.kind == "sdpa" and isinstance(action, Exact)):
             reason = "already scaled_dot_product_attention" if action is not None else "the policy leaves it as it was"
-            pending.append((m, site, action, None, None, reason))
+            pending.append((m, site, action, None, None, _with_note(reason, m)))
             continue
         handler = handler_for(action)
         if handler is None:
@@ -121,7 +121,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
             action = Exact()
             target = handler_for(action)(action, call, site)
         new = _insert_target(gm, m, target, call)
-        pending.append((m, site, action, call, new, note))
+        pending.append((m, site, action, call, new, _with_note(note, m)))
 
     wanted = set()
     for m, site, action, call, new, _ in pending:
@@ -163,6 +163,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _with_note(reason: str, m: SiteMatch) -> str:
+    """The reason, plus what an earlier pass changed at this site (e.g. an expanded nn.MultiheadAttention)."""
+    note = m.output.meta.get(MHA_NOTE)
+    return "; ".join(x for x in (reason, note) if x)
 
 
 def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: AttentionSite, causal_ops: set) -> tuple:

@@ -235,8 +235,8 @@ def test_mha_need_weights_false(padded: bool) -> None:
     assert rewrite.optimize(model, "exact", example_kwargs=kw) is model
     with torch.no_grad():
         out = model(**kw)
-    # Dynamo keeps nn.MultiheadAttention as one call that already runs SDPA when need_weights=False:
-    # the site is found and reported as kept, with that reason (rewriting it would gain nothing).
+    # Dynamo keeps nn.MultiheadAttention as one call; expand_mha spells it out as in-projection -> SDPA ->
+    # out-projection, so the exact policy finds an SDPA site and keeps it (tests/test_mha.py has the rest).
     _assert_sites(rewrite.report(model), ["attn"], status="kept")
     assert "scaled_dot_product_attention" in _row(rewrite.report(model), "attn").reason
     _assert_close(out, ref)
@@ -303,7 +303,7 @@ def test_transformer_encoder_layer_slow_path(mode: str, padded: bool) -> None:
     ref = ref_model(**kw)
     assert rewrite.optimize(model, "exact", example_kwargs=kw) is model
     out = model(**kw)
-    _assert_sites(rewrite.report(model), ["layer.self_attn"], status="kept")  # opaque MHA call: see test_mha_need_weights_false
+    _assert_sites(rewrite.report(model), ["layer.self_attn"], status="kept")  # expanded MHA: an SDPA site already
     _assert_close(out, ref)
     # and backward agrees
     g = torch.Generator().manual_seed(3)

@@ -8,7 +8,8 @@ Every mixer takes SDPA's arguments and first brings them to one *canonical group
 * ``bias`` additive float mask ``[Bm, Hm, Gm, Nqm, Nk]`` with ``Bm ∈ {1, Bf}``, ``Hm ∈ {1, Hkv}``,
   ``Gm ∈ {1, G}``, ``Nqm ∈ {1, Nq}`` (never expanded beyond what the caller gave), or ``None``.
 
-Inputs in half precision are computed in float32 and cast back, as the output of SDPA has q's dtype.
+Inputs in half precision are computed in float32 and cast back, as the output of SDPA has q's dtype; the
+Triton kernel paths take them in their own dtype (``kernel_dtype``).
 Rows that see no key at all give 0, as SDPA does.
 """
 from __future__ import annotations
@@ -49,6 +50,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def kernel_dtype(dtype: torch.dtype, fp16: bool = True) -> torch.dtype:
+    """The dtype a mixer hands the Triton kernels for inputs of ``dtype``: a half model's own dtype (its
+    tensor-core dots read half the bytes; the kernels accumulate in fp32 anyway), else ``compute_dtype``.
+    ``fp16=False`` for exponential features (FAVOR+): fp16 flushes their small entries to zero, so a key
+    whose features are all small would vanish for the queries that see only it; bf16 has fp32's range."""
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and fp16):
+        return dtype
+    return compute_dtype(dtype)
+
+
 @dataclasses.dataclass
 class Canon:
     q: torch.Tensor
@@ -68,6 +79,12 @@ class Canon:
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         """``[Bf, Hkv, G, Nq, Dv]`` back to SDPA's output shape and dtype."""
         return out.reshape(self.out_shape).to(self.out_dtype)
+
+    def kernel_qkv(self) -> tuple:
+        """``(q, k, v)`` in ``kernel_dtype``: half inputs go back to their own dtype (exact, ``canon`` only
+        widened them)."""
+        dt = kernel_dtype(self.out_dtype)
+        return tuple(t.to(dt) for t in (self.q, self.k, self.v))
 
 
 def canon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],

@@ -27,10 +27,11 @@ On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTER
 ``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs
 on the Triton block-sparse kernel: the same routing picks the key blocks, which become the kernel's block mask
 (per batch and query head; causal sites add the kernel's causal mask), so time is proportional to the kept
-blocks. The routing block must be a kernel block size (a power of two from 16 to 256). Everything else keeps
-the PyTorch path: 2-D regions (not contiguous token ranges), ``sinks`` (they shift the blocks off the kernel's
-grid and attend globally), ``summary`` (pooled tokens are not blocks of keys), dropout (the kernel has none),
-a per-query site mask (only key-padding masks are passed, never an [N, N] one), float64, head dims over 256.
+blocks; fp16 / bf16 inputs reach the kernel in their own dtype. The routing block must be a kernel block size
+(a power of two from 16 to 256). Everything else keeps the PyTorch path: 2-D regions (not contiguous token
+ranges), ``sinks`` (they shift the blocks off the kernel's grid and attend globally), ``summary`` (pooled
+tokens are not blocks of keys), dropout (the kernel has none), a per-query site mask (only key-padding masks
+are passed, never an [N, N] one), float64, head dims over 256.
 
 Example::
 
@@ -264,7 +265,8 @@ class BlockRoutingAttention(U.SDPAMixer):
             idx = aff.topk(min(int(topk), nb), dim=-1).indices
             picked = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=dev).scatter_(-1, idx, True)
         from ..kernels.block_sparse_attention import block_sparse_attention
-        out = block_sparse_attention(c.q.reshape(bf, hkv * g, n, dd), c.k, c.v, picked.view(bf, hkv * g, nb, nb),
+        q, k, v = c.kernel_qkv()
+        out = block_sparse_attention(q.reshape(bf, hkv * g, n, dd), k, v, picked.view(bf, hkv * g, nb, nb),
                                      blk, attn_mask=mask, is_causal=causal, scale=c.scale)
         return out.view(bf, hkv, g, n, dv)
 

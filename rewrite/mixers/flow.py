@@ -25,7 +25,8 @@ used training-free the error is large and is reported, not hidden.
 
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``) the causal form's
 linear-attention product (the chunked prefix sums) runs on the Triton linear-attention kernel with identity
-features; the kernel normalises, so its output is multiplied back by the normaliser (a cumsum, O(N·d)).
+features (in the inputs' dtype for fp16 / bf16); the kernel normalises, so its output is multiplied back by
+the normaliser (a cumsum, O(N·d)).
 The bidirectional product is two plain matrix products (nothing for a kernel to fuse) and the dense form has
 an explicit ``A``: both stay in PyTorch. Score biases (ALiBi, relative position)
 are declined. ``scale`` is unused (flow normalisation replaces the softmax temperature); dropout is not
@@ -42,6 +43,7 @@ from torch import nn
 from .. import cost
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
 from . import _util_b as U
+from ._util_a import kernel_dtype
 from .linear import kernel_linear
 
 EPS = 1e-6
@@ -97,7 +99,7 @@ class FlowAttention(nn.Module, U.WarnOnce):
         if not dense and plan.kind in ("none", "keys"):
             out = self._bidirectional(fq, fk, v, plan)
         elif not dense and plan.kind == "causal":
-            out = self._causal(fq, fk, v, plan)
+            out = self._causal(fq, fk, v, plan, dtype)
         else:
             if not dense:
                 self._dense_note("the attention mask is neither a padding nor a causal mask")
@@ -129,7 +131,7 @@ class FlowAttention(nn.Module, U.WarnOnce):
         state = (fk * w).transpose(-1, -2) @ (comp * v)            # [..., d, dv]
         return alloc * (fq @ state) / (n * inc)
 
-    def _causal(self, fq, fk, v, plan: U.MaskPlan):
+    def _causal(self, fq, fk, v, plan: U.MaskPlan, dtype: torch.dtype):
         off = plan.offset
         assert off == 0
         w = self._valid(plan, fk)                                  # [..., N, 1]
@@ -146,7 +148,7 @@ class FlowAttention(nn.Module, U.WarnOnce):
         e = torch.exp(out_c) * w
         comp = e / (e.cumsum(-2) / n).clamp_min(1e-30)
         fkw, cv = fk * w, comp * v
-        prod = kernel_linear(fq, fkw, cv, "identity", True, EPS)
+        prod = kernel_linear(fq, fkw, cv, "identity", True, EPS, kernel_dtype(dtype))
         if prod is None:
             prod = U.linear_causal(fq, fkw, cv, 0, self.chunk)
         else:   # the kernel divides by Σ_{j<=i} φq_i·φk_j + EPS: multiply it back

@@ -23,9 +23,10 @@ On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTER
 ``rewrite/kernels/README.md``) the fast form runs on the Triton linear-attention kernel
 (``rewrite::linear_attention_core``): elu / relu without a padding mask apply φ in-kernel; FAVOR+ and padded
 keys pass this module's own features (``identity``), so the math is the module's. GQA kv heads are expanded
-before the call (the kernel has no GQA). The PyTorch path stays for KV-cache decoding (a causal mask with
-Nk > Nq: the cached keys form a starting state the kernel does not take), masks that are neither padding nor
-causal (the dense form), and float64.
+before the call (the kernel has no GQA). fp16 / bf16 inputs reach the kernel in their own dtype, except
+FAVOR+ features of fp16 inputs, which go in fp32 (fp16 would flush their small entries to zero). The PyTorch
+path stays for KV-cache decoding (a causal mask with Nk > Nq: the cached keys form a starting state the kernel
+does not take), masks that are neither padding nor causal (the dense form), and float64.
 
 Training-free use is lossy (elu/relu are not softmax; FAVOR+ is noisy with few features); the error is
 measured by the pipeline on the example inputs. Dropout is not applied (these mixers are for inference).
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler
 from . import _util_b as U
+from ._util_a import kernel_dtype
 
 FEATURES = ("elu", "relu", "favor")
 
@@ -89,13 +91,17 @@ class Linear(Action):
 
 
 def kernel_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, feature: str, causal: bool,
-                  eps: float) -> Optional[torch.Tensor]:
+                  eps: float, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """``Σ_j (φq_i·φk_j) v_j / (Σ_j φq_i·φk_j + eps)`` (over ``j <= i`` when ``causal``, Nq == Nk) on the Triton
     linear-attention kernel, for ``[..., N, m]`` inputs whose leading dims broadcast (heads already matched), or
-    None when the kernels are off for these tensors (see ``rewrite.kernels._common.mixer_kernels``)."""
+    None when the kernels are off for these tensors (see ``rewrite.kernels._common.mixer_kernels``). ``dtype``:
+    the one the kernel reads its inputs in (``kernel_dtype`` of the model's; None: as given); the output
+    comes in it too."""
     from ..kernels._common import mixer_kernels
     if not mixer_kernels(fq) or fq.dtype == torch.float64:
         return None
+    if dtype is not None:
+        fq, fk, v = fq.to(dtype), fk.to(dtype), v.to(dtype)
     import importlib
     core = importlib.import_module("rewrite.kernels.linear_attention").linear_attention_core
     lead = torch.broadcast_shapes(fq.shape[:-2], fk.shape[:-2], v.shape[:-2])
@@ -146,11 +152,12 @@ class LinearAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         fast = not dense and (plan.kind in ("none", "keys") or (plan.kind == "causal" and plan.offset >= 0))
         if fast and (plan.kind != "causal" or plan.offset == 0):
             # the kernel; eps 1e-12 matches ``normalise``'s clamp (an empty row gives 0 either way)
+            kdt = kernel_dtype(dtype, fp16=self.feature != "favor")
             if plan.key_bias is None and self.feature in ("elu", "relu"):
-                out = kernel_linear(q, k, v, self.feature, plan.kind == "causal", 1e-12)   # φ applied in-kernel
+                out = kernel_linear(q, k, v, self.feature, plan.kind == "causal", 1e-12, kdt)   # φ in-kernel
             else:
                 fq, fk = self.feature_maps(q, k, plan.key_bias)
-                out = kernel_linear(fq, fk, v, "identity", plan.kind == "causal", 1e-12)
+                out = kernel_linear(fq, fk, v, "identity", plan.kind == "causal", 1e-12, kdt)
             if out is not None:
                 return out.to(dtype)
         if fast:

@@ -25,6 +25,18 @@ comes from the feature sums (global, or chunked prefix sums for causal forms). P
 key) enter both terms exactly; causal masks use the causal band and prefix sums; any other mask falls back
 to the dense O(Nq·Nk) form (counted in ``dense_calls``). Sites with learned or ALiBi score biases are declined.
 
+On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
+``rewrite/kernels/README.md``) the low-rank sums ``Σ_j φ(q_i)·φ(k_j) [v_j, 1]`` (every key, or the causal
+prefix) run on the Triton linear-attention kernel (``rewrite::linear_attention_core``) with this module's
+FAVOR+ features as ``identity`` features: key padding already folded into the key features, each query's
+features already scaled by its row's shift. The kernel normalises, so its output is multiplied back by the
+normaliser computed here (O(N·m), differentiable). Features reach it in bf16 for bf16 inputs and in fp32
+otherwise (fp16 would flush small exponential features to zero). The band stays in PyTorch (its weights,
+exact minus estimate, are no softmax the block-sparse kernel computes). The PyTorch low-rank path stays for
+causal KV-cache decoding (a causal mask with Nk > Nq: the cached keys would be a starting state, which the
+kernel does not take), masks that are neither padding nor causal (the dense form), and float64; with more
+than 256 features the kernel op itself uses its chunked PyTorch form.
+
 Training-free (TF): the paper swaps it into T2T-ViT without fine-tuning (81.7 → 81.1 top-1).
 """
 from __future__ import annotations
@@ -41,11 +53,18 @@ import torch
 from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler
 from . import _util_b as U
+from ._util_a import kernel_dtype
+from .linear import kernel_linear
 
 #: query block of the band (16 for bands narrower than that)
 _BLOCK = 32
 #: band scores of one group of blocks at most this many elements (32 MiB in fp32)
 _GROUP_ELEMENTS = 1 << 23
+#: the linear-attention kernel's eps for the low-rank sums. Its division is undone afterwards, so any eps > 0
+#: gives the same sums; 1 keeps the kernel's quotient, and the gradient it is handed, at the scale of the sums
+#: where they are tiny (features scaled far down by the band's shift), and the kernel's normaliser differs
+#: from ours (rounding, half inputs) by a smaller relative amount than with a tiny eps
+_KERNEL_EPS = 1.0
 
 
 def _build_band(bq: int, left: int, right: int, dtype: torch.dtype, device) -> tuple:
@@ -143,14 +162,15 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         # (KV-cache decoding: a decode step's padding-only mask must give the band its prefill gave)
         back_only = causal or nq < nk
         if fast:
-            num = self._fast(q, k, v1, plan, proj, causal, offset, back_only)
+            num = self._fast(q, k, v1, plan, proj, causal, offset, back_only, dtype)
         else:
             if not dense:
                 self._dense_note("the attention mask is neither a padding nor a causal mask")
             num = self._dense(q, k, v1, plan, proj, offset, back_only)
         return U.normalise(num).to(dtype)
 
-    def _fast(self, q, k, v1, plan: U.MaskPlan, proj, causal: bool, offset: int, back_only: bool):
+    def _fast(self, q, k, v1, plan: U.MaskPlan, proj, causal: bool, offset: int, back_only: bool,
+              dtype: torch.dtype = torch.float32):
         """Blocked band plus low-rank sums: time and memory O(N·(w + m)·d), never an ``[Nq, Nk]`` tensor.
 
         Queries go in blocks of ``Bq`` rows. Block ``b`` of a head reads ``chunk = Bq + left + right``
@@ -233,6 +253,9 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         if not ip:
             num, fql_all = torch.cat(num), torch.cat(fql_all)
         num, fql_all = num.view(bh, rows, dv1), fql_all.view(bh, rows, m)
+        lr = self._kernel_lowrank(fql_all.view(*lead, rows, m)[..., :nq, :], fk, v1, causal, dtype)
+        if lr is not None:
+            return num[:, :nq].reshape(*lead, nq, dv1) + lr
         if causal:   # (φ(q)·scale) against the prefix sums: scale times the low-rank term
             lr = U.linear_causal(fql_all.view(*lead, rows, m)[..., :nq, :], fk, v1, offset, self.chunk)
             return num[:, :nq].reshape(*lead, nq, dv1) + lr
@@ -240,6 +263,22 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         state = state.expand(*lead, m, dv1).reshape(bh, m, dv1)
         num = num.baddbmm_(fql_all, state) if ip else torch.baddbmm(num, fql_all, state)
         return num[:, :nq].reshape(*lead, nq, dv1)
+
+    @staticmethod
+    def _kernel_lowrank(fq, fk, v1, causal: bool, dtype: torch.dtype):
+        """The low-rank sums ``[Σ_j (fq_i·fk_j) v_j, Σ_j fq_i·fk_j]`` over every key (``j <= i`` when causal)
+        on the Triton linear-attention kernel, or None where it cannot run them (see the module docstring)."""
+        if causal and fq.shape[-2] != fk.shape[-2]:
+            return None          # KV-cache decoding: the cached keys would be a starting state
+        out = kernel_linear(fq, fk, v1[..., :-1], "identity", causal, _KERNEL_EPS,
+                            kernel_dtype(dtype, fp16=False))
+        if out is None:
+            return None
+        # the kernel divides by its own Σ fq·fk + eps: multiply by ours (differentiable, unlike its den
+        # output) to get the sum back
+        z = fk.cumsum(-2) if causal else fk.sum(-2, keepdim=True)
+        den = (fq * z).sum(-1, keepdim=True) if causal else fq @ z.transpose(-1, -2)
+        return torch.cat([out * (den + _KERNEL_EPS), den], dim=-1)
 
     def _dense(self, q, k, v1, plan: U.MaskPlan, proj, offset: int, back_only: bool):
         nq, nk = q.shape[-2], k.shape[-2]

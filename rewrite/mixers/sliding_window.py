@@ -23,10 +23,11 @@ wide windows) the band is a dense mask over all keys.
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
 ``rewrite/kernels/README.md``) the band runs on the Triton block-sparse kernel instead: a block mask covering
 only the blocks the band and the sink columns touch, and the exact band (``window=(left, right)``, ``sinks``)
-applied in-kernel, so time is proportional to the kept blocks and no [N, N] mask is built. Global sink query
-rows (bidirectional) are still one small dense SDPA. The PyTorch path above is kept where the kernel would not
-compute the same thing: dropout (the kernel has none), a per-query site mask (only key-padding masks, one row
-broadcast over the queries, are passed to the kernel, never an [N, N] one), float64, head dims over 256.
+applied in-kernel, so time is proportional to the kept blocks and no [N, N] mask is built; fp16 / bf16 inputs
+reach the kernel in their own dtype (``U.kernel_dtype``). Global sink query rows (bidirectional) are still one
+small dense SDPA. The PyTorch path above is kept where the kernel would not compute the same thing: dropout
+(the kernel has none), a per-query site mask (only key-padding masks, one row broadcast over the queries, are
+passed to the kernel, never an [N, N] one), float64, head dims over 256.
 
 Example::
 
@@ -234,13 +235,14 @@ class SlidingWindowAttention(U.SDPAMixer):
         from ..kernels.block_sparse_attention import band_block_mask, block_sparse_attention
         block = 16 if interpret_mode() else (32 if left + right < 64 else 64)
         bmask = band_block_mask(n, n, block, block, left, right, s, device=c.q.device)
-        out = block_sparse_attention(c.q.reshape(bf, hkv * g, n, dd), c.k, c.v, bmask, block, attn_mask=mask,
+        q, k, v = c.kernel_qkv()
+        out = block_sparse_attention(q.reshape(bf, hkv * g, n, dd), k, v, bmask, block, attn_mask=mask,
                                      is_causal=causal, scale=c.scale, window=(left, right), sinks=s)
         out = out.view(bf, hkv, g, n, dv)
         if s and not causal:     # global sink queries see every key: a small dense SDPA for those rows
             sink = U.Canon(c.q[..., :s, :], c.k, c.v, U.bias_rows(c.bias, slice(0, s)), c.scale, (), c.out_dtype,
                            c.mask_floor)
-            out = torch.cat([U.sdpa_rows(sink, c.k, c.v, sink.bias), out[..., s:, :]], dim=-2)
+            out = torch.cat([U.sdpa_rows(sink, c.k, c.v, sink.bias).to(out.dtype), out[..., s:, :]], dim=-2)
         return out
 
     @staticmethod

@@ -3,30 +3,17 @@
 Without CUDA the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1`` + ``REWRITE_MIXER_KERNELS=1``, the
 same switch the mixers use), so the whole path (handler, graph call, kernel, verification) is exercised on CPU.
 """
-import os
+from kernel_env import DEVICE  # noqa: I001 - first: switches on Triton's interpreter without CUDA
 
+import copy
+import importlib
+
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("REWRITE_KERNELS_AUTOTUNE", "0")
-
-import copy  # noqa: E402
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import rewrite  # noqa: E402
-from rewrite import Exact  # noqa: E402
-from rewrite.kernels import interpret_mode  # noqa: E402
-
-import hf_zoo  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not interpret_mode():  # pragma: no cover - TRITON_INTERPRET set too late
-    pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported", allow_module_level=True)
+import hf_zoo
+import rewrite
+from rewrite import Exact
 
 _FLASH = importlib.import_module("rewrite.kernels.flash_attention")
 

@@ -2,31 +2,20 @@
 
 Without CUDA the kernels run in Triton's interpreter: small shapes only, so the file stays fast.
 """
-import os
+from kernel_env import DEVICE  # noqa: I001 - first: switches on Triton's interpreter without CUDA
 
+import importlib
+
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("REWRITE_KERNELS_AUTOTUNE", "0")
-
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import rewrite.kernels  # noqa: E402,F401
-from rewrite.kernels import interpret_mode  # noqa: E402
-from rewrite.mixers.block_routing import BlockRoutingAttention  # noqa: E402
-from rewrite.mixers.flow import FlowAttention  # noqa: E402
-from rewrite.mixers.linear import LinearAttention  # noqa: E402
-from rewrite.mixers.scatterbrain import ScatterbrainAttention  # noqa: E402
-from rewrite.mixers.sliding_window import SlidingWindowAttention  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not interpret_mode():  # pragma: no cover - TRITON_INTERPRET set too late
-    pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported", allow_module_level=True)
+import rewrite.kernels  # noqa: F401
+from rewrite.kernels import interpret_mode
+from rewrite.mixers.block_routing import BlockRoutingAttention
+from rewrite.mixers.flow import FlowAttention
+from rewrite.mixers.linear import LinearAttention
+from rewrite.mixers.scatterbrain import ScatterbrainAttention
+from rewrite.mixers.sliding_window import SlidingWindowAttention
 
 _BS = importlib.import_module("rewrite.kernels.block_sparse_attention")
 _LA = importlib.import_module("rewrite.kernels.linear_attention")

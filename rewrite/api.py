@@ -1,6 +1,7 @@
 """The Python door: ``optimize``, ``find_attention``, ``report``."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Optional, Sequence
 
@@ -34,9 +35,45 @@ def _inputs(example_inputs: Any, example_kwargs: Optional[dict]) -> tuple[tuple,
     return tuple(example_inputs), example_kwargs
 
 
+@contextlib.contextmanager
+def mha_fastpath_off():
+    """Switch off the fused C++ fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` for the
+    duration. In eval without grad they take it, and Dynamo captures it as one opaque op with no attention in
+    sight; their Python path is what ``expand_mha`` turns into a site."""
+    getter = getattr(getattr(torch.backends, "mha", None), "get_fastpath_enabled", None)
+    if getter is None:
+        yield
+        return
+    before = getter()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _through_call_impl(self, *args, **kwargs):
+    return self._call_impl(*args, **kwargs)
+
+
+def compile_in_place(model: torch.nn.Module, backend, dynamic: Optional[bool] = None) -> None:
+    """Like ``model.compile(backend=...)``, for every model: the compiled frame is a function of this file that
+    calls the module (``nn.Module.compile`` compiles ``_call_impl`` itself, and Dynamo traces nothing when the
+    model's own ``forward`` lives in ``torch.nn``, e.g. a bare ``nn.TransformerEncoder``); the module is the
+    argument named ``self``, as in ``nn.Module.compile``, so its submodules keep their names. Every call runs with the MHA fast path off
+    (``mha_fastpath_off``), so a recompile for a new shape sees the attention too."""
+    compiled = torch.compile(_through_call_impl, backend=backend, dynamic=dynamic)
+
+    def call(*args, **kwargs):
+        with mha_fastpath_off():
+            return compiled(model, *args, **kwargs)
+
+    model._compiled_call_impl = call
+
+
 def _run(model, args, kwargs):
     try:
-        with torch.no_grad():
+        with torch.no_grad(), mha_fastpath_off():
             return model(*args, **kwargs)
     except Exception as err:
         inner = err
@@ -104,7 +141,7 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     session = Session(pol, report, model, mode="rewrite")
     from torch._dynamo.utils import counters
     counters["graph_break"].clear()
-    model.compile(backend=make_compiler(session, then), dynamic=dynamic)
+    compile_in_place(model, make_compiler(session, then), dynamic=dynamic)
     try:
         _run(model, args, kwargs)
         unused = pol.unused_keys()

@@ -288,7 +288,7 @@ def isomer(shared: Optional[Action] = None, threshold: float = 0.9, max_site_err
 def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tuple, kwargs: dict,
                        batches: Sequence) -> tuple[dict, dict, CalibrationReport]:
     """Capture with switchable sites, measure on ``batches``, choose. Returns (plan by name, fitted, report)."""
-    from .api import _run, _undo
+    from .api import _run, _undo, compile_in_place
     from .backend import make_compiler
     from .pipeline import Session
     from .policy import Policy
@@ -303,7 +303,7 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
     session = Session(Policy("none"), RewriteReport("calibrate"), model, mode="calibrate")
     session.calibration = state
     session.candidates = policy.candidates_for
-    model.compile(backend=make_compiler(session, "eager"))
+    compile_in_place(model, make_compiler(session, "eager"))
     show = policy.show_progress
     try:
         _run(model, args, kwargs)

@@ -272,9 +272,9 @@ class EncLayer(nn.Module):
 
 @pytest.mark.parametrize("padded", [False, True], ids=["nomask", "kpm"])
 def test_transformer_encoder_layer_eval_fastpath(padded: bool) -> None:
-    # Survey: in eval under no_grad, Dynamo traces PyTorch's fused fast path: the whole layer is one
-    # torch._transformer_encoder_layer_fwd node; there is no visible softmax/SDPA to rewrite.
-    # Whatever the optimizer does with it must be exact and reported at most once.
+    # In eval under no_grad PyTorch would take its fused fast path (one opaque
+    # torch._transformer_encoder_layer_fwd node per layer); the optimizer captures and runs the Python path
+    # instead, where the MultiheadAttention call is expanded to an SDPA site.
     torch.manual_seed(0)
     model = EncLayer().eval()
     kw = dict(x=_x(), src_key_padding_mask=_kpm() if padded else None)
@@ -284,11 +284,9 @@ def test_transformer_encoder_layer_eval_fastpath(padded: bool) -> None:
     assert rewrite.optimize(model, "exact", example_kwargs=kw) is model
     with torch.no_grad():
         out = model(**kw)
-    rep = rewrite.report(model)
-    names = [r.name for r in rep.sites]
-    assert len(names) == len(set(names)), _fmt_rows(rep)
-    assert set(names) <= {"layer", "layer.self_attn"}, _fmt_rows(rep)
-    assert all(r.status in ("rewritten", "kept", "rejected") for r in rep.sites), _fmt_rows(rep)
+    _assert_sites(rewrite.report(model), ["layer.self_attn"], status="kept")
+    if padded:   # the fast path leaves the padded rows at 0; the Python path computes them
+        out, ref = out[:, : T - 3], ref[:, : T - 3]
     _assert_close(out, ref)
 
 

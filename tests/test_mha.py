@@ -178,3 +178,32 @@ def test_dropout_in_training_is_kept():
     assert (a - b).abs().max() > 1e-3                     # dropout draws differ
     model.eval()
     _close(_run(model, kw), _run(model, kw))
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 2 * E, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2).eval()
+
+
+def test_bare_transformer_encoder_in_eval_is_reached():
+    """A bare nn.TransformerEncoder (its forward lives in torch.nn) in eval: without grad PyTorch would take the
+    fused fast path (one opaque op per layer); the rewritten model runs the Python path, so both layers are
+    sites, the exact policy keeps the values, a mixer applies, and the global fast-path flag is left as it was."""
+    kw = dict(src=_x(2, T, E), src_key_padding_mask=_padding())
+    model = _encoder()
+    before = torch.backends.mha.get_fastpath_enabled()
+    ref = _optimize(model, "exact", kw)
+    assert [r.name for r in rewrite.report(model).sites] == ["layers.0.self_attn", "layers.1.self_attn"]
+    got, want = _run(model, kw), _run(ref, kw)
+    _close(got[0], want[0])
+    _close(got[1, :T - 5], want[1, :T - 5])            # the fast path leaves padded rows at 0; ours computes them
+    assert torch.backends.mha.get_fastpath_enabled() == before
+
+    model = _encoder()
+    ref = _optimize(model, {"_default": rewrite.SlidingWindow(4)}, kw)
+    assert all(r.status == "rewritten" for r in rewrite.report(model).sites)
+    x2 = dict(src=_x(2, 40, E, seed=4), src_key_padding_mask=torch.zeros(2, 40, dtype=torch.bool))
+    for batch in (kw, x2):                              # a new length recompiles, and still sees the sites
+        assert (_run(model, batch)[0] - _run(ref, batch)[0]).abs().max() > 1e-3
+    assert torch.backends.mha.get_fastpath_enabled() == before

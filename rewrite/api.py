@@ -144,6 +144,10 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     compile_in_place(model, make_compiler(session, then), dynamic=dynamic)
     try:
         _run(model, args, kwargs)
+        if report.graphs == 0:
+            raise RewriteError(f"torch.compile captured no graph of this {type(model).__name__}, so nothing could be "
+                               "searched or rewritten: its forward runs outside Dynamo (torch._dynamo.disable, "
+                               "or C++ only). Pass the module whose forward computes the attention in Python.")
         unused = pol.unused_keys()
         if unused:
             names = ", ".join(s.name for s in session.sites) or "(none)"

@@ -207,3 +207,19 @@ def test_bare_transformer_encoder_in_eval_is_reached():
     for batch in (kw, x2):                              # a new length recompiles, and still sees the sites
         assert (_run(model, batch)[0] - _run(ref, batch)[0]).abs().max() > 1e-3
     assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_a_model_dynamo_cannot_see_is_an_error():
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+
+        @torch._dynamo.disable
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Hidden().eval()
+    with pytest.raises(rewrite.RewriteError, match="captured no graph"):
+        rewrite.optimize(model, "exact", example_kwargs=dict(x=_x(2, T, E)))
+    assert model(_x(2, T, E)).shape == (2, T, E)          # left as it was

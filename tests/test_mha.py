@@ -223,3 +223,17 @@ def test_a_model_dynamo_cannot_see_is_an_error():
     with pytest.raises(rewrite.RewriteError, match="captured no graph"):
         rewrite.optimize(model, "exact", example_kwargs=dict(x=_x(2, T, E)))
     assert model(_x(2, T, E)).shape == (2, T, E)          # left as it was
+
+
+def test_backend_door_reports_the_fused_fast_path():
+    """Through torch.compile(backend=...) the caller's eval/no-grad call takes the fused fast path: each layer is
+    listed as a rejected region that says how to expose its attention, and the model runs as before."""
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 2 * E, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+    compiler = rewrite.backend("exact")
+    x = _x(2, T, E)
+    with torch.no_grad():
+        _close(torch.compile(model, backend=compiler)(x), model(x))
+    rejected = compiler.session.report.rejected
+    assert [r.name for r in rejected] == ["layers.0", "layers.1"]
+    assert all("set_fastpath_enabled(False)" in r.reason for r in rejected)

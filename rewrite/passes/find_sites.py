@@ -129,12 +129,27 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[SiteMatch]]:
             sites.append(_match_sdpa(node))
         elif node.target is torch.nn.functional.multi_head_attention_forward:
             sites.append(_match_mha(node))
+        elif node.target in _FUSED_FAST_PATHS:
+            rejected.append(SiteMatch(name=owner_path(node), softmax=None, output=node, status="rejected",
+                                      reason=_FUSED_FAST_PATHS[node.target]))
     counts: dict = {}
     for i, m in enumerate(sorted(sites + rejected, key=lambda m: _order(gm, m))):
         m.index = i
         m.ordinal = counts.get(m.name, 0)
         counts[m.name] = m.ordinal + 1
     return sites, rejected
+
+
+_FAST_PATH_FIX = ("; rewrite.optimize captures the Python path itself, and for torch.compile(backend=...) call "
+                  "torch.backends.mha.set_fastpath_enabled(False) first")
+#: PyTorch's fused C++ fast paths of nn.MultiheadAttention / nn.TransformerEncoderLayer (eval, no grad): the
+#: attention inside is out of reach, so they are reported with the way to expose it
+_FUSED_FAST_PATHS = {
+    op: f"PyTorch's fused {what} fast path hides the attention in one C++ op{_FAST_PATH_FIX}"
+    for op, what in ((getattr(torch, "_transformer_encoder_layer_fwd", None), "TransformerEncoderLayer"),
+                     (getattr(torch, "_native_multi_head_attention", None), "MultiheadAttention"))
+    if op is not None
+}
 
 
 def _order(gm: fx.GraphModule, m: SiteMatch) -> int:

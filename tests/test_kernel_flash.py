@@ -191,6 +191,18 @@ def test_learned_bias_gradient(device, mask_shape, Hkv, causal):
         assert got[3][..., 0, 1:].abs().max().item() == 0.0
 
 
+def test_learned_bias_gradient_buffer_is_mask_sized(device):
+    """The kernel sums dS over shared dims in place: T5's [1, H, N, N] bias never gets a [B, H, N, N] buffer."""
+    tk = importlib.import_module("rewrite.kernels.flash_attention.triton")
+    q = torch.empty(8, 4, 33, 16, device=device)
+    cases = {(1, 4, 33, 20): ((1, 4, 33, 20), 2), (8, 4, 33, 20): ((8, 4, 33, 20), 1),
+             (8, 1, 1, 20): ((8, 1, 1, 20), 3), (33, 20): ((1, 1, 33, 20), 2)}
+    for mask_shape, (size, mode) in cases.items():
+        buf, strides, got_mode = tk._dbias_buffer(torch.empty(mask_shape, device=device), q, 8, 4, 33, 20)
+        assert tuple(buf.shape) == size and got_mode == mode, mask_shape
+        assert all(st == 0 for st, n in zip(strides, size[:3]) if n == 1)
+
+
 def test_learned_bias_gradient_with_dropout_and_half(device):
     """dS under dropout uses the replayed keep-mask; a bf16 bias gets a bf16 gradient."""
     q, k, v = _qkv(device, 1, 2, 2, 17, 17, 16)

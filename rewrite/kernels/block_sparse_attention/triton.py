@@ -372,7 +372,7 @@ def _bs_bwd_dq(
                                 qk_scale, WIN_L, WIN_R, SINKS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND,
                                 DOT_PREC)
         else:
-            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, bias_ptr, lo, hi, offs_m, offs_d,
+            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, bias_ptr, 0, lo, hi, offs_m, offs_d,
                            offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                            qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC, False)

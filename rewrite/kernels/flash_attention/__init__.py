@@ -17,9 +17,9 @@ unless ``TRITON_INTERPRET=1``, in which case CPU tensors run the Triton kernels 
 
 Semantics are documented in ``reference.py`` (causal is top-left aligned like SDPA; ALiBi is
 ``slope[h] * (j - i)``; fully masked rows give 0). Gradients flow to ``q``, ``k``, ``v`` and to a float
-``attn_mask`` that requires grad (a learned bias such as T5's relative positions: the backward then writes
-dS [B, Hq, Nq, Nk] in fp32 and sums it over the dims the mask broadcasts along, an N×N buffer like the bias
-itself); ``alibi_slopes`` get none.
+``attn_mask`` that requires grad (a learned bias such as T5's relative positions: the backward adds dS into
+an fp32 buffer of the mask's own size, summing in-kernel over the batch, head and query dims the mask is shared
+along); ``alibi_slopes`` get none.
 
 Dropout: when ``dropout_p > 0`` the Triton path draws a Philox keep-mask from ``rng_state`` = (seed, offset)
 (drawn from torch's RNG when not given) and regenerates it in the backward; the CPU reference path draws its

@@ -313,14 +313,16 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, off
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, lo, hi, offs_m, offs_d, offs_dv,
-              Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, lo, hi, offs_m, offs_d,
+              offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
               qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr,
               BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
               WRITE_DBIAS: tl.constexpr):
-    """Accumulate dQ [BM, BD] of one query tile over the key tiles [lo, hi); with WRITE_DBIAS also store each
-    dS tile (the gradient of an additive mask) to the fp32 [Nq, Nk] rows at ``dbias_base``."""
+    """Accumulate dQ [BM, BD] of one query tile over the key tiles [lo, hi). WRITE_DBIAS also writes each dS
+    tile (the gradient of an additive mask) to the fp32 rows at ``dbias_base`` (row stride ``stride_dbm``, key
+    stride 1): 1 stores it (this program owns those elements), 2 adds it atomically (the mask is shared over
+    batch or heads), 3 adds its column sums atomically (the mask is shared over queries too: one row)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)   # [BN]
         n_ok = offs_n < Nk
@@ -337,10 +339,14 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, lo, 
             keep = _dropout_keep(seed, rng_offset, row_base, offs_m, offs_n, Nk, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        if WRITE_DBIAS:
-            m_ok = offs_m < Nq
-            tl.store(dbias_base + offs_m[:, None].to(tl.int64) * Nk + offs_n[None, :], ds,
-                     mask=m_ok[:, None] & n_ok[None, :])
+        if WRITE_DBIAS == 1:
+            tl.store(dbias_base + offs_m[:, None].to(tl.int64) * stride_dbm + offs_n[None, :], ds,
+                     mask=(offs_m < Nq)[:, None] & n_ok[None, :])
+        elif WRITE_DBIAS == 2:
+            tl.atomic_add(dbias_base + offs_m[:, None].to(tl.int64) * stride_dbm + offs_n[None, :], ds,
+                          mask=(offs_m < Nq)[:, None] & n_ok[None, :])
+        elif WRITE_DBIAS == 3:
+            tl.atomic_add(dbias_base + offs_n, tl.sum(ds, axis=0), mask=n_ok)   # rows past Nq have dS = 0
         dq += _mm(ds.to(k.dtype), k, DOT_PREC)                                        # [BM, BD]
     return dq
 
@@ -435,6 +441,7 @@ def _flash_bwd_dq(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dbb, stride_dbh, stride_dbm,
     H, Nq, Nk, GROUP, sm_scale, dropout_p,
     N_KEY, GROUP_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -467,7 +474,7 @@ def _flash_bwd_dq(
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
     bias_ptr = BIAS + b64 * stride_bb + h64 * stride_bh
-    dbias_base = DBIAS + row_base * Nk                 # dS rows of (b, h): a contiguous [B, H, Nq, Nk] buffer
+    dbias_base = DBIAS + b64 * stride_dbb + h64 * stride_dbh     # strides 0 where the mask is shared
     qk_scale = sm_scale * 1.4426950408889634
     slope_log2 = 0.0
     if HAS_ALIBI:
@@ -481,18 +488,18 @@ def _flash_bwd_dq(
     if IS_CAUSAL:
         hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M)
         mid = tl.minimum(((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N, hi)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, 0, mid, offs_m, offs_d, offs_dv,
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, 0, mid, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
                        WRITE_DBIAS)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, mid, hi, offs_m, offs_d, offs_dv,
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, mid, hi, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
                        WRITE_DBIAS)
     else:
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, 0, Nk, offs_m, offs_d, offs_dv,
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, 0, Nk, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
@@ -600,8 +607,10 @@ def flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, i
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    # zeros: causal key tiles above the diagonal are never visited, and their dS is 0
-    ds = torch.zeros((B, H, Nq, Nk) if mask_grad else (0,), device=q.device, dtype=torch.float32)
+    # dS summed in-kernel over the batch / head / query dims the mask is shared along (never a [B, H, Nq, Nk]
+    # buffer for T5's [1, H, N, N] bias); zeros: causal key tiles above the diagonal are never visited
+    ds, db_strides, db_mode = _dbias_buffer(attn_mask, q, B, H, Nq, Nk) if mask_grad else (lse.new_empty(0),
+                                                                                           (0, 0, 0), 0)
     if Nq == 0 or Nk == 0 or B == 0 or H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), ds
     grad_out = grad_out.to(q.dtype)
@@ -622,8 +631,23 @@ def flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, i
             (q, k, v, grad_out, lse, delta, bias, slopes, rng, dk, dv,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bs, *dk.stride(), *dv.stride(), *tail),
             kwargs, fwd=False)
-    _launch(_flash_bwd_dq_tuned, _flash_bwd_dq, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), H, B),
+    # atomic dS adds must not run once per autotuning trial: those launches take the fixed configs
+    _launch(_flash_bwd_dq_tuned if db_mode < 2 else None, _flash_bwd_dq,
+            lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), H, B),
             (q, k, v, grad_out, lse, delta, bias, slopes, rng, dq, ds if mask_grad else lse,
-             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bs, *dq.stride(), *tail),
-            dict(kwargs, WRITE_DBIAS=bool(mask_grad)), fwd=False)
+             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bs, *dq.stride(), *db_strides, *tail),
+            dict(kwargs, WRITE_DBIAS=db_mode), fwd=False)
     return dq, dk, dv, ds
+
+
+def _dbias_buffer(attn_mask, q, B, H, Nq, Nk):
+    """(fp32 zeros [B or 1, H or 1, Nq or 1, Nk], its (batch, head, row) strides with 0 on shared dims, the
+    dQ kernel's WRITE_DBIAS mode) for the gradient of a float mask broadcast to [B, H, Nq, Nk]."""
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    size = (shape[0] if shape[0] == 1 else B, shape[1] if shape[1] == 1 else H, shape[2] if shape[2] == 1 else Nq,
+            Nk)
+    buf = torch.zeros(size, device=q.device, dtype=torch.float32)
+    strides = tuple(0 if n == 1 else st for n, st in zip(size[:3], buf.stride()[:3]))
+    shared = (size[0] == 1 and B > 1) or (size[1] == 1 and H > 1)
+    mode = 3 if size[2] == 1 and Nq > 1 else (2 if shared else 1)
+    return buf, strides, mode

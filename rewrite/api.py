@@ -205,7 +205,8 @@ def find_attention(model: torch.nn.Module, example_inputs: Sequence = (), exampl
 def export_graph(model: torch.nn.Module, args: tuple, kwargs: dict):
     """``torch.export`` the model (non-strict) and return its ATen graph module and flat example inputs."""
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        with mha_fastpath_off():
+            ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as err:
         raise RewriteError(f"torch.export could not capture this model ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}). Use capture='dynamo', which handles "

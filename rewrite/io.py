@@ -1165,7 +1165,8 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict):
             ds = _dynamic_shapes(model, args, kwargs, limit) if dyn else None
             if dyn and ds is None:
                 continue
-            with torch.no_grad():
+            from .api import mha_fastpath_off
+            with torch.no_grad(), mha_fastpath_off():
                 return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=ds), dyn
         except Exception as err:
             errors.append(f"{type(err).__name__}: {_first_line(err)}")

@@ -237,3 +237,14 @@ def test_backend_door_reports_the_fused_fast_path():
     rejected = compiler.session.report.rejected
     assert [r.name for r in rejected] == ["layers.0", "layers.1"]
     assert all("set_fastpath_enabled(False)" in r.reason for r in rejected)
+
+
+def test_export_capture_sees_the_same_sites():
+    """torch.export runs the model too: with the fast path off it records the Python path, so both front ends
+    name the same sites."""
+    model = _encoder()
+    x = _x(2, T, E)
+    with torch.no_grad():
+        names = {capture: [s.name for s in rewrite.find_attention(model, example_inputs=(x,), capture=capture)]
+                 for capture in ("dynamo", "export")}
+    assert names["dynamo"] == names["export"] == ["layers.0.self_attn", "layers.1.self_attn"]

@@ -14,10 +14,10 @@ kernels' own (``_fwd_inner``, ``_dq_inner``, ``_dkdv_inner``: online fp32 softma
 head dims are padded to powers of two, offsets are int64.
 
 Optional token-level band (``HAS_BAND``): key ``j`` is admissible for query ``i`` iff
-``i - WIN_L <= j <= i + WIN_R`` or ``j < SINKS`` (ANDed with the block mask, ``attn_mask`` and causal). With a
-band the tile loops are the band-aware ``_band_*_inner`` below, which also narrow each kept block's tile
-range to the tiles the band reaches (sink tiles are always visited), so a block mask covering the band's
-blocks plus a band gives exact sliding-window attention in time proportional to the kept blocks.
+``i - WIN_L <= j <= i + WIN_R`` or ``j < SINKS`` (ANDed with the block mask, ``attn_mask`` and causal). The
+flash tile loops apply it in their shared ``_scores``; the kernels here also narrow each kept block's tile range
+to the tiles the band reaches (sink tiles are always visited), so a block mask covering the band's blocks plus
+a band gives exact sliding-window attention in time proportional to the kept blocks.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._common import (autotune_enabled, dot_precision, interpret_mode, launch_first_fitting, max_shared_memory,
                        next_pow2)
-from ..flash_attention.triton import _bias_args, _dkdv_inner, _dq_inner, _flash_bwd_preprocess, _fwd_inner, _mm, _scores
+from ..flash_attention.triton import _bias_args, _dkdv_inner, _dq_inner, _flash_bwd_preprocess, _fwd_inner
 
 _INTERPRET = interpret_mode()
 
@@ -68,14 +68,6 @@ def _autotuned(kernel):
 
 
 @triton.jit
-def _band_keep(s, offs_m, offs_n, win_l, win_r, sinks):
-    """-inf outside the band ``i - win_l <= j <= i + win_r`` (the first ``sinks`` keys always kept)."""
-    rel = offs_n[None, :] - offs_m[:, None]
-    ok = ((rel >= -win_l) & (rel <= win_r)) | (offs_n[None, :] < sinks)
-    return tl.where(ok, s, float("-inf"))
-
-
-@triton.jit
 def _band_key_range(lo, hi, row0, row1, win_l, win_r, sinks, BLOCK_N: tl.constexpr):
     """Narrow the key range [lo, hi) of one kept block for query rows [row0, row1] to the tiles the band
     reaches (aligned to BLOCK_N inside the block); a range starting among the sinks is left alone."""
@@ -84,85 +76,6 @@ def _band_key_range(lo, hi, row0, row1, win_l, win_r, sinks, BLOCK_N: tl.constex
         lo = tl.maximum(lo, (first // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(hi, row1 + win_r + 1)
     return lo, hi
-
-
-@triton.jit
-def _band_fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, lo, hi,
-                    offs_m, offs_d, offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
-                    stride_bm, stride_bn, qk_scale, win_l, win_r, sinks,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over the key tiles [lo, hi) with the band applied (no ALiBi / dropout here)."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Nk
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, 0.0,
-                    MASK_CAUSAL, BIAS_KIND, False, DOT_PREC)
-        s = _band_keep(s, offs_m, offs_n, win_l, win_r, sinks)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PREC)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _band_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
-                   Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                   qk_scale, win_l, win_r, sinks,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Nk
-        rows_n = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + rows_n * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_base + rows_n * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, 0.0,
-                    MASK_CAUSAL, BIAS_KIND, False, DOT_PREC)
-        s = _band_keep(s, offs_m, offs_n, win_l, win_r, sinks)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = _mm(do, tl.trans(v), DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, DOT_PREC)
-    return dq
-
-
-@triton.jit
-def _band_dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d, offs_dv,
-                     Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
-                     qk_scale, row_base, win_l, win_r, sinks,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                     MASK_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Nq
-        rows_m = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_base + rows_m * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        do = tl.load(do_base + rows_m * stride_gm + offs_dv[None, :] * stride_gd,
-                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, 0.0,
-                    MASK_CAUSAL, BIAS_KIND, False, DOT_PREC)
-        s = _band_keep(s, offs_m, offs_n, win_l, win_r, sinks)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = _mm(do, tl.trans(v), DOT_PREC)
-        dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
-    return dk, dv
 
 
 @triton.jit
@@ -216,16 +129,11 @@ def _bs_fwd(
         if HAS_BAND:
             lo, hi = _band_key_range(lo, hi, pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, WIN_L, WIN_R, SINKS,
                                      BLOCK_N)
-            acc, l_i, m_i = _band_fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d,
-                                            offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
-                                            stride_bm, stride_bn, qk_scale, WIN_L, WIN_R, SINKS,
-                                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, DOT_PREC)
-        else:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, LSE, lo, hi,
-                                       offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, stride_bm, stride_bn, qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
-                                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, False,
-                                       DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, LSE, lo, hi,
+                                   offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, stride_bm, stride_bn, qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
+                                   HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, False,
+                                   DOT_PREC, WIN_L, WIN_R, SINKS, HAS_BAND)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -297,15 +205,11 @@ def _bs_bwd_dkdv(
                     first = tl.maximum(n0 - WIN_R, 0)
                     lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
                     hi = tl.minimum(hi, n0 + BLOCK_N + WIN_L)
-                dk, dv = _band_dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d,
-                                          offs_dv, Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm,
-                                          stride_bn, qk_scale, row_base, WIN_L, WIN_R, SINKS,
-                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, IS_CAUSAL, BIAS_KIND, DOT_PREC)
-            else:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d,
-                                     offs_dv, Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
-                                     qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
-                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, offs_n, offs_d,
+                                 offs_dv, Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
+                                 qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC,
+                                 WIN_L, WIN_R, SINKS, HAS_BAND)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -367,15 +271,11 @@ def _bs_bwd_dq(
         if HAS_BAND:
             lo, hi = _band_key_range(lo, hi, pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, WIN_L, WIN_R, SINKS,
                                      BLOCK_N)
-            dq = _band_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, lo, hi, offs_m, offs_d, offs_dv,
-                                Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                                qk_scale, WIN_L, WIN_R, SINKS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND,
-                                DOT_PREC)
-        else:
-            dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, bias_ptr, 0, lo, hi, offs_m, offs_d,
-                           offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                           qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
-                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC, False)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, bias_ptr, 0, lo, hi, offs_m, offs_d,
+                       offs_dv, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                       qk_scale, 0.0, 0, 0, row_base, 0.0, 1.0,
+                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, IS_CAUSAL, BIAS_KIND, False, False, DOT_PREC, False,
+                       WIN_L, WIN_R, SINKS, HAS_BAND)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

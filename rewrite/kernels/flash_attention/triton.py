@@ -105,11 +105,13 @@ def _mm(a, b, DOT_PREC: tl.constexpr):
 @triton.jit
 def _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale,
             bias_ptr, stride_bm, stride_bn, slope_log2,
-            IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+            IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
+            win_l, win_r, sinks, HAS_BAND: tl.constexpr):
     """Scores of one tile in the log2 domain, -inf where masked.
 
     q [BLOCK_M, BLOCK_D], k [BLOCK_N, BLOCK_D] -> s [BLOCK_M, BLOCK_N] (fp32).
-    ``bias_ptr`` points at bias[b, h, 0, 0] (broadcast dims have stride 0).
+    ``bias_ptr`` points at bias[b, h, 0, 0] (broadcast dims have stride 0). HAS_BAND (the block-sparse
+    kernel's token band) keeps only ``i - win_l <= j <= i + win_r``, and the first ``sinks`` keys.
     """
     s = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
     valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
@@ -124,6 +126,9 @@ def _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale,
         s += slope_log2 * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
     if IS_CAUSAL:  # top-left alignment, as SDPA
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_BAND:
+        rel = offs_n[None, :] - offs_m[:, None]
+        valid = valid & (((rel >= -win_l) & (rel <= win_r)) | (offs_n[None, :] < sinks))
     return tl.where(valid, s, float("-inf"))
 
 
@@ -144,8 +149,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, lo, hi,
                stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr,
                BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               RETURN_DMASK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online-softmax over key tiles [lo, hi): acc [BM, BDV], l_i / m_i [BM] (log2 domain)."""
+               RETURN_DMASK: tl.constexpr, DOT_PREC: tl.constexpr, win_l, win_r, sinks, HAS_BAND: tl.constexpr):
+    """Online-softmax over key tiles [lo, hi): acc [BM, BDV], l_i / m_i [BM] (log2 domain); the band as in
+    ``_scores``."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = offs_n < Nk
@@ -154,7 +160,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, lo, hi,
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)     # [BN, BDV]
         s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
-                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC)                        # [BM, BN]
+                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
+                    HAS_BAND)                                                      # [BM, BN]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
         p = tl.math.exp2(s - m_safe[:, None])                    # [BM, BN]
@@ -229,18 +236,18 @@ def _flash_fwd(
                                    offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base,
                                    dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI,
-                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC)
+                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, mid, hi,
                                    offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base,
                                    dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, BIAS_KIND, HAS_ALIBI,
-                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC)
+                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, 0, Nk,
                                    offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base,
                                    dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI,
-                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC)
+                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -283,8 +290,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, off
                 Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
                 qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-                BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate dK [BN, BD] and dV [BN, BDV] of one key tile over the query tiles [lo, hi) of one head."""
+                BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                win_l, win_r, sinks, HAS_BAND: tl.constexpr):
+    """Accumulate dK [BN, BD] and dV [BN, BDV] of one key tile over the query tiles [lo, hi) of one head; the
+    band as in ``_scores``."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)   # [BM]
         m_ok = offs_m < Nq
@@ -297,7 +306,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, off
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows -> P = 0
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
-                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC)                        # [BM, BN]
+                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
+                    HAS_BAND)                                                      # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])                                          # [BM, BN]
         dp = _mm(do, tl.trans(v), DOT_PREC)                                          # [BM, BN]
         if HAS_DROPOUT:
@@ -318,8 +328,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stri
               qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr,
               BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-              WRITE_DBIAS: tl.constexpr):
-    """Accumulate dQ [BM, BD] of one query tile over the key tiles [lo, hi). WRITE_DBIAS also writes each dS
+              WRITE_DBIAS: tl.constexpr, win_l, win_r, sinks, HAS_BAND: tl.constexpr):
+    """Accumulate dQ [BM, BD] of one query tile over the key tiles [lo, hi) (the band as in ``_scores``). WRITE_DBIAS also writes each dS
     tile (the gradient of an additive mask) to the fp32 rows at ``dbias_base`` (row stride ``stride_dbm``, key
     stride 1): 1 stores it (this program owns those elements), 2 adds it atomically (the mask is shared over
     batch or heads), 3 adds its column sums atomically (the mask is shared over queries too: one row)."""
@@ -332,7 +342,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stri
         v = tl.load(v_base + rows_n * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)     # [BN, BDV]
         s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
-                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC)                        # [BM, BN]
+                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
+                    HAS_BAND)                                                      # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mm(do, tl.trans(v), DOT_PREC)                                           # [BM, BN]
         if HAS_DROPOUT:
@@ -414,16 +425,19 @@ def _flash_bwd_dkdv(
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, mid, offs_n, offs_d, offs_dv,
                                  Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
                                  qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
-                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC)
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
+                                 0, 0, 0, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, mid, Nq, offs_n, offs_d, offs_dv,
                                  Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
                                  qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
-                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC)
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
+                                 0, 0, 0, False)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, 0, Nq, offs_n, offs_d, offs_dv,
                                  Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
                                  qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
-                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC)
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
+                                 0, 0, 0, False)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -492,18 +506,18 @@ def _flash_bwd_dq(
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                       WRITE_DBIAS)
+                       WRITE_DBIAS, 0, 0, 0, False)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, mid, hi, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                       WRITE_DBIAS)
+                       WRITE_DBIAS, 0, 0, 0, False)
     else:
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, 0, Nk, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                       WRITE_DBIAS)
+                       WRITE_DBIAS, 0, 0, 0, False)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

@@ -121,6 +121,7 @@ def expand_mha(gm: fx.GraphModule) -> dict:
     Returns ``{node name: reason}`` for the calls left opaque."""
     graph = gm.graph
     opaque = {}
+    expanded = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not MHA_FORWARD:
             continue
@@ -160,7 +161,8 @@ def expand_mha(gm: fx.GraphModule) -> dict:
                 user.replace_all_uses_with(out)
             graph.erase_node(user)
         graph.erase_node(node)
-    if len(opaque) != sum(1 for n in graph.nodes if n.op == "call_function" and n.target is MHA_FORWARD):
+        expanded += 1
+    if expanded:
         graph.lint()
         gm.recompile()
     return opaque

@@ -1,14 +1,16 @@
 """The Python door: ``optimize``, ``find_attention``, ``report``."""
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import pickle
 import time
 from typing import Any, Optional, Sequence
 
 import torch
 
 from .actions import RewriteError
-from .backend import make_compiler
+from .backend import THEN, make_compiler
+from .capture import DEFAULT_RECOMPILE_LIMIT, ModelCapture, mha_fastpath_off, run_example
 from .pipeline import Session, rewrite_graph
 from .policy import Policy
 from .report import BreakRow, RewriteReport
@@ -35,58 +37,45 @@ def _inputs(example_inputs: Any, example_kwargs: Optional[dict]) -> tuple[tuple,
     return tuple(example_inputs), example_kwargs
 
 
-@contextlib.contextmanager
-def mha_fastpath_off():
-    """Switch off the fused C++ fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` for the
-    duration. In eval without grad they take it, and Dynamo captures it as one opaque op with no attention in
-    sight; their Python path is what ``expand_mha`` turns into a site."""
-    getter = getattr(getattr(torch.backends, "mha", None), "get_fastpath_enabled", None)
-    if getter is None:
-        yield
-        return
-    before = getter()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
+@dataclasses.dataclass
+class Recipe:
+    """What ``optimize`` was asked for, enough to rebuild the capture on a copied or unpickled model."""
+    policy: Any
+    fitted: dict
+    then: str
+    dynamic: Optional[bool]
+    recompile_limit: int
+    report: Any = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        try:
+            pickle.dumps(self.policy)
+        except Exception:  # noqa: BLE001 - a lambda policy: the plan it resolved to pickles instead
+            state["policy"] = {"version": 1, "sites": dict(getattr(self.report, "plan", {}) or {})}
+        return state
 
 
-def _through_call_impl(self, *args, **kwargs):
-    return self._call_impl(*args, **kwargs)
+def _capture(model: torch.nn.Module, session: Session, recipe: Recipe) -> ModelCapture:
+    capture = ModelCapture(model, make_compiler(session, recipe.then), session.report, dynamic=recipe.dynamic,
+                           recompile_limit=recipe.recompile_limit, recipe=recipe, rebuild=_rebuild)
+    capture.session = session
+    return capture
 
 
-def compile_in_place(model: torch.nn.Module, backend, dynamic: Optional[bool] = None) -> None:
-    """Like ``model.compile(backend=...)``, for every model: the compiled frame is a function of this file that
-    calls the module (``nn.Module.compile`` compiles ``_call_impl`` itself, and Dynamo traces nothing when the
-    model's own ``forward`` lives in ``torch.nn``, e.g. a bare ``nn.TransformerEncoder``); the module is the
-    argument named ``self``, as in ``nn.Module.compile``, so its submodules keep their names. Every call runs with the MHA fast path off
-    (``mha_fastpath_off``), so a recompile for a new shape sees the attention too."""
-    compiled = torch.compile(_through_call_impl, backend=backend, dynamic=dynamic)
-
-    def call(*args, **kwargs):
-        with mha_fastpath_off():
-            return compiled(model, *args, **kwargs)
-
-    model._compiled_call_impl = call
-
-
-def _run(model, args, kwargs):
-    try:
-        with torch.no_grad(), mha_fastpath_off():
-            return model(*args, **kwargs)
-    except Exception as err:
-        inner = err
-        while inner.__cause__ is not None or getattr(inner, "inner_exception", None) is not None:
-            inner = getattr(inner, "inner_exception", None) or inner.__cause__
-            if isinstance(inner, RewriteError):
-                raise inner from None
-        if isinstance(err, RewriteError):
-            raise
-        raise RewriteError(
-            f"The model could not be run and captured on the example inputs ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Check that the example inputs are a batch this model "
-            "accepts (run model(*example_inputs, **example_kwargs) without rewrite first).") from err
+def _rebuild(model: torch.nn.Module, recipe: Recipe, report: RewriteReport, modules: dict) -> ModelCapture:
+    """The capture of a deep copy or an unpickled model: the same plan, its own entry points and cache. Runs
+    while the copy is still being built (see ``ModelCapture.__deepcopy__``), so it touches no submodule by name."""
+    policy = Policy(recipe.policy)
+    policy.fitted = dict(recipe.fitted or {})
+    report.start_over()
+    recipe.report = report
+    session = Session(policy, report, model, mode="rewrite")
+    capture = _capture(model, session, recipe)
+    capture._install("", model)
+    for path, module in modules.items():
+        capture._install(path, module)
+    return capture
 
 
 def _graph_breaks() -> list:
@@ -94,24 +83,40 @@ def _graph_breaks() -> list:
     return [BreakRow(reason=str(reason), count=int(n)) for reason, n in counters["graph_break"].items()]
 
 
+def model_session(model: torch.nn.Module) -> Optional[Session]:
+    """The pipeline session of a model returned by :func:`optimize` (its policy, sites and fitted state)."""
+    capture = model.__dict__.get(_KEY)
+    return getattr(capture, "session", None)
+
+
+_KEY = "_rewrite"
+
+
 def _undo(model: torch.nn.Module) -> None:
-    model._compiled_call_impl = None
-    session = model.__dict__.get("_rewrite_session")
-    for owner, key in getattr(session, "attached", []):
-        owner._modules.pop(key, None)
-    for attr in ("rewrite_report", "_rewrite_session"):
-        if attr in model.__dict__:
-            del model.__dict__[attr]
+    capture = model.__dict__.get(_KEY)
+    if capture is not None:
+        capture.uninstall()
+        for owner_path, key in getattr(capture.session, "attached", []):
+            try:
+                model.get_submodule(owner_path)._modules.pop(key, None)
+            except AttributeError:
+                pass
+    for attr in ("rewrite_report", _KEY):
+        model.__dict__.pop(attr, None)
 
 
 def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequence = (),
              example_kwargs: Optional[dict] = None, calibration: Optional[list] = None, then: str = "eager",
-             dynamic: Optional[bool] = None, fitted: Optional[dict] = None) -> torch.nn.Module:
+             dynamic: Optional[bool] = None, fitted: Optional[dict] = None,
+             recompile_limit: int = DEFAULT_RECOMPILE_LIMIT) -> torch.nn.Module:
     """Rewrite every attention site of ``model`` by ``policy``; returns the same model object.
 
-    The model is compiled in place with the rewrite backend (``model.compile``), so its class, parameters,
-    ``generate()``, ``save_pretrained``, ``train()``/``eval()`` and autograd all stay as they were; each
-    graph Dynamo captures (including recompiles for new shapes or modes) is rewritten by the same policy.
+    The model keeps its class, parameters, ``generate()``, ``save_pretrained``, ``train()``/``eval()`` and
+    autograd; its calls run through a Dynamo capture of its own (one cache and ``recompile_limit`` per model,
+    shared with no other model), and so do direct calls of its submodules that own attention (an encoder that
+    ``generate()`` calls on its own). Every graph Dynamo captures — recompiles for new shapes, dtypes or modes
+    included — is rewritten by the same policy and verified. A call Dynamo cannot compile runs the original code
+    with a warning, counted in ``rewrite.report(model).fallbacks``. Calling ``optimize`` again replaces the first.
 
     ``fitted`` hands back state that mixers fitted on calibration data, keyed by
     ``((site name, ordinal), action description)`` as ``rewrite.save`` stores it (``rewrite.load`` uses it).
@@ -123,6 +128,8 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     """
     _check_model(model)
     args, kwargs = _inputs(example_inputs, example_kwargs)
+    if then not in THEN:
+        raise RewriteError(f"then={then!r} is not known; use 'eager' (run the rewritten graph as it is) or 'inductor'.")
     from .measured import MeasuredPolicy, auto, calibrate_and_plan
     if isinstance(policy, str) and policy == "auto":
         policy = auto()
@@ -130,24 +137,27 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     calibration_report = None
     start = time.perf_counter()
     if isinstance(policy, MeasuredPolicy):
-        plan, fitted, calibration_report = calibrate_and_plan(model, policy, args, kwargs, list(calibration or []))
-        pol = Policy(plan)
-        pol.fitted = fitted
-    else:
-        pol = Policy(policy)
-    if fitted:
-        pol.fitted = {**pol.fitted, **fitted}
+        policy, fitted_now, calibration_report = calibrate_and_plan(model, policy, args, kwargs,
+                                                                     list(calibration or []))
+        fitted = {**fitted_now, **(fitted or {})}
+    pol = Policy(policy)
+    pol.fitted = dict(fitted or {})
     report = RewriteReport(pol.describe())
+    recipe = Recipe(policy, pol.fitted, then, dynamic, recompile_limit, report)
     session = Session(pol, report, model, mode="rewrite")
+    capture = _capture(model, session, recipe)
+    model.__dict__[_KEY] = capture  # before the first call, so that a failure below undoes what it attached
     from torch._dynamo.utils import counters
     counters["graph_break"].clear()
-    compile_in_place(model, make_compiler(session, then), dynamic=dynamic)
+    capture.install()
     try:
-        _run(model, args, kwargs)
+        run_example(model, args, kwargs)
         if report.graphs == 0:
+            why = "; ".join(f"{f.where}: {f.why}" for f in report.fallbacks)
             raise RewriteError(f"torch.compile captured no graph of this {type(model).__name__}, so nothing could be "
-                               "searched or rewritten: its forward runs outside Dynamo (torch._dynamo.disable, "
-                               "or C++ only). Pass the module whose forward computes the attention in Python.")
+                               "searched or rewritten: " + (why or "Dynamo ran its forward without tracing it "
+                               "(torch._dynamo.disable, code Dynamo skips, or C++ only)") +
+                               ". Pass the module whose forward computes the attention in Python.")
         unused = pol.unused_keys()
         if unused:
             names = ", ".join(s.name for s in session.sites) or "(none)"
@@ -155,15 +165,15 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
                                f"The sites found are: {names}. Fix the names or patterns.")
         if not session.sites and not report.rejected and session.errors:
             raise RewriteError("The model could not be rewritten: " + "; ".join(session.errors))
+        capture.add_entries(site.name for site in session.sites)
+        capture._sites_seen = report.site_count()
     except BaseException:
-        model.__dict__["_rewrite_session"] = session  # so that _undo also removes what this run attached
         _undo(model)
         raise
     report.optimize_seconds = time.perf_counter() - start
     report.calibration = calibration_report
     report.breaks = _graph_breaks()
     model.__dict__["rewrite_report"] = report
-    model.__dict__["_rewrite_session"] = session
     return model
 
 
@@ -190,8 +200,8 @@ def find_attention(model: torch.nn.Module, example_inputs: Sequence = (), exampl
     args, kwargs = _inputs(example_inputs, example_kwargs)
     session = Session(Policy("none"), RewriteReport("none"), model, mode="find")
     if capture == "dynamo":
-        compiled = torch.compile(model, backend=make_compiler(session, "eager"))
-        _run(compiled, args, kwargs)
+        runner = ModelCapture(model, make_compiler(session, "eager"), session.report)
+        run_example(_Detached(runner), args, kwargs)
     elif capture == "export":
         gm, flat = export_graph(model, args, kwargs)
         rewrite_graph(gm, flat, session)
@@ -200,6 +210,16 @@ def find_attention(model: torch.nn.Module, example_inputs: Sequence = (), exampl
     if session.errors:
         raise RewriteError("Attention could not be searched in a captured graph: " + "; ".join(session.errors))
     return session.sites
+
+
+class _Detached:
+    """Calls a capture without installing it, so ``run_example`` can run it like a model."""
+
+    def __init__(self, capture: ModelCapture):
+        self.capture = capture
+
+    def __call__(self, *args, **kwargs):
+        return self.capture.run_detached(args, kwargs)
 
 
 def export_graph(model: torch.nn.Module, args: tuple, kwargs: dict):

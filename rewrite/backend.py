@@ -12,9 +12,11 @@ import copy
 import logging
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from .actions import RewriteError
+from .capture import graph_runner
 from .pipeline import Session, _register_state_sources, rewrite_graph
 from .policy import Policy
 from .report import RewriteReport
@@ -28,6 +30,9 @@ def make_compiler(session: Session, then: str = "eager") -> Callable:
         raise RewriteError(f"then={then!r} is not known; use 'eager' (run the rewritten graph as it is) or 'inductor'.")
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        if compile_id is not None and (getattr(compile_id, "frame_compile_id", 0) or 0) > 0:
+            session.report.recompiles += 1
         backup = copy.deepcopy(gm.graph)
         try:
             rewrite_graph(gm, example_inputs, session)
@@ -37,11 +42,12 @@ def make_compiler(session: Session, then: str = "eager") -> Callable:
             log.warning("rewrite: a captured graph could not be rewritten (%s: %s); it runs unchanged",
                         type(err).__name__, err)
             session.errors.append(f"{type(err).__name__}: {err}")
+            session.report.errors.append(f"{type(err).__name__}: {str(err)[:300]}")
             gm.graph = backup
             gm.recompile()
         if then == "inductor":
-            return _inductor(gm, example_inputs, session)
-        return gm.forward
+            return graph_runner(_inductor(gm, example_inputs, session))
+        return graph_runner(gm.forward)
 
     compile_graph.session = session  # type: ignore[attr-defined]
     return compile_graph

@@ -971,7 +971,8 @@ def save(model: torch.nn.Module, folder: str, *, tokenizer: Any = None, example_
 def _fitted_state(model, plan: dict) -> tuple[dict, list]:
     """State that mixers fitted on calibration data (kept by the policy, not the model), for the planned actions."""
     from .actions import action_from_json
-    policy = getattr(model.__dict__.get("_rewrite_session"), "policy", None)
+    from .api import model_session
+    policy = getattr(model_session(model), "policy", None)
     fitted = getattr(policy, "fitted", None) or {}
     tensors, index = {}, []
     for (site_key, cand), state in fitted.items():
@@ -1080,7 +1081,8 @@ def load(folder: str, *, allow_code: bool = False, example_kwargs: Optional[dict
             example = example_kwargs_for_save(model, tok)
     fitted = _read_fitted(folder, meta)
     optimize(model, plan, example_kwargs=example, fitted=fitted)
-    restored = getattr(getattr(model.__dict__.get("_rewrite_session"), "policy", None), "fitted", None) or {}
+    from .api import model_session
+    restored = getattr(getattr(model_session(model), "policy", None), "fitted", None) or {}
     if fitted and set(restored) != set(fitted):
         raise RewriteError(f"The fitted mixer state in {folder!r} could not be handed to this rewrite version; "
                            "re-run `rewrite apply` with the calibration data to rebuild it.")
@@ -1165,7 +1167,7 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict):
             ds = _dynamic_shapes(model, args, kwargs, limit) if dyn else None
             if dyn and ds is None:
                 continue
-            from .api import mha_fastpath_off
+            from .capture import mha_fastpath_off
             with torch.no_grad(), mha_fastpath_off():
                 return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=ds), dyn
         except Exception as err:

@@ -288,8 +288,8 @@ def isomer(shared: Optional[Action] = None, threshold: float = 0.9, max_site_err
 def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tuple, kwargs: dict,
                        batches: Sequence) -> tuple[dict, dict, CalibrationReport]:
     """Capture with switchable sites, measure on ``batches``, choose. Returns (plan by name, fitted, report)."""
-    from .api import _run, _undo, compile_in_place
     from .backend import make_compiler
+    from .capture import ModelCapture, run_example
     from .pipeline import Session
     from .policy import Policy
     from .report import RewriteReport
@@ -303,10 +303,10 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
     session = Session(Policy("none"), RewriteReport("calibrate"), model, mode="calibrate")
     session.calibration = state
     session.candidates = policy.candidates_for
-    compile_in_place(model, make_compiler(session, "eager"))
+    capture = ModelCapture(model, make_compiler(session, "eager"), session.report).install()
     show = policy.show_progress
     try:
-        _run(model, args, kwargs)
+        run_example(model, args, kwargs)
         with torch.no_grad():
             refs = [run_batch(model, b) for b in progress(batches, "reference", enabled=show)]
             state.collect_stats = True
@@ -360,7 +360,7 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
             rows = [_row(state, k, cand_keys[k], errors, policy) for k in keys]
             plan_keys, message, backoffs, joint, why = policy.choose(rows, joint_bound)
     finally:
-        _undo(model)
+        capture.uninstall()
         state.use = {}
     for r in rows:
         act = plan_keys.get((r.name, r.ordinal))

@@ -36,7 +36,7 @@ class Session:
         self.model = model
         self.errors: list[str] = []
         self.calibration = None          # a calibrate.CalibrationState in mode "calibrate"
-        self.attached: list = []         # (owner module, name) of mixers attached to the model
+        self.attached: list = []         # (owner module path, name) of mixers attached to the model
         self.candidates = lambda site: []  # site -> candidate actions, in mode "calibrate"
 
     def state_ptrs(self) -> set:
@@ -90,12 +90,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
         site = _describe(m, values, is_causal, causal_ops, is_state, session.model)
         prepared.append((m, site, causal_ops, is_causal))
         _add_site(session, site)
-    session.policy.prepare([p[1] for p in prepared])
+    _ask_policy(session.policy.prepare, [p[1] for p in prepared])
 
     graph = gm.graph
     pending = []
     for m, site, causal_ops, is_causal in prepared:
-        action = session.policy.action_for(site) if session.mode == "rewrite" else None
+        action = _ask_policy(session.policy.action_for, site) if session.mode == "rewrite" else None
         if m.kind == "mha":      # left opaque by expand_mha: the note says why
             reason = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
             pending.append((m, site, None, None, None, reason))
@@ -163,6 +163,20 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _ask_policy(method, arg):
+    """Call the policy; its own failure (a callable policy that raises) is the user's to see, named, never a
+    graph quietly left as it was."""
+    try:
+        return method(arg)
+    except RewriteError:
+        raise
+    except Exception as err:
+        policy = getattr(method, "__self__", None)
+        name = policy.describe() if policy is not None else "policy"
+        raise RewriteError(f"The policy {name!r} raised {type(err).__name__}: {err}. Fix the policy; the model was "
+                           "left as it was.") from err
 
 
 def _with_note(reason: str, m: SiteMatch) -> str:
@@ -261,7 +275,7 @@ def _attach_state(session: "Session", site: AttentionSite, action: Action, targe
         return existing
     target._rewrite_action = action
     owner.add_module(key, target)
-    session.attached.append((owner, key))
+    session.attached.append((site.name, key))
     return target
 
 

@@ -55,6 +55,17 @@ class RegionRow:
 
 
 @dataclasses.dataclass
+class FallbackRow:
+    """Calls where (part of) the model ran its original code instead of the rewritten graphs, and why."""
+    where: str
+    why: str
+    calls: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
 class BreakRow:
     """A Dynamo graph break: the model was captured in pieces, each rewritten on its own."""
     reason: str
@@ -73,6 +84,9 @@ class RewriteReport:
         self._rejected: dict[tuple, RegionRow] = {}
         self.breaks: list[BreakRow] = []
         self.graphs = 0
+        self.recompiles = 0
+        self._fallbacks: dict[tuple, FallbackRow] = {}
+        self.errors: list[str] = []
         self.plan: dict[str, dict] = {}
         self.optimize_seconds: Optional[float] = None
         self.calibration = None   # a measured.CalibrationReport when a measured policy chose the plan
@@ -112,6 +126,16 @@ class RewriteReport:
     def record_rejected(self, name: str, reason: str, ordinal: int) -> None:
         self._rejected.setdefault((name, ordinal, reason), RegionRow(name, reason))
 
+    def record_fallback(self, where: str, why: str, calls: int = 1) -> None:
+        row = self._fallbacks.setdefault((where, why), FallbackRow(where, why))
+        row.calls += calls
+
+    def start_over(self) -> None:
+        """A copy of the model compiles afresh: its live counts start at zero (the site rows stay, and are
+        updated as its own graphs are rewritten and verified)."""
+        self.graphs = self.recompiles = 0
+        self._fallbacks = {}
+
     # -- reading --------------------------------------------------------------------------------------
     @property
     def sites(self) -> list[SiteRow]:
@@ -120,6 +144,14 @@ class RewriteReport:
     @property
     def rejected(self) -> list[RegionRow]:
         return list(self._rejected.values())
+
+    @property
+    def fallbacks(self) -> list[FallbackRow]:
+        """Live: every way a call of the model ran original code, with how many calls."""
+        return list(self._fallbacks.values())
+
+    def site_count(self) -> int:
+        return len(self._sites)
 
     def counts(self) -> dict[str, int]:
         out = {"rewritten": 0, "kept": 0, "rejected": 0}
@@ -207,7 +239,9 @@ class RewriteReport:
         out = [tabulate(rows, headers=headers, tablefmt="simple")]
         c = self.counts()
         out.append(f"\n{len(self.sites)} attention sites: {c['rewritten']} rewritten, {c['kept']} kept, "
-                   f"{c['rejected']} rejected; {self.graphs} captured graph(s), {sum(b.count for b in self.breaks)} graph break(s).")
+                   f"{c['rejected']} rejected; {self.graphs} captured graph(s) ({self.recompiles} recompile(s)), "
+                   f"{sum(b.count for b in self.breaks)} graph break(s), "
+                   f"{sum(f.calls for f in self._fallbacks.values())} call(s) that fell back to original code.")
         if self.rejected:
             out.append("\nRejected attention-like regions:")
             out.append(tabulate([[r.name, r.reason] for r in self.rejected], headers=["module", "why"], tablefmt="simple"))
@@ -216,6 +250,13 @@ class RewriteReport:
             out.append(f"Attention FLOPs: {b / 1e9:.3f} G -> {a / 1e9:.3f} G ({1 - a / b:.1%} cut).")
         if self.calibration is not None:
             out.append("\n" + self.calibration_table())
+        if self._fallbacks:
+            out.append("\nFallbacks to the original code:")
+            out.append(tabulate([[f.calls, f.where, f.why] for f in self.fallbacks], headers=["calls", "where", "why"],
+                                tablefmt="simple"))
+        if self.errors:
+            out.append("\nInternal errors (those graphs run unchanged):")
+            out.extend(f"  {e}" for e in self.errors)
         if self.breaks:
             out.append("\nGraph breaks:")
             out.append(tabulate([[b.count, b.reason] for b in self.breaks], headers=["count", "reason"], tablefmt="simple"))
@@ -227,7 +268,9 @@ class RewriteReport:
     __repr__ = __str__
 
     def to_json(self) -> dict[str, Any]:
-        return {"policy": self.policy, "graphs": self.graphs, "sites": [r.to_json() for r in self.sites],
+        return {"policy": self.policy, "graphs": self.graphs, "recompiles": self.recompiles,
+                "fallbacks": [f.to_json() for f in self.fallbacks], "errors": list(self.errors),
+                "sites": [r.to_json() for r in self.sites],
                 "rejected": [r.to_json() for r in self.rejected], "breaks": [b.to_json() for b in self.breaks],
                 "plan": {"version": 1, "sites": self.plan}, "optimize_seconds": self.optimize_seconds,
                 "calibration": self.calibration.to_json() if self.calibration is not None else None}

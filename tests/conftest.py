@@ -6,11 +6,3 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles its own models: start from empty Dynamo caches so recompile limits never bite."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()

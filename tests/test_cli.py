@@ -60,12 +60,10 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def minilm_applied(tmp_path_factory):
     """`rewrite apply MiniLM -o OUT --policy exact --export OUT.pt2`, once for the module."""
-    torch._dynamo.reset()
     root = tmp_path_factory.mktemp("minilm")
     out, pt2 = root / "minilm-exact", root / "minilm-exact.pt2"
     code = main(["apply", MINILM_DIR, "-o", str(out), "--policy", "exact", "--export", str(pt2), "-q"])
     assert code == 0
-    torch._dynamo.reset()
     return str(out), str(pt2)
 
 

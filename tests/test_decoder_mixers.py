@@ -81,7 +81,7 @@ def test_mixer_on_llama_generate(name):
         for inputs in (z.generate_inputs, z.generate_batch):
             ids = z.model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
             assert ids.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + 4)
-    assert not z.model._rewrite_session.errors
+    assert not rewrite.api.model_session(z.model).errors
 
 
 def test_spectral_declines_the_sites_and_keeps_the_outputs():

@@ -25,14 +25,6 @@ rewrite = pytest.importorskip("rewrite")
 REL = 1e-4  # tolerance, relative to the output scale (max |ref|)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # every test builds new modules; share-nothing also keeps us below Dynamo's recompile limit
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------

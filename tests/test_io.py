@@ -58,7 +58,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_rewritten(tiny):
     """The tiny model loaded from its folder and optimized with the exact policy (shared: optimizing costs seconds)."""
-    torch._dynamo.reset()
     src = rio.open_source(tiny)
     example = rio.example_kwargs(src.model, src.tokenizer)
     rewrite.optimize(src.model, "exact", example_kwargs=example)
@@ -83,7 +82,6 @@ def test_save_load_round_trip_equals_the_rewritten_model(tiny, tiny_rewritten, t
     assert meta["architecture"] == "BertModel" and meta["attn_implementation"] == "eager"
     assert meta["example"]["recipe"]["from"] == "tokenizer"
 
-    torch._dynamo.reset()
     again = rewrite.load(str(out))
     assert type(again) is BertModel and again is not model
     assert [r.status for r in again.rewrite_report.sites] == ["rewritten", "rewritten"]
@@ -151,7 +149,6 @@ def test_buffers_added_by_a_rewrite_are_saved_and_restored(tiny, tmp_path, monke
         return out
 
     monkeypatch.setattr(api, "optimize", optimize_adding_state)
-    torch._dynamo.reset()
     src = rio.open_source(tiny)
     rewrite.api.optimize(src.model, "exact", example_kwargs=rio.example_kwargs(src.model, src.tokenizer))
     src.model.get_submodule(SITES[0]).landmarks.copy_(torch.arange(64.0).view(4, 16))  # "calibrated"
@@ -159,7 +156,6 @@ def test_buffers_added_by_a_rewrite_are_saved_and_restored(tiny, tmp_path, monke
     from safetensors import safe_open
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as fh:
         assert f"{SITES[0]}.landmarks" in fh.keys()
-    torch._dynamo.reset()
     again = rewrite.load(str(tmp_path / "out"))
     assert torch.equal(again.get_submodule(SITES[0]).landmarks, torch.arange(64.0).view(4, 16))
 
@@ -256,7 +252,6 @@ def test_load_plan_naming_modules_not_in_the_model(tiny_rewritten, tmp_path):
     rewrite.save(model, str(tmp_path / "out"))
     plan = tmp_path / "out" / "rewrite_plan.json"
     plan.write_text(json.dumps({"version": 1, "sites": {"decoder.block.0.attn": {"action": "Exact", "args": {}}}}))
-    torch._dynamo.reset()
     with pytest.raises(RewriteError, match="'decoder.block.0.attn' match no attention site"):
         rewrite.load(str(tmp_path / "out"))
 
@@ -429,18 +424,16 @@ def test_state_fitted_on_calibration_data_is_saved_and_restored(tiny, tmp_path):
     """A measured policy fits mixers on calibration data (held by the policy, not the model): save keeps it."""
     if not callable(getattr(rewrite, "auto", None)) or not hasattr(rewrite, "SharedQuery"):
         pytest.skip("rewrite.auto / rewrite.SharedQuery are not available")
-    torch._dynamo.reset()
     src = rio.open_source(tiny)
     policy = rewrite.auto(max_error=1.0, candidates=[rewrite.SharedQuery(query="calibrated")], progress=False)
     rewrite.optimize(src.model, policy, example_kwargs=ids_batch(2, 12, seed=1),
                      calibration=[ids_batch(2, 12, seed=s) for s in (5, 6)])
-    fitted = src.model._rewrite_session.policy.fitted
+    fitted = rewrite.api.model_session(src.model).policy.fitted
     assert fitted, "the calibrated shared query was fitted"
     rewrite.save(src.model, str(tmp_path / "out"))
     assert "rewrite_state.safetensors" in os.listdir(tmp_path / "out")
-    torch._dynamo.reset()
     again = rewrite.load(str(tmp_path / "out"))
-    restored = again._rewrite_session.policy.fitted
+    restored = rewrite.api.model_session(again).policy.fitted
     assert set(restored) == set(fitted)
     assert all(torch.equal(restored[k][n], fitted[k][n]) for k in fitted for n in fitted[k])
     x = ids_batch(3, 12, seed=9)

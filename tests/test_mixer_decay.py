@@ -105,7 +105,6 @@ def test_vit_end_to_end_uses_the_grid():
     batch = {"pixel_values": torch.randn(2, 3, 32, 32)}
     site = rewrite.find_attention(model, example_kwargs=batch)[0]
     assert tuple(site.grid) == (4, 4) and site.prefix_tokens == 1
-    torch._dynamo.reset()
     rewrite.optimize(model, {"_default": rewrite.Decay(gamma=0.5)}, example_kwargs=batch)
     row = model.rewrite_report.sites[0]
     assert row.status == "rewritten" and "declined" not in (row.reason or "") and row.error > 1e-3

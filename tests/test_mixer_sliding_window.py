@@ -198,7 +198,6 @@ class _Packed(torch.nn.Module):
 def test_dynamic_lengths_are_not_specialised():
     """Once the graph is dynamic, new lengths reuse it: the handler must not pin the symbolic length (a
     recompile at every length also reruns the original N×N attention to verify the rewrite)."""
-    torch._dynamo.reset()
     model = _Packed()
     rewrite.optimize(model, {"_default": rewrite.SlidingWindow(window=16, sinks=1)},
                      example_inputs=(torch.randn(3, 1, 2, 64, 8),))

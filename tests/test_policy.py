@@ -133,7 +133,6 @@ def _cos_err(a, b):
 
 @pytest.fixture(scope="module")
 def auto_run():
-    torch._dynamo.reset()
     model = _bert()
     ref = copy.deepcopy(model)
     budget = 0.02
@@ -162,7 +161,6 @@ def test_auto_respects_the_budget_on_held_out_batches(auto_run):
 def test_plan_round_trips_through_json(auto_run):
     model, _, _ = auto_run
     plan = json.loads(json.dumps(model.rewrite_report.to_json()["plan"]))
-    torch._dynamo.reset()
     again = _bert()
     rewrite.optimize(again, plan, example_kwargs=_batch(0))
     assert [(r.name, r.action) for r in again.rewrite_report.sites] == [(r.name, r.action) for r in model.rewrite_report.sites]

@@ -244,7 +244,6 @@ def _rejections_for(rep, name):
 
 
 def run_optimized(cfg):
-    torch._dynamo.reset()
     module, args = build(cfg)
     reference = copy.deepcopy(module)
     probe = copy.deepcopy(module)

@@ -210,8 +210,14 @@ def _match_probabilities(m: SiteMatch) -> None:
         elif u.op == "call_function" and u.target is DROPOUT:
             if m.dropout_p not in (0.0, 0):
                 raise _Reject("two dropouts on the probabilities")
-            training = u.kwargs.get("training", True)
-            pval = u.kwargs.get("p", 0.5)
+            # every spelling normalize leaves (an in-place dropout whose input is read again stays positional)
+            pval = u.args[1] if len(u.args) > 1 else u.kwargs.get("p", 0.5)
+            training = u.args[2] if len(u.args) > 2 else u.kwargs.get("training", True)
+            inplace = u.args[3] if len(u.args) > 3 else u.kwargs.get("inplace", False)
+            if inplace is not False:
+                raise _Reject("the probabilities' dropout is in place and its input is read elsewhere")
+            if not isinstance(pval, (int, float)) or isinstance(pval, bool):
+                raise _Reject("dropout's probability is not a constant")
             m.dropout_p = pval if training is True else (0.0 if training is False else _Reject)
             if m.dropout_p is _Reject:
                 raise _Reject("dropout's training flag is not a constant")

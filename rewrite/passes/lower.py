@@ -95,6 +95,9 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
                 beta = b.call(MUL if op.power == 1 else DIV, beta, f)
         elif op.kind == "add":
             term = op.value
+            term_value = meta_value(term) if isinstance(term, fx.Node) else None
+            if isinstance(term_value, torch.Tensor) and term_value.dtype == torch.bool:
+                term = b.call(_to_dtype, term, qdtype)  # a bool *added* to scores adds 0 or 1: not SDPA's bool mask
             if beta is None:
                 beta = term if op.power == 1 else b.call(torch.neg, term)
             else:

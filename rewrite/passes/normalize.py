@@ -160,8 +160,8 @@ def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
         inplace = base != kind
         if inplace and isinstance(a[0], fx.Node) and len(a[0].users) > 1 and not _private_mutation(a[0], node):
             return None  # the mutation is visible through an alias: keep it
-        if len(a) < 2:
-            return None
+        if len(a) != 2 or set(node.kwargs) - {"alpha"}:
+            return None  # rounding_mode, out=, ...: an argument the canonical form would drop
         target = {"mul": MUL, "div": DIV, "add": ADD, "sub": SUB}[base]
         if node.target is target and not node.kwargs:
             return None
@@ -199,14 +199,21 @@ def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
             return None
         return _replace(graph, node, "to", (a[0], ref.dtype), method=True)
     if kind == "dropout":
-        if node.target is DROPOUT and set(node.kwargs) >= {"p", "training"} and len(a) == 1:
+        if node.target is DROPOUT and set(node.kwargs) == {"p", "training"} and len(a) == 1:
             return None
         if node.target is DROPOUT:
             p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+            inplace = _arg(node, 3, "inplace", False)
         else:  # torch.dropout(x, p, train) / aten.dropout(x, p, train)
-            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True)
-        if _arg(node, 3, "inplace", False):
-            return None
+            p, training, inplace = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True), False
+        if inplace is not False:
+            # nn.Dropout(p, inplace=True): the same values, unless the input is read elsewhere after it
+            if inplace is not True or not isinstance(a[0], fx.Node) or (
+                    len(a[0].users) > 1 and not _private_mutation(a[0], node)):
+                return None
+            new = _replace(graph, node, DROPOUT, (a[0],), {"p": p, "training": training})
+            _redirect_later_readers(a[0], node, new)
+            return new
         return _replace(graph, node, DROPOUT, (a[0],), {"p": p, "training": training})
     if kind == "einsum":
         return _einsum(graph, node)

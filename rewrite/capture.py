@@ -1,0 +1,379 @@
+"""Capture: each optimized model runs through Dynamo entry points of its own.
+
+Dynamo keys its cache and its recompile limit on the *code object* it compiles. Had every model compiled one
+shared function, all models, recompiles and captures of a process would share one small cache, and past its
+limit a frame runs uncompiled: the original attention behind a report that says "rewritten". So a
+:class:`ModelCapture` gives each model (and each of its modules that owns attention, so that ``generate()``
+calling ``model.get_encoder()(...)`` directly is rewritten too) a function with its own code object and, where
+PyTorch offers it, its own recompile region and limit. Anything that still makes a frame run uncompiled — a
+limit, a shape Dynamo cannot trace — falls back to the original code *visibly*: a warning, and a row in
+``report.fallbacks`` with how many calls it cost.
+
+Example::
+
+    capture = ModelCapture(model, compiler, report)
+    capture.install()                 # model(...) now runs the rewritten graphs
+    capture.add_entries(["encoder.layers.0.self_attn"])   # the encoder (and every ancestor) on its own too
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+import types
+import warnings
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from .actions import RewriteError
+
+#: Recompiles one model may make per entry point before a frame falls back (reported) to the original code.
+DEFAULT_RECOMPILE_LIMIT = 64
+#: Dynamo's process-wide cap on compiles of one code object; models of one class that break their graphs inside
+#: the same method all count against it, so it is raised while a capture runs.
+_ACCUMULATED_LIMIT = 1 << 16
+
+_COMPILE_PARAMS = inspect.signature(torch.compile).parameters
+_ISOLATES = "isolate_recompiles" in _COMPILE_PARAMS and "recompile_limit" in _COMPILE_PARAMS
+
+
+# --- process-wide switches, applied by the first capture that runs and restored by the last ----------------
+
+class _CaptureSettings:
+    """Switches a capture needs while it runs: the fused MHA fast path off (it hides attention in one C++ op);
+    Dynamo guarding on module hooks (so hooks registered after ``optimize`` fire: a recompile); Dynamo's
+    accumulated compile cap raised. Reference-counted under a lock: nested calls and threads share one setting,
+    and the user's own values come back when the last one leaves."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved: dict = {}
+        self.limit: Optional[int] = None
+
+    def _apply(self, limit: Optional[int]) -> dict:
+        saved = {}
+        getter = getattr(getattr(torch.backends, "mha", None), "get_fastpath_enabled", None)
+        if getter is not None:
+            saved["fastpath"] = getter()
+            torch.backends.mha.set_fastpath_enabled(False)
+        config = torch._dynamo.config
+        wanted = {"skip_nnmodule_hook_guards": False,
+                  "accumulated_recompile_limit": max(config.accumulated_recompile_limit, _ACCUMULATED_LIMIT)}
+        if limit is not None and not _ISOLATES:
+            wanted["recompile_limit"] = max(config.recompile_limit, limit)
+        for key, value in wanted.items():
+            if hasattr(config, key):
+                saved[key] = getattr(config, key)
+                setattr(config, key, value)
+        return saved
+
+    def _restore(self, saved: dict) -> None:
+        if "fastpath" in saved:
+            torch.backends.mha.set_fastpath_enabled(saved.pop("fastpath"))
+        for key, value in saved.items():
+            setattr(torch._dynamo.config, key, value)
+
+    @contextlib.contextmanager
+    def __call__(self, limit: Optional[int] = None):
+        with self.lock:
+            if self.depth == 0:
+                self.saved = self._apply(limit)
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0:
+                    self._restore(self.saved)
+                    self.saved = {}
+
+
+capture_settings = _CaptureSettings()
+
+
+def mha_fastpath_off():
+    """The settings a capture runs under (see :class:`_CaptureSettings`), for captures outside a ModelCapture
+    (``torch.export``): the MHA fast path is off, so ``nn.MultiheadAttention`` shows its attention."""
+    return capture_settings()
+
+
+# --- which graphs ran, and what Dynamo said, during a call on this thread ---------------------------------
+
+class _CallState(threading.local):
+    def __init__(self):
+        self.graph_runs = 0
+        self.active: list = []   # the ModelCaptures running on this thread, innermost last
+
+
+_CALL = _CallState()
+
+
+def graph_runner(fn: Callable) -> Callable:
+    """Wrap what a backend returns for one graph so that a capture can tell a call that ran none of its graphs
+    (a frame Dynamo ran uncompiled) from one that ran them. Keeps Dynamo's boxed calling convention."""
+    def run(*args):
+        _CALL.graph_runs += 1
+        return fn(*args)
+
+    run._boxed_call = getattr(fn, "_boxed_call", False)  # type: ignore[attr-defined]
+    return run
+
+
+class _DynamoWarnings(logging.Handler):
+    """Dynamo announces a frame it will run uncompiled (a recompile limit) only as a log warning: hand each one
+    to the capture running on this thread, so the report records it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _CALL.active:
+            return
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to report
+            return
+        if "hit config." in message:
+            first = message.splitlines()
+            where = next((ln.split("function:", 1)[1].strip() for ln in first if "function:" in ln), "a frame")
+            _CALL.active[-1].record_fallback(where, first[0].strip() + ": that frame runs uncompiled, with the "
+                                             "original attention", calls=1)
+
+
+_WATCHER = _DynamoWarnings(level=logging.WARNING)
+
+
+def _watch_dynamo() -> None:
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if _WATCHER not in logger.handlers:
+        logger.addHandler(_WATCHER)
+
+
+# --- entry points ------------------------------------------------------------------------------------------
+
+def _call_module(self, *args, **kwargs):
+    return self._call_impl(*args, **kwargs)
+
+
+def _own_function(fn: Callable, label: str) -> Callable:
+    """A copy of ``fn`` with a code object of its own, so Dynamo gives it its own cache (and automatic-dynamic
+    state, which it keys on the code's name and place)."""
+    code = fn.__code__.replace(co_name=label)
+    return types.FunctionType(code, fn.__globals__, label, fn.__defaults__, fn.__closure__)
+
+
+_serial = iter(range(1 << 62))
+
+
+def _is_dynamo_failure(err: BaseException) -> bool:
+    """Whether ``err`` came from Dynamo failing to trace or compile (not from the model's own code)."""
+    from torch._dynamo import exc
+    return isinstance(err, (exc.TorchDynamoException, torch._dynamo.exc.BackendCompilerFailed))
+
+
+def inner_rewrite_error(err: BaseException) -> Optional[RewriteError]:
+    """The RewriteError a Dynamo exception wraps (our backend's own checks raise one), if any."""
+    seen = set()
+    inner: Optional[BaseException] = err
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, RewriteError):
+            return inner
+        seen.add(id(inner))
+        inner = getattr(inner, "inner_exception", None) or inner.__cause__
+    return None
+
+
+def _signature(args: tuple, kwargs: dict, module: torch.nn.Module) -> tuple:
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return (module.training, torch.is_grad_enabled(),
+            tuple((tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else type(x).__name__
+                  for x in leaves))
+
+
+def _callable_modules(model: torch.nn.Module, site_names: Iterable[str]) -> list[str]:
+    """Every module that owns a site, and each of its ancestors below the root, that can be called on its own."""
+    paths = set()
+    for name in site_names:
+        parts = name.split(".") if name else []
+        for i in range(1, len(parts) + 1):
+            paths.add(".".join(parts[:i]))
+    out = []
+    for path in sorted(paths):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(module).forward is torch.nn.Module.forward:  # containers (ModuleList, ModuleDict)
+            continue
+        out.append(path)
+    return out
+
+
+class ModelCapture:
+    """One model's entry points into Dynamo, the fallbacks they took, and how to copy or pickle them.
+
+    ``compiler`` is the Dynamo backend (the rewrite pipeline for this model's session); ``report`` receives
+    fallbacks and is what ``rewrite.report(model)`` shows. ``rebuild(model, recipe, report, modules)`` (a
+    module-level function, so that it pickles by name) makes an equivalent capture on a copied or unpickled
+    model from ``recipe`` (what ``optimize`` was asked for); without it, a copy is a plain model.
+    """
+
+    def __init__(self, model: torch.nn.Module, compiler: Callable, report: Any, *, dynamic: Optional[bool] = None,
+                 recompile_limit: int = DEFAULT_RECOMPILE_LIMIT, recipe: Any = None,
+                 rebuild: Optional[Callable] = None):
+        if not isinstance(recompile_limit, int) or recompile_limit < 1:
+            raise RewriteError(f"recompile_limit must be a positive int; got {recompile_limit!r}.")
+        self.model = model
+        self.compiler = compiler
+        self.report = report
+        self.dynamic = dynamic
+        self.recompile_limit = recompile_limit
+        self.recipe, self.rebuild = recipe, rebuild
+        self.entries: dict[str, torch.nn.Module] = {}
+        self._eager_signatures: dict[tuple, str] = {}
+        self._warned: set = set()
+        self._sites_seen = 0
+        self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
+        self.label = f"rewrite_{type(model).__name__}_{next(_serial)}"
+        _watch_dynamo()
+
+    # -- installing --------------------------------------------------------------------------------------
+    def install(self) -> "ModelCapture":
+        self._install("", self.model)
+        return self
+
+    def add_entries(self, site_names: Iterable[str]) -> None:
+        """Give each module that owns one of ``site_names`` (and its ancestors) an entry point of its own."""
+        for path in _callable_modules(self.model, site_names):
+            if path not in self.entries:
+                self._install(path, self.model.get_submodule(path))
+
+    def _compile(self, path: str) -> Callable:
+        options = {"isolate_recompiles": True, "recompile_limit": self.recompile_limit} if _ISOLATES else {}
+        label = f"{self.label}_{path.replace('.', '_')}" if path else self.label
+        return torch.compile(_own_function(_call_module, label), backend=self.compiler, dynamic=self.dynamic,
+                             **options)
+
+    def _install(self, path: str, module: torch.nn.Module) -> None:
+        compiled = self._compile(path)
+        capture = self
+
+        if path:
+            def entry(*args, **kwargs):
+                if torch.compiler.is_compiling():  # traced as part of a capture of an enclosing module
+                    return module._call_impl(*args, **kwargs)
+                return capture._run(path, module, compiled, args, kwargs)
+        else:
+            # The root is never traced by its own capture (that compiles _call_module), so a trace that reaches
+            # it is someone else's, e.g. torch.compile(model) on top: it breaks there and runs the rewrite.
+            @torch._dynamo.disable
+            def entry(*args, **kwargs):
+                return capture._run(path, module, compiled, args, kwargs)
+
+        entry._rewrite_capture = self  # type: ignore[attr-defined]
+        module.__dict__["_compiled_call_impl"] = entry  # not setattr: a copy's root may not be initialised yet
+        self.entries[path] = module
+
+    def run_detached(self, args: tuple, kwargs: dict) -> Any:
+        """Run the model once through a fresh capture without installing it (``find_attention``): the model's
+        own entry, if it is already optimized, is left as it was."""
+        return self._run("", self.model, self._compile(""), args, kwargs)
+
+    def uninstall(self) -> None:
+        for module in self.entries.values():
+            current = module.__dict__.get("_compiled_call_impl")
+            if getattr(current, "_rewrite_capture", None) is self:
+                module._compiled_call_impl = None
+        self.entries = {}
+
+    # -- running -----------------------------------------------------------------------------------------
+    def _run(self, path: str, module: torch.nn.Module, compiled: Callable, args: tuple, kwargs: dict) -> Any:
+        if torch.compiler.is_exporting() if hasattr(torch.compiler, "is_exporting") else False:
+            raise RewriteError(
+                "torch.export of a model returned by rewrite.optimize would export the original attention. Export "
+                "the plain model through rewrite instead: `rewrite apply SRC -o OUT --export`, or "
+                "rewrite.find_attention(model, ..., capture='export') to inspect it.")
+        if self._eager_signatures:
+            why = self._eager_signatures.get(_signature(args, kwargs, module))
+            if why is not None:
+                self.record_fallback(path or "(model)", why, calls=1)
+                return module._call_impl(*args, **kwargs)
+        runs = _CALL.graph_runs
+        _CALL.active.append(self)
+        try:
+            with capture_settings(self.recompile_limit):
+                out = compiled(module, *args, **kwargs)
+        except Exception as err:
+            inner = inner_rewrite_error(err)
+            if inner is not None:
+                raise inner from None
+            if not _is_dynamo_failure(err):
+                raise
+            return self._fall_back(path, module, args, kwargs, err)
+        finally:
+            _CALL.active.pop()
+        if _CALL.graph_runs == runs and self._has_rewritten(path):
+            self.record_fallback(path or "(model)", "Dynamo ran this call without any of its rewritten graphs "
+                                 "(the frame ran uncompiled, with the original attention)", calls=1)
+        if self.entries and self.report.site_count() != self._sites_seen:
+            self._sites_seen = self.report.site_count()
+            self.add_entries(row.name for row in self.report.sites)
+        return out
+
+    def _fall_back(self, path: str, module: torch.nn.Module, args: tuple, kwargs: dict, err: BaseException) -> Any:
+        """Dynamo could not trace this call: run the original code, as the model did before ``optimize``."""
+        out = module._call_impl(*args, **kwargs)  # the model's own error, if the inputs were bad to begin with
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        why = (f"Dynamo could not trace this input ({type(err).__name__}: {first[:200]}); calls like it run the "
+               "original code, with the original attention")
+        self._eager_signatures[_signature(args, kwargs, module)] = why
+        self.record_fallback(path or "(model)", why, calls=1)
+        return out
+
+    def _has_rewritten(self, path: str) -> bool:
+        prefix = path + "." if path else ""
+        return any(r.status == "rewritten" and (not path or r.name == path or r.name.startswith(prefix))
+                   for r in self.report.sites)
+
+    def record_fallback(self, where: str, why: str, calls: int = 1) -> None:
+        self.report.record_fallback(where, why, calls)
+        if (where, why) not in self._warned:
+            self._warned.add((where, why))
+            warnings.warn(f"rewrite: {type(self.model).__name__} {where}: {why}. See rewrite.report(model).fallbacks.",
+                          RuntimeWarning, stacklevel=4)
+
+    # -- copies --------------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> Optional["ModelCapture"]:
+        """A deep copy of the model gets a capture of its own (its first call compiles and verifies again).
+        ``copy.deepcopy`` has built the copy's submodules before it reaches this attribute; the copy's root is
+        still empty, so the rebuilt entry goes into its ``__dict__`` (``Module.__setstate__`` only adds to it)."""
+        import copy
+        model = memo.get(id(self.model))
+        if model is None or self.rebuild is None:
+            return None
+        modules = {path: memo.get(id(m), m) for path, m in self.entries.items() if path}
+        return self.rebuild(model, copy.deepcopy(self.recipe, memo), copy.deepcopy(self.report, memo), modules)
+
+    def __reduce__(self):
+        if self.rebuild is None:
+            raise RewriteError("This capture cannot be pickled; save the model with rewrite.save(model, folder).")
+        modules = {path: m for path, m in self.entries.items() if path}
+        return (self.rebuild, (self.model, self.recipe, self.report, modules))
+
+
+def run_example(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run ``model`` on an example batch (no grad, through whatever capture is installed); a failure becomes a
+    RewriteError that says the batch is the likely problem, unless it is one of rewrite's own."""
+    try:
+        with torch.no_grad(), capture_settings():
+            return model(*args, **kwargs)
+    except Exception as err:
+        inner = inner_rewrite_error(err)
+        if inner is not None:
+            raise inner from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise RewriteError(
+            f"The model could not be run and captured on the example inputs ({type(err).__name__}: {first}). "
+            "Check that the example inputs are a batch this model accepts (run model(*example_inputs, "
+            "**example_kwargs) without rewrite first).") from err

@@ -60,6 +60,14 @@ def _capture(model: torch.nn.Module, session: Session, recipe: Recipe) -> ModelC
     capture = ModelCapture(model, make_compiler(session, recipe.then), session.report, dynamic=recipe.dynamic,
                            recompile_limit=recipe.recompile_limit, recipe=recipe, rebuild=_rebuild)
     capture.session = session
+
+    def guard():
+        changed = session.changed_state()
+        if changed:
+            session.state_guards.clear()  # re-read by the proofs of the recompile
+        return changed
+
+    capture.guard = guard
     return capture
 
 

@@ -235,6 +235,9 @@ class ModelCapture:
         self._warned: set = set()
         self._sites_seen = 0
         self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
+        self._compiled: dict[str, Callable] = {}
+        #: called before each call: the name of model state that changed since the rewrite read it, or None
+        self.guard: Optional[Callable[[], Optional[str]]] = None
         self.label = f"rewrite_{type(model).__name__}_{next(_serial)}"
         _watch_dynamo()
 
@@ -256,20 +259,20 @@ class ModelCapture:
                              **options)
 
     def _install(self, path: str, module: torch.nn.Module) -> None:
-        compiled = self._compile(path)
+        self._compiled[path] = self._compile(path)
         capture = self
 
         if path:
             def entry(*args, **kwargs):
                 if torch.compiler.is_compiling():  # traced as part of a capture of an enclosing module
                     return module._call_impl(*args, **kwargs)
-                return capture._run(path, module, compiled, args, kwargs)
+                return capture._run(path, module, args, kwargs)
         else:
             # The root is never traced by its own capture (that compiles _call_module), so a trace that reaches
             # it is someone else's, e.g. torch.compile(model) on top: it breaks there and runs the rewrite.
             @torch._dynamo.disable
             def entry(*args, **kwargs):
-                return capture._run(path, module, compiled, args, kwargs)
+                return capture._run(path, module, args, kwargs)
 
         entry._rewrite_capture = self  # type: ignore[attr-defined]
         module.__dict__["_compiled_call_impl"] = entry  # not setattr: a copy's root may not be initialised yet
@@ -278,7 +281,18 @@ class ModelCapture:
     def run_detached(self, args: tuple, kwargs: dict) -> Any:
         """Run the model once through a fresh capture without installing it (``find_attention``): the model's
         own entry, if it is already optimized, is left as it was."""
-        return self._run("", self.model, self._compile(""), args, kwargs)
+        return self._run("", self.model, args, kwargs, compiled=self._compile(""))
+
+    def recapture(self, why: str) -> None:
+        """Compile every entry afresh (new code objects, empty caches): the next call of each goes through the
+        rewrite pipeline again, proofs and verification included."""
+        entries = dict(self.entries)
+        self.uninstall()
+        self._eager_signatures.clear()
+        for path, module in entries.items():
+            self._install(path, module)
+        self.report.record_recapture(why)
+        self.record_fallback("(model)", f"recompiled: {why}", calls=0, warn_only=True)
 
     def uninstall(self) -> None:
         for module in self.entries.values():
@@ -286,14 +300,21 @@ class ModelCapture:
             if getattr(current, "_rewrite_capture", None) is self:
                 module._compiled_call_impl = None
         self.entries = {}
+        self._compiled = {}
 
     # -- running -----------------------------------------------------------------------------------------
-    def _run(self, path: str, module: torch.nn.Module, compiled: Callable, args: tuple, kwargs: dict) -> Any:
+    def _run(self, path: str, module: torch.nn.Module, args: tuple, kwargs: dict,
+             compiled: Optional[Callable] = None) -> Any:
         if torch.compiler.is_exporting() if hasattr(torch.compiler, "is_exporting") else False:
             raise RewriteError(
                 "torch.export of a model returned by rewrite.optimize would export the original attention. Export "
                 "the plain model through rewrite instead: `rewrite apply SRC -o OUT --export`, or "
                 "rewrite.find_attention(model, ..., capture='export') to inspect it.")
+        if self.guard is not None and compiled is None:
+            changed = self.guard()
+            if changed:
+                self.recapture(f"{changed} changed after its values were read by a proof or a lowering")
+        compiled = compiled or self._compiled[path]
         if self._eager_signatures:
             why = self._eager_signatures.get(_signature(args, kwargs, module))
             if why is not None:
@@ -336,11 +357,12 @@ class ModelCapture:
         return any(r.status == "rewritten" and (not path or r.name == path or r.name.startswith(prefix))
                    for r in self.report.sites)
 
-    def record_fallback(self, where: str, why: str, calls: int = 1) -> None:
-        self.report.record_fallback(where, why, calls)
+    def record_fallback(self, where: str, why: str, calls: int = 1, warn_only: bool = False) -> None:
+        if not warn_only:
+            self.report.record_fallback(where, why, calls)
         if (where, why) not in self._warned:
             self._warned.add((where, why))
-            warnings.warn(f"rewrite: {type(self.model).__name__} {where}: {why}. See rewrite.report(model).fallbacks.",
+            warnings.warn(f"rewrite: {type(self.model).__name__} {where}: {why}. See rewrite.report(model).",
                           RuntimeWarning, stacklevel=4)
 
     # -- copies --------------------------------------------------------------------------------------------

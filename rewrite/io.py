@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import importlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -467,8 +468,44 @@ class _Grab(logging.Handler):
         self.text.append(logging.Formatter().format(record))
 
 
+class _PickledCode(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _weights_only_everywhere() -> Iterator[None]:
+    """``torch.export.load`` reads an archive's weights, constants and sample inputs with ``torch.load``, falling
+    back to ``weights_only=False``, and some parts with ``pickle.loads``: either runs code planted in the file.
+    For the duration, both only accept tensors and plain containers."""
+    import pickle
+    real_load, real_loads = torch.load, pickle.loads
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return real_load(f, *args, **kwargs)
+        except Exception as err:
+            if "weights_only" in str(err) or "Unsupported global" in str(err) or "unpickl" in str(err).lower():
+                raise _PickledCode(str(err).splitlines()[0]) from None
+            raise
+
+    def loads(data, *args, **kwargs):
+        from torch._weights_only_unpickler import Unpickler
+        try:
+            return Unpickler(io.BytesIO(data)).load()
+        except Exception as err:
+            raise _PickledCode(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+    torch.load, pickle.loads = load, loads
+    try:
+        yield
+    finally:
+        torch.load, pickle.loads = real_load, real_loads
+
+
 def load_program(path: str, allow_code: bool = False):
-    """``torch.export.load`` with clear errors; imports the ``transformers`` output types a program names."""
+    """``torch.export.load`` with clear errors; imports the ``transformers`` output types a program names.
+    Without ``allow_code`` nothing pickled in the archive can run code (``_weights_only_everywhere``)."""
     logger = logging.getLogger("torch.export")
     tried: set = set()
     while True:
@@ -476,8 +513,15 @@ def load_program(path: str, allow_code: bool = False):
         handlers, propagate = list(logger.handlers), logger.propagate
         logger.handlers, logger.propagate = [grab], False
         try:
-            return torch.export.load(path)
+            with (contextlib.nullcontext() if allow_code else _weights_only_everywhere()):
+                return torch.export.load(path)
+        except _PickledCode as err:
+            raise RewriteError(f"{path!r} holds pickled Python objects that would run code when read ({err}). "
+                               "Pass --allow-code (allow_code=True) only if you trust this file.") from None
         except Exception as err:
+            if isinstance(err.__cause__, _PickledCode) or isinstance(err.__context__, _PickledCode):
+                raise RewriteError(f"{path!r} holds pickled Python objects that would run code when read. Pass "
+                                   "--allow-code (allow_code=True) only if you trust this file.") from None
             text = "\n".join(grab.text) + "\n" + str(err)
             m = re.search(r"Deserializing ([\w.]+) in pytree is not registered", text)
             module = m.group(1).rsplit(".", 1)[0] if m else None

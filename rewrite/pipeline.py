@@ -4,6 +4,7 @@ normalize → expand nn.MultiheadAttention → find sites → prove causal masks
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional
 
@@ -12,13 +13,14 @@ import torch.fx as fx
 
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, handler_for
-from .graph import hint_int, insert_call, meta_value, module_names, remove_dead, shape
+from .graph import hint_int, insert_call, is_mutating, meta_value, module_names, remove_dead, shape
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
 from .passes.find_sites import SiteMatch, find_sites
+from .passes.mask_semantics import empty_row_problem, read_fill_values
 from .passes.lower import SiteCall, _unrepeat, build_call
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
-from .passes.verify import record, relative_error, tolerance
+from .passes.verify import differing_output, record, relative_error, tolerance
 from .policy import Policy
 from .report import RewriteReport, SiteRow
 from .sites import AttentionSite, SiteTable
@@ -38,6 +40,9 @@ class Session:
         self.calibration = None          # a calibrate.CalibrationState in mode "calibrate"
         self.attached: list = []         # (owner module path, name) of mixers attached to the model
         self.candidates = lambda site: []  # site -> candidate actions, in mode "calibrate"
+        #: the model's tensors a causal proof or a fill value was read from, with the version they had:
+        #: (id(owner), attribute) -> (owner module, attribute, tensor, version); see ``changed_state``
+        self.state_guards: dict = {}
 
     def state_ptrs(self) -> set:
         if self._state_ptrs is None:
@@ -64,18 +69,51 @@ class Session:
         return False
 
 
+    def guard_reads(self, nodes: list, values: dict) -> None:
+        """Remember the model tensors (buffers, parameters, tensor attributes) that ``nodes`` stand for: what a
+        proof or a lowering read from them holds only while they hold the same values."""
+        if self.model is None or not nodes:
+            return
+        places = {}
+        for module in self.model.modules():
+            for store in (module._buffers, module._parameters, module.__dict__):
+                for attr, t in store.items():
+                    if isinstance(t, torch.Tensor):
+                        places.setdefault(id(t), (module, attr))
+        for node in nodes:
+            value = values.get(node)
+            place = places.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if place is not None:
+                owner, attr = place
+                self.state_guards[(id(owner), attr)] = (owner, attr, value, value._version)
+
+    def changed_state(self) -> Optional[str]:
+        """The first guarded tensor that was replaced or changed in place since it was read, or None."""
+        for owner, attr, tensor, version in self.state_guards.values():
+            now = getattr(owner, attr, None)
+            if now is not tensor or getattr(now, "_version", version) != version:
+                names = {id(m): n for n, m in self.model.named_modules()} if self.model is not None else {}
+                where = names.get(id(owner), type(owner).__name__)
+                return f"{where + '.' if where else ''}{attr}"
+        return None
+
+
 def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) -> fx.GraphModule:
     """Rewrite one captured graph in place according to the session's policy; record what happened."""
     report = session.report
     report.graphs += 1
-    normalize(gm)
     expand_mha(gm)
+    captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # as captured: normalize must compute the same
+    normalized = normalize(gm)
     with module_names(session.model):
         matches, rejected = find_sites(gm)
     for r in rejected:
         report.record_rejected(r.name, r.reason, r.ordinal)
         _add_site(session, _describe(r, {}, False, []))
     if not matches:
+        if normalized:  # nothing to rewrite: the graph runs exactly as it was captured
+            gm.graph = captured.graph
+            gm.recompile()
         return gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     example_inputs = [_concrete(x) for x in example_inputs]
@@ -84,18 +122,33 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     def is_state(node: fx.Node) -> bool:
         return session.is_state(node, values.get(node))
 
+    read: list = []
+
+    def is_state_read(node: fx.Node) -> bool:  # what proofs and fill values read from the model is guarded
+        if session.is_state(node, values.get(node)):
+            read.append(node)
+            return True
+        return False
+
     prepared = []
     for m in matches:
-        causal_ops, is_causal = _prove(gm, m, values, is_state)
+        causal_ops, is_causal = _prove(gm, m, values, is_state, read)
+        problem = read_fill_values(gm, m, values, is_state_read) or empty_row_problem(m, causal_ops)
+        if problem:
+            m.status, m.reason = "rejected", problem
         site = _describe(m, values, is_causal, causal_ops, is_state, session.model)
         prepared.append((m, site, causal_ops, is_causal))
         _add_site(session, site)
+    session.guard_reads(read, values)
     _ask_policy(session.policy.prepare, [p[1] for p in prepared])
 
     graph = gm.graph
     pending = []
     for m, site, causal_ops, is_causal in prepared:
         action = _ask_policy(session.policy.action_for, site) if session.mode == "rewrite" else None
+        if m.status == "rejected":  # by what its masks mean (passes/mask_semantics.py)
+            pending.append((m, site, None, None, None, m.reason))
+            continue
         if m.kind == "mha":      # left opaque by expand_mha: the note says why
             reason = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
             pending.append((m, site, None, None, None, reason))
@@ -131,13 +184,20 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
             wanted |= {new, call.q, call.k, call.v}
             if isinstance(call.scale, fx.Node):
                 wanted.add(call.scale)
-    vals = record(gm, example_inputs, wanted, {p[4] for p in pending if p[4] is not None})
+    outputs: list = []
+    vals = record(gm, example_inputs, wanted, {p[4] for p in pending if p[4] is not None}, outputs=outputs)
+    if normalized and not any(is_mutating(n) for n in captured.graph.nodes):
+        problem = differing_output(gm, outputs, captured, example_inputs)
+        if problem:
+            raise RewriteError(f"rewrite's normalisation changed what a captured graph computes ({problem}). This "
+                               "is a bug in rewrite, not in the model: please report it with the model. Nothing "
+                               "was rewritten.")
 
     for m, site, action, call, new, note in pending:
         site.scale = _scale_value(m, vals)
         row = _row(m, site, vals)
         if new is None:
-            row.status, row.reason = "kept", note
+            row.status, row.reason = ("rejected" if m.status == "rejected" else "kept"), note
             row.action = action.describe() if action is not None else "-"
             row.exact = True
             row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
@@ -226,6 +286,9 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
         new.meta["rewrite_site"] = (m.name, m.ordinal)
     else:
         new = insert_call(graph, m.output, target, args, call.kwargs(), like=m.output)
+    for fix, extra in call.row_fixes:
+        call.new_nodes.append(new)
+        new = insert_call(graph, m.output, fix, (new, *extra), {}, like=m.output)
     if call.flatten_output:
         call.new_nodes.append(new)
         new = insert_call(graph, m.output, torch.flatten, (new, 0, call.flatten_output - 1), like=m.output)
@@ -295,19 +358,29 @@ def _add_site(session: Session, site: AttentionSite) -> None:
     session.sites.append(site)
 
 
-def _prove(gm, m: SiteMatch, values: dict, is_state) -> tuple[set, bool]:
-    """Indices of the score ops proven to be the causal mask, and whether one was proven."""
+def _prove(gm, m: SiteMatch, values: dict, is_state, reads: list) -> tuple[set, bool]:
+    """Indices of the score ops proven to be the causal mask, and whether one was proven. The model state a
+    successful proof read goes to ``reads`` (it holds only while that state does)."""
     if m.kind == "sdpa":
         return set(), bool(m.sdpa_kwargs.get("is_causal"))
     masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
     causal = set()
     for i in masks:
+        read: list = []
+
+        def is_state_read(node: fx.Node) -> bool:
+            if is_state(node):
+                read.append(node)
+                return True
+            return False
+
         try:
-            ok, _why = prove_causal(gm, m, m.ops[i], values, is_state)
+            ok, _why = prove_causal(gm, m, m.ops[i], values, is_state_read)
         except Exception:  # noqa: BLE001 - anything the prover cannot evaluate is simply not proven
             ok = False
         if ok:
             causal.add(i)
+            reads.extend(read)
     return causal, bool(causal)
 
 

@@ -87,6 +87,7 @@ class RewriteReport:
         self.recompiles = 0
         self._fallbacks: dict[tuple, FallbackRow] = {}
         self.errors: list[str] = []
+        self.recaptures: list[str] = []
         self.plan: dict[str, dict] = {}
         self.optimize_seconds: Optional[float] = None
         self.calibration = None   # a measured.CalibrationReport when a measured policy chose the plan
@@ -130,11 +131,15 @@ class RewriteReport:
         row = self._fallbacks.setdefault((where, why), FallbackRow(where, why))
         row.calls += calls
 
+    def record_recapture(self, why: str) -> None:
+        self.recaptures.append(why)
+
     def start_over(self) -> None:
         """A copy of the model compiles afresh: its live counts start at zero (the site rows stay, and are
         updated as its own graphs are rewritten and verified)."""
         self.graphs = self.recompiles = 0
         self._fallbacks = {}
+        self.recaptures = []
 
     # -- reading --------------------------------------------------------------------------------------
     @property
@@ -254,6 +259,9 @@ class RewriteReport:
             out.append("\nFallbacks to the original code:")
             out.append(tabulate([[f.calls, f.where, f.why] for f in self.fallbacks], headers=["calls", "where", "why"],
                                 tablefmt="simple"))
+        if self.recaptures:
+            out.append("\nRecompiled from scratch (rewritten and verified again):")
+            out.extend(f"  {why}" for why in self.recaptures)
         if self.errors:
             out.append("\nInternal errors (those graphs run unchanged):")
             out.extend(f"  {e}" for e in self.errors)
@@ -270,6 +278,7 @@ class RewriteReport:
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy, "graphs": self.graphs, "recompiles": self.recompiles,
                 "fallbacks": [f.to_json() for f in self.fallbacks], "errors": list(self.errors),
+                "recaptures": list(self.recaptures),
                 "sites": [r.to_json() for r in self.sites],
                 "rejected": [r.to_json() for r in self.rejected], "breaks": [b.to_json() for b in self.breaks],
                 "plan": {"version": 1, "sites": self.plan}, "optimize_seconds": self.optimize_seconds,

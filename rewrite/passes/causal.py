@@ -7,13 +7,16 @@ The proof has two parts:
    style factories and module buffers (a registered ``tril`` buffer sliced to the length), but no
    input data. Such a mask is the same tensor for every batch of a given length.
 2. *Value*: the cone is evaluated as a small graph at the captured length and, when the capture is
-   dynamic, again at lengths 1, 2, 3, 5 and 8 by substituting the length symbol; each must be exactly
-   the causal pattern (0 / True on and below the diagonal, masked above it with a value that
-   underflows softmax to exactly 0).
+   dynamic, again at lengths 1, 2, 3, 5 and 8 and at every length where the construction can change its
+   mind: each integer constant ``c`` in the cone (a window, a band offset) at ``c``, ``c + 1``, ``c + 2``
+   and ``2c + 1``, and each dimension of a buffer the mask reads (a ``tril`` buffer sliced to the length is
+   checked whole, so every prefix is). Each must be exactly the causal pattern (0 / True on and below the
+   diagonal, masked above it with a value that underflows softmax to exactly 0).
 
-A mask built from an index comparison is piecewise affine in the length, so agreement at the captured
-length plus small lengths of every residue the construction can distinguish is what "for every
-length" means here; anything that fails to evaluate at another length is not proven.
+A mask built from index comparisons is piecewise affine in the length with breakpoints at its constants, so
+agreement at every breakpoint is what "for every length" means here. A construction whose breakpoints lie
+beyond ``MAX_PROBE`` cannot be checked and is not proven; anything that fails to evaluate at a length is not
+proven either. (A sliding-window mask is causal only below its window: GPT-Neo's local layers.)
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from .find_sites import ScoreOp, SiteMatch
 #: a mask value at or below this underflows ``exp`` to exactly 0 for any realistic score
 MASKED_BELOW = -1e4
 PROBE_LENGTHS = (1, 2, 3, 5, 8)
+#: the longest length a proof evaluates a mask at (an N x N mask of this side is 64 M entries)
+MAX_PROBE = 8192
 
 
 def _is_size_read(node: fx.Node) -> bool:
@@ -70,14 +75,66 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
     varying = [leaf for leaf in leaves if _expr(meta_value(leaf)) == length_sym]
     if not varying:
         return True, "the mask does not depend on the length symbol"
-    for n in PROBE_LENGTHS:
+    lengths = _probe_lengths(cone, leaves, values)
+    if lengths is None:
+        return False, f"the mask has a constant or buffer beyond {MAX_PROBE} that could change it at long lengths"
+    for n in lengths:
         trial = dict(captured)
         for leaf in varying:
             trial[leaf] = n
         ok, why = _check(sub, leaf_nodes, trial, op, n)
         if not ok:
             return False, f"at length {n}: {why}"
-    return True, "proven at the captured length and at lengths " + ", ".join(map(str, PROBE_LENGTHS))
+    return True, "proven at the captured length and at lengths " + ", ".join(map(str, lengths))
+
+
+def _probe_lengths(cone: set, leaves: list, values: dict) -> Optional[list]:
+    """The small lengths plus every breakpoint the cone's constants and buffers could put in the mask; None when
+    one lies beyond ``MAX_PROBE``. A mask that slices a buffer cannot run past the buffer (nor can the model),
+    so lengths stop at its largest dimension, which is itself checked: every prefix of the buffer is."""
+    constants, buffer_dims = set(), set()
+
+    def ints(arg):
+        if isinstance(arg, bool):
+            return
+        if isinstance(arg, int):
+            constants.add(abs(arg))
+        elif isinstance(arg, (list, tuple)):
+            for a in arg:
+                ints(a)
+        elif isinstance(arg, dict):
+            for a in arg.values():
+                ints(a)
+        elif isinstance(arg, slice):
+            for a in (arg.start, arg.stop, arg.step):
+                ints(a)
+
+    for n in cone:
+        if n.op in ("call_function", "call_method"):
+            ints(n.args)
+            ints(n.kwargs)
+    for leaf in leaves:
+        value = values.get(leaf) if leaf.op != "get_attr" else _attr(leaf)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            buffer_dims.update(int(d) for d in value.shape)
+    if buffer_dims and max(buffer_dims) > MAX_PROBE:
+        return None  # the whole buffer (every prefix) is too large to check
+    limit = max(buffer_dims) if buffer_dims else MAX_PROBE
+    lengths = {n for n in PROBE_LENGTHS if n <= limit} | {d for d in buffer_dims if 2 <= d <= limit}
+    for c in constants:
+        if c < 2 or c > limit:
+            if c > MAX_PROBE and c <= (max(buffer_dims) if buffer_dims else c):
+                return None  # a breakpoint inside the range the model can run at, but too long to check
+            continue
+        lengths.update(n for n in (c, c + 1, c + 2, 2 * c + 1) if n <= limit)
+    return sorted(lengths)
+
+
+def _attr(node: fx.Node) -> Any:
+    obj: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _evaluate_constant(gm: fx.GraphModule, node: fx.Node, values: dict, is_state) -> Optional[float]:

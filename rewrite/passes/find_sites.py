@@ -45,6 +45,7 @@ class ScoreOp:
     cond: Optional[fx.Node] = None  # fill: where the fill applies
     fill_where_true: bool = True   # fill: True for masked_fill(cond, v) / where(cond, v, x)
     node: Optional[fx.Node] = None
+    fill_value: Optional[float] = None  # fill: its value, read from the graph (mask_semantics.read_fill_values)
 
 
 @dataclasses.dataclass

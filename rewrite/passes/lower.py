@@ -6,6 +6,7 @@ exact fused attention and every approximate mixer take it, so a handler only dec
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any, Optional
 
@@ -32,6 +33,9 @@ class SiteCall:
     enable_gqa: bool = False
     new_nodes: list = dataclasses.field(default_factory=list)
     flatten_output: int = 0   # >0: the call runs in a split batch layout; flatten that many leading dims after
+    #: (function, extra args): applied to the call's output in order, ``out = fn(out, *args)``; they give rows
+    #: whose every key is masked what the original computes (see passes/mask_semantics.py)
+    row_fixes: list = dataclasses.field(default_factory=list)
 
     def kwargs(self) -> dict:
         kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
@@ -123,10 +127,57 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     kb, vb = _unrepeat(k), _unrepeat(v)
     if kb and vb and kb[1] == vb[1] and rank(q) == 4:
         k, v, enable_gqa = kb[0], vb[0], True
+    fixes = []
+    if beta is not None and _may_hold_neg_inf(m, causal_ops):
+        fixes.append((_nan_rows, (b.call(_rows_all_neg_inf, beta),)))
+    for i, op in enumerate(m.ops):
+        if op.kind == "fill" and i not in causal_ops and op.fill_value is not None and math.isfinite(op.fill_value):
+            fixes.append((_uniform_rows, (b.call(_rows_all, op.cond, op.fill_where_true), v)))
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
                     scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
-                    flatten_output=len(split) if in_split else 0)
+                    flatten_output=len(split) if in_split else 0, row_fixes=fixes)
     return call
+
+
+def _may_hold_neg_inf(m: SiteMatch, causal_ops: set) -> bool:
+    """Whether the mask can be −∞ on a whole row: a −∞ fill, or a floating term from the model's inputs."""
+    for i, op in enumerate(m.ops):
+        if op.kind == "fill" and op.fill_value == _NEG_INF:
+            return True
+        if op.kind == "add":
+            value = meta_value(op.value) if isinstance(op.value, fx.Node) else op.value
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return True
+            if isinstance(value, float) and value == _NEG_INF:
+                return True
+    return False
+
+
+def _rows_all_neg_inf(mask: torch.Tensor) -> torch.Tensor:
+    """Query rows where the mask removes every key (bool: True = attend)."""
+    if mask.dtype == torch.bool:
+        return (~mask).all(-1, keepdim=True)
+    return torch.isneginf(mask).all(-1, keepdim=True)
+
+
+def _nan_rows(out: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """The original's softmax over a row of −∞ is NaN; SDPA returns 0 there."""
+    return out.masked_fill(dead, float("nan"))
+
+
+def _rows_all(cond: torch.Tensor, where_true: bool) -> torch.Tensor:
+    """Query rows whose every key a fill replaces."""
+    hit = cond if where_true else ~cond
+    return hit.all(-1, keepdim=True)
+
+
+def _uniform_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A row of equal (finite, filled) scores is uniform: the mean of the values. SDPA would add the fill to
+    the row's own scores instead."""
+    mean = v.mean(-2, keepdim=True)
+    if mean.dim() >= 3 and out.dim() >= 3 and mean.shape[-3] != out.shape[-3]:
+        mean = mean.repeat_interleave(out.shape[-3] // mean.shape[-3], dim=-3)  # grouped (GQA) values
+    return torch.where(dead, mean.to(out.dtype), out)
 
 
 def _split_leading(b: "_Builder", term: fx.Node, split: tuple) -> fx.Node:

@@ -126,6 +126,7 @@ def normalize(gm: fx.GraphModule) -> int:
             continue
         new = _canonical(graph, node, kind)
         if new is not None and new is not node:
+            new.meta.setdefault("normalized_from", node.name)  # names the op if the whole-graph check fails
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             changed += 1
@@ -148,7 +149,7 @@ def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
     is_method = node.op == "call_method"
     a = node.args
     if kind == "matmul":
-        if node.target is MATMUL:
+        if node.target is MATMUL or node.kwargs:
             return None
         return _replace(graph, node, MATMUL, (a[0], a[1]))
     if kind == "softmax":
@@ -194,9 +195,9 @@ def _canonical(graph: fx.Graph, node: fx.Node, kind: str) -> Optional[fx.Node]:
             return None
         return _replace(graph, node, WHERE, tuple(a[:3]))
     if kind == "type_as":  # only the dtype of the reference is read: make that explicit
-        ref = meta_value(a[1])
-        if not isinstance(ref, torch.Tensor):
-            return None
+        ref, src = meta_value(a[1]), meta_value(a[0])
+        if not isinstance(ref, torch.Tensor) or not isinstance(src, torch.Tensor) or ref.device != src.device:
+            return None  # type_as also moves across devices
         return _replace(graph, node, "to", (a[0], ref.dtype), method=True)
     if kind == "dropout":
         if node.target is DROPOUT and set(node.kwargs) == {"p", "training"} and len(a) == 1:

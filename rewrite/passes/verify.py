@@ -5,12 +5,12 @@ wired in), so one run gives both values. Dropout runs at p = 0 and the RNG state
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
 
-from .normalize import DROPOUT
+from .normalize import op_kind
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -25,7 +25,7 @@ class _Recorder(fx.Interpreter):
         self.wanted, self.replacements, self.values = wanted, replacements, {}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_function" and n.target is DROPOUT:
+        if n.op in ("call_function", "call_method") and op_kind(n) == "dropout":  # every spelling, off
             out = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
         elif n in self.replacements and "dropout_p" in n.kwargs:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -39,16 +39,50 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def record(gm: fx.GraphModule, example_inputs: Iterable, wanted: set, replacements: set = frozenset()) -> dict:
-    """Values of ``wanted`` nodes when ``gm`` runs on ``example_inputs`` (dropout off)."""
-    rng = torch.random.get_rng_state()
-    try:
-        with torch.no_grad():
-            rec = _Recorder(gm, set(wanted), set(replacements))
-            rec.run(*example_inputs)
-    finally:
-        torch.random.set_rng_state(rng)
+#: the seed every verification run starts from, so two runs of graphs with random ops draw the same numbers
+SEED = 1234
+
+
+def record(gm: fx.GraphModule, example_inputs: Iterable, wanted: set, replacements: set = frozenset(),
+           outputs: Optional[list] = None) -> dict:
+    """Values of ``wanted`` nodes when ``gm`` runs on ``example_inputs`` (dropout off, fixed seed, the caller's
+    RNG state restored); the graph's own outputs go to ``outputs`` when given."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(SEED)
+        rec = _Recorder(gm, set(wanted), set(replacements))
+        out = rec.run(*example_inputs)
+    if outputs is not None:
+        outputs.extend(torch.utils._pytree.tree_leaves(out))
     return rec.values
+
+
+def differing_output(gm_a: fx.GraphModule, outs_a: list, gm_b: fx.GraphModule, example_inputs: list,
+                     tol_of=tolerance) -> Optional[str]:
+    """Run ``gm_b`` as ``record`` runs and compare its outputs with ``outs_a`` (``gm_a``'s); on a difference, the
+    first normalised op whose value differs between the two graphs, named, else the output."""
+    outs_b: list = []
+    record(gm_b, example_inputs, set(), outputs=outs_b)
+    bad = None
+    for i, (a, b) in enumerate(zip(outs_a, outs_b)):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            err = relative_error(b, a)
+            if not err <= tol_of(b.dtype) if b.is_floating_point() else not torch.equal(a, b):
+                bad = f"output {i} differs by {err:.3g}"
+                break
+    if bad is None and len(outs_a) == len(outs_b):
+        return None
+    names_b = {n.name: n for n in gm_b.graph.nodes}
+    renamed = {n: names_b[n.meta["normalized_from"]] for n in gm_a.graph.nodes
+               if "normalized_from" in n.meta and n.meta["normalized_from"] in names_b}
+    va = record(gm_a, example_inputs, set(renamed))
+    vb = record(gm_b, example_inputs, set(renamed.values()))
+    for node in gm_a.graph.nodes:
+        if node in renamed and node in va and renamed[node] in vb:
+            x, y = va[node], vb[renamed[node]]
+            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not (
+                    x.shape == y.shape and relative_error(y, x) <= tol_of(y.dtype)):
+                return f"{bad or 'the outputs differ'}; first at {renamed[node].format_node()}"
+    return bad or "the graph's outputs differ"
 
 
 def relative_error(ref: Any, out: Any) -> float:

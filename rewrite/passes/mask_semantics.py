@@ -1,0 +1,93 @@
+"""What a site's masks mean, decided from the graph, never from the example's values.
+
+Two facts decide whether SDPA (scores + mask) computes what the original computes for *every* input:
+
+* A fill (``masked_fill`` / ``where``) *replaces* scores. SDPA can only add. The two agree where a row keeps a
+  key (a fill at or below ``FILL_MASKS_BELOW`` underflows to 0 either way), and differ on rows whose every
+  key is filled: the original gives a uniform row (every score equal) for a finite fill, NaN for −∞; SDPA
+  gives the row's own softmax, or 0. So each fill's value is read — a number, or a constant, state buffer
+  or tensor factory in the graph — and the lowering restores those rows (``lower.py``: ``row_fixes``).
+* An additive term from the model's inputs may hold −∞ in a whole row: the original gives NaN, SDPA 0.
+
+A fill whose value cannot be read (computed at run time), a fill above ``FILL_MASKS_BELOW``, or a finite fill
+whose rows cannot be restored exactly (another term added after it, a split batch layout) rejects the site.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from .find_sites import FILL_MASKS_BELOW, SiteMatch
+
+_FACTORIES = {torch.tensor, torch.scalar_tensor, torch.full, torch.as_tensor}
+_CASTS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "detach", "clone", "contiguous"}
+
+
+def read_fill_values(gm: fx.GraphModule, m: SiteMatch, values: dict,
+                     is_state: Callable[[fx.Node], bool]) -> Optional[str]:
+    """Set ``op.fill_value`` (a float) on every fill of ``m``; the reason to reject the site, or None."""
+    for op in m.ops:
+        if op.kind != "fill":
+            continue
+        value = static_value(gm, op.value, values, is_state)
+        if value is None:
+            return ("the scores are filled with a tensor computed at run time; whether it masks depends on its "
+                    "value, which rewrite cannot check for every input")
+        if not value <= FILL_MASKS_BELOW:
+            return (f"the scores are replaced by {value:g} where a condition holds; a value above "
+                    f"{FILL_MASKS_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
+        op.fill_value = value
+    return None
+
+
+def static_value(gm: fx.GraphModule, arg: Any, values: dict, is_state: Callable[[fx.Node], bool]) -> Optional[float]:
+    """The value of a one-element fill that does not depend on the model's inputs, or None."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    if not isinstance(arg, fx.Node):
+        return None
+    if arg.op == "get_attr":
+        obj: Any = gm
+        for part in str(arg.target).split("."):
+            obj = getattr(obj, part, None)
+        return _one(obj)
+    if arg.op == "placeholder":
+        return _one(values.get(arg)) if is_state(arg) else None
+    if arg.op == "call_function" and arg.target in _FACTORIES:
+        data = arg.args[-1] if arg.target is torch.full else (arg.args[0] if arg.args else None)
+        return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
+    if arg.op == "call_method" and arg.target in _CASTS and arg.args:
+        return static_value(gm, arg.args[0], values, is_state)
+    return None
+
+
+def _one(t: Any) -> Optional[float]:
+    if isinstance(t, torch.Tensor) and t.numel() == 1 and (t.is_floating_point() or not t.dtype.is_complex):
+        return float(t.detach().reshape(()).item())
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return float(t)
+    return None
+
+
+def empty_row_problem(m: SiteMatch, causal_ops: set) -> Optional[str]:
+    """Why rows whose every key is masked by a finite fill cannot be restored exactly; None when they can.
+    A fill proven to be the causal mask never empties a row (the diagonal stays), so it is left out."""
+    finite = [i for i, op in enumerate(m.ops)
+              if op.kind == "fill" and i not in causal_ops and math.isfinite(getattr(op, "fill_value", -math.inf))]
+    if not finite:
+        return None
+    if len(finite) > 1:
+        return "two finite fills on the scores: rows whose every key is masked would differ from the original"
+    i = finite[0]
+    if any(op.kind in ("split", "merge") for op in m.ops):
+        return ("a finite fill in a split batch layout: rows whose every key is masked would differ from the "
+                "original")
+    if any(op.kind in ("add", "fill") and j not in causal_ops for j, op in enumerate(m.ops) if j > i):
+        return ("a mask term follows a finite fill: rows whose every key is masked would differ from the "
+                "original")
+    return None

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -229,6 +230,17 @@ def _check_ints(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise RewriteError(f"--{name.replace('_', '-')} must be at least 1 (got {v}).")
+        high = LIMITS.get(name)
+        if v is not None and high is not None and v > high:
+            raise RewriteError(f"--{name.replace('_', '-')} {v} is beyond what rewrite generates or times "
+                               f"(at most {high}); pass real inputs with --calibration for larger batches.")
+    tol = getattr(args, "tolerance", None)
+    if tol is not None and not (math.isfinite(tol) and tol >= 0):
+        raise RewriteError(f"--tolerance must be a finite number at least 0 (got {tol}).")
+
+
+#: upper bounds of the generated-input sizes (a typo like --batch 100000000 would allocate gigabytes)
+LIMITS = {"batch": 4096, "length": 1 << 20, "batch_size": 4096, "repeats": 1000}
 
 
 def _open(args, spec: str, rewritten: bool = False):
@@ -448,10 +460,13 @@ def _json_default(obj):
 
 def cmd_apply(args) -> int:
     _check_ints(args)
-    from .io import (check_output, export_model, read_policy, reexport, rewrite_program,
-                     same_or_inside, save, save_program, split_example)
+    from .io import (check_output, check_space, export_model, model_bytes, program_bytes, read_policy, reexport,
+                     rewrite_program, same_or_inside, save, save_program, split_example)
     out = args.output
     policy = read_policy(args.policy)
+    for path in (out, args.export):  # writable at all: known before anything is loaded
+        if path:
+            check_space(path, 0)
     src = _open(args, args.src)
     inputs = src.inputs
     if src.kind == "pt2":
@@ -470,6 +485,10 @@ def cmd_apply(args) -> int:
             raise RewriteError(f"Export file {args.export!r} lies inside the output folder {out!r}; put it beside it.")
         if not args.export.endswith(".pt2"):
             raise RewriteError(f"--export {args.export!r} must name a .pt2 file.")
+    need = model_bytes(src.model)  # checked before any work: a full disk is found now, not after rewriting
+    check_space(out, need * (2 if args.export else 1))
+    if args.export:
+        check_space(args.export, need * 2)
     batches = _calibration(args, src)
     example = _example(args, src, batches)
     keep = bool(args.export)
@@ -499,10 +518,17 @@ def cmd_apply(args) -> int:
     if src.kind == "pt2":
         save_program(program, out, overwrite=args.overwrite)
     else:
+        data = program_bytes(program) if program is not None else None  # serialised before anything is written
+        existed = os.path.lexists(out)
         save(src.model, out, tokenizer=src.tokenizer, example_kwargs=example, overwrite=args.overwrite,
              factory=src.spec if src.kind == "factory" else None)
         if program is not None:
-            save_program(program, args.export, overwrite=args.overwrite)
+            try:
+                save_program(program, args.export, overwrite=args.overwrite, data=data)
+            except RewriteError as err:
+                if not existed:  # all or nothing: the folder goes too
+                    shutil.rmtree(out, ignore_errors=True)
+                raise RewriteError(f"{err} {'Nothing was written.' if not existed else ''}".strip()) from None
     if args.json:
         js = report.to_json()
         js.update({"source": args.src, "output": out, "export": args.export or None,

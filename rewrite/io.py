@@ -156,17 +156,26 @@ def atomic_path(target: str, overwrite: bool = False, is_dir: bool = True) -> It
     except OSError as err:
         raise RewriteError(f"Cannot create the folder {parent!r} for output {target!r} ({_first_line(err)}).") from None
     base = os.path.basename(target.rstrip(os.sep))
-    if is_dir:
-        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=os.path.splitext(base)[1], dir=parent)
-        os.close(fd)
+    _remove_stale(parent, base)
+    prefix = f".{base}.tmp-{os.getpid()}-"
+    try:
+        if is_dir:
+            tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(base)[1], dir=parent)
+            os.close(fd)
+    except OSError as err:
+        raise RewriteError(f"Cannot write into {parent!r} ({_first_line(err)}); choose a writable output path.") from None
     old = None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # a full disk, a quota, a folder made read-only meanwhile: the user's to fix
+            raise RewriteError(f"Writing {target!r} failed ({_first_line(err)}); nothing was written. Free some "
+                               "space or choose another output path.") from None
         _default_permissions(tmp)
         if os.path.lexists(target):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{base}.old-{os.getpid()}-", dir=parent)
             os.rmdir(old)
             os.rename(target, old)
         os.rename(tmp, target)
@@ -183,6 +192,62 @@ def atomic_path(target: str, overwrite: bool = False, is_dir: bool = True) -> It
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     os.remove(leftover)
+
+
+def _remove_stale(parent: str, base: str) -> None:
+    """Remove what a killed run left beside ``base``: temporary siblings whose writing process is gone."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(re.escape(f".{base}.") + r"(?:tmp|old)-(\d+)-.*", name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def check_space(path: str, need_bytes: int) -> None:
+    """Refuse up front an output whose folder is not writable or lacks room for about ``need_bytes``."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    while not os.path.isdir(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RewriteError(f"Cannot write {path!r}: {parent!r} is not writable. Choose another output path.")
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes * 1.05 + (1 << 20):
+        raise RewriteError(f"Not enough free space for {path!r}: about {need_bytes / 2**20:.0f} MiB needed, "
+                           f"{free / 2**20:.0f} MiB free in {parent!r}. Free some space or choose another path.")
+
+
+def model_bytes(model: Any) -> int:
+    """The bytes of a model's parameters and buffers (what a saved copy needs, roughly)."""
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _default_permissions(path: str) -> None:
@@ -219,17 +284,19 @@ def check_output(out: str, inputs: list[str], overwrite: bool, what: str = "Outp
 # ------------------------------------------------------------------------------------------------------
 # weights
 # ------------------------------------------------------------------------------------------------------
-def _check_safetensors(path: str) -> list[str]:
+def _check_safetensors(path: str, what: str = "weights") -> list[str]:
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as fh:
             return list(fh.keys())
     except Exception as err:
-        raise RewriteError(f"Weights file {path!r} is truncated or corrupt ({_first_line(err)}). Re-download or "
-                           "re-save the model (model.save_pretrained(folder)) and try again.") from None
+        fix = ("Re-download or re-save the model (model.save_pretrained(folder))" if what == "weights" else
+               "Re-create the file")
+        raise RewriteError(f"The {what} file {path!r} is truncated or corrupt ({_first_line(err)}). {fix} and try "
+                           "again.") from None
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, what: str = "PyTorch file") -> Any:
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -243,7 +310,7 @@ def _torch_load(path: str) -> Any:
             raise RewriteError(
                 f"{path!r} holds pickled Python objects, not just tensors, and is read with weights_only=True, "
                 "which refuses code. Convert it to safetensors (or save only the state_dict) and try again.") from None
-        raise RewriteError(f"{path!r} is truncated or corrupt and could not be read as a PyTorch file "
+        raise RewriteError(f"{path!r} is truncated or corrupt and could not be read as a {what} "
                            f"({_first_line(err)}). Re-create it and try again.") from None
 
 
@@ -760,11 +827,11 @@ def read_calibration(path: str, model: Any, tokenizer: Any = None, batch_size: i
         return [_tok(tokenizer, texts[i:i + batch_size], longest, model, fixed=True)
                 for i in range(0, len(texts), batch_size)]
     if low.endswith(".safetensors"):
-        _check_safetensors(path)
+        _check_safetensors(path, "calibration")
         from safetensors.torch import load_file
         data: Any = load_file(path)
     elif low.endswith((".pt", ".pth")):
-        data = _torch_load(path)
+        data = _torch_load(path, "calibration file of tensors")
     else:
         raise RewriteError(f"Calibration file {path!r} has an unknown type. {CALIBRATION_HELP}")
     groups = data if isinstance(data, (list, tuple)) else [data]
@@ -986,6 +1053,7 @@ def save(model: torch.nn.Module, folder: str, *, tokenizer: Any = None, example_
             "fitted": fitted_index}
     if is_hf:
         meta["transformers_version"] = transformers.__version__
+    check_space(folder, model_bytes(model))
     with atomic_path(folder, overwrite=overwrite) as tmp:
         if is_hf:
             with _quiet_transformers():
@@ -1303,9 +1371,22 @@ def reexport(gm: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes=None
                        f"{_first_line(last)}). Drop --export; the rewritten folder still works.") from None
 
 
-def save_program(program, path: str, overwrite: bool = False) -> str:
+def program_bytes(program) -> bytes:
+    """A program serialised in memory: torch.export.save writing straight to a full disk aborts the process
+    (the C++ writer's destructor fails); writing these bytes ourselves fails with an error instead."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def save_program(program, path: str, overwrite: bool = False, data: Optional[bytes] = None) -> str:
+    data = program_bytes(program) if data is None else data
+    check_space(path, len(data))
     with atomic_path(path, overwrite=overwrite, is_dir=False) as tmp:
-        torch.export.save(program, tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
     return path
 
 

@@ -361,3 +361,70 @@ def test_auto_policy_needs_calibration(tiny, tmp_path, capsys):
         pytest.skip("no auto policy in this version")
     code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "out", "--policy", "auto")
     assert code == 2 and "--calibration" in err and not os.path.exists(tmp_path / "out")
+
+
+# --- faults are bad input, not bugs (issue 12, item 9) ---------------------------------------------------------
+
+def test_unwritable_output_is_refused_before_loading(tiny, tmp_path, capsys, monkeypatch):
+    import rewrite.io as rio
+    loads = []
+    monkeypatch.setattr(rio, "open_source", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(rio.os, "access", lambda path, mode: False)  # as a read-only folder looks to a non-root user
+    code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "ro" / "out", "--policy", "exact")
+    assert code == 2 and "not writable" in err and not loads
+
+
+def test_full_disk_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
+    import collections
+    import rewrite.io as rio
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(rio.shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1 << 10))
+    code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "out", "--policy", "exact", "--export",
+                       tmp_path / "out.pt2")
+    assert code == 2 and "Not enough free space" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_disk_filling_during_the_export_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing the --export file (after the folder was written): exit 2, and neither output left."""
+    import errno
+    import rewrite.io as rio
+    real_fsync = rio.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rio.os, "fsync", full)
+    code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "out", "--policy", "exact", "--export",
+                       tmp_path / "out.pt2")
+    monkeypatch.setattr(rio.os, "fsync", real_fsync)
+    assert code == 2 and "No space left" in err and "Nothing was written" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--tolerance", "nan"], "--tolerance"), (["--tolerance", "-1"], "--tolerance"),
+    (["--batch", "100000000"], "--batch"), (["--repeats", "0"], "--repeats")])
+def test_invalid_numbers_are_refused_before_any_work(tiny, capsys, monkeypatch, argv, words):
+    import rewrite.io as rio
+    loads = []
+    monkeypatch.setattr(rio, "open_source", lambda *a, **k: loads.append(1))
+    code, _, err = run(capsys, "verify", tiny, tiny, *argv)
+    assert code == 2 and words in err and not loads
+
+
+def test_a_killed_runs_leftovers_are_cleaned_by_the_next_run(tiny, tmp_path, capsys):
+    dead = tmp_path / ".out.tmp-999999999-abcd"   # no such process
+    dead.mkdir()
+    (dead / "config.json").write_text("{}")
+    code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "out", "--policy", "exact")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_truncated_calibration_file_is_named_as_such(tiny, tmp_path, capsys):
+    bad = tmp_path / "calib.pt"
+    torch.save({"input_ids": torch.ones(2, 8, dtype=torch.long)}, bad)
+    bad.write_bytes(bad.read_bytes()[:40])
+    code, _, err = run(capsys, "plan", tiny, "--policy", "exact", "--calibration", bad)
+    assert code == 2 and "calibration file" in err and "weights" not in err.lower()

@@ -332,3 +332,22 @@ def test_a_normalisation_that_changes_values_stops_optimize(monkeypatch):
 
 
 from rewrite.passes.normalize import op_kind as _OP_KIND  # noqa: E402 - the real one, for the test above
+
+
+def test_verification_redraws_the_masks(monkeypatch):
+    """Were the lowering to read a bool *added* to the scores as SDPA's bool mask (it once did), the all-True
+    example could not tell; the redrawn masks do, and the site is rejected with the measured error."""
+    from rewrite.passes import lower
+    monkeypatch.setattr(lower, "_to_dtype", lambda x, dtype: x if x.dtype == torch.bool else x.to(dtype))
+
+    class AddBool(nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.softmax(q @ k.transpose(-2, -1) / 4 + mask, -1) @ v
+
+    q = torch.randn(2, 2, 8, 16)
+    model, ref = _optimized(AddBool(), (q, q, q, torch.ones(2, 1, 8, 8, dtype=torch.bool)))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rejected" and "redrawn" in row.reason, row.reason
+    mask = _masks((2, 1, 8, 8), 1)
+    with torch.no_grad():
+        assert _close(model(q, q, q, mask), ref(q, q, q, mask))

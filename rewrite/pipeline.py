@@ -88,6 +88,19 @@ class Session:
                 owner, attr = place
                 self.state_guards[(id(owner), attr)] = (owner, attr, value, value._version)
 
+    def guard_baked_state(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        """Guard the buffers a mixer declares ``baked_state`` (values a compiled graph turns into structure), as
+        they stand after verification ran it (a first fit included)."""
+        while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]  # through the row fixes and flattening applied to the mixer's output
+        if node.op != "call_module":
+            return
+        module = gm.get_submodule(node.target)
+        for name in getattr(module, "baked_state", ()):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                self.state_guards[(id(module), name)] = (module, name, tensor, tensor._version)
+
     def changed_state(self) -> Optional[str]:
         """The first guarded tensor that was replaced or changed in place since it was read, or None."""
         for owner, attr, tensor, version in self.state_guards.values():
@@ -229,6 +242,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
             row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
         report.plan[site.name] = action.to_json()
         report.record_site(row)
+    for m, site, action, call, new, note in pending:
+        if new is not None and site.status != "rejected":
+            session.guard_baked_state(gm, new)
     graph.lint()
     gm.recompile()
     return gm

@@ -121,6 +121,10 @@ class BlockRoutingAttention(U.SDPAMixer):
     the first ``sinks`` tokens. ``summary`` attends to unchosen blocks through their pooled key/value.
     """
 
+    #: buffers whose values a compiled graph bakes in (per-head counts decide the graph's structure): the
+    #: rewrite recompiles when they change (``Session.guard_baked_state``)
+    baked_state = ("head_topk",)
+
     __name__ = "block_routing_attention"
 
     def __init__(self, block: int = 64, topk: int = 3, grid: tuple | None = None, prefix_tokens: int = 0,
@@ -133,6 +137,7 @@ class BlockRoutingAttention(U.SDPAMixer):
         self._layouts: dict = {}
         if self.per_head:
             self.register_buffer("head_topk", torch.zeros(0, dtype=torch.long))  # [Hkv] once fitted
+        self._counts = None  # ((id, version) of head_topk, its values as ints): see _head_counts
         if self.grid is not None and self.causal:
             raise ValueError("2-D block routing has no causal form")
         if self.grid is not None and self.sinks:
@@ -160,6 +165,23 @@ class BlockRoutingAttention(U.SDPAMixer):
                               for t in range(1, nb + 1)])                       # [nb, Hkv]
         self.head_topk = allocate_blocks(errors, min(self.topk, nb) * errors.shape[1]).to(q.device)
         return self
+
+    def _head_counts(self, q, k, v, attn_mask, is_causal, scale, hkv: int) -> tuple:
+        """Each kv head's block count as Python ints, the same in eager runs and while a compiler traces (the
+        buffer's values are not readable then: the counts of the last real run are used, never a fallback)."""
+        buf = self.head_topk
+        if U.is_fake(buf) or U.is_fake(q):
+            if self._counts is None or len(self._counts[1]) != hkv:
+                raise RuntimeError("BlockRoutingAttention(per_head=True) is traced before its head counts were "
+                                   "fitted or read: run it once on real inputs (or call fit) first")
+            return self._counts[1]
+        if buf.numel() != hkv:
+            self.fit(q, k, v, attn_mask, is_causal, scale)
+            buf = self.head_topk
+        key = (id(buf), buf._version)
+        if self._counts is None or self._counts[0] != key:
+            self._counts = (key, tuple(int(x) for x in buf.tolist()))
+        return self._counts[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Fitted counts load into a fresh (unfitted, empty) module: take the saved shape first."""
@@ -191,17 +213,16 @@ class BlockRoutingAttention(U.SDPAMixer):
         if n != nk:
             raise ValueError(f"BlockRoutingAttention needs as many queries as keys (got {n} and {nk})")
         causal = self.causal or bool(is_causal)
-        if not self.per_head or U.is_fake(c.q):
+        if not self.per_head:
             out = self._kernel(c, self.topk, causal, dropout_p)
             return c.finish(out if out is not None else self._attend(c, self.topk, causal, dropout_p))
-        if self.head_topk.numel() != hkv:
-            self.fit(q, k, v, attn_mask, is_causal, scale)
+        counts = self._head_counts(q, k, v, attn_mask, is_causal, scale, hkv)
         out = self._kernel(c, self.head_topk, causal, dropout_p)
         if out is not None:
             return c.finish(out)
         out = c.q.new_empty(bf, hkv, g, n, dv)
-        for t in self.head_topk.unique().tolist():                              # one routed pass per count
-            heads = (self.head_topk == t).nonzero().squeeze(-1)
+        for t in sorted(set(counts)):                                           # one routed pass per count
+            heads = torch.tensor([h for h, x in enumerate(counts) if x == t], device=c.q.device)
             bias = c.bias
             if bias is not None and bias.shape[1] > 1:
                 bias = bias.index_select(1, heads)

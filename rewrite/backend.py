@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .actions import RewriteError
 from .capture import graph_runner
-from .pipeline import Session, _register_state_sources, rewrite_graph
+from .pipeline import Session, register_state_sources, rewrite_graph
 from .policy import Policy
 from .report import RewriteReport
 
@@ -62,7 +62,7 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, session: Session) -> Cal
     if not mixers:
         return compile_fx(gm, example_inputs)
     for n in mixers:  # state a mixer made while the graph was verified (a first fit) needs its source too
-        _register_state_sources(gm, n.target, gm.get_submodule(n.target))
+        register_state_sources(gm, n.target, gm.get_submodule(n.target))
     try:
         return compile_fx(gm, example_inputs)
     except Exception as err:  # noqa: BLE001 - the rewritten graph itself runs; only the compiler is skipped

@@ -460,8 +460,8 @@ def _json_default(obj):
 
 def cmd_apply(args) -> int:
     _check_ints(args)
-    from .io import (check_output, check_space, export_model, model_bytes, program_bytes, read_policy, reexport,
-                     rewrite_program, same_or_inside, save, save_program, split_example)
+    from .io import (check_output, check_space, export_model, model_bytes, read_policy, reexport, rewrite_program,
+                     same_or_inside, split_example)
     out = args.output
     policy = read_policy(args.policy)
     for path in (out, args.export):  # writable at all: known before anything is loaded
@@ -515,20 +515,7 @@ def cmd_apply(args) -> int:
         _note(args, f"note: the rewritten graph specialises on its input shapes, so the program runs on {how} "
                     f"({shapes}).")
     _status(args, f"writing {out} ...")
-    if src.kind == "pt2":
-        save_program(program, out, overwrite=args.overwrite)
-    else:
-        data = program_bytes(program) if program is not None else None  # serialised before anything is written
-        existed = os.path.lexists(out)
-        save(src.model, out, tokenizer=src.tokenizer, example_kwargs=example, overwrite=args.overwrite,
-             factory=src.spec if src.kind == "factory" else None)
-        if program is not None:
-            try:
-                save_program(program, args.export, overwrite=args.overwrite, data=data)
-            except RewriteError as err:
-                if not existed:  # all or nothing: the folder goes too
-                    shutil.rmtree(out, ignore_errors=True)
-                raise RewriteError(f"{err} {'Nothing was written.' if not existed else ''}".strip()) from None
+    _write_outputs(args, src, out, program, example)
     if args.json:
         js = report.to_json()
         js.update({"source": args.src, "output": out, "export": args.export or None,
@@ -546,6 +533,26 @@ def cmd_apply(args) -> int:
         n = sum(1 for r in export_report.sites if r.status == "rewritten") if export_report else 0
         print(f"wrote {args.export} (torch.export program, {n} site(s) rewritten in the exported graph)")
     return EXIT_OK
+
+
+def _write_outputs(args, src, out: str, program, example: dict) -> None:
+    """Write ``-o`` (a folder, or a program for a .pt2 source) and ``--export``: all or nothing."""
+    from .io import program_bytes, save, save_program
+    if src.kind == "pt2":
+        save_program(program, out, overwrite=args.overwrite)
+        return
+    data = program_bytes(program) if program is not None else None  # serialised before anything is written
+    existed = os.path.lexists(out)
+    save(src.model, out, tokenizer=src.tokenizer, example_kwargs=example, overwrite=args.overwrite,
+         factory=src.spec if src.kind == "factory" else None)
+    if program is None:
+        return
+    try:
+        save_program(program, args.export, overwrite=args.overwrite, data=data)
+    except RewriteError as err:
+        if not existed:  # all or nothing: the folder goes too
+            shutil.rmtree(out, ignore_errors=True)
+        raise RewriteError(f"{err} {'Nothing was written.' if not existed else ''}".strip()) from None
 
 
 # ------------------------------------------------------------------------------------------------------

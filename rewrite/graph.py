@@ -248,3 +248,77 @@ def owner_path(node: fx.Node) -> str:
     if name == normalize_module_path(path) and path.startswith("L[") and not path.startswith("L['self']"):
         name = normalize_module_path(_ROOT_ARG.sub("", path))
     return name
+
+
+# --- values on the example batch ------------------------------------------------------------------
+
+#: the largest mask computation (graph nodes) a handler evaluates on the example batch
+EXAMPLE_CONE_LIMIT = 400
+
+
+def example_value(node: Any) -> Any:
+    """The value a graph node had on the captured example batch, or None where that cannot be known.
+
+    Only the node's cone of inputs is evaluated, from the inputs Dynamo recorded for the graph's placeholders
+    (``meta["grapharg"]``); a cone that is large, calls a submodule or has side effects is not evaluated.
+    The pipeline uses it to hand handlers a site's mask as built at run time (e.g. a decoder's causal mask
+    combined with padding in one data-dependent tensor, which the causal prover cannot see through)."""
+    if not isinstance(node, fx.Node):
+        return node
+    cone, work = set(), [node]
+    while work:
+        n = work.pop()
+        if n in cone:
+            continue
+        cone.add(n)
+        if len(cone) > EXAMPLE_CONE_LIMIT or n.op == "call_module" or _mutates(n, is_mutating):
+            return None
+        work.extend(n.all_input_nodes)
+    gm = node.graph.owning_module
+    if gm is None:
+        return None
+    interp = fx.Interpreter(gm, garbage_collect_values=False)
+    try:
+        with torch.no_grad():
+            for n in node.graph.nodes:
+                if n not in cone:
+                    continue
+                if n.op == "placeholder":
+                    value = _placeholder_example(n)
+                    if value is None:
+                        return None
+                    interp.env[n] = value
+                else:
+                    interp.env[n] = interp.run_node(n)
+                if n is node:
+                    break
+    except Exception:  # noqa: BLE001 - a mask that cannot be evaluated here is simply not known
+        return None
+    return interp.env.get(node)
+
+
+def _mutates(n: Any, is_mutating) -> bool:
+    import operator
+    if n.op == "placeholder":
+        return False
+    if n.op == "call_function" and getattr(operator, getattr(n.target, "__name__", ""), None) is n.target:
+        # the operator module: only its in-place forms (iand, setitem, ...) mutate; and_/or_ do not
+        name = n.target.__name__
+        return name in ("setitem", "delitem") or (name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
+    return is_mutating(n)
+
+
+def _placeholder_example(n: Any) -> Any:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+    arg = n.meta.get("grapharg")
+    try:
+        value = arg.example if arg is not None else None
+    except Exception:  # noqa: BLE001 - a freed example
+        return None
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        value = value.node.hint
+    if isinstance(value, torch.Tensor) and _is_fake(value):
+        return None
+    if value is not None and getattr(arg, "pass_arg_as_tensor", False) and not isinstance(value, torch.Tensor):
+        value = torch.tensor(value)
+    return value

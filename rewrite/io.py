@@ -1055,22 +1055,7 @@ def save(model: torch.nn.Module, folder: str, *, tokenizer: Any = None, example_
         meta["transformers_version"] = transformers.__version__
     check_space(folder, model_bytes(model))
     with atomic_path(folder, overwrite=overwrite) as tmp:
-        if is_hf:
-            with _quiet_transformers():
-                model.save_pretrained(tmp)
-            if tokenizer is not None:
-                if not callable(getattr(tokenizer, "save_pretrained", None)):
-                    raise RewriteError(f"tokenizer= must be a Hugging Face tokenizer or processor (with "
-                                       f"save_pretrained); got {type(tokenizer).__name__}.")
-                tokenizer.save_pretrained(tmp)
-            elif src_folder:
-                for name in TOKENIZER_FILES:
-                    path = os.path.join(src_folder, name)
-                    if os.path.isfile(path) and not os.path.exists(os.path.join(tmp, name)):
-                        shutil.copy2(path, os.path.join(tmp, name))
-        else:
-            from safetensors.torch import save_model
-            save_model(model, os.path.join(tmp, "model.safetensors"))
+        _write_weights(model, tmp, is_hf, tokenizer, src_folder)
         from safetensors.torch import save_file
         save_file(tensors, os.path.join(tmp, EXAMPLE_FILE))
         if fitted_tensors:
@@ -1078,6 +1063,27 @@ def save(model: torch.nn.Module, folder: str, *, tokenizer: Any = None, example_
         _write_json(os.path.join(tmp, PLAN_FILE), plan)
         _write_json(os.path.join(tmp, META_FILE), meta)
     return folder
+
+
+def _write_weights(model: torch.nn.Module, tmp: str, is_hf: bool, tokenizer: Any, src_folder: Optional[str]) -> None:
+    """The model's config and weights into ``tmp`` (``save_pretrained``, or safetensors for a factory model), with
+    the tokenizer given or found beside the source."""
+    if not is_hf:
+        from safetensors.torch import save_model
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        return
+    with _quiet_transformers():
+        model.save_pretrained(tmp)
+    if tokenizer is not None:
+        if not callable(getattr(tokenizer, "save_pretrained", None)):
+            raise RewriteError(f"tokenizer= must be a Hugging Face tokenizer or processor (with save_pretrained); "
+                               f"got {type(tokenizer).__name__}.")
+        tokenizer.save_pretrained(tmp)
+    elif src_folder:
+        for name in TOKENIZER_FILES:
+            path = os.path.join(src_folder, name)
+            if os.path.isfile(path) and not os.path.exists(os.path.join(tmp, name)):
+                shutil.copy2(path, os.path.join(tmp, name))
 
 
 def _fitted_state(model, plan: dict) -> tuple[dict, list]:

@@ -339,24 +339,7 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
             cand_keys = {k: sorted({ck for sw in state.switches[k] for ck in sw.candidates},
                                    key=lambda ck: list(map(candidate_key, policy.candidates_for(state.sites[k]))).index(ck))
                          for k in keys}
-            total = sum(len(v) for v in cand_keys.values())
-            errors = {}
-            prune = policy.prune_above()
-            bar = progress(range(total), "swap-one errors", total=total, enabled=show)
-            for k in keys:
-                failed_families: set = set()
-                for ck in cand_keys[k]:
-                    family = ck.split("(")[0]
-                    if family in failed_families:
-                        # a family is ordered from least to most aggressive: once a gentler setting is over
-                        # the whole budget, the harsher ones are not measured (and cannot be chosen)
-                        state.declined[(k, ck)] = "skipped: a gentler setting already exceeded the error budget"
-                    else:
-                        errors[(k, ck)] = error_with({k: ck})
-                        if prune is not None and errors[(k, ck)] > prune:
-                            failed_families.add(family)
-                    bar.update(1)
-            bar.close()
+            errors = _swap_one_errors(state, keys, cand_keys, error_with, policy.prune_above(), show)
             rows = [_row(state, k, cand_keys[k], errors, policy) for k in keys]
             plan_keys, message, backoffs, joint, why = policy.choose(rows, joint_bound)
     finally:
@@ -373,6 +356,29 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
                             seconds=time.perf_counter() - start, message=message)
     fitted_by_name = {((state.sites[k].name, state.sites[k].ordinal), ck): v for (k, ck), v in fitted.items()}
     return plan, fitted_by_name, rep
+
+
+def _swap_one_errors(state: CalibrationState, keys: list, cand_keys: dict, error_with, prune: Optional[float],
+                     show: bool) -> dict:
+    """The error of each candidate at each site with every other site exact: ``{(site key, candidate): error}``.
+    A family is ordered from least to most aggressive: once a gentler setting is over the whole budget
+    (``prune``), the harsher ones are not measured (and cannot be chosen)."""
+    total = sum(len(v) for v in cand_keys.values())
+    errors = {}
+    bar = progress(range(total), "swap-one errors", total=total, enabled=show)
+    for k in keys:
+        failed_families: set = set()
+        for ck in cand_keys[k]:
+            family = ck.split("(")[0]
+            if family in failed_families:
+                state.declined[(k, ck)] = "skipped: a gentler setting already exceeded the error budget"
+            else:
+                errors[(k, ck)] = error_with({k: ck})
+                if prune is not None and errors[(k, ck)] > prune:
+                    failed_families.add(family)
+            bar.update(1)
+    bar.close()
+    return errors
 
 
 def _row(state: CalibrationState, key, cand_keys, errors, policy) -> CalibrationRow:

@@ -5,6 +5,7 @@ normalize → expand nn.MultiheadAttention → find sites → prove causal masks
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -13,13 +14,13 @@ import torch.fx as fx
 
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, handler_for
-from .graph import hint_int, insert_call, is_mutating, meta_value, module_names, remove_dead, shape
+from .graph import example_value, hint_int, insert_call, is_mutating, meta_value, module_names, remove_dead, shape
 from .passes.adversarial import adversarial_inputs
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
 from .passes.find_sites import SiteMatch, find_sites
 from .passes.mask_semantics import empty_row_problem, read_fill_values
-from .passes.lower import SiteCall, _unrepeat, build_call
+from .passes.lower import SiteCall, unrepeat, build_call
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
 from .passes.verify import differing_output, record, relative_error, tolerance
 from .policy import Policy
@@ -114,140 +115,202 @@ class Session:
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) -> fx.GraphModule:
     """Rewrite one captured graph in place according to the session's policy; record what happened."""
-    report = session.report
-    report.graphs += 1
+    session.report.graphs += 1
     expand_mha(gm)
     captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # as captured: normalize must compute the same
     normalized = normalize(gm)
-    with module_names(session.model):
-        matches, rejected = find_sites(gm)
-    for r in rejected:
-        report.record_rejected(r.name, r.reason, r.ordinal)
-        _add_site(session, _describe(r, {}, False, []))
+    matches = _find(gm, session)
     if not matches:
-        if normalized:  # nothing to rewrite: the graph runs exactly as it was captured
-            gm.graph = captured.graph
-            gm.recompile()
-        return gm
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    example_inputs = [_concrete(x) for x in example_inputs]
-    values = dict(zip(placeholders, example_inputs))
+        return _as_captured(gm, captured) if normalized else gm
+    run = GraphRun(gm, example_inputs, session)
+    sites = [_describe_site(run, m) for m in matches]
+    session.guard_reads(run.reads, run.values)
+    _ask_policy(session.policy.prepare, [s.site for s in sites])
+    for s in sites:
+        _lower(run, s)
+    checked = _verify(run, sites, captured if normalized else None)
+    for s in sites:
+        _commit_or_reject(run, s, checked)
+    _finish(run, sites)
+    return gm
 
-    def is_state(node: fx.Node) -> bool:
-        return session.is_state(node, values.get(node))
 
-    read: list = []
+@dataclasses.dataclass
+class Lowered:
+    """One site on its way through ``rewrite_graph``: what was decided for it and what was inserted."""
+    match: SiteMatch
+    site: AttentionSite
+    causal_ops: set
+    action: Optional[Action] = None
+    call: Optional[SiteCall] = None
+    new: Optional[fx.Node] = None     # the replacement's output node, not yet wired in; None: left as it was
+    note: str = ""
 
-    def is_state_read(node: fx.Node) -> bool:  # what proofs and fill values read from the model is guarded
-        if session.is_state(node, values.get(node)):
-            read.append(node)
+
+class GraphRun:
+    """One captured graph with its example values, and the model state its proofs read."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, session: Session):
+        self.gm, self.session = gm, session
+        self.inputs = [_concrete(x) for x in example_inputs]
+        self.values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], self.inputs))
+        self.reads: list = []
+
+    def is_state(self, node: fx.Node) -> bool:
+        return self.session.is_state(node, self.values.get(node))
+
+    def is_state_read(self, node: fx.Node) -> bool:
+        """``is_state``, remembering the node: what a proof or a fill value reads from the model is guarded."""
+        if self.is_state(node):
+            self.reads.append(node)
             return True
         return False
 
-    prepared = []
-    for m in matches:
-        causal_ops, is_causal = _prove(gm, m, values, is_state, read)
-        problem = read_fill_values(gm, m, values, is_state_read) or empty_row_problem(m, causal_ops)
-        if problem:
-            m.status, m.reason = "rejected", problem
-        site = _describe(m, values, is_causal, causal_ops, is_state, session.model)
-        prepared.append((m, site, causal_ops, is_causal))
-        _add_site(session, site)
-    session.guard_reads(read, values)
-    _ask_policy(session.policy.prepare, [p[1] for p in prepared])
 
-    graph = gm.graph
-    pending = []
-    for m, site, causal_ops, is_causal in prepared:
-        action = _ask_policy(session.policy.action_for, site) if session.mode == "rewrite" else None
-        if m.status == "rejected":  # by what its masks mean (passes/mask_semantics.py)
-            pending.append((m, site, None, None, None, m.reason))
-            continue
-        if m.kind == "mha":      # left opaque by expand_mha: the note says why
-            reason = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
-            pending.append((m, site, None, None, None, reason))
-            continue
-        if session.mode == "calibrate":
-            pending.append(_switch_site(session, graph, m, site, causal_ops))
-            continue
-        if action is None or (m.kind == "sdpa" and isinstance(action, Exact)):
-            reason = "already scaled_dot_product_attention" if action is not None else "the policy leaves it as it was"
-            pending.append((m, site, action, None, None, _with_note(reason, m)))
-            continue
-        handler = handler_for(action)
-        if handler is None:
-            raise RewriteError(f"No handler is registered for action {type(action).__name__}; register one with "
-                               "@rewrite.register_handler.")
-        call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
-        target = handler(action, call, site)
-        _restore_fitted(session, site, action, target)
-        target = _attach_state(session, site, action, target)
-        note = ""
-        if target is None or isinstance(target, Decline):
-            note = f"{type(action).__name__} declined: {target or 'the handler cannot serve this site'}; fell back to Exact"
-            action = Exact()
-            target = handler_for(action)(action, call, site)
-        new = _insert_target(gm, m, target, call)
-        pending.append((m, site, action, call, new, _with_note(note, m)))
+def _find(gm: fx.GraphModule, session: Session) -> list:
+    """The matched sites; rejected attention-like regions go to the report."""
+    with module_names(session.model):
+        matches, rejected = find_sites(gm)
+    for r in rejected:
+        session.report.record_rejected(r.name, r.reason, r.ordinal)
+        _add_site(session, _describe(r, {}, False, []))
+    return matches
 
+
+def _as_captured(gm: fx.GraphModule, captured: fx.GraphModule) -> fx.GraphModule:
+    """Nothing to rewrite: the graph runs exactly as it was captured, not as normalised."""
+    gm.graph = captured.graph
+    gm.recompile()
+    return gm
+
+
+def _describe_site(run: GraphRun, m: SiteMatch) -> Lowered:
+    """Prove its causal mask, read what its masks mean, and describe the site for the policy."""
+    causal_ops, is_causal = _prove(run.gm, m, run.values, run.is_state, run.reads)
+    problem = (read_fill_values(run.gm, m, run.values, run.is_state_read)
+               or empty_row_problem(m, causal_ops))
+    if problem:
+        m.status, m.reason = "rejected", problem
+    site = _describe(m, run.values, is_causal, causal_ops, run.is_state, run.session.model)
+    _add_site(run.session, site)
+    return Lowered(m, site, causal_ops)
+
+
+def _lower(run: GraphRun, s: Lowered) -> None:
+    """Decide the site's action and insert its replacement beside the original (nothing is rewired yet)."""
+    session, m = run.session, s.match
+    action = _ask_policy(session.policy.action_for, s.site) if session.mode == "rewrite" else None
+    if m.status == "rejected":  # by what its masks mean (passes/mask_semantics.py)
+        s.note = m.reason
+        return
+    if m.kind == "mha":  # left opaque by expand_mha: the note says why
+        s.note = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
+        return
+    if session.mode == "calibrate":
+        s.action, s.call, s.new, s.note = _switch_site(session, run.gm.graph, m, s.site, s.causal_ops)
+        return
+    if action is None or (m.kind == "sdpa" and isinstance(action, Exact)):
+        s.action = action
+        s.note = _with_note("already scaled_dot_product_attention" if action is not None
+                            else "the policy leaves it as it was", m)
+        return
+    handler = handler_for(action)
+    if handler is None:
+        raise RewriteError(f"No handler is registered for action {type(action).__name__}; register one with "
+                           "@rewrite.register_handler.")
+    call = build_call(run.gm.graph, m, *_causal_for_sdpa(m, s.causal_ops))
+    _example_mask_onto(s.site, call)
+    target = handler(action, call, s.site)
+    _restore_fitted(session, s.site, action, target)
+    target = _attach_state(session, s.site, action, target)
+    note = ""
+    if target is None or isinstance(target, Decline):
+        note = (f"{type(action).__name__} declined: {target or 'the handler cannot serve this site'}; "
+                "fell back to Exact")
+        action = Exact()
+        target = handler_for(action)(action, call, s.site)
+    s.action, s.call, s.new = action, call, _insert_target(run.gm, m, target, call)
+    s.note = _with_note(note, m)
+
+
+@dataclasses.dataclass
+class Checked:
+    """Values of the graph's nodes on the example (``values``) and with its masks redrawn (``redrawn``)."""
+    values: dict
+    redrawn: Optional[dict]
+
+
+def _verify(run: GraphRun, sites: list, captured: Optional[fx.GraphModule]) -> Checked:
+    """Run the graph (originals and replacements side by side) on the example and on the example with its
+    masks redrawn; where normalisation changed the graph, check it computes what the graph as captured did."""
     wanted = set()
-    for m, site, action, call, new, _ in pending:
+    for s in sites:
+        m = s.match
         wanted |= {m.output, m.q, m.kt, m.v}
         wanted |= {op.value for op in m.ops if op.kind == "scale" and isinstance(op.value, fx.Node)}
-        if new is not None:
-            wanted |= {new, call.q, call.k, call.v}
-            if isinstance(call.scale, fx.Node):
-                wanted.add(call.scale)
+        if s.new is not None:
+            wanted |= {s.new, s.call.q, s.call.k, s.call.v}
+            if isinstance(s.call.scale, fx.Node):
+                wanted.add(s.call.scale)
     outputs: list = []
-    vals = record(gm, example_inputs, wanted, outputs=outputs)
-    redrawn, batch, redrawn_outputs = _verify_redrawn(gm, [p[0] for p in pending], example_inputs, wanted, is_state)
-    if normalized and not any(is_mutating(n) for n in captured.graph.nodes):
-        problem = differing_output(gm, outputs, captured, example_inputs)
+    values = record(run.gm, run.inputs, wanted, outputs=outputs)
+    redrawn, batch, redrawn_outputs = _verify_redrawn(run.gm, [s.match for s in sites], run.inputs, wanted,
+                                                      run.is_state)
+    if captured is not None and not any(is_mutating(n) for n in captured.graph.nodes):
+        problem = differing_output(run.gm, outputs, captured, run.inputs)
         if problem is None and batch is not None:
-            problem = differing_output(gm, redrawn_outputs, captured, batch)
+            problem = differing_output(run.gm, redrawn_outputs, captured, batch)
         if problem:
             raise RewriteError(f"rewrite's normalisation changed what a captured graph computes ({problem}). This "
                                "is a bug in rewrite, not in the model: please report it with the model. Nothing "
                                "was rewritten.")
+    return Checked(values, redrawn)
 
-    for m, site, action, call, new, note in pending:
-        site.scale = _scale_value(m, vals)
-        row = _row(m, site, vals)
-        if new is None:
-            row.status, row.reason = ("rejected" if m.status == "rejected" else "kept"), note
-            row.action = action.describe() if action is not None else "-"
-            row.exact = True
-            row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
-            report.record_site(row)
-            continue
-        err = relative_error(vals.get(m.output), vals.get(new))
-        tol = tolerance(vals[m.output].dtype) if isinstance(vals.get(m.output), torch.Tensor) else 1e-4
-        row.action, row.exact, row.error = action.describe(), bool(action.exact), err
-        where = ""
-        if action.exact and err <= tol and redrawn is not None:
-            err_redrawn = relative_error(redrawn.get(m.output), redrawn.get(new))
-            if not err_redrawn <= tol:
-                err, where = err_redrawn, " on the example with its masks redrawn (random padding, a row with no key)"
-        if action.exact and not err <= tol:
-            remove_dead(graph, [new] + list(reversed(call.new_nodes)))
-            row.status = "rejected"
-            row.reason = (f"the fused call differs from the original by {err:.2e} (tolerance {tol:.0e}){where}; "
-                          "left as it was")
-            site.status, site.reason = "rejected", row.reason
-        else:
-            m.output.replace_all_uses_with(new)
-            remove_dead(graph, [m.output] + list(m.region))
-            row.status, row.reason = "rewritten", note
-            row.flops_after, row.flops_after_expr = _action_flops(action, vals, m, row)
-            row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
-        report.plan[site.name] = action.to_json()
-        report.record_site(row)
-    for m, site, action, call, new, note in pending:
-        if new is not None and site.status != "rejected":
-            session.guard_baked_state(gm, new)
-    graph.lint()
-    gm.recompile()
-    return gm
+
+def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
+    """Wire the replacement in if it passed (exact: within tolerance on both runs), else remove it; report."""
+    m, site, action, call, new, vals = s.match, s.site, s.action, s.call, s.new, checked.values
+    site.scale = _scale_value(m, vals)
+    row = _row(m, site, vals)
+    graph = run.gm.graph
+    if new is None:
+        row.status, row.reason = ("rejected" if m.status == "rejected" else "kept"), s.note
+        row.action = action.describe() if action is not None else "-"
+        row.exact = True
+        row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
+        run.session.report.record_site(row)
+        return
+    err = relative_error(vals.get(m.output), vals.get(new))
+    tol = tolerance(vals[m.output].dtype) if isinstance(vals.get(m.output), torch.Tensor) else 1e-4
+    row.action, row.exact, row.error = action.describe(), bool(action.exact), err
+    where = ""
+    if action.exact and err <= tol and checked.redrawn is not None:
+        err_redrawn = relative_error(checked.redrawn.get(m.output), checked.redrawn.get(new))
+        if not err_redrawn <= tol:
+            err, where = err_redrawn, " on the example with its masks redrawn (random padding, a row with no key)"
+    if action.exact and not err <= tol:
+        remove_dead(graph, [new] + list(reversed(call.new_nodes)))
+        row.status = "rejected"
+        row.reason = (f"the fused call differs from the original by {err:.2e} (tolerance {tol:.0e}){where}; "
+                      "left as it was")
+        site.status, site.reason = "rejected", row.reason
+    else:
+        m.output.replace_all_uses_with(new)
+        remove_dead(graph, [m.output] + list(m.region))
+        row.status, row.reason = "rewritten", s.note
+        row.flops_after, row.flops_after_expr = _action_flops(action, vals, m, row)
+        row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
+    run.session.report.plan[site.name] = action.to_json()
+    run.session.report.record_site(row)
+
+
+def _finish(run: GraphRun, sites: list) -> None:
+    """Guard the state the kept replacements baked in; lint and recompile the graph."""
+    for s in sites:
+        if s.new is not None and s.site.status != "rejected":
+            run.session.guard_baked_state(run.gm, s.new)
+    run.gm.graph.lint()
+    run.gm.recompile()
 
 
 def _verify_redrawn(gm: fx.GraphModule, matches: list, example_inputs: list, wanted: set, is_state) -> tuple:
@@ -287,10 +350,12 @@ def _with_note(reason: str, m: SiteMatch) -> str:
 
 
 def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: AttentionSite, causal_ops: set) -> tuple:
-    """Calibration: lower the site to a switch holding the exact call and every candidate for it."""
+    """Calibration: lower the site to a switch holding the exact call and every candidate for it; returns
+    ``(action, call, new node, note)`` as ``_lower`` records them."""
     from .calibrate import SiteSwitch, candidate_key
     state = session.calibration
     call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
+    _example_mask_onto(site, call)
     exact = handler_for(Exact())(Exact(), call, site)
     candidates = {}
     for action in session.candidates(site):
@@ -305,7 +370,16 @@ def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: Attent
     state.switches.setdefault(site.key, []).append(switch)
     state.sites[site.key] = site
     new = _insert_target(graph.owning_module, m, switch, call)
-    return (m, site, Exact(), call, new, "calibrating")
+    return Exact(), call, new, "calibrating"
+
+
+def _example_mask_onto(site: AttentionSite, call: SiteCall) -> None:
+    """The site's lowered mask on the example batch, for handlers (which never evaluate the graph)."""
+    if not isinstance(call.attn_mask, fx.Node):
+        site.example_mask, site.example_mask_known = call.attn_mask, True
+        return
+    value = example_value(call.attn_mask)
+    site.example_mask, site.example_mask_known = value, value is not None
 
 
 def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall) -> fx.Node:
@@ -318,7 +392,7 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
         while hasattr(gm, f"{name}_{i}"):
             i += 1
         gm.add_submodule(f"{name}_{i}", target)
-        _register_state_sources(gm, f"{name}_{i}", target)
+        register_state_sources(gm, f"{name}_{i}", target)
         with graph.inserting_before(m.output):
             new = graph.call_module(f"{name}_{i}", args, call.kwargs())
         for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
@@ -336,7 +410,7 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
     return new
 
 
-def _register_state_sources(gm: fx.GraphModule, name: str, module: torch.nn.Module) -> None:
+def register_state_sources(gm: fx.GraphModule, name: str, module: torch.nn.Module) -> None:
     """Give the parameters and buffers of a mixer inserted as submodule ``name`` a source, as Dynamo does for
     its own graph attributes (``gm._param_name_to_source``): AOTAutograd (``then="inductor"``) lifts every
     parameter and buffer of the graph module into a graph input and looks each one up there. They stay
@@ -453,7 +527,7 @@ def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=
         site.heads = site.kv_heads = _int(shape(m.softmax)[-3])
     elif len(qs) == 4:
         site.heads = _int(qs[-3])
-        base = _unrepeat(m.v) if m.kind != "sdpa" else None
+        base = unrepeat(m.v) if m.kind != "sdpa" else None
         site.kv_heads = _int(shape(base[0])[-3]) if base else _int(vs[-3]) if len(vs) == 4 else None
         site.gqa = bool(site.kv_heads and site.heads and site.kv_heads != site.heads)
     site.layout = _layout(m)

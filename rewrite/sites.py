@@ -6,6 +6,10 @@ from typing import Any, Optional
 
 from tabulate import tabulate
 
+#: an additive mask value (or a fill) at or below this removes a key from the softmax: exp(-1e4) is exactly 0
+#: in every float type. Hugging Face masks with ``finfo.min``, older code with ``-10000``; one constant for all
+MASKED_BELOW = -1e4
+
 
 @dataclasses.dataclass
 class AttentionSite:
@@ -39,13 +43,17 @@ class AttentionSite:
     softmax_dtype: Optional[str] = None
     dtype: Optional[str] = None
     ordinal: int = 0                   # order among the sites of the same module
+    #: the site's mask on the example batch, as lowered for SDPA (None: no mask), when ``example_mask_known``;
+    #: set by the pipeline before a handler runs, so handlers never evaluate the graph themselves
+    example_mask: Any = dataclasses.field(default=None, repr=False, compare=False)
+    example_mask_known: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     @property
     def key(self) -> tuple:
         return (self.name, self.ordinal)
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("example_")}
         for k in ("q_shape", "k_shape", "v_shape", "grid"):
             if d[k] is not None:
                 d[k] = [str(s) for s in d[k]]

@@ -288,7 +288,7 @@ def test_linear_bf16(monkeypatch, spy, causal, mask):
 
 def test_favor_fp16_features_stay_fp32(monkeypatch, spy):
     """fp16 would flush small exponential features to zero: FAVOR+ features reach the kernel in fp32."""
-    from rewrite.mixers._util_a import kernel_dtype
+    from rewrite.mixers._layout import kernel_dtype
     assert kernel_dtype(torch.float16) == torch.float16 and kernel_dtype(torch.bfloat16) == torch.bfloat16
     assert kernel_dtype(torch.float16, fp16=False) == torch.float32 == kernel_dtype(torch.float32)
     assert kernel_dtype(torch.float64) == torch.float64

@@ -212,23 +212,23 @@ def test_pipeline_llama_cached_decoding_equals_full_forward():
 def gathered_reference(mod, q, k, v, attn_mask=None, is_causal=False):
     """The previous fast formulation: every query gathers its band's keys ([Nq, w, d] copies), the low-rank
     term from global (or chunked prefix) sums, the estimate subtracted on the band; one shift per row."""
-    from rewrite.mixers import _util_b as UB
+    from rewrite.mixers import _layout, _linear, _masks
     dtype = q.dtype
-    q, k, v, s = UB.prepare(q, k, v, None)
+    q, k, v, s = _layout.prepare(q, k, v, None)
     nq, nk = q.shape[-2], k.shape[-2]
-    plan = UB.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
+    plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
     q, k = q * s ** 0.5, k * s ** 0.5
     proj = mod._proj(q.shape[-1], q.device)
     causal = plan.kind == "causal"
     offset = plan.offset if causal else nk - nq
     assert plan.kind in ("none", "keys") or (causal and offset == nk - nq)
-    v1 = UB.with_ones(v)
+    v1 = _linear.with_ones(v)
     left, right = mod._extent(causal or nq < nk)
     left, right = max(0, min(left, offset + nq - 1)), max(0, min(right, nk - 1 - offset))
     idx = (torch.arange(nq) + offset)[:, None] + torch.arange(-left, right + 1)[None, :]
     inside, safe = (idx >= 0) & (idx < nk), idx.clamp(0, nk - 1)
-    fq, cq = UB.favor_query(q, proj)
-    fk, ck = UB.favor_key(k, proj, plan.key_bias)
+    fq, cq = _linear.favor_query(q, proj)
+    fk, ck = _linear.favor_key(k, proj, plan.key_bias)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     s_loc = (q.unsqueeze(-2) @ k.expand(*lead, nk, k.shape[-1])[..., safe, :].transpose(-1, -2)).squeeze(-2)
     if plan.key_bias is not None:
@@ -239,8 +239,8 @@ def gathered_reference(mod, q, k, v, attn_mask=None, is_causal=False):
     lr_loc = (fq.unsqueeze(-2) @ fk.expand(*lead, nk, fk.shape[-1])[..., safe, :].transpose(-1, -2)).squeeze(-2)
     corr = (torch.exp(s_loc - shift) - lr_loc * lr_scale).masked_fill(~inside, 0.0)
     num_local = (corr.unsqueeze(-2) @ v1.expand(*lead, nk, v1.shape[-1])[..., safe, :]).squeeze(-2)
-    num_lr = UB.linear_causal(fq, fk, v1, offset, mod.chunk) if causal else UB.linear_bidirectional(fq, fk, v1)
-    return UB.normalise(num_local + num_lr * lr_scale).to(dtype)
+    num_lr = _linear.linear_causal(fq, fk, v1, offset, mod.chunk) if causal else _linear.linear_bidirectional(fq, fk, v1)
+    return _linear.normalise(num_local + num_lr * lr_scale).to(dtype)
 
 
 @settings(max_examples=25, deadline=None)

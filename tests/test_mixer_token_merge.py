@@ -148,29 +148,29 @@ def test_bert_end_to_end(r, exact):
 def test_matching_in_row_blocks_equals_loop_reference(case, r):
     """The A·Bᵀ similarities a few rows at a time (several blocks at these sizes): odd lengths, every mask
     kind, GQA; the same as the token-by-token reference."""
-    from rewrite.mixers import _util_a as U
-    saved = U.ROW_CHUNK_ELEMENTS
-    U.ROW_CHUNK_ELEMENTS = 40
+    from rewrite.mixers import _dense
+    saved = _dense.ROW_CHUNK_ELEMENTS
+    _dense.ROW_CHUNK_ELEMENTS = 40
     try:
         out = run_case(TokenMergeAttention(r), case)
     finally:
-        U.ROW_CHUNK_ELEMENTS = saved
+        _dense.ROW_CHUNK_ELEMENTS = saved
     assert_close(out, tome_reference(case["q"], case["k"], case["v"], case["mask"], r), atol=5e-5, rtol=5e-5)
 
 
 def test_no_quadratic_tensor_with_a_padding_mask():
-    from rewrite.mixers import _util_a as U
+    from rewrite.mixers import _dense
 
     n = 1024
     q, k, v = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
     mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
     mask[..., -100:] = False
-    saved = U.ROW_CHUNK_ELEMENTS
-    U.ROW_CHUNK_ELEMENTS = 1 << 14
+    saved = _dense.ROW_CHUNK_ELEMENTS
+    _dense.ROW_CHUNK_ELEMENTS = 1 << 14
     try:
         with torch.no_grad(), LargestAllocation() as seen:
             out = TokenMergeAttention(64)(q, k, v, attn_mask=mask)
     finally:
-        U.ROW_CHUNK_ELEMENTS = saved
+        _dense.ROW_CHUNK_ELEMENTS = saved
     assert out.shape == (1, 2, n, 8) and torch.isfinite(out).all()
     assert seen.largest < 2 * n * n * 4 / 16, seen.largest     # the bipartite [N/2, N/2] never at once

@@ -107,7 +107,7 @@ def dense_topk_reference(q, k, v, mask, causal, kk):
 def test_grouped_selection_and_row_chunks_equal_dense_form(shape, nq, nk, kk, kind, causal, small_chunks, seed):
     """Odd lengths where the two-stage (group maxima first) selection runs, several row chunks, masks, causal,
     GQA: the same output as the dense scatter formulation."""
-    from rewrite.mixers import _util_a as U
+    from rewrite.mixers import _dense
     b, hq, hkv = shape
     causal = causal and kind == "none"
     nk = nq if causal else nk
@@ -121,12 +121,12 @@ def test_grouped_selection_and_row_chunks_equal_dense_form(shape, nq, nk, kk, ki
     elif kind == "additive_bcast":
         mask = torch.zeros(b, 1, 1, nk)
         mask[..., nk // 3:] = torch.finfo(torch.float32).min
-    saved = U.ROW_CHUNK_ELEMENTS
-    U.ROW_CHUNK_ELEMENTS = 3000 if small_chunks else saved
+    saved = _dense.ROW_CHUNK_ELEMENTS
+    _dense.ROW_CHUNK_ELEMENTS = 3000 if small_chunks else saved
     try:
         out = TopKAttention(kk, causal=causal)(q, k, v, attn_mask=mask, enable_gqa=True)
     finally:
-        U.ROW_CHUNK_ELEMENTS = saved
+        _dense.ROW_CHUNK_ELEMENTS = saved
     assert_close(out, dense_topk_reference(q, k, v, mask, causal, kk))
 
 

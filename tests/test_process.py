@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import rewrite
 from rewrite.actions import RewriteError

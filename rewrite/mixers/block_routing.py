@@ -47,7 +47,9 @@ import torch
 
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
 from ..cost import B, H, N, Nk, d, dv
-from . import _util_a as U
+from . import _layout
+from . import _dense
+from . import _base
 
 LAYOUTS = ("auto", "1d", "2d")
 
@@ -66,10 +68,10 @@ class BlockRouting(Action):
     exact = False
 
     def __post_init__(self):
-        U.check_int(self, "block", self.block, 1, "Give the tokens per block (1-D) or per region (2-D), e.g. 64.")
-        U.check_int(self, "topk", self.topk, 1, "Give how many key blocks each query block keeps, e.g. topk=3.")
-        U.check_choice(self, "layout", self.layout, LAYOUTS)
-        U.check_int(self, "sinks", self.sinks, 0, "Give how many first tokens every query sees (1-D), e.g. sinks=1.")
+        _base.check_int(self, "block", self.block, 1, "Give the tokens per block (1-D) or per region (2-D), e.g. 64.")
+        _base.check_int(self, "topk", self.topk, 1, "Give how many key blocks each query block keeps, e.g. topk=3.")
+        _base.check_choice(self, "layout", self.layout, LAYOUTS)
+        _base.check_int(self, "sinks", self.sinks, 0, "Give how many first tokens every query sees (1-D), e.g. sinks=1.")
         if not isinstance(self.summary, bool):
             raise RewriteError(f"BlockRouting(summary={self.summary!r}) is invalid: use True (attend to unchosen "
                                "blocks through their pooled key/value) or False (drop them).")
@@ -83,12 +85,12 @@ class BlockRouting(Action):
         blocks = sympy.ceiling(Nk / self.block)
         kept = sympy.Min(self.topk * self.block, Nk)
         routing = B * H * (N + Nk) * d + 2 * B * H * sympy.ceiling(N / self.block) * blocks * d
-        total = U.attention_flops(N, kept) + routing
+        total = _layout.attention_flops(N, kept) + routing
         if self.sinks:
             s = sympy.Integer(self.sinks)
-            total += U.attention_flops(N, sympy.Min(s, Nk)) + U.attention_flops(sympy.Min(s, N), Nk)
+            total += _layout.attention_flops(N, sympy.Min(s, Nk)) + _layout.attention_flops(sympy.Min(s, N), Nk)
         if self.summary:
-            total += U.attention_flops(N, blocks) + B * H * Nk * dv
+            total += _layout.attention_flops(N, blocks) + B * H * Nk * dv
         return total
 
 
@@ -114,7 +116,7 @@ def line_order(n: int, block: int) -> list:
     return [[i if i < n else -1 for i in range(b * bs, (b + 1) * bs)] for b in range(nb)]
 
 
-class BlockRoutingAttention(U.SDPAMixer):
+class BlockRoutingAttention(_base.SDPAMixer):
     """SDPA-signature block-routed attention.
 
     ``grid=(gh, gw)`` with ``prefix_tokens`` selects 2-D regions; otherwise 1-D blocks of ``block`` tokens after
@@ -156,9 +158,9 @@ class BlockRoutingAttention(U.SDPAMixer):
         For every count 1..blocks the routed output of each head is compared with exact attention; a small
         dynamic program then picks the counts (summing to ``topk`` × kv heads) of least summed relative
         squared error. ``scale`` defaults to SDPA's ``1/sqrt(D)``."""
-        c = U.canon(q, k, v, attn_mask, scale)
+        c = _layout.canon(q, k, v, attn_mask, scale)
         causal = self.causal or bool(is_causal)
-        exact = U.sdpa_rows(c, c.k, c.v, c.bias, causal=causal)                # [Bf, Hkv, G, N, Dv]
+        exact = _dense.sdpa_rows(c, c.k, c.v, c.bias, causal=causal)                # [Bf, Hkv, G, N, Dv]
         norm = exact.double().pow(2).sum((0, 2, 3, 4)).clamp(min=1e-30)       # [Hkv]
         nb = len(self._layout(c.dims[3])[0])
         errors = torch.stack([(self._attend(c, t, causal, 0.0) - exact).double().pow(2).sum((0, 2, 3, 4)) / norm
@@ -170,7 +172,7 @@ class BlockRoutingAttention(U.SDPAMixer):
         """Each kv head's block count as Python ints, the same in eager runs and while a compiler traces (the
         buffer's values are not readable then: the counts of the last real run are used, never a fallback)."""
         buf = self.head_topk
-        if U.is_fake(buf) or U.is_fake(q):
+        if _layout.has_no_data(buf) or _layout.has_no_data(q):
             if self._counts is None or len(self._counts[1]) != hkv:
                 raise RuntimeError("BlockRoutingAttention(per_head=True) is traced before its head counts were "
                                    "fitted or read: run it once on real inputs (or call fit) first")
@@ -208,7 +210,7 @@ class BlockRoutingAttention(U.SDPAMixer):
         return self._layouts[n]
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        c = U.canon(q, k, v, attn_mask, scale)
+        c = _layout.canon(q, k, v, attn_mask, scale)
         bf, hkv, g, n, nk, _, dv = c.dims
         if n != nk:
             raise ValueError(f"BlockRoutingAttention needs as many queries as keys (got {n} and {nk})")
@@ -226,7 +228,7 @@ class BlockRoutingAttention(U.SDPAMixer):
             bias = c.bias
             if bias is not None and bias.shape[1] > 1:
                 bias = bias.index_select(1, heads)
-            part = U.Canon(c.q.index_select(1, heads), c.k.index_select(1, heads), c.v.index_select(1, heads),
+            part = _layout.Canon(c.q.index_select(1, heads), c.k.index_select(1, heads), c.v.index_select(1, heads),
                            bias, c.scale, (), c.out_dtype, c.mask_floor)
             out.index_copy_(1, heads, self._attend(part, int(t), causal, dropout_p))
         return c.finish(out)
@@ -241,12 +243,12 @@ class BlockRoutingAttention(U.SDPAMixer):
         w = w / w.sum(-1, keepdim=True).clamp(min=1)
         qr = (qb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, G, nb, D]
         kr = (kb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, nb, D]
-        aff = U.grouped_scores(qr, kr)
+        aff = _dense.grouped_scores(qr, kr)
         if causal:
-            aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu(1), U.NEG_INF)
+            aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu(1), _layout.NEG_INF)
         return aff.masked_fill(torch.eye(nb, dtype=torch.bool, device=qb.device), float("inf"))
 
-    def _kernel(self, c: U.Canon, topk, causal: bool, dropout_p: float):
+    def _kernel(self, c: _layout.Canon, topk, causal: bool, dropout_p: float):
         """Routed attention on the Triton block-sparse kernel (``[Bf, Hkv, G, N, Dv]``), or None where the kernel
         would not compute this call exactly (see the module docstring). ``topk``: an int, or per-kv-head counts
         ``[Hkv]`` (``per_head``)."""
@@ -258,7 +260,7 @@ class BlockRoutingAttention(U.SDPAMixer):
         if (self.grid is not None or self.sinks or self.summary or dropout_p or c.q.dtype == torch.float64
                 or max(dd, dv) > 256 or blk < 16 or blk > 256 or blk & (blk - 1)):
             return None
-        servable, mask = U.kernel_key_mask(c)
+        servable, mask = _dense.kernel_key_mask(c)
         if not servable:
             return None
         order_list, p, _ = self._layout(n)
@@ -291,7 +293,7 @@ class BlockRoutingAttention(U.SDPAMixer):
                                      blk, attn_mask=mask, is_causal=causal, scale=c.scale)
         return out.view(bf, hkv, g, n, dv)
 
-    def _attend(self, c: U.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
+    def _attend(self, c: _layout.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
         """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``."""
         bf, hkv, g, n, _, dd, dv = c.dims
         dev = c.q.device
@@ -321,9 +323,9 @@ class BlockRoutingAttention(U.SDPAMixer):
         kvalid = valid[idx].reshape(bf, hkv, g, nb, 1, t * bs)
         qpos = pos.view(nb, bs, 1)
         keep = kvalid & (kpos <= qpos) if causal else kvalid
-        scores = scores.masked_fill(~keep, U.NEG_INF)
+        scores = scores.masked_fill(~keep, _layout.NEG_INF)
         if c.bias is not None:
-            scores = scores + U.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), kpos)
+            scores = scores + _dense.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), kpos)
 
         parts = [scores]
         pooled_v = None
@@ -333,22 +335,22 @@ class BlockRoutingAttention(U.SDPAMixer):
             if causal:  # blocks that do not end before the query block: never pooled
                 chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=dev).triu()
             pooled_scores, pooled_v = self._pooled(c, qb, kb, vb, valid, pos, flat)
-            parts.append(pooled_scores.masked_fill(chosen.unsqueeze(-2), U.NEG_INF))
+            parts.append(pooled_scores.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF))
         if p:
-            pre = U.grouped_scores(qb.reshape(bf, hkv, g, nb * bs, dd), c.k[..., :p, :]).mul_(c.scale)
+            pre = _dense.grouped_scores(qb.reshape(bf, hkv, g, nb * bs, dd), c.k[..., :p, :]).mul_(c.scale)
             pre = pre.view(bf, hkv, g, nb, bs, p)
             if c.bias is not None:
                 cols = torch.arange(p, device=dev).view(1, 1, 1, 1, 1, p)
-                pre = pre + U.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), cols)
+                pre = pre + _dense.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), cols)
             parts.append(pre)
-        probs = U.dropout(U.safe_softmax(torch.cat(parts, -1) if len(parts) > 1 else scores), dropout_p)
+        probs = _dense.dropout(_dense.safe_softmax(torch.cat(parts, -1) if len(parts) > 1 else scores), dropout_p)
         out_b = probs[..., :t * bs] @ vg                                       # [Bf, Hkv, G, nb, bs, Dv]
         at = t * bs
         if pooled_v is not None:
             out_b = out_b + probs[..., at:at + nb] @ pooled_v.unsqueeze(-3)    # [.., nb, bs, nb] @ [.., 1, nb, Dv]
             at += nb
         if p:
-            out_b = out_b + U.grouped_values(probs[..., at:].reshape(bf, hkv, g, nb * bs, p),
+            out_b = out_b + _dense.grouped_values(probs[..., at:].reshape(bf, hkv, g, nb * bs, p),
                                              c.v[..., :p, :]).view(bf, hkv, g, nb, bs, dv)
 
         # body slots back to token order; prefix queries attend to everything (causally: to what precedes)
@@ -359,9 +361,9 @@ class BlockRoutingAttention(U.SDPAMixer):
             body, dest = body.index_select(-2, keep_slots), flat.index_select(0, keep_slots)
         out = body.new_zeros(bf, hkv, g, n, dv).index_copy(-2, dest, body)
         if p:
-            pre = U.Canon(c.q[..., :p, :], c.k, c.v, U.bias_rows(c.bias, slice(0, p)), c.scale, (), c.out_dtype,
+            pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (), c.out_dtype,
                           c.mask_floor)
-            out = torch.cat([U.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p),
+            out = torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p),
                              out[..., p:, :]], dim=-2)
         return out
 
@@ -377,13 +379,13 @@ class BlockRoutingAttention(U.SDPAMixer):
         """
         bf, hkv, g, nb, bs, dd = qb.shape
         member = valid.to(c.q.dtype).view(1, 1, 1, nb, bs)                  # [1, 1, 1, nb, bs]
-        log_bias = torch.where(valid, 0.0, U.NEG_INF).to(c.q.dtype).view(1, 1, 1, 1, 1, nb, bs)
+        log_bias = torch.where(valid, 0.0, _layout.NEG_INF).to(c.q.dtype).view(1, 1, 1, 1, 1, nb, bs)
         if c.bias is not None:
             rows = c.bias.shape[-2]
             cols = c.bias.index_select(-1, flat).view(*c.bias.shape[:3], rows, nb, bs)
             seen = cols.amax(-3) > c.mask_floor                              # [Bm, Hm, Gm, nb, bs]
             member = member * seen.to(c.q.dtype)
-            b = cols.masked_fill(~valid, U.NEG_INF)
+            b = cols.masked_fill(~valid, _layout.NEG_INF)
             if rows > 1:                                                     # per-query mask: rows in slot order
                 b = b.index_select(-3, flat).view(*c.bias.shape[:3], nb, bs, nb, bs)
             else:
@@ -397,7 +399,7 @@ class BlockRoutingAttention(U.SDPAMixer):
         scores = scores.view(bf, hkv, g, nb, bs, nb)
         # log-sum-exp of the mask over each block's keys; blocks with no visible member get -inf
         lse = torch.logsumexp(log_bias, dim=-1)                               # [.., nb|1, bs|1, nb]
-        lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), U.NEG_INF) \
+        lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), _layout.NEG_INF) \
             if c.bias is not None else lse
         return scores + lse, v_mean
 
@@ -422,10 +424,10 @@ def allocate_blocks(errors: torch.Tensor, total: int) -> torch.Tensor:
 
 @register_handler(BlockRouting)
 def block_routing_handler(action: BlockRouting, call, site):
-    cross = U.decline_cross(site, "block routing needs as many queries as keys")
+    cross = _base.decline_cross(site, "block routing needs as many queries as keys")
     if cross:
         return cross
-    resolved = U.resolve_grid_layout("BlockRouting", action.layout, call, site)
+    resolved = _base.resolve_grid_layout("BlockRouting", action.layout, call, site)
     if isinstance(resolved, Decline):
         return resolved
     grid, prefix, causal = resolved

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
 from ..cost import B, H, N, Nk
-from . import _util_a as U
+from . import _layout
+from . import _dense
+from . import _base
 
 LAYOUTS = ("auto", "1d", "2d")
 
@@ -48,14 +50,14 @@ class Decay(Action):
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not (0 < self.gamma <= 1):
             raise RewriteError(f"Decay(gamma={self.gamma!r}) is invalid: gamma must be a number in (0, 1]; "
                                "1 is exact attention, e.g. gamma=0.95.")
-        U.check_choice(self, "layout", self.layout, LAYOUTS)
+        _base.check_choice(self, "layout", self.layout, LAYOUTS)
 
     def flops(self) -> sympy.Expr:
         """Exact attention plus the distance bias (a multiply-add per score)."""
-        return U.attention_flops(N, Nk) + 2 * B * H * N * Nk
+        return _layout.attention_flops(N, Nk) + 2 * B * H * N * Nk
 
 
-class DecayAttention(U.SDPAMixer):
+class DecayAttention(_base.SDPAMixer):
     """SDPA-signature attention with a distance-decay logit bias; ``grid=(gh, gw)`` for Manhattan distance."""
 
     __name__ = "decay_attention"
@@ -87,7 +89,7 @@ class DecayAttention(U.SDPAMixer):
         return dist
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        c = U.canon(q, k, v, attn_mask, scale)
+        c = _layout.canon(q, k, v, attn_mask, scale)
         bf, hkv, g, nq, nk, dd, dv = c.dims
         if nq != nk:
             raise ValueError(f"DecayAttention needs as many queries as keys (got {nq} and {nk})")
@@ -97,15 +99,15 @@ class DecayAttention(U.SDPAMixer):
         causal = self.causal or bool(is_causal)
         log_gamma = math.log(self.gamma)
         if log_gamma == 0.0:
-            return c.finish(U.sdpa_rows(c, c.k, c.v, c.bias, causal=causal, dropout_p=dropout_p))
+            return c.finish(_dense.sdpa_rows(c, c.k, c.v, c.bias, causal=causal, dropout_p=dropout_p))
         if self.grid is None and c.bias is None and nq > 0:
             return c.finish(self._toeplitz(c, log_gamma, causal, dropout_p))
         dt, dev = c.q.dtype, c.q.device
         extra = lambda rows: self.distance(rows, nk, dev, dt).mul_(log_gamma)  # noqa: E731
-        return c.finish(U.sdpa_rows(c, c.k, c.v, c.bias, extra=extra, causal=causal, dropout_p=dropout_p))
+        return c.finish(_dense.sdpa_rows(c, c.k, c.v, c.bias, extra=extra, causal=causal, dropout_p=dropout_p))
 
     @staticmethod
-    def _toeplitz(c: U.Canon, log_gamma: float, causal: bool, dropout_p) -> torch.Tensor:
+    def _toeplitz(c: _layout.Canon, log_gamma: float, causal: bool, dropout_p) -> torch.Tensor:
         """1-D decay without a site mask: fused SDPA calls whose bias is a strided view of one ``2N - 1``
         vector (nothing N×N is built). The bias ``log_gamma·|i - j|`` depends on ``i - j``; with the queries
         in reverse order it depends on ``i' + j`` alone, which a view with strides (1, 1) expresses (the
@@ -116,7 +118,7 @@ class DecayAttention(U.SDPAMixer):
         t = torch.arange(2 * n - 1, device=c.q.device, dtype=c.q.dtype)
         u = (t - (n - 1)).abs_().mul_(log_gamma)                         # bias at i' + j = t, i' = N - 1 - i
         if causal:                                                       # key j after query i: i' + j > N - 1
-            u[n:] = U.NEG_INF
+            u[n:] = _layout.NEG_INF
         q = c.q.view(bf, hkv * g, n, dd)
         p = float(dropout_p or 0.0)
         step = max(_CAUSAL_BLOCK, -(-n // _CAUSAL_SPLITS)) if causal else n
@@ -134,10 +136,10 @@ class DecayAttention(U.SDPAMixer):
 
 @register_handler(Decay)
 def decay_handler(action: Decay, call, site):
-    cross = U.decline_cross(site, "a distance decay needs query and key positions to agree")
+    cross = _base.decline_cross(site, "a distance decay needs query and key positions to agree")
     if cross:
         return cross
-    resolved = U.resolve_grid_layout("Decay", action.layout, call, site)
+    resolved = _base.resolve_grid_layout("Decay", action.layout, call, site)
     if isinstance(resolved, Decline):
         return resolved
     grid, prefix, causal = resolved

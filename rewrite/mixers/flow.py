@@ -42,9 +42,12 @@ from torch import nn
 
 from .. import cost
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
-from . import _util_b as U
-from ._util_a import kernel_dtype
+from ._layout import kernel_dtype
 from .linear import kernel_linear
+from . import _layout
+from . import _masks
+from . import _linear
+from . import _base
 
 EPS = 1e-6
 
@@ -65,22 +68,22 @@ class Flow(Action):
         product = 2 * Nk * d * dv + 2 * N * d * dv + 2 * N * dv
         expr = fmap + flows + compete + product
         if causal:
-            expr += 2 * N * sympy.Min(U.CHUNK, N) * (d + dv)
+            expr += 2 * N * sympy.Min(_linear.CHUNK, N) * (d + dv)
         return sympy.expand(B * H * expr)
 
 
-class FlowAttention(nn.Module, U.WarnOnce):
+class FlowAttention(nn.Module, _base.WarnOnce):
     """Flow attention with SDPA's call signature (see the module docstring)."""
 
-    def __init__(self, chunk: int = U.CHUNK):
+    def __init__(self, chunk: int = _linear.CHUNK):
         super().__init__()
         self.__name__ = "flow_attention"
         self.chunk = chunk
         self.dense_calls = 0
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if U.is_fake(q, k, v, attn_mask):
-            return U.fake_output(q, v)
+        if _layout.is_shape_inference(q, k, v, attn_mask):
+            return _layout.fake_output(q, v)
         return self._run(q, k, v, attn_mask, is_causal, dense=False)
 
     def dense(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -89,9 +92,9 @@ class FlowAttention(nn.Module, U.WarnOnce):
 
     def _run(self, q, k, v, attn_mask, is_causal, dense: bool):
         dtype = q.dtype
-        q, k, v, _ = U.prepare(q, k, v, None)
+        q, k, v, _ = _layout.prepare(q, k, v, None)
         nq, nk = q.shape[-2], k.shape[-2]
-        plan = U.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
+        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
         fq, fk = torch.sigmoid(q), torch.sigmoid(k)
         if plan.kind in ("causal", "general") and nq != nk:
             raise RewriteError(f"Flow needs the queries of every key position; with Nq={nq} != Nk={nk} and a causal "
@@ -107,14 +110,14 @@ class FlowAttention(nn.Module, U.WarnOnce):
         return out.to(dtype)
 
     @staticmethod
-    def _valid(plan: U.MaskPlan, like: torch.Tensor) -> torch.Tensor:
+    def _valid(plan: _masks.MaskPlan, like: torch.Tensor) -> torch.Tensor:
         """``[..., Nk, 1]`` key validity as 0/1 weights."""
         kv = plan.key_valid()
         if kv is None:
             return torch.ones(plan.nk, 1, dtype=like.dtype, device=like.device)
         return kv.transpose(-1, -2).to(like.dtype)
 
-    def _bidirectional(self, fq, fk, v, plan: U.MaskPlan):
+    def _bidirectional(self, fq, fk, v, plan: _masks.MaskPlan):
         w = self._valid(plan, fk)                                  # keys
         u = w if plan.nq == plan.nk else torch.ones(plan.nq, 1, dtype=fq.dtype, device=fq.device)
         n = w.sum(-2, keepdim=True).clamp_min(1.0)                 # [..., 1, 1]
@@ -131,7 +134,7 @@ class FlowAttention(nn.Module, U.WarnOnce):
         state = (fk * w).transpose(-1, -2) @ (comp * v)            # [..., d, dv]
         return alloc * (fq @ state) / (n * inc)
 
-    def _causal(self, fq, fk, v, plan: U.MaskPlan, dtype: torch.dtype):
+    def _causal(self, fq, fk, v, plan: _masks.MaskPlan, dtype: torch.dtype):
         off = plan.offset
         assert off == 0
         w = self._valid(plan, fk)                                  # [..., N, 1]
@@ -150,12 +153,12 @@ class FlowAttention(nn.Module, U.WarnOnce):
         fkw, cv = fk * w, comp * v
         prod = kernel_linear(fq, fkw, cv, "identity", True, EPS, kernel_dtype(dtype))
         if prod is None:
-            prod = U.linear_causal(fq, fkw, cv, 0, self.chunk)
+            prod = _linear.linear_causal(fq, fkw, cv, 0, self.chunk)
         else:   # the kernel divides by Σ_{j<=i} φq_i·φk_j + EPS: multiply it back
             prod = prod * ((fq * fkw.cumsum(-2)).sum(-1, keepdim=True) + EPS)
         return alloc * prod / (n * inc)
 
-    def _dense(self, fq, fk, v, plan: U.MaskPlan):
+    def _dense(self, fq, fk, v, plan: _masks.MaskPlan):
         a = plan.allowed(fq.device).to(fq.dtype)                  # [..., Nq, Nk]
         lead = torch.broadcast_shapes(fq.shape[:-2], fk.shape[:-2], a.shape[:-2])
         a = a.expand(*lead, plan.nq, plan.nk)
@@ -192,10 +195,10 @@ class FlowAttention(nn.Module, U.WarnOnce):
 
 @register_handler(Flow)
 def flow_handler(action: Flow, call, site):
-    bad = U.decline_bias("Flow", site)
+    bad = _base.decline_bias("Flow", site)
     if bad:
         return bad
-    if U.lengths_differ(call, site):
+    if _base.is_cross(site):
         return Decline("Flow needs the queries of every key position (its outgoing flows); cross-attention and "
                        "KV-cache decoding (Nq != Nk) are not supported")
     return FlowAttention()

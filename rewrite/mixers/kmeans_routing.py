@@ -38,8 +38,10 @@ import torch.nn.functional as F
 
 from ..actions import Action, register_action, register_handler
 from ..cost import B, H, N, Nk, d
-from . import _util_a as U
-from . import _util_b as UB
+from . import _layout
+from . import _dense
+from . import _masks
+from . import _base
 
 
 @register_action
@@ -53,22 +55,22 @@ class KMeansRouting(Action):
     exact = False
 
     def __post_init__(self):
-        U.check_int(self, "clusters", self.clusters, 1, "Give the number of k-means centroids, e.g. clusters=4.")
-        U.check_int(self, "window", self.window, 1, "Give the keys each cluster attends to, e.g. window=128.")
-        U.check_int(self, "iterations", self.iterations, 1, "Give the k-means iterations used by fit, e.g. 20.")
+        _base.check_int(self, "clusters", self.clusters, 1, "Give the number of k-means centroids, e.g. clusters=4.")
+        _base.check_int(self, "window", self.window, 1, "Give the keys each cluster attends to, e.g. window=128.")
+        _base.check_int(self, "iterations", self.iterations, 1, "Give the k-means iterations used by fit, e.g. 20.")
 
     def flops(self) -> sympy.Expr:
         """Similarities of q and k to the centroids, then attention over ``window`` keys + the own key."""
         kept = sympy.Min(self.window, Nk) + 1
         slots = N + self.clusters * _slot_block(N, self.clusters)
         routing = 2 * B * H * (N + Nk) * self.clusters * d
-        return U.attention_flops(slots, kept) + routing
+        return _layout.attention_flops(slots, kept) + routing
 
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-class KMeansRoutingAttention(U.SDPAMixer):
+class KMeansRoutingAttention(_base.SDPAMixer):
     """SDPA-signature k-means routed attention. Buffer: ``centroids [Hkv, C, D]`` (empty until fitted)."""
 
     __name__ = "kmeans_routing_attention"
@@ -135,20 +137,20 @@ class KMeansRoutingAttention(U.SDPAMixer):
         (the keys of each cluster, most similar first).
         """
         mu = self.centroids
-        if U.is_fake(q) and not U.is_fake(mu):  # shape inference / tracing of a fitted module
+        if _layout.has_no_data(q) and not _layout.has_no_data(mu):  # shape inference / tracing of a fitted module
             from torch._guards import detect_fake_mode
             mu = detect_fake_mode((q,)).from_tensor(mu)
         mu = mu.to(q.dtype)                                                   # [Hkv, C, D]
-        simq = U.grouped_scores(F.normalize(q, dim=-1), mu.unsqueeze(0))     # [Bf, Hkv, G, N, C]
+        simq = _dense.grouped_scores(F.normalize(q, dim=-1), mu.unsqueeze(0))     # [Bf, Hkv, G, N, C]
         simk = F.normalize(k, dim=-1) @ mu.transpose(-1, -2).unsqueeze(0)    # [Bf, Hkv, Nk, C]
         kidx = simk.topk(min(self.window, k.shape[-2]), dim=-2).indices.transpose(-1, -2)
         return simq.argmax(-1), kidx
 
-    def _is_fitted_for(self, c: U.Canon) -> bool:
+    def _is_fitted_for(self, c: _layout.Canon) -> bool:
         bf, hkv, g, n, _, dd, _ = c.dims
         return tuple(self.centroids.shape) == (hkv, self.clusters, dd)
 
-    def _ensure_fitted(self, c: U.Canon) -> None:
+    def _ensure_fitted(self, c: _layout.Canon) -> None:
         """Fit on this batch when ``fit`` was never called (or was called for another head layout)."""
         if not self._is_fitted_for(c):
             bf, hkv, g, n, _, dd, _ = c.dims
@@ -161,13 +163,13 @@ class KMeansRoutingAttention(U.SDPAMixer):
         Returns ``kidx [Bf, Hkv, G, N, w]`` (each query's window: the ``w`` most recent keys of its cluster at
         or before its position, oldest first) and ``valid`` (False where the cluster has fewer such keys)."""
         mu = self.centroids
-        if U.is_fake(q) and not U.is_fake(mu):
+        if _layout.has_no_data(q) and not _layout.has_no_data(mu):
             from torch._guards import detect_fake_mode
             mu = detect_fake_mode((q,)).from_tensor(mu)
         mu = mu.to(q.dtype)
         bf, hkv, g, n, _ = q.shape
         nc, w = self.clusters, min(self.window, k.shape[-2])
-        qc = U.grouped_scores(F.normalize(q, dim=-1), mu.unsqueeze(0)).argmax(-1)       # [Bf, Hkv, G, N]
+        qc = _dense.grouped_scores(F.normalize(q, dim=-1), mu.unsqueeze(0)).argmax(-1)       # [Bf, Hkv, G, N]
         kc = (F.normalize(k, dim=-1) @ mu.transpose(-1, -2).unsqueeze(0)).argmax(-1)    # [Bf, Hkv, N]
         seen = F.one_hot(kc, nc).cumsum(-2)                                             # [Bf, Hkv, N, C]
         counts = seen[..., -1, :]
@@ -184,7 +186,7 @@ class KMeansRoutingAttention(U.SDPAMixer):
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """Bool ``[Bf, Hq, N, Nk]``: which keys each query attends to (its cluster's keys and its own key)."""
-        c = U.canon(q, k, k, None, None)
+        c = _layout.canon(q, k, k, None, None)
         bf, hkv, g, n, nk, _, _ = c.dims
         self._ensure_fitted(c)
         if causal:
@@ -202,11 +204,11 @@ class KMeansRoutingAttention(U.SDPAMixer):
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        c = U.canon(q, k, v, attn_mask, scale)
+        c = _layout.canon(q, k, v, attn_mask, scale)
         bf, hkv, g, n, nk, dd, dv = c.dims
         if n != nk:
             raise ValueError(f"KMeansRoutingAttention needs as many queries as keys (got {n} and {nk})")
-        if U.is_fake(c.q) and not self._is_fitted_for(c):
+        if _layout.has_no_data(c.q) and not self._is_fitted_for(c):
             # shape inference before any real batch: nothing to route with yet, and nothing to fit on
             return c.finish(c.q.new_zeros(bf, hkv, g, n, dv))
         self._ensure_fitted(c)
@@ -243,18 +245,18 @@ class KMeansRoutingAttention(U.SDPAMixer):
         own = (qs * kown).sum(-1, keepdim=True).mul_(c.scale)                  # [L, nblk, Bq, 1]
 
         kp, qp = kpos.unsqueeze(-2), qpos.unsqueeze(-1)
-        scores = scores.masked_fill(kp == qp, U.NEG_INF)                      # the own key is counted once
+        scores = scores.masked_fill(kp == qp, _layout.NEG_INF)                      # the own key is counted once
         if c.bias is not None:
             rows = own_pos.unsqueeze(-1)
-            scores = scores + U.gather_bias(c.bias, full, rows, kp)
-            own = own + U.gather_bias(c.bias, full, rows, rows)
-        probs = U.dropout(U.safe_softmax(torch.cat([scores, own], -1)), dropout_p)
+            scores = scores + _dense.gather_bias(c.bias, full, rows, kp)
+            own = own + _dense.gather_bias(c.bias, full, rows, rows)
+        probs = _dense.dropout(_dense.safe_softmax(torch.cat([scores, own], -1)), dropout_p)
         out = probs[..., :w] @ vb + probs[..., w:] * vown                      # [L, nblk, Bq, Dv]
         out = torch.gather(out.reshape(*full, nblk * bq, dv), 3, slot_of.unsqueeze(-1).expand(*full, n, dv))
         return c.finish(out)
 
 
-    def _causal(self, c: U.Canon, dropout_p) -> torch.Tensor:
+    def _causal(self, c: _layout.Canon, dropout_p) -> torch.Tensor:
         """Causal routed attention ``[Bf, Hkv, G, N, Dv]`` (see :meth:`route_causal`), in chunks of query rows."""
         bf, hkv, g, _, nk, dd, dv = c.dims
         kidx, valid = self.route_causal(c.q, c.k)
@@ -263,7 +265,7 @@ class KMeansRoutingAttention(U.SDPAMixer):
         keys = c.k.unsqueeze(2).expand(*full, nk, dd)
         vals = c.v.unsqueeze(2).expand(*full, nk, dv)
         outs = []
-        for rows in U.row_chunks(c, per_row=bf * hkv * g * (w + 1) * max(dd, dv)):
+        for rows in _dense.row_chunks(c, per_row=bf * hkv * g * (w + 1) * max(dd, dv)):
             r = rows.stop - rows.start
             ki = kidx[..., rows, :]                                            # [Bf, Hkv, G, R, w]
             flat = ki.reshape(*full, r * w, 1)
@@ -273,11 +275,11 @@ class KMeansRoutingAttention(U.SDPAMixer):
             scores = (qr.unsqueeze(-2) @ kb.transpose(-1, -2)).squeeze(-2).mul_(c.scale)        # [.., R, w]
             own = (qr * c.k[:, :, None, rows, :]).sum(-1, keepdim=True).mul_(c.scale)          # [.., R, 1]
             qpos = torch.arange(rows.start, rows.stop, device=c.q.device).view(1, 1, 1, r, 1)
-            scores = scores.masked_fill(~valid[..., rows, :] | (ki == qpos), U.NEG_INF)   # own key counted once
+            scores = scores.masked_fill(~valid[..., rows, :] | (ki == qpos), _layout.NEG_INF)   # own key counted once
             if c.bias is not None:
-                scores = scores + U.gather_bias(c.bias, full, qpos, ki)
-                own = own + U.gather_bias(c.bias, full, qpos, qpos)
-            probs = U.dropout(U.safe_softmax(torch.cat([scores, own], -1)), dropout_p)
+                scores = scores + _dense.gather_bias(c.bias, full, qpos, ki)
+                own = own + _dense.gather_bias(c.bias, full, qpos, qpos)
+            probs = _dense.dropout(_dense.safe_softmax(torch.cat([scores, own], -1)), dropout_p)
             outs.append((probs[..., None, :w] @ vb).squeeze(-2) + probs[..., w:] * c.v[:, :, None, rows, :])
         return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
@@ -341,9 +343,9 @@ def _spherical_kmeans(x: torch.Tensor, nc: int, iterations: int, seed: int) -> t
 
 @register_handler(KMeansRouting)
 def kmeans_routing_handler(action: KMeansRouting, call, site):
-    cross = U.decline_cross(site, "k-means routing clusters queries and keys of one sequence")
+    cross = _base.decline_cross(site, "k-means routing clusters queries and keys of one sequence")
     if cross:
         return cross
     # a mask that hides every later key, built at run time (seen on the example batch), needs causal routing too
-    causal = U.site_causal(call, site) or UB.hides_future(UB.example_mask_plan(call))
+    causal = _base.site_causal(call, site) or _masks.hides_future(_masks.site_mask_plan(site, call.is_causal))
     return KMeansRoutingAttention(action.clusters, action.window, causal=causal, iterations=action.iterations)

@@ -42,8 +42,11 @@ import torch.nn.functional as F
 
 from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler
-from . import _util_b as U
-from ._util_a import kernel_dtype
+from ._layout import kernel_dtype
+from . import _layout
+from . import _masks
+from . import _linear
+from . import _base
 
 FEATURES = ("elu", "relu", "favor")
 
@@ -85,7 +88,7 @@ class Linear(Action):
         readout = 2 * N * m * (dv + 1) + N * dv                 # φ(q) · state, divide
         expr = fmap + state + readout
         if causal:
-            c = sympy.Min(U.CHUNK, N)
+            c = sympy.Min(_linear.CHUNK, N)
             expr += 2 * N * c * m + 2 * N * c * (dv + 1)        # exact products inside each chunk
         return sympy.expand(B * H * expr)
 
@@ -115,15 +118,15 @@ def kernel_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, feature: 
     return out.reshape(*lead, nq, v.shape[-1])
 
 
-class LinearAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
+class LinearAttention(_base.FastAndDense, _linear.FavorProjection, _base.WarnOnce):
     """Linear attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, feature: str = "elu", features: int = 64, head_dim: Optional[int] = None, seed: int = 0,
-                 chunk: int = U.CHUNK):
+                 chunk: int = _linear.CHUNK):
         super().__init__()
         self.__name__ = f"linear_attention_{feature}"
         self.feature, self.features, self.seed, self.chunk = feature, features, seed, chunk
-        proj = U.orthogonal_gaussian(features, head_dim, seed) if feature == "favor" and head_dim else torch.empty(0)
+        proj = _linear.orthogonal_gaussian(features, head_dim, seed) if feature == "favor" and head_dim else torch.empty(0)
         self.register_buffer("projection", proj, persistent=True)
         self.dense_calls = 0
 
@@ -131,24 +134,24 @@ class LinearAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         """``(φ(q), φ(k) · exp(key bias))`` for already scaled q, k (key bias None: no weighting)."""
         if self.feature == "favor":
             proj = self._proj(q.shape[-1], q.device)
-            fq, _ = U.favor_query(q, proj)
-            fk, _ = U.favor_key(k, proj, key_bias)
+            fq, _ = _linear.favor_query(q, proj)
+            fk, _ = _linear.favor_key(k, proj, key_bias)
             return fq, fk
         if self.feature == "elu":
             fq, fk = F.elu(q) + 1.0, F.elu(k) + 1.0
         else:
             fq, fk = F.relu(q), F.relu(k)
-        w = U.key_weights(key_bias)
+        w = _masks.key_weights(key_bias)
         return fq, (fk if w is None else fk * w)
 
     def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
         dtype = q.dtype
-        q, k, v, s = U.prepare(q, k, v, scale)
+        q, k, v, s = _layout.prepare(q, k, v, scale)
         nq, nk = q.shape[-2], k.shape[-2]
-        plan = U.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
+        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
         r = s ** 0.5
         q, k = q * r, k * r
-        v1 = U.with_ones(v)
+        v1 = _linear.with_ones(v)
         fast = not dense and (plan.kind in ("none", "keys") or (plan.kind == "causal" and plan.offset >= 0))
         if fast and (plan.kind != "causal" or plan.offset == 0):
             # the kernel; eps 1e-12 matches ``normalise``'s clamp (an empty row gives 0 either way)
@@ -163,21 +166,21 @@ class LinearAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         if fast:
             fq, fk = self.feature_maps(q, k, plan.key_bias)
             if plan.kind == "causal":
-                num = U.linear_causal(fq, fk, v1, plan.offset, self.chunk)
+                num = _linear.linear_causal(fq, fk, v1, plan.offset, self.chunk)
             else:
-                num = U.linear_bidirectional(fq, fk, v1)
+                num = _linear.linear_bidirectional(fq, fk, v1)
         else:
             if not dense:
                 self._dense_note("the attention mask is neither a padding nor a causal mask")
             fq, fk = self.feature_maps(q, k, None)
-            weights = U.row_weights(plan.dense_bias(q.device, q.dtype)) if plan.kind != "none" else None
-            num = U.linear_dense(fq, fk, v1, weights)
-        return U.normalise(num).to(dtype)
+            weights = _masks.row_weights(plan.dense_bias(q.device, q.dtype)) if plan.kind != "none" else None
+            num = _linear.linear_dense(fq, fk, v1, weights)
+        return _linear.normalise(num).to(dtype)
 
 
 @register_handler(Linear)
 def linear_handler(action: Linear, call, site):
-    bad = U.decline_bias("Linear", site)
+    bad = _base.decline_bias("Linear", site)
     if bad:
         return bad
-    return LinearAttention(action.feature, action.features, U.head_dim(call, site), action.seed)
+    return LinearAttention(action.feature, action.features, _base.head_dim(site), action.seed)

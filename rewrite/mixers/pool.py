@@ -36,7 +36,9 @@ from torch import nn
 
 from .. import cost
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
-from . import _util_b as U
+from . import _layout
+from . import _masks
+from . import _base
 
 KINDS = ("avg", "max")
 
@@ -81,12 +83,12 @@ class PoolMixer(nn.Module):
         self.kind, self.size, self.grid, self.prefix = kind, size, (tuple(grid) if grid else None), prefix_tokens
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if U.is_fake(q, k, v, attn_mask):
-            return U.fake_output(q, v)
+        if _layout.is_shape_inference(q, k, v, attn_mask):
+            return _layout.fake_output(q, v)
         dtype = q.dtype
-        q, k, v, _ = U.prepare(q, k, v, scale)
+        q, k, v, _ = _layout.prepare(q, k, v, scale)
         nq, nk = q.shape[-2], k.shape[-2]
-        plan = U.plan_mask(attn_mask, is_causal, nq, nk, v.dtype)
+        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, v.dtype)
         lead = torch.broadcast_shapes(q.shape[:-2], v.shape[:-2])
         v = v.expand(*lead, nk, v.shape[-1])
         if self.grid is not None:
@@ -96,7 +98,7 @@ class PoolMixer(nn.Module):
         return out.to(dtype)
 
     # ------------------------------------------------------------------------------------------- 1-D
-    def _pool1d(self, v: torch.Tensor, plan: U.MaskPlan) -> torch.Tensor:
+    def _pool1d(self, v: torch.Tensor, plan: _masks.MaskPlan) -> torch.Tensor:
         nq, nk = plan.nq, plan.nk
         causal = plan.kind == "causal"
         offset = plan.offset if causal else nk - nq
@@ -128,7 +130,7 @@ class PoolMixer(nn.Module):
         return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
 
     # ------------------------------------------------------------------------------------------- 2-D
-    def _pool2d(self, v: torch.Tensor, plan: U.MaskPlan) -> torch.Tensor:
+    def _pool2d(self, v: torch.Tensor, plan: _masks.MaskPlan) -> torch.Tensor:
         gh, gw = self.grid
         p = self.prefix
         n = plan.nk
@@ -166,16 +168,16 @@ class PoolMixer(nn.Module):
 
 @register_handler(Pool)
 def pool_handler(action: Pool, call, site):
-    bad = U.decline_bias("Pool", site)
+    bad = _base.decline_bias("Pool", site)
     if bad:
         return bad
-    bad, grid, prefix = U.check_grid("Pool", call, site, action.dims)
+    bad, grid, prefix = _base.check_grid("Pool", call, site, action.dims)
     if bad:
         return bad
-    causal = U.site_causal(call, site)
+    causal = _base.site_causal(call, site)
     if grid is not None and causal:
         return Decline("Pool 2-D has no causal form (a square window sees later patches); use dims=1 or keep Exact")
-    if U.lengths_differ(call, site) and not causal:
+    if _base.is_cross(site) and not causal:
         return Decline("Pool mixes the values of the query's own sequence; cross-attention and KV-cache decoding "
                        "without a proven causal mask (Nq != Nk) are not supported")
     return PoolMixer(action.kind, action.size, grid, prefix)

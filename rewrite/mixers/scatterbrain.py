@@ -52,9 +52,12 @@ import torch
 
 from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler
-from . import _util_b as U
-from ._util_a import kernel_dtype
+from ._layout import kernel_dtype
 from .linear import kernel_linear
+from . import _layout
+from . import _masks
+from . import _linear
+from . import _base
 
 #: query block of the band (16 for bands narrower than that)
 _BLOCK = 32
@@ -78,6 +81,42 @@ def _build_band(bq: int, left: int, right: int, dtype: torch.dtype, device) -> t
 
 
 _cached_band = functools.lru_cache(maxsize=16)(_build_band)
+
+
+def _band_corrections(qbuf, fq, lq, windows: tuple, band, inside, ip: bool) -> tuple:
+    """Exact minus low-rank attention on every block's band, times the values: ``(num [T, Bq, dv+1], the low-rank
+    query features rescaled to each row's shift [T, Bq, m])``, in groups of blocks that keep scores small.
+    ``ip``: in place, into buffers reused by every group (no autograd)."""
+    kw, fkw, vw, kbw = windows
+    blocks, bq, chunk = qbuf.shape[0], qbuf.shape[1], kw.shape[1]
+    step = max(1, _GROUP_ELEMENTS // (bq * chunk))
+    num = qbuf.new_empty(blocks, bq, vw.shape[-1]) if ip else []
+    fql_all = fq if ip else []
+    if ip:   # the groups' scores and estimates in two buffers reused by every group (fresh group-sized
+        # blocks freed between kept results would fragment the heap)
+        sbuf, lbuf = qbuf.new_empty(min(step, blocks), bq, chunk), qbuf.new_empty(min(step, blocks), bq, chunk)
+    for t0 in range(0, blocks, step):
+        g = slice(t0, min(blocks, t0 + step))
+        size = g.stop - g.start
+        # scores + band pattern
+        s = torch.baddbmm(band, qbuf[g], kw[g].transpose(1, 2), out=sbuf[:size]) if ip else \
+            torch.baddbmm(band, qbuf[g], kw[g].transpose(1, 2))
+        s = s.add_(kbw[g]) if ip else s + kbw[g]                   # + key bias (and padding)
+        shift = torch.maximum(s.amax(-1, keepdim=True), lq[g])     # one shift per row
+        e = s.sub_(shift).exp_() if ip else torch.exp(s - shift)
+        lr_scale = (lq[g] - shift).exp_()                           # [G, Bq, 1]
+        fql = fq[g].mul_(lr_scale) if ip else fq[g] * lr_scale
+        lr_loc = torch.bmm(fql, fkw[g].transpose(1, 2), out=lbuf[:size]) if ip else \
+            torch.bmm(fql, fkw[g].transpose(1, 2))                # the estimate on the window
+        corr = e.addcmul_(lr_loc, inside, value=-1.0) if ip else e - lr_loc * inside   # exact - estimate
+        if ip:
+            torch.bmm(corr, vw[g], out=num[g])
+        else:
+            num.append(torch.bmm(corr, vw[g]))
+            fql_all.append(fql)
+    if not ip:
+        num, fql_all = torch.cat(num), torch.cat(fql_all)
+    return num, fql_all
 
 
 def _band(bq: int, left: int, right: int, dtype: torch.dtype, device) -> tuple:
@@ -123,19 +162,19 @@ class Scatterbrain(Action):
         lowrank = 2 * Nk * m * (dv + 1) + 2 * rows * m * (dv + 1) + N * dv
         expr = band + fmap + lowrank
         if causal:
-            expr += 2 * N * sympy.Min(U.CHUNK, N) * (m + dv + 1)
+            expr += 2 * N * sympy.Min(_linear.CHUNK, N) * (m + dv + 1)
         return sympy.expand(B * H * expr)
 
 
-class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
+class ScatterbrainAttention(_base.FastAndDense, _linear.FavorProjection, _base.WarnOnce):
     """Scatterbrain attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, window: int = 64, features: int = 64, head_dim: Optional[int] = None, seed: int = 0,
-                 chunk: int = U.CHUNK):
+                 chunk: int = _linear.CHUNK):
         super().__init__()
         self.__name__ = "scatterbrain_attention"
         self.window, self.features, self.seed, self.chunk = window, features, seed, chunk
-        proj = U.orthogonal_gaussian(features, head_dim, seed) if head_dim else torch.empty(0)
+        proj = _linear.orthogonal_gaussian(features, head_dim, seed) if head_dim else torch.empty(0)
         self.register_buffer("projection", proj, persistent=True)
         self.dense_calls = 0
 
@@ -148,15 +187,15 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
 
     def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
         dtype = q.dtype
-        q, k, v, s = U.prepare(q, k, v, scale)
+        q, k, v, s = _layout.prepare(q, k, v, scale)
         nq, nk = q.shape[-2], k.shape[-2]
-        plan = U.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
+        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
         r = s ** 0.5
         q, k = q * r, k * r
         proj = self._proj(q.shape[-1], q.device)
         causal = plan.kind == "causal"
         offset = plan.offset if causal else nk - nq
-        v1 = U.with_ones(v)
+        v1 = _linear.with_ones(v)
         fast = not dense and (plan.kind in ("none", "keys") or (causal and offset == nk - nq))
         # the band looks back only at causal sites and when the queries are the last Nq < Nk positions
         # (KV-cache decoding: a decode step's padding-only mask must give the band its prefill gave)
@@ -167,9 +206,9 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
             if not dense:
                 self._dense_note("the attention mask is neither a padding nor a causal mask")
             num = self._dense(q, k, v1, plan, proj, offset, back_only)
-        return U.normalise(num).to(dtype)
+        return _linear.normalise(num).to(dtype)
 
-    def _fast(self, q, k, v1, plan: U.MaskPlan, proj, causal: bool, offset: int, back_only: bool,
+    def _fast(self, q, k, v1, plan: _masks.MaskPlan, proj, causal: bool, offset: int, back_only: bool,
               dtype: torch.dtype = torch.float32):
         """Blocked band plus low-rank sums: time and memory O(N·(w + m)·d), never an ``[Nq, Nk]`` tensor.
 
@@ -198,7 +237,7 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         dev, dt = q.device, q.dtype
         ip = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v1)))   # in place
 
-        fk, ck = U.favor_key(k, proj, plan.key_bias)                    # [..., Nk, m], [..., 1, 1]
+        fk, ck = _linear.favor_key(k, proj, plan.key_bias)                    # [..., Nk, m], [..., 1, 1]
         j0, j1 = max(lo, 0), min(nk, lo + rows)                         # the keys the windows reach
 
         def key_buffer(x, fill):                                        # [..., Nk, c] -> [Bh·rows + span, c]
@@ -212,7 +251,7 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
             0.0 if plan.key_bias is None else plan.key_bias[..., 0, j0:j1])
         qbuf = q.new_zeros(bh, rows, dd)
         qbuf.view(*lead, rows, dd)[..., :nq, :] = q
-        fq, cq = U.favor_query(qbuf, proj)                              # [Bh, rows, m], [Bh, rows, 1]
+        fq, cq = _linear.favor_query(qbuf, proj)                              # [Bh, rows, m], [Bh, rows, 1]
         lq = (cq + ck.expand(*lead, 1, 1).reshape(bh, 1, 1)).view(bh * nb2, bq, 1)   # log-scale of the low rank
         fq = fq.view(bh * nb2, bq, m)
         qbuf = qbuf.view(bh * nb2, bq, dd)
@@ -223,41 +262,13 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         vw = vbuf.as_strided((bh * nb2, chunk, dv1), (bq * dv1, dv1, 1))
         kbw = kbias.as_strided((bh * nb2, 1, chunk), (bq, chunk, 1))
         band, inside = _band(bq, left, right, dt, dev)                # [Bq, chunk] additive, and 0/1
-
-        per_block = bq * chunk
-        step = max(1, _GROUP_ELEMENTS // per_block)
-        num = q.new_empty(bh * nb2, bq, dv1) if ip else []
-        fql_all = fq if ip else []
-        if ip:   # the groups' scores and estimates in two buffers reused by every group (fresh group-sized
-            # blocks freed between kept results would fragment the heap)
-            sbuf, lbuf = q.new_empty(min(step, bh * nb2), bq, chunk), q.new_empty(min(step, bh * nb2), bq, chunk)
-        for t0 in range(0, bh * nb2, step):
-            g = slice(t0, min(bh * nb2, t0 + step))
-            size = g.stop - g.start
-            # scores + band pattern
-            s = torch.baddbmm(band, qbuf[g], kw[g].transpose(1, 2), out=sbuf[:size]) if ip else \
-                torch.baddbmm(band, qbuf[g], kw[g].transpose(1, 2))
-            s = s.add_(kbw[g]) if ip else s + kbw[g]                   # + key bias (and padding)
-            shift = torch.maximum(s.amax(-1, keepdim=True), lq[g])     # one shift per row
-            e = s.sub_(shift).exp_() if ip else torch.exp(s - shift)
-            lr_scale = (lq[g] - shift).exp_()                           # [G, Bq, 1]
-            fql = fq[g].mul_(lr_scale) if ip else fq[g] * lr_scale
-            lr_loc = torch.bmm(fql, fkw[g].transpose(1, 2), out=lbuf[:size]) if ip else \
-                torch.bmm(fql, fkw[g].transpose(1, 2))                # the estimate on the window
-            corr = e.addcmul_(lr_loc, inside, value=-1.0) if ip else e - lr_loc * inside   # exact - estimate
-            if ip:
-                torch.bmm(corr, vw[g], out=num[g])
-            else:
-                num.append(torch.bmm(corr, vw[g]))
-                fql_all.append(fql)
-        if not ip:
-            num, fql_all = torch.cat(num), torch.cat(fql_all)
+        num, fql_all = _band_corrections(qbuf, fq, lq, (kw, fkw, vw, kbw), band, inside, ip)
         num, fql_all = num.view(bh, rows, dv1), fql_all.view(bh, rows, m)
         lr = self._kernel_lowrank(fql_all.view(*lead, rows, m)[..., :nq, :], fk, v1, causal, dtype)
         if lr is not None:
             return num[:, :nq].reshape(*lead, nq, dv1) + lr
         if causal:   # (φ(q)·scale) against the prefix sums: scale times the low-rank term
-            lr = U.linear_causal(fql_all.view(*lead, rows, m)[..., :nq, :], fk, v1, offset, self.chunk)
+            lr = _linear.linear_causal(fql_all.view(*lead, rows, m)[..., :nq, :], fk, v1, offset, self.chunk)
             return num[:, :nq].reshape(*lead, nq, dv1) + lr
         state = fk.transpose(-1, -2) @ v1                               # [..., m, dv+1]
         state = state.expand(*lead, m, dv1).reshape(bh, m, dv1)
@@ -280,7 +291,7 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         den = (fq * z).sum(-1, keepdim=True) if causal else fq @ z.transpose(-1, -2)
         return torch.cat([out * (den + _KERNEL_EPS), den], dim=-1)
 
-    def _dense(self, q, k, v1, plan: U.MaskPlan, proj, offset: int, back_only: bool):
+    def _dense(self, q, k, v1, plan: _masks.MaskPlan, proj, offset: int, back_only: bool):
         nq, nk = q.shape[-2], k.shape[-2]
         left, right = self._extent(back_only)
         pos = torch.arange(nq, device=q.device)[:, None] + offset
@@ -288,8 +299,8 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
         band = (j >= pos - left) & (j <= pos + right)                   # [Nq, Nk]
         bias = plan.dense_bias(q.device, q.dtype)
         scores = q @ k.transpose(-1, -2) + bias
-        fq, cq = U.favor_query(q, proj)
-        fk, ck = U.favor_key(k, proj, None)
+        fq, cq = _linear.favor_query(q, proj)
+        fk, ck = _linear.favor_key(k, proj, None)
         lr_log = cq + ck + bias                                         # log-scale of each low-rank entry
         shift = torch.maximum(scores.masked_fill(~band, float("-inf")).amax(-1, keepdim=True),
                               lr_log.amax(-1, keepdim=True))
@@ -302,7 +313,7 @@ class ScatterbrainAttention(U.FastAndDense, U.FavorProjection, U.WarnOnce):
 
 @register_handler(Scatterbrain)
 def scatterbrain_handler(action: Scatterbrain, call, site):
-    bad = U.decline_bias("Scatterbrain", site)
+    bad = _base.decline_bias("Scatterbrain", site)
     if bad:
         return bad
-    return ScatterbrainAttention(action.window, action.features, U.head_dim(call, site), action.seed)
+    return ScatterbrainAttention(action.window, action.features, _base.head_dim(site), action.seed)

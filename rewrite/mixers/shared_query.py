@@ -31,7 +31,9 @@ import torch
 
 from .. import cost
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
-from . import _util_b as U
+from . import _layout
+from . import _masks
+from . import _base
 
 QUERIES = ("mean", "calibrated")
 
@@ -60,7 +62,7 @@ class SharedQuery(Action):
         return sympy.expand(B * H * expr)
 
 
-class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
+class SharedQueryAttention(_base.FastAndDense, _base.WarnOnce):
     """Shared-query attention with SDPA's call signature (see the module docstring)."""
 
     def __init__(self, query: str = "mean"):
@@ -122,9 +124,9 @@ class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
         dtype = q.dtype
         if self.query == "calibrated" and not self.fitted:
             self.fit(q)
-        q, k, v, s = U.prepare(q, k, v, scale)
+        q, k, v, s = _layout.prepare(q, k, v, scale)
         nq, nk = q.shape[-2], k.shape[-2]
-        plan = U.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
+        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
         lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
         if self.query == "calibrated":
             qbar = self.calibrated_query().to(device=q.device, dtype=q.dtype)
@@ -156,7 +158,7 @@ class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
         return out.contiguous().to(dtype)
 
     @staticmethod
-    def _mean_query(q: torch.Tensor, plan: U.MaskPlan) -> torch.Tensor:
+    def _mean_query(q: torch.Tensor, plan: _masks.MaskPlan) -> torch.Tensor:
         """Mean query over valid tokens: the unpadded positions when Nq == Nk, else all queries."""
         valid = plan.key_valid()
         if valid is None or plan.nq != plan.nk:
@@ -165,7 +167,7 @@ class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
         return (w * q).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1.0)
 
     @staticmethod
-    def _row_mean_query(q: torch.Tensor, plan: U.MaskPlan) -> torch.Tensor:
+    def _row_mean_query(q: torch.Tensor, plan: _masks.MaskPlan) -> torch.Tensor:
         """Per query row, the mean of the queries at the positions it may see (queries sit at the last Nq
         key positions); with Nq > Nk, the mean of all queries."""
         off = plan.nk - plan.nq
@@ -195,10 +197,10 @@ class SharedQueryAttention(U.FastAndDense, U.WarnOnce):
 
 @register_handler(SharedQuery)
 def shared_query_handler(action: SharedQuery, call, site):
-    bad = U.decline_bias("SharedQuery", site)
+    bad = _base.decline_bias("SharedQuery", site)
     if bad:
         return bad
-    if action.query == "mean" and U.site_causal(call, site):
+    if action.query == "mean" and _base.site_causal(call, site):
         return Decline("SharedQuery(query='mean') at a causal site would mix future tokens into every output; "
                        "use SharedQuery(query='calibrated'), which has a causal prefix form")
     return SharedQueryAttention(action.query)

@@ -24,7 +24,7 @@ On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTER
 ``rewrite/kernels/README.md``) the band runs on the Triton block-sparse kernel instead: a block mask covering
 only the blocks the band and the sink columns touch, and the exact band (``window=(left, right)``, ``sinks``)
 applied in-kernel, so time is proportional to the kept blocks and no [N, N] mask is built; fp16 / bf16 inputs
-reach the kernel in their own dtype (``U.kernel_dtype``). Global sink query rows (bidirectional) are still one
+reach the kernel in their own dtype (``_layout.kernel_dtype``). Global sink query rows (bidirectional) are still one
 small dense SDPA. The PyTorch path above is kept where the kernel would not compute the same thing: dropout
 (the kernel has none), a per-query site mask (only key-padding masks, one row broadcast over the queries, are
 passed to the kernel, never an [N, N] one), float64, head dims over 256.
@@ -44,7 +44,9 @@ import torch.nn.functional as F
 
 from ..actions import Action, register_action, register_handler
 from ..cost import N, Nk
-from . import _util_a as U
+from . import _layout
+from . import _dense
+from . import _base
 
 #: the CPU fused kernel that also returns each row's log-sum-exp (used to merge the sink keys in)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -72,8 +74,8 @@ class SlidingWindow(Action):
     exact = False
 
     def __post_init__(self):
-        U.check_int(self, "window", self.window, 1, "Give the total band width in tokens, e.g. window=256.")
-        U.check_int(self, "sinks", self.sinks, 0, "Give how many first tokens every query sees, e.g. sinks=1.")
+        _base.check_int(self, "window", self.window, 1, "Give the total band width in tokens, e.g. window=256.")
+        _base.check_int(self, "sinks", self.sinks, 0, "Give how many first tokens every query sees, e.g. sinks=1.")
 
     def flops(self) -> sympy.Expr:
         """Bidirectional form (causal sites do about the same work): each query scores its block's chunk of
@@ -82,12 +84,12 @@ class SlidingWindow(Action):
         left, right = _reach(self.window, False)
         chunk = _block(left, right) + left + right
         s = sympy.Integer(self.sinks)
-        return (U.attention_flops(N, sympy.Min(chunk, Nk)) + U.attention_flops(N, sympy.Min(s, Nk))
-                + U.attention_flops(sympy.Min(s, N), Nk))
+        return (_layout.attention_flops(N, sympy.Min(chunk, Nk)) + _layout.attention_flops(N, sympy.Min(s, Nk))
+                + _layout.attention_flops(sympy.Min(s, N), Nk))
 
 
 def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, U.NEG_INF)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, _layout.NEG_INF)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,19 +176,19 @@ _cached_patterns = functools.lru_cache(maxsize=16)(_build_patterns)
 _CACHE_ELEMENTS = 1 << 19
 
 
-def _patterns(c: U.Canon, n: int, bq: int, left: int, right: int, s: int, causal: bool) -> tuple:
+def _patterns(c: _layout.Canon, n: int, bq: int, left: int, right: int, s: int, causal: bool) -> tuple:
     """``_build_patterns`` for this call, from a small cache when the sizes are plain numbers (not while
     tracing or on fake tensors)."""
     args = (n, bq, left, right, s, causal, c.q.dtype, c.q.device)
     size = (left + right + 4 * bq) * (bq + left + right) + (n + bq) * s      # the masks' elements, at most
-    if (size <= _CACHE_ELEMENTS and all(isinstance(x, int) for x in args[:4]) and not U.is_fake(c.q)
+    if (size <= _CACHE_ELEMENTS and all(isinstance(x, int) for x in args[:4]) and not _layout.has_no_data(c.q)
             and not torch.compiler.is_compiling()):
         with torch.inference_mode(False):   # usable later outside inference mode too
             return _cached_patterns(*args)
     return _build_patterns(*args)
 
 
-class SlidingWindowAttention(U.SDPAMixer):
+class SlidingWindowAttention(_base.SDPAMixer):
     """SDPA-signature sliding-window attention; ``causal`` fixes the causal band (the site was proven causal)."""
 
     __name__ = "sliding_window_attention"
@@ -199,7 +201,7 @@ class SlidingWindowAttention(U.SDPAMixer):
         return {"window": self.window, "sinks": self.sinks, "causal": self.causal}
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        c = U.canon(q, k, v, attn_mask, scale)
+        c = _layout.canon(q, k, v, attn_mask, scale)
         n, nk = c.dims[3], c.dims[4]
         if n != nk:
             raise ValueError(f"SlidingWindowAttention needs as many queries as keys (got {n} and {nk}); "
@@ -220,7 +222,7 @@ class SlidingWindowAttention(U.SDPAMixer):
         return c.finish(out)
 
     @staticmethod
-    def _kernel(c: U.Canon, left: int, right: int, s: int, causal: bool, p: float):
+    def _kernel(c: _layout.Canon, left: int, right: int, s: int, causal: bool, p: float):
         """The band on the Triton block-sparse kernel (``[Bf, Hkv, G, N, Dv]``), or None where the kernel would
         not compute this call exactly (then the PyTorch path runs; see the module docstring)."""
         from ..kernels._common import interpret_mode, mixer_kernels
@@ -229,7 +231,7 @@ class SlidingWindowAttention(U.SDPAMixer):
         bf, hkv, g, n, _, dd, dv = c.dims
         if p > 0.0 or c.q.dtype == torch.float64 or max(dd, dv) > 256:
             return None          # no dropout in the kernel; fp64 / wide heads are not kernel shapes
-        servable, mask = U.kernel_key_mask(c)
+        servable, mask = _dense.kernel_key_mask(c)
         if not servable:
             return None
         from ..kernels.block_sparse_attention import band_block_mask, block_sparse_attention
@@ -240,13 +242,13 @@ class SlidingWindowAttention(U.SDPAMixer):
                                      is_causal=causal, scale=c.scale, window=(left, right), sinks=s)
         out = out.view(bf, hkv, g, n, dv)
         if s and not causal:     # global sink queries see every key: a small dense SDPA for those rows
-            sink = U.Canon(c.q[..., :s, :], c.k, c.v, U.bias_rows(c.bias, slice(0, s)), c.scale, (), c.out_dtype,
+            sink = _layout.Canon(c.q[..., :s, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, s)), c.scale, (), c.out_dtype,
                            c.mask_floor)
-            out = torch.cat([U.sdpa_rows(sink, c.k, c.v, sink.bias).to(out.dtype), out[..., s:, :]], dim=-2)
+            out = torch.cat([_dense.sdpa_rows(sink, c.k, c.v, sink.bias).to(out.dtype), out[..., s:, :]], dim=-2)
         return out
 
     @staticmethod
-    def _dense(c: U.Canon, left: int, right: int, s: int, causal: bool, p: float) -> torch.Tensor:
+    def _dense(c: _layout.Canon, left: int, right: int, s: int, causal: bool, p: float) -> torch.Tensor:
         """One chunk would hold every key: SDPA over all keys with the band (and sinks) as a mask."""
         n, dev, dt = c.dims[3], c.q.device, c.q.dtype
 
@@ -258,9 +260,9 @@ class SlidingWindowAttention(U.SDPAMixer):
                 keep = keep | ((j < s) & (j <= i)) if causal else keep | (j < s) | (i < s)
             return _additive(keep, dt)
 
-        return U.sdpa_rows(c, c.k, c.v, c.bias, extra=band, dropout_p=p)
+        return _dense.sdpa_rows(c, c.k, c.v, c.bias, extra=band, dropout_p=p)
 
-    def _banded(self, c: U.Canon, bq: int, left: int, right: int, s: int, causal: bool, p: float) -> torch.Tensor:
+    def _banded(self, c: _layout.Canon, bq: int, left: int, right: int, s: int, causal: bool, p: float) -> torch.Tensor:
         bf, hkv, g, n, _, dd, dv = c.dims
         bh, dev = bf * hkv, c.q.device
         nb = -(-n // bq)
@@ -299,9 +301,9 @@ class SlidingWindowAttention(U.SDPAMixer):
 
         if s and not causal:
             # global sink queries see every key
-            sink = U.Canon(c.q[..., :s, :], c.k, c.v, U.bias_rows(c.bias, slice(0, s)), c.scale, (), c.out_dtype,
+            sink = _layout.Canon(c.q[..., :s, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, s)), c.scale, (), c.out_dtype,
                            c.mask_floor)
-            rows_out = U.sdpa_rows(sink, c.k, c.v, sink.bias, dropout_p=p)
+            rows_out = _dense.sdpa_rows(sink, c.k, c.v, sink.bias, dropout_p=p)
             if fused:  # ``out`` is a buffer of our own that nothing differentiates through
                 out[..., :s, :] = rows_out
             else:
@@ -309,7 +311,7 @@ class SlidingWindowAttention(U.SDPAMixer):
         return out
 
     @staticmethod
-    def _mask(c: U.Canon, seg: _Segment, band: torch.Tensor, bq: int) -> torch.Tensor:
+    def _mask(c: _layout.Canon, seg: _Segment, band: torch.Tensor, bq: int) -> torch.Tensor:
         """A segment's band pattern ``[count|1, Bq, chunk]`` plus the site's mask there, as the SDPA mask
         ``[1|Bf·Hkv, count|1, G·Bq, chunk]`` of its blocks (rows of the G heads stacked)."""
         bf, hkv, g = c.dims[:3]
@@ -322,7 +324,7 @@ class SlidingWindowAttention(U.SDPAMixer):
             return mask.expand(1, 1, count, g, bq, chunk).reshape(1, count, g * bq, chunk)
         return mask.expand(bf, hkv, count, g, bq, chunk).reshape(bf * hkv, count, g * bq, chunk)
 
-    def _sink_mask(self, c: U.Canon, sink: torch.Tensor, n: int, nb: int, bq: int) -> torch.Tensor:
+    def _sink_mask(self, c: _layout.Canon, sink: torch.Tensor, n: int, nb: int, bq: int) -> torch.Tensor:
         """The sink columns' pattern ``[nb, Bq, s]`` plus the site's mask on those columns, as the mask
         ``[1|Bf·Hkv, nb, G·Bq, s]`` of the sink scores."""
         bf, hkv, g = c.dims[:3]
@@ -337,7 +339,7 @@ class SlidingWindowAttention(U.SDPAMixer):
         return mask.expand(bf, hkv, nb, g, bq, s).reshape(bf * hkv, nb, g * bq, s)
 
     @staticmethod
-    def _merge_sinks(c: U.Canon, qb, k, v, segments, sink_mask) -> torch.Tensor:
+    def _merge_sinks(c: _layout.Canon, qb, k, v, segments, sink_mask) -> torch.Tensor:
         """Fused banded attention per segment, then the sink columns merged in through each row's
         log-sum-exp (the kernel's second output)."""
         bh, nb, rows, dd = qb.shape
@@ -348,7 +350,7 @@ class SlidingWindowAttention(U.SDPAMixer):
                                   scale=c.scale)
             if c.bias is not None:
                 # the kernel gives a row whose band is all masked out a log-sum-exp of 0: make it -inf
-                lse = lse.masked_fill(~(mask > U.NEG_INF).any(-1), U.NEG_INF)
+                lse = lse.masked_fill(~(mask > _layout.NEG_INF).any(-1), _layout.NEG_INF)
             outs.append(out)
             lses.append(lse)
         lse = (torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]).unsqueeze(-1)          # [Bf·Hkv, nb, G·Bq, 1]
@@ -382,7 +384,7 @@ class SlidingWindowAttention(U.SDPAMixer):
 
 @register_handler(SlidingWindow)
 def sliding_window_handler(action: SlidingWindow, call, site):
-    cross = U.decline_cross(site, "a sliding window needs as many queries as keys")
+    cross = _base.decline_cross(site, "a sliding window needs as many queries as keys")
     if cross:
         return cross
-    return SlidingWindowAttention(action.window, action.sinks, causal=U.site_causal(call, site))
+    return SlidingWindowAttention(action.window, action.sinks, causal=_base.site_causal(call, site))

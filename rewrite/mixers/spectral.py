@@ -35,7 +35,10 @@ from torch import nn
 
 from .. import cost
 from ..actions import Action, Decline, RewriteError, register_action, register_handler
-from . import _util_b as U
+from . import _layout
+from . import _dense
+from . import _masks
+from . import _base
 
 KINDS = ("fft", "dct")
 
@@ -100,7 +103,7 @@ def lowpass_fft2(img: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.fft.irfft2(spec, s=(h, w))
 
 
-class SpectralMixer(nn.Module, U.ExactFallback):
+class SpectralMixer(nn.Module, _base.ExactFallback):
     """Spectral low-pass mixer with SDPA's call signature (see the module docstring). ``grid`` None: 1-D."""
 
     def __init__(self, kind: str = "fft", keep: int = 16, grid: Optional[tuple] = None, prefix_tokens: int = 0):
@@ -112,16 +115,16 @@ class SpectralMixer(nn.Module, U.ExactFallback):
         return (lowpass_fft if self.kind == "fft" else lowpass_dct)(x, self.keep, dim)
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if U.is_fake(q, k, v, attn_mask):
-            return U.fake_output(q, v)
+        if _layout.is_shape_inference(q, k, v, attn_mask):
+            return _layout.fake_output(q, v)
         why = self.refusal(q, k, attn_mask, is_causal)
         if why:
             self._exact_note(why)
-            return U.exact_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            return _dense.exact_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         dtype = q.dtype
-        q, k, v, _ = U.prepare(q, k, v, scale)
+        q, k, v, _ = _layout.prepare(q, k, v, scale)
         nk = k.shape[-2]
-        plan = U.plan_mask(attn_mask, is_causal, q.shape[-2], nk, v.dtype)
+        plan = _masks.plan_mask(attn_mask, is_causal, q.shape[-2], nk, v.dtype)
         lead = torch.broadcast_shapes(q.shape[:-2], v.shape[:-2])
         v = v.expand(*lead, nk, v.shape[-1])
         valid = _valid_keys(plan, lead, nk)
@@ -139,7 +142,7 @@ class SpectralMixer(nn.Module, U.ExactFallback):
         if nq != nk:
             return (f"Spectral mixes one sequence; Nq={nq} != Nk={nk} (cross-attention or KV-cache decoding) "
                     "is not supported")
-        plan = U.plan_mask(attn_mask, is_causal, nq, nk)
+        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk)
         if plan.kind not in ("none", "keys"):
             return ("Spectral has no causal form and honours only padding masks (found a "
                     f"{plan.kind} mask at run time)")
@@ -183,7 +186,7 @@ class SpectralMixer(nn.Module, U.ExactFallback):
         return torch.cat(parts, 1).reshape(v.shape)
 
 
-def _valid_keys(plan: U.MaskPlan, lead: tuple, nk: int) -> Optional[torch.Tensor]:
+def _valid_keys(plan: _masks.MaskPlan, lead: tuple, nk: int) -> Optional[torch.Tensor]:
     """Boolean ``[*lead, Nk]`` valid (unpadded) keys of a padding plan; None when every key is valid."""
     valid = plan.key_valid()
     if valid is None:
@@ -192,7 +195,7 @@ def _valid_keys(plan: U.MaskPlan, lead: tuple, nk: int) -> Optional[torch.Tensor
     return None if bool(valid.all()) else valid
 
 
-def _padding_refusal(plan: U.MaskPlan, two_d: bool) -> str:
+def _padding_refusal(plan: _masks.MaskPlan, two_d: bool) -> str:
     """Why a padding plan cannot be served ("" when it can)."""
     valid = plan.key_valid()
     if valid is None or bool(valid.all()):
@@ -216,21 +219,21 @@ def _contiguous(valid: torch.Tensor) -> bool:
 
 @register_handler(Spectral)
 def spectral_handler(action: Spectral, call, site):
-    bad = U.decline_bias("Spectral", site)
+    bad = _base.decline_bias("Spectral", site)
     if bad:
         return bad
-    if U.site_causal(call, site):
+    if _base.site_causal(call, site):
         return Decline("Spectral mixing is global over the sequence and has no causal form")
-    if U.lengths_differ(call, site):
+    if _base.is_cross(site):
         return Decline("Spectral mixes the values of one sequence; cross-attention and KV-cache decoding "
                        "(Nq != Nk) are not supported")
-    bad, grid, prefix = U.check_grid("Spectral", call, site, action.dims)
+    bad, grid, prefix = _base.check_grid("Spectral", call, site, action.dims)
     if bad:
         return bad
-    if grid is not None and "none" not in U.mask_kinds(site):
+    if grid is not None and "none" not in _base.mask_kinds(site):
         return Decline("Spectral 2-D cannot honour a padding mask over image patches")
     mixer = SpectralMixer(action.kind, action.keep, grid, prefix)
-    plan = U.example_mask_plan(call)  # a mask built at run time, as the example batch has it
+    plan = _masks.site_mask_plan(site, call.is_causal)  # a mask built at run time, as the example batch has it
     if plan is not None and plan.kind not in ("none", "keys"):
         what = "a causal mask" if plan.kind == "causal" else "a mask that differs between queries"
         return Decline(f"Spectral mixing is global over the sequence and honours only padding masks; this site's "

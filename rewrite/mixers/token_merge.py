@@ -27,8 +27,10 @@ import torch.nn.functional as F
 
 from ..actions import Action, Decline, register_action, register_handler
 from ..cost import B, H, N, Nk, d, dv
-from . import _util_a as U
-from . import _util_b as UB
+from . import _layout
+from . import _dense
+from . import _masks
+from . import _base
 
 
 @register_action
@@ -40,17 +42,17 @@ class TokenMerge(Action):
     exact = False
 
     def __post_init__(self):
-        U.check_int(self, "r", self.r, 0, "Give how many keys to merge away, e.g. r=16 (0 is exact).")
+        _base.check_int(self, "r", self.r, 0, "Give how many keys to merge away, e.g. r=16 (0 is exact).")
 
     def flops(self) -> sympy.Expr:
         """Key normalisation and A·Bᵀ matching, the merge averages, then attention over Nk - r keys."""
         kept = sympy.Max(Nk - self.r, Nk / 2)
         matching = 3 * B * H * Nk * d + 2 * B * H * (Nk / 2) ** 2 * d
         merge = 2 * B * H * sympy.Min(self.r, Nk / 2) * (d + dv)
-        return U.attention_flops(N, kept) + matching + merge
+        return _layout.attention_flops(N, kept) + matching + merge
 
 
-class TokenMergeAttention(U.SDPAMixer):
+class TokenMergeAttention(_base.SDPAMixer):
     """SDPA-signature attention over ``Nk - r`` merged keys (per kv head)."""
 
     __name__ = "token_merge_attention"
@@ -65,7 +67,7 @@ class TokenMergeAttention(U.SDPAMixer):
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if is_causal:
             raise ValueError("TokenMergeAttention has no causal form (merging mixes past and future keys)")
-        c = U.canon(q, k, v, attn_mask, scale)
+        c = _layout.canon(q, k, v, attn_mask, scale)
         bf, hkv, g, nq, nk, dd, dv = c.dims
         r = min(self.r, nk // 2)
         keys, values, bias = c.k, c.v, c.bias
@@ -75,14 +77,14 @@ class TokenMergeAttention(U.SDPAMixer):
             # one bias row for every query (padding and the merged keys' sizes): a broadcast SDPA mask, one
             # fused call (no [Nq, Nk] mask is built)
             out = F.scaled_dot_product_attention(c.q.view(bf, hkv * g, nq, dd), keys, values,
-                                                 attn_mask=U.heads_mask(bias, hkv, g),
+                                                 attn_mask=_dense.heads_mask(bias, hkv, g),
                                                  dropout_p=float(dropout_p or 0.0), scale=c.scale,
                                                  enable_gqa=g > 1)
             return c.finish(out.view(bf, hkv, g, nq, dv))
-        return c.finish(U.sdpa_rows(c, keys, values, bias, dropout_p=dropout_p))
+        return c.finish(_dense.sdpa_rows(c, keys, values, bias, dropout_p=dropout_p))
 
     @staticmethod
-    def merge(c: U.Canon, r: int) -> tuple:
+    def merge(c: _layout.Canon, r: int) -> tuple:
         """Keys ``[Bf, Hkv, Nk-r, D]``, values and the bias ``[Bm', Hm', Gm, Nqm, Nk-r]`` after merging r pairs."""
         bf, hkv, g, nq, nk, dd, dv = c.dims
         k, v, bias = c.k, c.v, c.bias
@@ -98,14 +100,14 @@ class TokenMergeAttention(U.SDPAMixer):
             # best B partner of each A key: the similarities [Bf·Hkv, Na, Nb] a block of A rows at a time, in
             # one buffer reused by every block (fresh blocks between the kept results would fragment the heap)
             na, nb = ma.shape[-2], mb.shape[-1]
-            step = min(na, max(1, U.ROW_CHUNK_ELEMENTS // max(1, bh * nb)))
+            step = min(na, max(1, _dense.ROW_CHUNK_ELEMENTS // max(1, bh * nb)))
             buf = m.new_empty(bh * step * nb)
             node_max, node_idx = m.new_empty(bh, na), torch.empty(bh, na, dtype=torch.long, device=m.device)
             for a0 in range(0, na, step):
                 a1 = min(na, a0 + step)
                 sim = torch.bmm(ma[:, a0:a1], mb, out=buf[:bh * (a1 - a0) * nb].view(bh, a1 - a0, nb))
                 if bias is not None:
-                    sim.masked_fill_(va[:, a0:a1], U.NEG_INF).masked_fill_(vb, U.NEG_INF)
+                    sim.masked_fill_(va[:, a0:a1], _layout.NEG_INF).masked_fill_(vb, _layout.NEG_INF)
                 torch.max(sim, dim=-1, out=(node_max[:, a0:a1], node_idx[:, a0:a1]))
             del buf
             node_max, node_idx = node_max.view(bf, hkv, na), node_idx.view(bf, hkv, na)
@@ -151,11 +153,11 @@ class TokenMergeAttention(U.SDPAMixer):
 
 @register_handler(TokenMerge)
 def token_merge_handler(action: TokenMerge, call, site):
-    if U.site_causal(call, site):
+    if _base.site_causal(call, site):
         return Decline("token merging averages keys across positions, which would let a query see future "
                        "tokens; causal sites are not supported")
-    plan = UB.example_mask_plan(call)  # a mask built at run time, as the example batch has it
-    if UB.visibility_varies(plan):
+    plan = _masks.site_mask_plan(site, call.is_causal)  # a mask built at run time, as the example batch has it
+    if _masks.visibility_varies(plan):
         what = "a causal mask" if plan.kind == "causal" else "a mask that hides keys from some queries only"
         return Decline(f"token merging averages keys across positions, which would let a query see keys its mask "
                        f"hides; this site's mask (built at run time) is {what} on the example batch")

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from ..actions import Action, register_action, register_handler
 from ..cost import SOFTMAX_FLOPS_PER_SCORE, B, H, N, Nk, d, dv
-from . import _util_a as U
+from . import _layout
+from . import _dense
+from . import _base
 
 
 @register_action
@@ -34,7 +36,7 @@ class TopK(Action):
     exact = False
 
     def __post_init__(self):
-        U.check_int(self, "k", self.k, 1, "Give how many keys each query keeps, e.g. k=64.")
+        _base.check_int(self, "k", self.k, 1, "Give how many keys each query keeps, e.g. k=64.")
 
     def flops(self) -> sympy.Expr:
         """All scores (2d each), a ~1-flop selection pass, softmax over the kept keys and the value product
@@ -76,7 +78,7 @@ def select_top(sc: torch.Tensor, kk: int, gs: int) -> tuple:
     return vals, torch.gather(members, -1, pick)
 
 
-class TopKAttention(U.SDPAMixer):
+class TopKAttention(_base.SDPAMixer):
     """SDPA-signature top-k attention; ``causal`` adds the causal pattern (a site proven causal)."""
 
     __name__ = "top_k_attention"
@@ -89,11 +91,11 @@ class TopKAttention(U.SDPAMixer):
         return {"k": self.k, "causal": self.causal}
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        c = U.canon(q, k, v, attn_mask, scale)
+        c = _layout.canon(q, k, v, attn_mask, scale)
         bf, hkv, g, nq, nk, dd, dv = c.dims
         causal = self.causal or bool(is_causal)
         if self.k >= nk:   # every key kept: exact attention, fused
-            return c.finish(U.sdpa_rows(c, c.k, c.v, c.bias, causal=causal, dropout_p=dropout_p))
+            return c.finish(_dense.sdpa_rows(c, c.k, c.v, c.bias, causal=causal, dropout_p=dropout_p))
         kk = self.k
         ip = not (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v, c.bias)
                                                   if t is not None))
@@ -104,7 +106,7 @@ class TopKAttention(U.SDPAMixer):
         # values as one table [Bf·Hkv·Nk, Dv]: each query's output is the weighted sum of its kept rows
         table = c.v.reshape(bf * hkv * nk, dv)
         base = (torch.arange(bf * hkv, device=c.v.device) * nk).view(bf, hkv, 1, 1, 1)
-        chunks = list(U.row_chunks(c))
+        chunks = list(_dense.row_chunks(c))
         if ip:
             # every chunk's scores in one buffer and its output in place: chunk-sized blocks freed between
             # kept results would fragment the heap (resident memory growing chunk after chunk)
@@ -126,8 +128,8 @@ class TopKAttention(U.SDPAMixer):
                 sc = torch.bmm(q3, k3, out=buf[:q3.shape[0] * g * r * wpad].view(-1, g * r, wpad))
                 sc = sc.view(bf, hkv, g, r, wpad)
             else:
-                sc = U.grouped_scores(qs[..., rows, :], keys[..., :wpad, :])    # [Bf, Hkv, G, R, wpad]
-            b = U.bias_rows(c.bias, rows)
+                sc = _dense.grouped_scores(qs[..., rows, :], keys[..., :wpad, :])    # [Bf, Hkv, G, R, wpad]
+            b = _dense.bias_rows(c.bias, rows)
             if b is not None:
                 b = b[..., :width]
                 if ip:
@@ -135,14 +137,14 @@ class TopKAttention(U.SDPAMixer):
                 else:
                     sc = torch.cat([sc[..., :width] + b, sc[..., width:]], -1)
             if causal and width > rows.start + 1:
-                keep = U.causal_keep(rows, nq, wpad, sc.device)
-                sc = sc.masked_fill_(~keep, U.NEG_INF) if ip else sc.masked_fill(~keep, U.NEG_INF)
+                keep = _dense.causal_keep(rows, nq, wpad, sc.device)
+                sc = sc.masked_fill_(~keep, _layout.NEG_INF) if ip else sc.masked_fill(~keep, _layout.NEG_INF)
             if wpad > width:
-                sc = sc.index_fill_(-1, torch.arange(width, wpad, device=sc.device), U.NEG_INF) if ip else \
-                    sc.index_fill(-1, torch.arange(width, wpad, device=sc.device), U.NEG_INF)
+                sc = sc.index_fill_(-1, torch.arange(width, wpad, device=sc.device), _layout.NEG_INF) if ip else \
+                    sc.index_fill(-1, torch.arange(width, wpad, device=sc.device), _layout.NEG_INF)
             kr = min(kk, width)
             vals, idx = select_top(sc, kr, gsr if kr == kk else 1)
-            p = U.dropout(U.safe_softmax(vals), dropout_p)                      # [Bf, Hkv, G, R, k]
+            p = _dense.dropout(_dense.safe_softmax(vals), dropout_p)                      # [Bf, Hkv, G, R, k]
             # a padding column is picked only with weight 0 (fewer than k visible keys): keep it in range
             idx = (idx.clamp_(max=nk - 1) if ip else idx.clamp(max=nk - 1)) if wpad > nk else idx
             idx = (idx + base).reshape(-1, kr)

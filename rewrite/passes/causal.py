@@ -26,10 +26,9 @@ import torch
 import torch.fx as fx
 
 from ..graph import meta_value, same_size, shape
+from ..sites import MASKED_BELOW
 from .find_sites import ScoreOp, SiteMatch
 
-#: a mask value at or below this underflows ``exp`` to exactly 0 for any realistic score
-MASKED_BELOW = -1e4
 PROBE_LENGTHS = (1, 2, 3, 5, 8)
 #: the longest length a proof evaluates a mask at (an N x N mask of this side is 64 M entries)
 MAX_PROBE = 8192

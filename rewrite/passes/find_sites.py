@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..graph import is_scalar_like, owner_path, rank, same_shape, same_size, shape, static_int
+from ..sites import MASKED_BELOW
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
 
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
@@ -309,15 +310,12 @@ def _match_scores(m: SiteMatch) -> None:
     m.ops = ops
 
 
-#: a fill at or below this removes a key from the softmax (exp underflows to exactly 0); above it, the
-#: fill *replaces* scores with a value that still takes part, which no attention mask can express
-FILL_MASKS_BELOW = -1e4
 
 
 def _check_fill(value: Any) -> None:
-    if isinstance(value, (int, float)) and not value <= FILL_MASKS_BELOW:
+    if isinstance(value, (int, float)) and not value <= MASKED_BELOW:
         raise _Reject(f"the scores are replaced by {value!r} where a condition holds; a value above "
-                      f"{FILL_MASKS_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
+                      f"{MASKED_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
 
 
 def _on_chain(node: Any, full: Optional[tuple]) -> bool:

@@ -124,19 +124,25 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     if in_split:
         q, k, v = (b.call(torch.unflatten, t, 0, tuple(split)) for t in (q, k, v))
     enable_gqa = False
-    kb, vb = _unrepeat(k), _unrepeat(v)
+    kb, vb = unrepeat(k), unrepeat(v)
     if kb and vb and kb[1] == vb[1] and rank(q) == 4:
         k, v, enable_gqa = kb[0], vb[0], True
+    call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
+                    scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
+                    flatten_output=len(split) if in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v))
+    return call
+
+
+def _row_fixes(b: "_Builder", m: SiteMatch, causal_ops: set, beta: Optional[fx.Node], v: fx.Node) -> list:
+    """What rows whose every key is masked need after SDPA (see passes/mask_semantics.py): NaN where the mask
+    is −∞ on the whole row, then the mean of the values where a finite fill covers it."""
     fixes = []
     if beta is not None and _may_hold_neg_inf(m, causal_ops):
         fixes.append((_nan_rows, (b.call(_rows_all_neg_inf, beta),)))
     for i, op in enumerate(m.ops):
         if op.kind == "fill" and i not in causal_ops and op.fill_value is not None and math.isfinite(op.fill_value):
             fixes.append((_uniform_rows, (b.call(_rows_all, op.cond, op.fill_where_true), v)))
-    call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
-                    scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
-                    flatten_output=len(split) if in_split else 0, row_fixes=fixes)
-    return call
+    return fixes
 
 
 def _may_hold_neg_inf(m: SiteMatch, causal_ops: set) -> bool:
@@ -243,7 +249,7 @@ def _untranspose(b: _Builder, kt: fx.Node) -> fx.Node:
 _VIEW_METHODS = {"reshape", "view"}
 
 
-def _unrepeat(x: fx.Node) -> Optional[tuple]:
+def unrepeat(x: fx.Node) -> Optional[tuple]:
     """``(base, n_rep)`` when x repeats each head of a 4-D ``base`` n_rep times (repeat_kv / repeat_interleave)."""
     xs = shape(x)
     if xs is None or len(xs) != 4:

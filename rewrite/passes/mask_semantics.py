@@ -3,13 +3,13 @@
 Two facts decide whether SDPA (scores + mask) computes what the original computes for *every* input:
 
 * A fill (``masked_fill`` / ``where``) *replaces* scores. SDPA can only add. The two agree where a row keeps a
-  key (a fill at or below ``FILL_MASKS_BELOW`` underflows to 0 either way), and differ on rows whose every
+  key (a fill at or below ``MASKED_BELOW`` underflows to 0 either way), and differ on rows whose every
   key is filled: the original gives a uniform row (every score equal) for a finite fill, NaN for −∞; SDPA
   gives the row's own softmax, or 0. So each fill's value is read — a number, or a constant, state buffer
   or tensor factory in the graph — and the lowering restores those rows (``lower.py``: ``row_fixes``).
 * An additive term from the model's inputs may hold −∞ in a whole row: the original gives NaN, SDPA 0.
 
-A fill whose value cannot be read (computed at run time), a fill above ``FILL_MASKS_BELOW``, or a finite fill
+A fill whose value cannot be read (computed at run time), a fill above ``MASKED_BELOW``, or a finite fill
 whose rows cannot be restored exactly (another term added after it, a split batch layout) rejects the site.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from .find_sites import FILL_MASKS_BELOW, SiteMatch
+from ..sites import MASKED_BELOW
+from .find_sites import SiteMatch
 
 _FACTORIES = {torch.tensor, torch.scalar_tensor, torch.full, torch.as_tensor}
 _CASTS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "detach", "clone", "contiguous"}
@@ -36,9 +37,9 @@ def read_fill_values(gm: fx.GraphModule, m: SiteMatch, values: dict,
         if value is None:
             return ("the scores are filled with a tensor computed at run time; whether it masks depends on its "
                     "value, which rewrite cannot check for every input")
-        if not value <= FILL_MASKS_BELOW:
+        if not value <= MASKED_BELOW:
             return (f"the scores are replaced by {value:g} where a condition holds; a value above "
-                    f"{FILL_MASKS_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
+                    f"{MASKED_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
         op.fill_value = value
     return None
 

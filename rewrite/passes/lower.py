@@ -138,7 +138,9 @@ def _row_fixes(b: "_Builder", m: SiteMatch, causal_ops: set, beta: Optional[fx.N
     is −∞ on the whole row, then the mean of the values where a finite fill covers it."""
     fixes = []
     if beta is not None and _may_hold_neg_inf(m, causal_ops):
-        fixes.append((_nan_rows, (b.call(_rows_all_neg_inf, beta),)))
+        # sites of one model usually share their mask: one pass over it serves them all
+        dead = next((u for u in beta.users if u.op == "call_function" and u.target is _rows_all_neg_inf), None)
+        fixes.append((_nan_rows, (dead if dead is not None else b.call(_rows_all_neg_inf, beta),)))
     for i, op in enumerate(m.ops):
         if op.kind == "fill" and i not in causal_ops and op.fill_value is not None and math.isfinite(op.fill_value):
             fixes.append((_uniform_rows, (b.call(_rows_all, op.cond, op.fill_where_true), v)))
@@ -162,13 +164,22 @@ def _may_hold_neg_inf(m: SiteMatch, causal_ops: set) -> bool:
 def _rows_all_neg_inf(mask: torch.Tensor) -> torch.Tensor:
     """Query rows where the mask removes every key (bool: True = attend)."""
     if mask.dtype == torch.bool:
-        return (~mask).all(-1, keepdim=True)
-    return torch.isneginf(mask).all(-1, keepdim=True)
+        return ~mask.any(-1, keepdim=True)
+    return mask.amax(-1, keepdim=True) == float("-inf")
 
 
 def _nan_rows(out: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     """The original's softmax over a row of −∞ is NaN; SDPA returns 0 there."""
+    if _none_on_cpu(dead):
+        return out
     return out.masked_fill(dead, float("nan"))
+
+
+def _none_on_cpu(dead: torch.Tensor) -> bool:
+    """No row to fix, known for free: a CPU tensor with values (on a GPU the check would cost a sync, and while
+    a compiler traces there are no values, so the fix is applied as a whole there)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return dead.device.type == "cpu" and not is_fake(dead) and not bool(dead.any())
 
 
 def _rows_all(cond: torch.Tensor, where_true: bool) -> torch.Tensor:
@@ -180,6 +191,8 @@ def _rows_all(cond: torch.Tensor, where_true: bool) -> torch.Tensor:
 def _uniform_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A row of equal (finite, filled) scores is uniform: the mean of the values. SDPA would add the fill to
     the row's own scores instead."""
+    if _none_on_cpu(dead):
+        return out
     mean = v.mean(-2, keepdim=True)
     if mean.dim() >= 3 and out.dim() >= 3 and mean.shape[-3] != out.shape[-3]:
         mean = mean.repeat_interleave(out.shape[-3] // mean.shape[-3], dim=-3)  # grouped (GQA) values

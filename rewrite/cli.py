@@ -21,11 +21,13 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from .actions import RewriteError
+from .actions import RewriteError, action_from_json
+from .io.files import first_line
+from .policy import PRESETS, Policy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -37,7 +39,7 @@ EXIT_HELP = "Exit codes: 0 ok, 1 verification failed, 2 bad input (nothing is wr
 
 
 def _formats_help() -> str:
-    from .io import CALIBRATION_HELP, POLICY_HELP
+    from .io import CALIBRATION_HELP
     return f"{SRC_HELP}\n\n{POLICY_HELP}\n\n{CALIBRATION_HELP}\n\n{EXIT_HELP}"
 
 
@@ -168,6 +170,79 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
+# policies given on the command line
+# ------------------------------------------------------------------------------------------------------
+POLICY_HELP = ("A policy is a preset name (" + ", ".join(PRESETS) + "; and auto, which measures candidate mixers on "
+               "--calibration data within an error budget, where this rewrite has it), a JSON plan file "
+               "({\"version\": 1, \"sites\": {\"<module>\": {\"action\": \"Exact\", \"args\": {}}}}, as written to "
+               "rewrite_plan.json), or a JSON policy-map file ({\"<module name>\" | \"re:<regex>\" | \"_default\": "
+               "\"<Action>\" | {\"action\": \"<Action>\", \"args\": {...}} | null}).")
+
+
+def cli_presets() -> tuple:
+    """Preset policy names: ``exact``, ``none``, and ``auto`` (measured on calibration data) where it exists."""
+    extra = ("auto",) if callable(getattr(sys.modules.get("rewrite"), "auto", None)) else ()
+    return tuple(PRESETS) + extra
+
+
+def read_policy(spec: str) -> Any:
+    """A policy from the command line: a preset name, a JSON plan / policy-map file, or inline JSON."""
+    if spec in cli_presets():
+        return spec
+    text, where = None, None
+    if os.path.isfile(spec):
+        where = f"policy file {spec!r}"
+        try:
+            with open(spec, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise RewriteError(f"Policy file {spec!r} could not be read ({first_line(err)}).") from None
+    elif spec.lstrip().startswith("{"):
+        where, text = "the inline policy", spec
+    elif os.path.isdir(spec):
+        raise RewriteError(f"Policy {spec!r} is a folder. {POLICY_HELP}")
+    elif spec.endswith(".json") or os.sep in spec:
+        raise RewriteError(f"Policy file {spec!r} does not exist. Check the path. {POLICY_HELP}")
+    else:
+        raise RewriteError(f"Unknown policy {spec!r}: it is not a preset and there is no file by that name. "
+                           f"{POLICY_HELP}")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RewriteError(f"The {where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}). "
+                           f"Fix it. {POLICY_HELP}") from None
+    if not isinstance(obj, dict):
+        raise RewriteError(f"The {where} holds a JSON {type(obj).__name__}, not an object. {POLICY_HELP}")
+    if "sites" in obj and not isinstance(obj["sites"], dict):
+        raise RewriteError(f"The {where} is a plan whose \"sites\" is not an object mapping module names to actions. "
+                           f"{POLICY_HELP}")
+    if "sites" in obj:
+        for name, act in obj["sites"].items():
+            if act is not None and not (isinstance(act, dict) and isinstance(act.get("action"), str)):
+                raise RewriteError(f"The {where} gives site {name!r} the value {act!r}; a plan entry must be "
+                                   "{\"action\": \"<Action>\", \"args\": {...}}.")
+    try:
+        Policy(obj)
+    except RewriteError as err:
+        raise RewriteError(f"In the {where}: {err}") from None
+    return obj
+
+
+def plan_is_exact(plan: Optional[dict]) -> bool:
+    """Whether every action of a resolved plan is lossless."""
+    if not plan:
+        return True
+    for value in (plan.get("sites") or {}).values():
+        try:
+            act = action_from_json(value)
+        except RewriteError:
+            return False
+        if act is not None and not act.exact:
+            return False
+    return True
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 verification failed, 2 bad input, 3 internal)."""
     parser = build_parser()
@@ -427,7 +502,6 @@ def _shape_note(report) -> str:
 
 def cmd_plan(args) -> int:
     _check_ints(args)
-    from .io import read_policy
     policy = read_policy(args.policy)
     src = _open(args, args.src)
     batches = _calibration(args, src)
@@ -460,8 +534,8 @@ def _json_default(obj):
 
 def cmd_apply(args) -> int:
     _check_ints(args)
-    from .io import (check_output, check_space, export_model, model_bytes, read_policy, reexport, rewrite_program,
-                     same_or_inside, split_example)
+    from .io import (check_output, check_space, export_model, model_bytes, reexport, rewrite_program, same_or_inside,
+                     split_example)
     out = args.output
     policy = read_policy(args.policy)
     for path in (out, args.export):  # writable at all: known before anything is loaded
@@ -606,7 +680,7 @@ def _time(model, batches: list, repeats: int) -> float:
 
 def cmd_verify(args) -> int:
     _check_ints(args)
-    from .io import plan_is_exact, same_or_inside
+    from .io import same_or_inside
     from .passes.verify import relative_error
     if os.path.exists(args.src) and os.path.exists(args.out) and same_or_inside(args.out, args.src) \
             and same_or_inside(args.src, args.out):

@@ -356,7 +356,7 @@ def test_mixer_policy_apply_then_load_equals_the_in_memory_model(tiny, tmp_path,
 
 
 def test_auto_policy_needs_calibration(tiny, tmp_path, capsys):
-    from rewrite.io import cli_presets
+    from rewrite.cli import cli_presets
     if "auto" not in cli_presets():
         pytest.skip("no auto policy in this version")
     code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "out", "--policy", "auto")
@@ -366,19 +366,17 @@ def test_auto_policy_needs_calibration(tiny, tmp_path, capsys):
 # --- faults are bad input, not bugs (issue 12, item 9) ---------------------------------------------------------
 
 def test_unwritable_output_is_refused_before_loading(tiny, tmp_path, capsys, monkeypatch):
-    import rewrite.io as rio
     loads = []
-    monkeypatch.setattr(rio, "open_source", lambda *a, **k: loads.append(1))
-    monkeypatch.setattr(rio.os, "access", lambda path, mode: False)  # as a read-only folder looks to a non-root user
+    monkeypatch.setattr(rewrite.io, "open_source", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder looks to a non-root user
     code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "ro" / "out", "--policy", "exact")
     assert code == 2 and "not writable" in err and not loads
 
 
 def test_full_disk_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
     import collections
-    import rewrite.io as rio
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(rio.shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1 << 10))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1 << 10))
     code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "out", "--policy", "exact", "--export",
                        tmp_path / "out.pt2")
     assert code == 2 and "Not enough free space" in err
@@ -388,16 +386,15 @@ def test_full_disk_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
 def test_disk_filling_during_the_export_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
     """ENOSPC while writing the --export file (after the folder was written): exit 2, and neither output left."""
     import errno
-    import rewrite.io as rio
-    real_fsync = rio.os.fsync
+    real_fsync = os.fsync
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rio.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     code, _, err = run(capsys, "apply", tiny, "-o", tmp_path / "out", "--policy", "exact", "--export",
                        tmp_path / "out.pt2")
-    monkeypatch.setattr(rio.os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert code == 2 and "No space left" in err and "Nothing was written" in err
     assert os.listdir(tmp_path) == []
 
@@ -406,9 +403,8 @@ def test_disk_filling_during_the_export_leaves_nothing(tiny, tmp_path, capsys, m
     (["--tolerance", "nan"], "--tolerance"), (["--tolerance", "-1"], "--tolerance"),
     (["--batch", "100000000"], "--batch"), (["--repeats", "0"], "--repeats")])
 def test_invalid_numbers_are_refused_before_any_work(tiny, capsys, monkeypatch, argv, words):
-    import rewrite.io as rio
     loads = []
-    monkeypatch.setattr(rio, "open_source", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(rewrite.io, "open_source", lambda *a, **k: loads.append(1))
     code, _, err = run(capsys, "verify", tiny, tiny, *argv)
     assert code == 2 and words in err and not loads
 

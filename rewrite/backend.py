@@ -41,8 +41,12 @@ def make_compiler(session: Session, then: str = "eager") -> Callable:
         except Exception as err:  # an internal failure must never break the user's model: run it as captured
             log.warning("rewrite: a captured graph could not be rewritten (%s: %s); it runs unchanged",
                         type(err).__name__, err)
-            session.errors.append(f"{type(err).__name__}: {err}")
-            session.report.errors.append(f"{type(err).__name__}: {str(err)[:300]}")
+            what = f"{type(err).__name__}: {str(err)[:300]}"
+            session.errors.append(what)
+            session.report.errors.append(what)
+            for site in session.sites:  # the sites of this graph stay in the report, with the reason
+                session.report.record_unrewritten(site.name, site.ordinal, f"an internal error in rewrite ({what}); "
+                                                  "this graph runs as captured")
             gm.graph = backup
             gm.recompile()
         if then == "inductor":

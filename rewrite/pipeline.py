@@ -296,7 +296,7 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         site.status, site.reason = "rejected", row.reason
     else:
         m.output.replace_all_uses_with(new)
-        remove_dead(graph, [m.output] + list(m.region))
+        remove_dead(graph, [m.output] + list(m.region) + list(m.dead_users))  # dead users go first
         row.status, row.reason = "rewritten", s.note
         row.flops_after, row.flops_after_expr = _action_flops(action, vals, m, row)
         row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
@@ -575,6 +575,8 @@ def _mask_kind(m: SiteMatch, causal_ops, is_causal: bool, is_state) -> str:
     for i, op in enumerate(m.ops):
         if op.kind not in ("add", "fill") or i in causal_ops:
             continue
+        if op.kind == "add" and isinstance(op.value, (int, float)):
+            continue  # a constant shift of every score: no mask at all
         if op.kind == "fill":
             kind = "boolean"
         else:

@@ -127,6 +127,12 @@ class RewriteReport:
     def record_rejected(self, name: str, reason: str, ordinal: int) -> None:
         self._rejected.setdefault((name, ordinal, reason), RegionRow(name, reason))
 
+    def record_unrewritten(self, name: str, ordinal: int, reason: str) -> None:
+        """A site whose graph could not be rewritten at all: listed as kept, with the reason, unless a row for it
+        exists already (from another graph)."""
+        if (name, ordinal) not in self._sites:
+            self.record_site(SiteRow(name=name, index=0, status="kept", ordinal=ordinal, reason=reason))
+
     def record_fallback(self, where: str, why: str, calls: int = 1) -> None:
         row = self._fallbacks.setdefault((where, why), FallbackRow(where, why))
         row.calls += calls

@@ -11,14 +11,19 @@ The score chain is kept as an ordered list of operations, outermost last, so tha
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-from ..graph import is_scalar_like, owner_path, rank, same_shape, same_size, shape, static_int
+from ..graph import is_mutating, is_scalar_like, owner_path, rank, same_shape, same_size, shape, static_int
 from ..sites import MASKED_BELOW
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
+
+#: ``torch.export`` graphs spell a masked softmax ``aten._safe_softmax``: softmax, with rows of −∞ giving 0
+_SAFE = getattr(torch.ops.aten, "_safe_softmax", None)
+SAFE_SOFTMAX = {_SAFE, _SAFE.default} if _SAFE is not None else set()
 
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 _PASSTHROUGH_METHODS = {"contiguous", "clone"}
@@ -70,18 +75,50 @@ class SiteMatch:
     index: int = 0
     sdpa_kwargs: dict = dataclasses.field(default_factory=dict)
     merge: Optional[fx.Node] = None           # a view merging split batch dims back before the value product
+    dead_users: list = dataclasses.field(default_factory=list)  # users of the region whose results go nowhere
+    #: ``probs.masked_fill(cond, 0)`` after the softmax, with the same ``cond`` as a fill of the scores: rows
+    #: whose every key is masked come out 0 (as SDPA gives them), the rest unchanged
+    zeroed_rows: Optional[fx.Node] = None
+    safe_softmax: bool = False                # aten._safe_softmax (export graphs): rows of −∞ give 0, as SDPA does
 
 
 class _Reject(Exception):
     pass
 
 
-def _single_user(node: fx.Node, what: str) -> fx.Node:
-    users = [u for u in node.users]
-    if len(users) != 1:
-        raise _Reject(f"{what} are used elsewhere ({len(users)} users: "
-                      f"{', '.join(_describe(u) for u in users[:3])}), so rewriting would change them")
-    return users[0]
+def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None) -> fx.Node:
+    """The one user of ``node`` whose result is used. Users whose results go nowhere (a clone kept for an
+    intermediates record nobody reads) are not users: they are remembered on ``m`` and removed with the site."""
+    users = list(node.users)
+    live = [u for u in users if not _is_dead(u)]
+    if len(live) != 1:
+        raise _Reject(f"{what} are used elsewhere ({len(live)} users: "
+                      f"{', '.join(_describe(u) for u in live[:3])}), so rewriting would change them")
+    if m is not None:
+        for u in users:
+            if u is not live[0]:
+                m.dead_users.extend(_with_descendants(u))
+    return live[0]
+
+
+def _with_descendants(node: fx.Node) -> list:
+    """``node`` and every node fed by it, parents before children (``remove_dead`` pops leaves first)."""
+    out, seen, work = [], set(), [node]
+    while work:
+        n = work.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        out.append(n)
+        work.extend(n.users)
+    return out
+
+
+def _is_dead(node: fx.Node, depth: int = 8) -> bool:
+    """A node whose value reaches no graph output and no side effect (bounded: deeper chains count as used)."""
+    if node.op in ("output", "placeholder", "call_module") or is_mutating(node) or depth == 0:
+        return False
+    return all(_is_dead(u, depth - 1) for u in node.users)
 
 
 def _describe(node: fx.Node) -> str:
@@ -122,7 +159,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[SiteMatch]]:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is SOFTMAX:
+        if node.target is SOFTMAX or node.target in SAFE_SOFTMAX:
             m = _match_softmax(node)
             if m is None:
                 continue
@@ -185,6 +222,7 @@ def _match_softmax(sm: fx.Node) -> Optional[SiteMatch]:
     try:
         _match_probabilities(m)
         _match_scores(m)
+        _check_zeroed_rows(m)
         _check_shapes(m)
     except _Reject as why:
         if not (_produces_matmul(sm.args[0]) or _feeds_matmul(sm)):
@@ -196,17 +234,21 @@ def _match_softmax(sm: fx.Node) -> Optional[SiteMatch]:
 def _match_probabilities(m: SiteMatch) -> None:
     sm = m.softmax
     r = rank(sm)
-    dim = sm.kwargs.get("dim")
+    m.safe_softmax = sm.target is not SOFTMAX
+    dim = sm.args[1] if m.safe_softmax else sm.kwargs.get("dim")
+    if m.safe_softmax and isinstance(dim, int) and r:
+        dim %= r
     if r is None or r < 2:
         raise _Reject("the softmax input has no known shape of rank >= 2")
     if dim != r - 1:
         raise _Reject(f"softmax is over dim {dim - r} (dim {dim}), not the last (key) dim, so it is not "
                       "attention's row normalisation")
-    m.softmax_dtype = sm.kwargs.get("dtype")
+    m.softmax_dtype = (sm.args[2] if len(sm.args) > 2 else sm.kwargs.get("dtype")) if m.safe_softmax \
+        else sm.kwargs.get("dtype")
     m.region.append(sm)
     p = sm
     while True:
-        u = _single_user(p, "the attention probabilities")
+        u = _single_user(p, "the attention probabilities", m)
         if is_cast(u):
             p = u
         elif u.op == "call_function" and u.target is DROPOUT:
@@ -224,6 +266,10 @@ def _match_probabilities(m: SiteMatch) -> None:
             if m.dropout_p is _Reject:
                 raise _Reject("dropout's training flag is not a constant")
             p = u
+        elif (u.op == "call_function" and u.target is MASKED_FILL and u.args[0] is p and m.zeroed_rows is None
+              and _is_zero(u.args[2]) and isinstance(u.args[1], fx.Node)):
+            m.zeroed_rows = u.args[1]
+            p = u
         elif leading_view(u) is not None and m.merge is None:
             m.merge = u
             p = u
@@ -238,16 +284,55 @@ def _match_probabilities(m: SiteMatch) -> None:
         m.region.append(p)
 
 
+def _is_zero(value: Any) -> bool:
+    """0 as a number, or a tensor made from the number 0 in the graph (``torch.scalar_tensor(0)``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target in (
+            torch.scalar_tensor, torch.tensor, torch.full, torch.zeros):
+        if value.target is torch.zeros:
+            return True
+        data = value.args[-1] if value.target is torch.full else (value.args[0] if value.args else None)
+        return isinstance(data, (int, float)) and not isinstance(data, bool) and data == 0
+    return False
+
+
+def _check_zeroed_rows(m: SiteMatch) -> None:
+    """Probabilities zeroed after the softmax: exact only where the scores were filled under the same condition
+    (the zeroed entries are 0 already, but for rows with no key left, which the original made NaN or uniform)."""
+    if m.zeroed_rows is None:
+        return
+    if not any(op.kind == "fill" and op.fill_where_true and same_expression(op.cond, m.zeroed_rows) for op in m.ops):
+        raise _Reject("the probabilities are zeroed after the softmax where the scores were not masked, which "
+                      "changes the rows' sums")
+
+
+def same_expression(a: Any, b: Any, depth: int = 12) -> bool:
+    """Whether two graph values are computed the same way from the same inputs (the same node, or the same op on
+    the same expressions), e.g. a mask comparison written twice."""
+    if a is b:
+        return True
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        if depth == 0 or a.op != b.op or a.target != b.target or a.op in ("placeholder", "get_attr"):
+            return False
+        if len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs):
+            return False
+        return (all(same_expression(x, y, depth - 1) for x, y in zip(a.args, b.args))
+                and all(same_expression(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_expression(x, y, depth - 1) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return type(a) is type(b) and a == b
+
+
 def _match_scores(m: SiteMatch) -> None:
     node = m.softmax.args[0]
     ops: list[ScoreOp] = []
     while True:
         if not isinstance(node, fx.Node):
             raise _Reject("the scores are not a tensor computed in the graph")
-        users = list(node.users)
-        if len(users) != 1:
-            raise _Reject(f"the attention scores are used elsewhere ({len(users)} users: "
-                          f"{', '.join(_describe(u) for u in users[:3])}), so rewriting would change them")
+        _single_user(node, "the attention scores", m)
         if node.op == "call_function" and node.target is MATMUL:
             m.qk, m.q, m.kt = node, node.args[0], node.args[1]
             m.region.append(node)
@@ -276,6 +361,8 @@ def _match_scores(m: SiteMatch) -> None:
                 chain, term, sign = b, a, 1
             else:
                 raise _Reject("an additive term on the scores could not be told apart from the scores")
+            if isinstance(term, float) and not math.isfinite(term):
+                raise _Reject(f"the scores are shifted by {term}, which makes every row NaN")
             ops.append(ScoreOp("add", value=term, power=sign, node=node))
             node = chain
         elif leading_view(node) is not None:

@@ -99,6 +99,8 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
                 beta = b.call(MUL if op.power == 1 else DIV, beta, f)
         elif op.kind == "add":
             term = op.value
+            if isinstance(term, (int, float)) and not isinstance(term, bool) and math.isfinite(term):
+                continue  # the same number added to every score: softmax does not see it
             term_value = meta_value(term) if isinstance(term, fx.Node) else None
             if isinstance(term_value, torch.Tensor) and term_value.dtype == torch.bool:
                 term = b.call(_to_dtype, term, qdtype)  # a bool *added* to scores adds 0 or 1: not SDPA's bool mask
@@ -137,14 +139,23 @@ def _row_fixes(b: "_Builder", m: SiteMatch, causal_ops: set, beta: Optional[fx.N
     """What rows whose every key is masked need after SDPA (see passes/mask_semantics.py): NaN where the mask
     is −∞ on the whole row, then the mean of the values where a finite fill covers it."""
     fixes = []
-    if beta is not None and _may_hold_neg_inf(m, causal_ops):
+    if beta is not None and not m.safe_softmax and _may_hold_neg_inf(m, causal_ops):
         # sites of one model usually share their mask: one pass over it serves them all
         dead = next((u for u in beta.users if u.op == "call_function" and u.target is _rows_all_neg_inf), None)
         fixes.append((_nan_rows, (dead if dead is not None else b.call(_rows_all_neg_inf, beta),)))
     for i, op in enumerate(m.ops):
         if op.kind == "fill" and i not in causal_ops and op.fill_value is not None and math.isfinite(op.fill_value):
             fixes.append((_uniform_rows, (b.call(_rows_all, op.cond, op.fill_where_true), v)))
+    if m.zeroed_rows is not None:  # zeroed after the softmax: those rows are 0, whatever the fill made them
+        fixes.append((_zero_rows, (b.call(_rows_all, m.zeroed_rows, True),)))
     return fixes
+
+
+def _zero_rows(out: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Rows the original zeroed after its softmax (every key masked)."""
+    if _none_on_cpu(dead):
+        return out
+    return out.masked_fill(dead, 0.0)
 
 
 def _may_hold_neg_inf(m: SiteMatch, causal_ops: set) -> bool:

@@ -1,6 +1,8 @@
 """The rewrite pipeline for one captured graph: the only place that knows the order of the steps.
 
-normalize → expand nn.MultiheadAttention → find sites → prove causal masks → describe sites → policy → lower → verify → commit → report
+expand nn.MultiheadAttention → normalize → find sites → describe (prove causal masks, read what the masks mean) →
+policy → lower beside the original → verify (example, redrawn masks, normalisation vs the graph as captured) →
+commit or reject → report; ``rewrite_graph`` reads as these steps.
 """
 from __future__ import annotations
 

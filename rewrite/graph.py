@@ -193,6 +193,22 @@ def remove_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
     return removed
 
 
+def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads nothing of ``node`` but its shape (``x.expand_as(node)``, ``node.size()``,
+    ``node.dim()``, ``sym_size``): such a user is unaffected by what ``node`` holds or when it is mutated."""
+    if user.op == "call_method":
+        if user.target == "expand_as":
+            return len(user.args) == 2 and user.args[1] is node and user.args[0] is not node
+        if user.target in ("size", "dim"):
+            return user.args and user.args[0] is node
+    if user.op == "call_function":
+        if "sym_size" in str(user.target):
+            return bool(user.args) and user.args[0] is node
+        if user.target is getattr and len(user.args) == 2 and user.args[0] is node:
+            return user.args[1] in ("shape", "ndim")
+    return False
+
+
 # --- module names -----------------------------------------------------------------------------------
 
 _DYNAMO_ROOT = re.compile(r"^L\['self'\]\.?|^L\[\"self\"\]\.?|^self\.?")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import operator
 from typing import Any, Optional
 
 import torch
@@ -16,7 +17,8 @@ import torch.fx as fx
 
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, handler_for
-from .graph import example_value, hint_int, insert_call, is_mutating, meta_value, module_names, remove_dead, shape
+from .graph import (example_value, hint_int, insert_call, is_mutating, meta_value, module_names, remove_dead, same_shape,
+                    shape)
 from .passes.adversarial import adversarial_inputs
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
@@ -298,12 +300,43 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         site.status, site.reason = "rejected", row.reason
     else:
         m.output.replace_all_uses_with(new)
+        _detach_shape_users(graph, m)
         remove_dead(graph, [m.output] + list(m.region) + list(m.dead_users))  # dead users go first
         row.status, row.reason = "rewritten", s.note
         row.flops_after, row.flops_after_expr = _action_flops(action, vals, m, row)
         row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
     run.session.report.plan[site.name] = action.to_json()
     run.session.report.record_site(row)
+
+
+def _detach_shape_users(graph: fx.Graph, m: SiteMatch) -> None:
+    """Users that read only the shape of the scores (XLM's ``mask.expand_as(scores)``) read it from q and k
+    instead, so the N x N scores are not computed for their shape alone. A node whose shape is not the
+    product's (a broadcast on the way) keeps its readers, and stays computed."""
+    for user, node in m.shape_users:
+        if user.graph is not graph or not same_shape(shape(node), shape(m.qk)):
+            continue
+        size = insert_call(graph, user, scores_shape, (m.q, m.kt), {})
+        if user.op == "call_method" and user.target == "expand_as":
+            new = insert_call(graph, user, expand_to, (user.args[0], size), {}, like=user)
+        elif user.op == "call_function" and user.target is getattr:
+            new = size if user.args[1] == "shape" else insert_call(graph, user, len, (size,), {})
+        elif user.op == "call_method" and user.target == "dim":
+            new = insert_call(graph, user, len, (size,), {})
+        else:  # size() / size(d) / sym_size(d)
+            dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+            new = size if dim is None else insert_call(graph, user, operator.getitem, (size, dim), {})
+        user.replace_all_uses_with(new)
+        graph.erase_node(user)
+
+
+def scores_shape(q: torch.Tensor, kt: torch.Tensor) -> torch.Size:
+    """The shape of ``q @ kt``."""
+    return torch.Size(torch.broadcast_shapes(q.shape[:-2], kt.shape[:-2]) + (q.shape[-2], kt.shape[-1]))
+
+
+def expand_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    return x.expand(size)
 
 
 def _finish(run: GraphRun, sites: list) -> None:

@@ -193,3 +193,63 @@ def test_export_graphs_spell_masked_softmax_as_safe_softmax():
     out = model(q, q, q, mask)
     torch.testing.assert_close(out, Masked()(q, q, q, mask), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[0, :, 2], torch.zeros_like(out[0, :, 2]))
+
+
+class ShapeReader(nn.Module):
+    """XLM's spelling: the padding mask is shaped like the scores with ``expand_as(scores)``, then the scores
+    are filled in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x, mask):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+        hide = (mask == 0).view(b, 1, 1, n).expand_as(scores)
+        scores.masked_fill_(hide, torch.finfo(scores.dtype).min)
+        return (scores.float().softmax(-1).type_as(scores) @ v).transpose(1, 2).reshape(b, n, 32)
+
+
+def test_a_user_of_the_scores_shape_is_not_a_user_of_their_values():
+    model = ShapeReader().eval()
+    ref = copy.deepcopy(model)
+    x, mask = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    rewrite.optimize(model, "exact", example_inputs=(x, mask))
+    assert model.rewrite_report.sites[0].status == "rewritten", model.rewrite_report.table()
+    mask = torch.randint(0, 2, (3, 13))
+    y = torch.randn(3, 13, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(y, mask), ref(y, mask), rtol=1e-5, atol=1e-5)
+        ops = _ops(_Bound(model, mask), y)
+    # the scores product is gone: the only matmul-like ops left are the projection and SDPA
+    assert not any(op.startswith(("aten::matmul<Torch", "aten::bmm<aten::matmul")) for op in ops), ops
+
+
+class _Bound(nn.Module):
+    def __init__(self, model, mask):
+        super().__init__()
+        self.model, self.mask = model, mask
+
+    def forward(self, x):
+        return self.model(x, self.mask)
+
+
+@pytest.mark.parametrize("family", ["XLM", "Flaubert"])
+def test_xlm_and_flaubert(family):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = getattr(tf, f"{family}Config")(vocab_size=100, emb_dim=64, n_layers=2, n_heads=4)
+    model = getattr(tf, f"{family}Model")(cfg).eval()
+    ref = copy.deepcopy(model)
+    ids, mask = torch.randint(5, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    rewrite.optimize(model, "exact", example_kwargs={"input_ids": ids, "attention_mask": mask})
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"] * 2, model.rewrite_report.table()
+    ids, mask = torch.randint(5, 100, (3, 15)), torch.randint(0, 2, (3, 15))
+    mask[:, 0] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   ref(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=1e-4, atol=1e-4)

@@ -17,7 +17,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import is_mutating, is_scalar_like, owner_path, rank, same_shape, same_size, shape, static_int
+from ..graph import (is_mutating, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
+                     static_int)
 from ..sites import MASKED_BELOW
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
 
@@ -80,6 +81,7 @@ class SiteMatch:
     #: whose every key is masked come out 0 (as SDPA gives them), the rest unchanged
     zeroed_rows: Optional[fx.Node] = None
     safe_softmax: bool = False                # aten._safe_softmax (export graphs): rows of −∞ give 0, as SDPA does
+    shape_users: list = dataclasses.field(default_factory=list)  # (user, node): users reading only a shape
 
 
 class _Reject(Exception):
@@ -89,7 +91,9 @@ class _Reject(Exception):
 def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None) -> fx.Node:
     """The one user of ``node`` whose result is used. Users whose results go nowhere (a clone kept for an
     intermediates record nobody reads) are not users: they are remembered on ``m`` and removed with the site."""
-    users = list(node.users)
+    users = [u for u in node.users if not reads_only_shape(u, node)]
+    if m is not None:
+        m.shape_users.extend((u, node) for u in node.users if reads_only_shape(u, node))
     live = [u for u in users if not _is_dead(u)]
     if len(live) != 1:
         raise _Reject(f"{what} are used elsewhere ({len(live)} users: "

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import insert_call, meta_value, rank
+from ..graph import insert_call, meta_value, rank, reads_only_shape
 
 aten = torch.ops.aten
 
@@ -363,10 +363,10 @@ def _private_mutation(x: fx.Node, inplace: fx.Node) -> bool:
     while n.op != "root":
         later.add(n)
         n = n.next
-    return all(u is inplace or u in later for u in x.users)
+    return all(u is inplace or u in later or reads_only_shape(u, x) for u in x.users)
 
 
 def _redirect_later_readers(x: fx.Node, inplace: fx.Node, new: fx.Node) -> None:
     for u in list(x.users):
-        if u is not inplace and u is not new:
+        if u is not inplace and u is not new and not reads_only_shape(u, x):
             u.replace_input_with(x, new)

@@ -27,7 +27,7 @@ import torch
 
 from .actions import RewriteError, action_from_json
 from .io.files import first_line
-from .policy import PRESETS, Policy
+from .policy import PRESETS, check_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -222,10 +222,7 @@ def read_policy(spec: str) -> Any:
             if act is not None and not (isinstance(act, dict) and isinstance(act.get("action"), str)):
                 raise RewriteError(f"The {where} gives site {name!r} the value {act!r}; a plan entry must be "
                                    "{\"action\": \"<Action>\", \"args\": {...}}.")
-    try:
-        Policy(obj)
-    except RewriteError as err:
-        raise RewriteError(f"In the {where}: {err}") from None
+    check_policy(obj, f"the {where}")
     return obj
 
 

@@ -110,3 +110,11 @@ class Policy:
         if self.mapping is None:
             return []
         return [k for k in self.mapping if k != "_default" and k not in self.used_keys]
+
+
+def check_policy(spec: Any, where: str) -> None:
+    """Raise a RewriteError naming ``where`` (a file, the inline policy) if ``spec`` is not a valid policy."""
+    try:
+        Policy(spec)
+    except RewriteError as err:
+        raise RewriteError(f"In {where}: {err}") from None

@@ -4,16 +4,16 @@ Each action type gets a setting that does real work at the test's size (N = 64, 
 that silently took another path (BlockRouting's per-head counts once fell back to the uniform count while
 Inductor traced) differs from the eager one here. A new action must be added to ``SETTINGS``.
 """
-import math
-
 import pytest
 import torch
 from torch import nn
 
 import rewrite
 from rewrite.actions import action_types
+from test_backend_state import D
+from test_backend_state import Attention as BackendAttention
 
-D, HEADS, N = 32, 4, 64
+N = 64
 
 SETTINGS = {
     "Exact": rewrite.Exact(),
@@ -32,17 +32,10 @@ SETTINGS = {
 }
 
 
-class Attention(nn.Module):
-    def __init__(self, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // HEADS), dim=-1)
-        return self.out((a @ v).transpose(1, 2).reshape(b, n, D))
+def Attention(seed: int) -> nn.Module:
+    """The hand-written self-attention of the Inductor state tests (D=32, 4 heads), seeded."""
+    torch.manual_seed(seed)
+    return BackendAttention()
 
 
 def test_every_registered_action_is_in_the_contract():

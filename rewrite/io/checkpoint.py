@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 
 from ..actions import RewriteError
-from ..policy import Policy
+from ..policy import check_policy
 from .files import atomic_path, check_output, check_space, model_bytes, quiet_transformers, read_json, write_json
 from .inputs import example_kwargs
 from .models import TOKENIZER_FILES, build_factory, from_pretrained, load_into, load_tokenizer
@@ -214,10 +214,7 @@ def read_plan(folder: str) -> dict:
     if not isinstance(plan, dict) or not isinstance(plan.get("sites"), dict):
         raise RewriteError(f"Rewrite plan {path!r} is malformed: it must be {{\"version\": 1, \"sites\": {{...}}}}. "
                            "Re-create it with rewrite apply or rewrite.save.")
-    try:
-        Policy(plan)
-    except RewriteError as err:
-        raise RewriteError(f"In rewrite plan {path!r}: {err}") from None
+    check_policy(plan, f"rewrite plan {path!r}")
     return plan
 
 

@@ -44,26 +44,29 @@ class FastAndDense(torch.nn.Module):
         return self._run(q, k, v, attn_mask, is_causal, scale, dense=True)
 
 
-class WarnOnce:
-    """Mixin state: count dense-path calls and warn about them once per module."""
+class _CountedNotes:
+    """Mixin state: count the calls a mixer served another way than its fast form, and warn once per kind."""
+
+    def _note(self, counter: str, message: str) -> None:
+        setattr(self, counter, getattr(self, counter, 0) + 1)
+        warned = self.__dict__.setdefault("_warned_kinds", set())
+        if counter not in warned:
+            warned.add(counter)
+            warnings.warn(f"{type(self).__name__}: {message} (counted in .{counter})", RuntimeWarning, stacklevel=4)
+
+
+class WarnOnce(_CountedNotes):
+    """Mixin: count dense-path calls and warn about them once per module."""
 
     def _dense_note(self, what: str) -> None:
-        self.dense_calls = getattr(self, "dense_calls", 0) + 1
-        if not getattr(self, "_warned_dense", False):
-            self._warned_dense = True
-            warnings.warn(f"{type(self).__name__}: {what}; used the dense O(Nq*Nk) form for this call "
-                          "(counted in .dense_calls)", RuntimeWarning, stacklevel=3)
+        self._note("dense_calls", f"{what}; used the dense O(Nq*Nk) form for this call")
 
 
-class ExactFallback:
-    """Mixin state: count calls served by exact attention instead (a mask the mixer cannot honour), warn once."""
+class ExactFallback(_CountedNotes):
+    """Mixin: count calls served by exact attention instead (a mask the mixer cannot honour), warn once."""
 
     def _exact_note(self, why: str) -> None:
-        self.exact_calls = getattr(self, "exact_calls", 0) + 1
-        if not getattr(self, "_warned_exact", False):
-            self._warned_exact = True
-            warnings.warn(f"{type(self).__name__}: {why}; this call ran exact attention instead (counted in "
-                          ".exact_calls)", RuntimeWarning, stacklevel=3)
+        self._note("exact_calls", f"{why}; this call ran exact attention instead")
 
 
 def check_int(action, name: str, value, minimum: int, fix: str) -> None:

@@ -1,8 +1,9 @@
 """Rewrite actions: frozen dataclasses that name what a site becomes, and the handler registry.
 
 An action is pure data (JSON round-trip); a *handler* registered for its type builds the replacement for
-one site, or returns ``None`` to decline it (the site then falls back to the next choice, by default
-:class:`Exact`).
+one site from the site's canonical call and its :class:`~rewrite.sites.AttentionSite`, or returns a
+:class:`Decline` (or ``None``) saying why it cannot serve it: the site then gets :class:`Exact`, with the reason
+in the report.
 
 Example::
 
@@ -38,7 +39,8 @@ def register_action(cls):
 
 
 def register_handler(action_type: type):
-    """Decorator: ``handler(action, call) -> Replacement | None`` builds the replacement for one site."""
+    """Decorator: ``handler(action, call, site) -> module | function | Decline | None`` builds the replacement for
+    one site (a callable with SDPA's signature), or declines it."""
     def deco(fn):
         _HANDLERS[action_type] = fn
         return fn

@@ -102,7 +102,8 @@ class MeasuredPolicy:
     def candidates_for(self, site) -> list:
         return self.candidate_list()
 
-    def choose(self, rows: list, measure_joint: Callable) -> tuple[dict, str, list, Optional[float]]:
+    def choose(self, rows: list, measure_joint: Callable) -> tuple[dict, str, list, Optional[float], dict]:
+        """``(plan by site key, message, back-off steps, joint error bound, why per site)``."""
         raise NotImplementedError
 
     def prune_above(self) -> Optional[float]:

@@ -87,18 +87,3 @@ def _dp(sites, options, budget, weight, value, grid):
         plan[site] = o.key
         g = g_prev
     return plan
-
-
-def brute_force(options: dict, max_error: Optional[float] = None, max_cost: Optional[float] = None) -> dict:
-    """Exhaustive reference for tests (small inputs only)."""
-    import itertools
-    sites = list(options)
-    best, best_plan = math.inf, None
-    for combo in itertools.product(*(options[s] for s in sites)):
-        err = sum(o.error for o in combo)
-        cost = sum(o.cost for o in combo)
-        if max_error is not None and err <= max_error + 1e-12 and cost < best:
-            best, best_plan = cost, combo
-        if max_cost is not None and cost <= max_cost + 1e-9 and err < best:
-            best, best_plan = err, combo
-    return {s: o.key for s, o in zip(sites, best_plan)} if best_plan else {}

@@ -1,6 +1,7 @@
 """Layer-wise policies: cost model, selection, calibration, budgets, plans, report and plot."""
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -12,7 +13,7 @@ import rewrite
 from rewrite import cost
 from rewrite.actions import handler_for
 from rewrite.passes.lower import SiteCall
-from rewrite.select import Option, brute_force, solve
+from rewrite.select import Option, solve
 from rewrite.sites import AttentionSite
 
 
@@ -41,6 +42,21 @@ def _count_cpu_sdpa():
 
 
 _count_cpu_sdpa()
+
+
+def brute_force(options: dict, max_error=None, max_cost=None) -> dict:
+    """Exhaustive reference for ``solve`` (small inputs only)."""
+    import itertools
+    sites = list(options)
+    best, best_plan = math.inf, None
+    for combo in itertools.product(*(options[s] for s in sites)):
+        err = sum(o.error for o in combo)
+        cost = sum(o.cost for o in combo)
+        if max_error is not None and err <= max_error + 1e-12 and cost < best:
+            best, best_plan = cost, combo
+        if max_cost is not None and cost <= max_cost + 1e-9 and err < best:
+            best, best_plan = err, combo
+    return {s: o.key for s, o in zip(sites, best_plan)} if best_plan else {}
 
 
 def _eager_attention(q, k, v):

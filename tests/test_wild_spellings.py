@@ -253,3 +253,27 @@ def test_xlm_and_flaubert(family):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
                                    ref(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+class EinsumMQA(nn.Module):
+    """Multi-query attention by einsum with a head-less key and value."""
+
+    def forward(self, q, k, v):
+        s = torch.einsum("bhid,bjd->bhij", q, k) * 0.25
+        return torch.einsum("bhij,bjd->bhid", s.softmax(-1), v)
+
+
+def test_multi_query_einsum_with_a_head_less_key():
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    model = EinsumMQA()
+    rewrite.optimize(model, "exact", example_inputs=(q, k, v))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rewritten" and row.heads == 4 and row.kv_heads == 1, model.rewrite_report.table()
+    q, k, v = torch.randn(3, 4, 11, 16), torch.randn(3, 11, 16), torch.randn(3, 11, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(q, k, v), EinsumMQA()(q, k, v), rtol=1e-5, atol=1e-5)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(q, k, v)
+    ops = [f"{e.name}<{e.cpu_parent.name if e.cpu_parent is not None else ''}" for e in prof.events()]
+    assert any(op.startswith("aten::scaled_dot_product_attention<") for op in ops)
+    assert not any(op.startswith("aten::_softmax<Torch") or op.startswith("aten::softmax<Torch") for op in ops), ops

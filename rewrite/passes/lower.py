@@ -129,6 +129,9 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     kb, vb = unrepeat(k), unrepeat(v)
     if kb and vb and kb[1] == vb[1] and rank(q) == 4:
         k, v, enable_gqa = kb[0], vb[0], True
+    elif rank(q) == 4 and rank(k) == 4 and rank(v) == 4 and static_int(shape(k)[-3]) == 1 == static_int(shape(v)[-3]) \
+            and static_int(shape(q)[-3]) != 1:
+        enable_gqa = True  # one kv head broadcast to every query head (multi-query): SDPA's fused GQA path
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
                     scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
                     flatten_output=len(split) if in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v))

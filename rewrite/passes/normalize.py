@@ -305,6 +305,8 @@ def _einsum(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
     batch = [c for c in out if c in a_idx and c in b_idx]
     free_a = [c for c in a_idx if c not in b_idx]
     free_b = [c for c in b_idx if c not in a_idx]
+    if len(contracted) == 1 and (len(free_a) != 1 or len(free_b) != 1):
+        return _einsum_broadcast(graph, node, a_idx, b_idx, out, contracted[0], operands)
     if len(contracted) != 1 or len(free_a) != 1 or len(free_b) != 1:
         return None
     if set(out) != set(batch + free_a + free_b) or any(c not in out for c in free_a + free_b):
@@ -319,6 +321,36 @@ def _einsum(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
     if mm_order == list(out):
         return mm
     return _permute_to(graph, node, mm, "".join(mm_order), list(out))
+
+
+def _einsum_broadcast(graph: fx.Graph, node: fx.Node, a_idx: str, b_idx: str, out: str, c: str,
+                      operands) -> Optional[fx.Node]:
+    """A contraction with batch indices on one side only (multi-query attention: ``bhid,bjd->bhij``): the
+    operand without them gets size-1 dims there, and matmul broadcasts. The output must end in the row index
+    (of ``a`` only) and the column index (of ``b`` only); every other output index is a batch index."""
+    if len(out) < 2:
+        return None
+    i, j = out[-2], out[-1]
+    batch = list(out[:-2])
+    if i not in a_idx or i in b_idx or j not in b_idx or j in a_idx or c in out:
+        return None
+    if set(a_idx) != {x for x in batch if x in a_idx} | {i, c} or set(b_idx) != {x for x in batch if x in b_idx} | {c, j}:
+        return None
+    a, b = operands
+    a_p = _broadcast_to(graph, node, a, a_idx, batch, [i, c])
+    b_p = _broadcast_to(graph, node, b, b_idx, batch, [c, j])
+    return insert_call(graph, node, MATMUL, (a_p, b_p), like=node)
+
+
+def _broadcast_to(graph, before, x, have: str, batch: list, tail: list) -> fx.Node:
+    """``x`` (indices ``have``) permuted to its batch indices in ``batch`` order then ``tail``, with a size-1 dim
+    for each batch index it lacks."""
+    present = [b for b in batch if b in have]
+    x = _permute_to(graph, before, x, have, present + tail)
+    for pos, b in enumerate(batch):
+        if b not in have:
+            x = insert_call(graph, before, torch.unsqueeze, (x, pos), like=before)
+    return x
 
 
 def _permute_to(graph, before, x, have: str, want: list) -> fx.Node:

@@ -125,17 +125,23 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
         q = b.call(MUL, q, scale_tensor)
     if in_split:
         q, k, v = (b.call(torch.unflatten, t, 0, tuple(split)) for t in (q, k, v))
-    enable_gqa = False
-    kb, vb = unrepeat(k), unrepeat(v)
-    if kb and vb and kb[1] == vb[1] and rank(q) == 4:
-        k, v, enable_gqa = kb[0], vb[0], True
-    elif rank(q) == 4 and rank(k) == 4 and rank(v) == 4 and static_int(shape(k)[-3]) == 1 == static_int(shape(v)[-3]) \
-            and static_int(shape(q)[-3]) != 1:
-        enable_gqa = True  # one kv head broadcast to every query head (multi-query): SDPA's fused GQA path
+    k, v, enable_gqa = _grouped_kv(q, k, v)
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
                     scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
                     flatten_output=len(split) if in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v))
     return call
+
+
+def _grouped_kv(q: fx.Node, k: fx.Node, v: fx.Node) -> tuple:
+    """``(k, v, enable_gqa)``: kv heads repeated for the query heads are taken before the repeat, and a single kv
+    head broadcast to every query head (multi-query) is passed as it is; SDPA's fused GQA path serves both."""
+    kb, vb = unrepeat(k), unrepeat(v)
+    if kb and vb and kb[1] == vb[1] and rank(q) == 4:
+        return kb[0], vb[0], True
+    if rank(q) == rank(k) == rank(v) == 4 and static_int(shape(k)[-3]) == 1 == static_int(shape(v)[-3]) \
+            and static_int(shape(q)[-3]) != 1:
+        return k, v, True
+    return k, v, False
 
 
 def _row_fixes(b: "_Builder", m: SiteMatch, causal_ops: set, beta: Optional[fx.Node], v: fx.Node) -> list:

@@ -59,6 +59,9 @@ class Action:
     """Base of all actions; subclasses are ``@register_action`` frozen dataclasses."""
 
     exact: bool = False
+    #: the handler classifies the site's mask on the example batch (``_masks.site_mask_plan``): the pipeline
+    #: evaluates it onto the site first, for these actions only
+    reads_example_mask = False
 
     def to_json(self) -> dict[str, Any]:
         return {"action": type(self).__name__, "args": dataclasses.asdict(self)}

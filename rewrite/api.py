@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .actions import RewriteError
-from .backend import THEN, make_compiler
+from .backend import check_then, make_compiler
 from .capture import DEFAULT_RECOMPILE_LIMIT, ModelCapture, mha_fastpath_off, run_example
 from .pipeline import Session, rewrite_graph
 from .policy import Policy
@@ -136,8 +136,7 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     """
     _check_model(model)
     args, kwargs = _inputs(example_inputs, example_kwargs)
-    if then not in THEN:
-        raise RewriteError(f"then={then!r} is not known; use 'eager' (run the rewritten graph as it is) or 'inductor'.")
+    check_then(then)  # before a calibration run, not after it
     from .measured import MeasuredPolicy, auto, calibrate_and_plan
     if isinstance(policy, str) and policy == "auto":
         policy = auto()

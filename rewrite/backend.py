@@ -25,9 +25,13 @@ log = logging.getLogger("rewrite")
 THEN = ("eager", "inductor")
 
 
-def make_compiler(session: Session, then: str = "eager") -> Callable:
+def check_then(then: str) -> None:
     if then not in THEN:
         raise RewriteError(f"then={then!r} is not known; use 'eager' (run the rewritten graph as it is) or 'inductor'.")
+
+
+def make_compiler(session: Session, then: str = "eager") -> Callable:
+    check_then(then)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
         compile_id = torch._guards.CompileContext.current_compile_id()

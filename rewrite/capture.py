@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import threading
 import types
@@ -51,7 +52,6 @@ class _CaptureSettings:
         self.lock = threading.Lock()
         self.depth = 0
         self.saved: dict = {}
-        self.limit: Optional[int] = None
 
     def _apply(self, limit: Optional[int]) -> dict:
         saved = {}
@@ -163,13 +163,16 @@ def _own_function(fn: Callable, label: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, label, fn.__defaults__, fn.__closure__)
 
 
-_serial = iter(range(1 << 62))
+_serial = itertools.count()
+
+#: ``torch.compiler.is_exporting`` where this torch has it
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _is_dynamo_failure(err: BaseException) -> bool:
     """Whether ``err`` came from Dynamo failing to trace or compile (not from the model's own code)."""
-    from torch._dynamo import exc
-    return isinstance(err, (exc.TorchDynamoException, torch._dynamo.exc.BackendCompilerFailed))
+    from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, Unsupported, ... included
+    return isinstance(err, TorchDynamoException)
 
 
 def inner_rewrite_error(err: BaseException) -> Optional[RewriteError]:
@@ -292,7 +295,7 @@ class ModelCapture:
         for path, module in entries.items():
             self._install(path, module)
         self.report.record_recapture(why)
-        self.record_fallback("(model)", f"recompiled: {why}", calls=0, warn_only=True)
+        self._warn_once("(model)", f"recompiled: {why}")
 
     def uninstall(self) -> None:
         for module in self.entries.values():
@@ -305,7 +308,7 @@ class ModelCapture:
     # -- running -----------------------------------------------------------------------------------------
     def _run(self, path: str, module: torch.nn.Module, args: tuple, kwargs: dict,
              compiled: Optional[Callable] = None) -> Any:
-        if torch.compiler.is_exporting() if hasattr(torch.compiler, "is_exporting") else False:
+        if _is_exporting():
             raise RewriteError(
                 "torch.export of a model returned by rewrite.optimize would export the original attention. Export "
                 "the plain model through rewrite instead: `rewrite apply SRC -o OUT --export`, or "
@@ -357,13 +360,15 @@ class ModelCapture:
         return any(r.status == "rewritten" and (not path or r.name == path or r.name.startswith(prefix))
                    for r in self.report.sites)
 
-    def record_fallback(self, where: str, why: str, calls: int = 1, warn_only: bool = False) -> None:
-        if not warn_only:
-            self.report.record_fallback(where, why, calls)
+    def record_fallback(self, where: str, why: str, calls: int = 1) -> None:
+        self.report.record_fallback(where, why, calls)
+        self._warn_once(where, why)
+
+    def _warn_once(self, where: str, why: str) -> None:
         if (where, why) not in self._warned:
             self._warned.add((where, why))
             warnings.warn(f"rewrite: {type(self.model).__name__} {where}: {why}. See rewrite.report(model).",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
 
     # -- copies --------------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> Optional["ModelCapture"]:

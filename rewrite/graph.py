@@ -193,6 +193,20 @@ def remove_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
     return removed
 
 
+_FACTORIES = (torch.tensor, torch.scalar_tensor, torch.as_tensor, torch.full, torch.zeros)
+
+
+def factory_number(node: Any) -> Optional[float]:
+    """The number a tensor factory in the graph fills its tensor with (``torch.tensor(-1e4)``, ``torch.full(s,
+    v)``, ``torch.scalar_tensor(0)``, ``torch.zeros(s)``), or None for anything else."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _FACTORIES):
+        return None
+    if node.target is torch.zeros:
+        return 0.0
+    data = node.args[-1] if node.target is torch.full else (node.args[0] if node.args else None)
+    return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
+
+
 def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
     """Whether ``user`` reads nothing of ``node`` but its shape (``x.expand_as(node)``, ``node.size()``,
     ``node.dim()``, ``sym_size``): such a user is unaffected by what ``node`` holds or when it is mutated."""

@@ -90,8 +90,7 @@ class Session:
             value = values.get(node)
             place = places.get(id(value)) if isinstance(value, torch.Tensor) else None
             if place is not None:
-                owner, attr = place
-                self.state_guards[(id(owner), attr)] = (owner, attr, value, value._version)
+                self._guard(*place, value)
 
     def guard_baked_state(self, gm: fx.GraphModule, node: fx.Node) -> None:
         """Guard the buffers a mixer declares ``baked_state`` (values a compiled graph turns into structure), as
@@ -104,7 +103,10 @@ class Session:
         for name in getattr(module, "baked_state", ()):
             tensor = getattr(module, name, None)
             if isinstance(tensor, torch.Tensor):
-                self.state_guards[(id(module), name)] = (module, name, tensor, tensor._version)
+                self._guard(module, name, tensor)
+
+    def _guard(self, owner: torch.nn.Module, attr: str, tensor: torch.Tensor) -> None:
+        self.state_guards[(id(owner), attr)] = (owner, attr, tensor, tensor._version)
 
     def changed_state(self) -> Optional[str]:
         """The first guarded tensor that was replaced or changed in place since it was read, or None."""
@@ -223,7 +225,8 @@ def _lower(run: GraphRun, s: Lowered) -> None:
         raise RewriteError(f"No handler is registered for action {type(action).__name__}; register one with "
                            "@rewrite.register_handler.")
     call = build_call(run.gm.graph, m, *_causal_for_sdpa(m, s.causal_ops))
-    _example_mask_onto(s.site, call)
+    if action.reads_example_mask:
+        _example_mask_onto(s.site, call)
     target = handler(action, call, s.site)
     _restore_fitted(session, s.site, action, target)
     target = _attach_state(session, s.site, action, target)
@@ -390,10 +393,12 @@ def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: Attent
     from .calibrate import SiteSwitch, candidate_key
     state = session.calibration
     call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
-    _example_mask_onto(site, call)
+    actions = session.candidates(site)
+    if any(a.reads_example_mask for a in actions):
+        _example_mask_onto(site, call)
     exact = handler_for(Exact())(Exact(), call, site)
     candidates = {}
-    for action in session.candidates(site):
+    for action in actions:
         ck = candidate_key(action)
         handler = handler_for(action)
         target = handler(action, call, site) if handler is not None else Decline("no handler is registered")

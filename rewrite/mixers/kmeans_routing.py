@@ -49,6 +49,8 @@ from . import _base
 class KMeansRouting(Action):
     """Cluster-routed attention: ``clusters`` k-means centroids, ``window`` keys per cluster."""
 
+    reads_example_mask = True
+
     clusters: int = 4
     window: int = 128
     iterations: int = 20

@@ -52,6 +52,8 @@ class Spectral(Action):
     Training needed: the error of a training-free swap is large (measured and reported).
     """
 
+    reads_example_mask = True
+
     kind: str = "fft"
     keep: int = 16
     dims: Optional[int] = None

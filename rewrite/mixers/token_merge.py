@@ -38,6 +38,8 @@ from . import _base
 class TokenMerge(Action):
     """Merge the ``r`` most similar key/value pairs (bipartite soft matching), proportional attention."""
 
+    reads_example_mask = True
+
     r: int = 16
     exact = False
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import (is_mutating, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
+from ..graph import (factory_number, is_mutating, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
                      static_int)
 from ..sites import MASKED_BELOW
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
@@ -292,13 +292,7 @@ def _is_zero(value: Any) -> bool:
     """0 as a number, or a tensor made from the number 0 in the graph (``torch.scalar_tensor(0)``)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value == 0
-    if isinstance(value, fx.Node) and value.op == "call_function" and value.target in (
-            torch.scalar_tensor, torch.tensor, torch.full, torch.zeros):
-        if value.target is torch.zeros:
-            return True
-        data = value.args[-1] if value.target is torch.full else (value.args[0] if value.args else None)
-        return isinstance(data, (int, float)) and not isinstance(data, bool) and data == 0
-    return False
+    return factory_number(value) == 0
 
 
 def _check_zeroed_rows(m: SiteMatch) -> None:

@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from ..graph import factory_number
 from ..sites import MASKED_BELOW
 from .find_sites import SiteMatch
 
-_FACTORIES = {torch.tensor, torch.scalar_tensor, torch.full, torch.as_tensor}
 _CASTS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "detach", "clone", "contiguous"}
 
 
@@ -59,9 +59,8 @@ def static_value(gm: fx.GraphModule, arg: Any, values: dict, is_state: Callable[
         return _one(obj)
     if arg.op == "placeholder":
         return _one(values.get(arg)) if is_state(arg) else None
-    if arg.op == "call_function" and arg.target in _FACTORIES:
-        data = arg.args[-1] if arg.target is torch.full else (arg.args[0] if arg.args else None)
-        return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
+    if arg.op == "call_function" and factory_number(arg) is not None:
+        return factory_number(arg)
     if arg.op == "call_method" and arg.target in _CASTS and arg.args:
         return static_value(gm, arg.args[0], values, is_state)
     return None

@@ -1,9 +1,9 @@
 """Rewrite actions: frozen dataclasses that name what a site becomes, and the handler registry.
 
-An action is pure data (JSON round-trip); a *handler* registered for its type builds the replacement for
-one site from the site's canonical call and its :class:`~rewrite.sites.AttentionSite`, or returns a
-:class:`Decline` (or ``None``) saying why it cannot serve it: the site then gets :class:`Exact`, with the reason
-in the report.
+An action is pure data (JSON round-trip). It declares what it needs of a site (``requires``); where the site
+meets it, a *handler* registered for its type builds the replacement from the site's canonical call and its
+:class:`~rewrite.sites.AttentionSite` (:func:`build_target` does both), or returns a :class:`Decline` (or
+``None``) saying why it cannot serve it: the site then gets :class:`Exact`, with the reason in the report.
 
 Example::
 
@@ -51,6 +51,22 @@ def handler_for(action) -> Optional[Callable]:
     return _HANDLERS.get(type(action))
 
 
+def build_target(action, call, site):
+    """The replacement for one site: the action's declared ``requires`` checked first (as torch.fx's
+    ``PassBase.requires``), then its handler. Returns the handler's target, or a :class:`Decline` saying
+    which requirement the site does not meet (or that the handler declined)."""
+    for requirement in getattr(action, "requires", ()):
+        unmet = requirement.unmet(action, call, site)
+        if unmet:
+            return Decline(unmet)
+    handler = handler_for(action)
+    if handler is None:
+        raise RewriteError(f"No handler is registered for action {type(action).__name__}; register one with "
+                           "@rewrite.register_handler.")
+    target = handler(action, call, site)
+    return target if target is not None else Decline("the handler cannot serve this site")
+
+
 def action_types() -> dict[str, type]:
     return dict(_ACTION_TYPES)
 
@@ -59,6 +75,10 @@ class Action:
     """Base of all actions; subclasses are ``@register_action`` frozen dataclasses."""
 
     exact: bool = False
+    #: preconditions the site must meet before the handler runs: objects with ``unmet(action, call, site)``
+    #: returning why not (or ``""``); the toolkit's are in ``rewrite.mixers._base`` (``SelfAttention``,
+    #: ``NoScoreBias``, ``NonCausal``)
+    requires: tuple = ()
     #: the handler classifies the site's mask on the example batch (``_masks.site_mask_plan``): the pipeline
     #: evaluates it onto the site first, for these actions only
     reads_example_mask = False

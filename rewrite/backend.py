@@ -47,7 +47,6 @@ def make_compiler(session: Session, then: str = "eager") -> Callable:
                         type(err).__name__, err)
             what = f"{type(err).__name__}: {str(err)[:300]}"
             session.errors.append(what)
-            session.report.errors.append(what)
             for site in session.sites:  # the sites of this graph stay in the report, with the reason
                 session.report.record_unrewritten(site.name, site.ordinal, f"an internal error in rewrite ({what}); "
                                                   "this graph runs as captured")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -282,6 +282,32 @@ def owner_path(node: fx.Node) -> str:
 
 # --- values on the example batch ------------------------------------------------------------------
 
+def _is_graph_leaf(n: fx.Node) -> bool:
+    return n.op in ("placeholder", "get_attr")
+
+
+def input_cone(roots: Any, is_leaf: Callable[[fx.Node], bool] = _is_graph_leaf,
+               limit: Optional[int] = None) -> Optional[tuple[set, list]]:
+    """The nodes ``roots`` (a node or several) are computed from, themselves included, walking inputs and
+    stopping at ``is_leaf`` nodes (placeholders and attributes by default): ``(cone, leaves)``, or None when
+    the cone grows past ``limit`` nodes."""
+    work = [r for r in (roots if isinstance(roots, (list, tuple)) else [roots]) if isinstance(r, fx.Node)]
+    cone: set = set()
+    leaves: list = []
+    while work:
+        n = work.pop()
+        if n in cone:
+            continue
+        cone.add(n)
+        if limit is not None and len(cone) > limit:
+            return None
+        if is_leaf(n):
+            leaves.append(n)
+            continue
+        work.extend(n.all_input_nodes)
+    return cone, leaves
+
+
 #: the largest mask computation (graph nodes) a handler evaluates on the example batch
 EXAMPLE_CONE_LIMIT = 400
 
@@ -295,15 +321,10 @@ def example_value(node: Any) -> Any:
     combined with padding in one data-dependent tensor, which the causal prover cannot see through)."""
     if not isinstance(node, fx.Node):
         return node
-    cone, work = set(), [node]
-    while work:
-        n = work.pop()
-        if n in cone:
-            continue
-        cone.add(n)
-        if len(cone) > EXAMPLE_CONE_LIMIT or n.op == "call_module" or _mutates(n, is_mutating):
-            return None
-        work.extend(n.all_input_nodes)
+    found = input_cone(node, is_leaf=lambda n: n.op == "placeholder", limit=EXAMPLE_CONE_LIMIT)
+    if found is None or any(n.op == "call_module" or _mutates(n, is_mutating) for n in found[0]):
+        return None
+    cone = found[0]
     gm = node.graph.owning_module
     if gm is None:
         return None

@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 
 from . import cost
-from .actions import Action, Decline, Exact, RewriteError, handler_for
-from .graph import (example_value, hint_int, insert_call, is_mutating, meta_value, module_names, remove_dead, same_shape,
+from .actions import Action, Decline, Exact, RewriteError, build_target
+from .graph import (example_value, hint_int, input_cone, insert_call, is_mutating, meta_value, module_names, remove_dead, same_shape,
                     shape)
 from .passes.adversarial import adversarial_inputs
 from .passes.causal import prove_causal
@@ -42,13 +42,17 @@ class Session:
         self._site_keys: set = set()
         self._state_ptrs: Optional[set] = None
         self.model = model
-        self.errors: list[str] = []
         self.calibration = None          # a calibrate.CalibrationState in mode "calibrate"
         self.attached: list = []         # (owner module path, name) of mixers attached to the model
         self.candidates = lambda site: []  # site -> candidate actions, in mode "calibrate"
         #: the model's tensors a causal proof or a fill value was read from, with the version they had:
         #: (id(owner), attribute) -> (owner module, attribute, tensor, version); see ``changed_state``
         self.state_guards: dict = {}
+
+    @property
+    def errors(self) -> list[str]:
+        """Internal errors of this session's graphs (kept in its report, where the user reads them)."""
+        return self.report.errors
 
     def state_ptrs(self) -> set:
         if self._state_ptrs is None:
@@ -192,9 +196,9 @@ def _as_captured(gm: fx.GraphModule, captured: fx.GraphModule) -> fx.GraphModule
 
 def _describe_site(run: GraphRun, m: SiteMatch) -> Lowered:
     """Prove its causal mask, read what its masks mean, and describe the site for the policy."""
+    unreadable_fill = read_fill_values(run.gm, m, run.values, run.is_state_read)
     causal_ops, is_causal = _prove(run.gm, m, run.values, run.is_state, run.reads)
-    problem = (read_fill_values(run.gm, m, run.values, run.is_state_read)
-               or empty_row_problem(m, causal_ops))
+    problem = unreadable_fill or empty_row_problem(m, causal_ops)
     if problem:
         m.status, m.reason = "rejected", problem
     site = _describe(m, run.values, is_causal, causal_ops, run.is_state, run.session.model)
@@ -220,22 +224,17 @@ def _lower(run: GraphRun, s: Lowered) -> None:
         s.note = _with_note("already scaled_dot_product_attention" if action is not None
                             else "the policy leaves it as it was", m)
         return
-    handler = handler_for(action)
-    if handler is None:
-        raise RewriteError(f"No handler is registered for action {type(action).__name__}; register one with "
-                           "@rewrite.register_handler.")
     call = build_call(run.gm.graph, m, *_causal_for_sdpa(m, s.causal_ops))
     if action.reads_example_mask:
         _example_mask_onto(s.site, call)
-    target = handler(action, call, s.site)
+    target = build_target(action, call, s.site)
     _restore_fitted(session, s.site, action, target)
     target = _attach_state(session, s.site, action, target)
     note = ""
-    if target is None or isinstance(target, Decline):
-        note = (f"{type(action).__name__} declined: {target or 'the handler cannot serve this site'}; "
-                "fell back to Exact")
+    if isinstance(target, Decline):
+        note = f"{type(action).__name__} declined: {target}; fell back to Exact"
         action = Exact()
-        target = handler_for(action)(action, call, s.site)
+        target = build_target(action, call, s.site)
     s.action, s.call, s.new = action, call, _insert_target(run.gm, m, target, call)
     s.note = _with_note(note, m)
 
@@ -396,14 +395,13 @@ def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: Attent
     actions = session.candidates(site)
     if any(a.reads_example_mask for a in actions):
         _example_mask_onto(site, call)
-    exact = handler_for(Exact())(Exact(), call, site)
+    exact = build_target(Exact(), call, site)
     candidates = {}
     for action in actions:
         ck = candidate_key(action)
-        handler = handler_for(action)
-        target = handler(action, call, site) if handler is not None else Decline("no handler is registered")
-        if target is None or isinstance(target, Decline):
-            state.declined[(site.key, ck)] = str(target or "the handler cannot serve this site")
+        target = build_target(action, call, site)
+        if isinstance(target, Decline):
+            state.declined[(site.key, ck)] = str(target)
         else:
             candidates[ck] = target
     switch = SiteSwitch(site.key, exact, candidates, state)
@@ -629,15 +627,7 @@ def _mask_kind(m: SiteMatch, causal_ops, is_causal: bool, is_state) -> str:
 def _term_kind(term: Any, is_state) -> str:
     if not isinstance(term, fx.Node):
         return "additive"
-    leaves, seen, work = [], set(), [term]
-    while work:
-        n = work.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op in ("placeholder", "get_attr"):
-            leaves.append(n)
-        work.extend(n.all_input_nodes)
+    _, leaves = input_cone(term)
     has_param = any(isinstance(meta_value(n), torch.Tensor) and getattr(meta_value(n), "requires_grad", False)
                     for n in leaves)
     if has_param:

@@ -1,15 +1,27 @@
-"""One contract over every registered action: what eager runs, ``then="inductor"`` runs (issue 13).
+"""One contract over every registered action (issue 13), one column per test:
 
-Each action type gets a setting that does real work at the test's size (N = 64, 4 heads): a compiled graph
-that silently took another path (BlockRouting's per-head counts once fell back to the uniform count while
-Inductor traced) differs from the eager one here. A new action must be added to ``SETTINGS``.
+* JSON round trip, defaults, bad arguments (a ``RewriteError`` naming the argument) and symbolic FLOPs;
+* output shape and dtype as SDPA's in fp32 and bf16, with GQA and a padding mask; shape inference on fake
+  tensors (how the pipeline inserts the call); gradients in q, k, v;
+* ``(b·h) n d`` 3-D inputs and extra leading batch dims;
+* dropout: applied where the mixer forms probabilities, refused loudly (never silently ignored) elsewhere;
+* what eager runs, ``then="inductor"`` runs: each action gets a setting that does real work at N = 64, so a
+  compiled graph that silently took another path (BlockRouting's per-head counts once fell back to the
+  uniform count while Inductor traced) differs from the eager one.
+
+A new action must be added to ``SETTINGS`` (end to end, N = 64) and ``SMALL`` (unit columns, N = 10–17).
 """
 import pytest
+import sympy
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import rewrite
-from rewrite.actions import action_types
+from rewrite import cost
+from rewrite.actions import RewriteError, action_types
+from mixer_helpers import build
 from test_backend_state import D
 from test_backend_state import Attention as BackendAttention
 
@@ -32,14 +44,103 @@ SETTINGS = {
 }
 
 
+#: a small setting of each action for the unit columns, and one bad argument it must refuse (None: it takes none)
+SMALL = {
+    "Exact": (rewrite.Exact(), {"kernel": "cuda"}),
+    "BlockRouting": (rewrite.BlockRouting(block=4, topk=2), {"layout": "3d"}),
+    "Decay": (rewrite.Decay(gamma=0.8), {"gamma": 1.5}),
+    "Linear": (rewrite.Linear(feature="favor", features=16), {"feature": "cos"}),
+    "Flow": (rewrite.Flow(), None),
+    "KMeansRouting": (rewrite.KMeansRouting(clusters=2, window=5), {"clusters": 0}),
+    "Pool": (rewrite.Pool(size=3), {"size": 4}),
+    "Scatterbrain": (rewrite.Scatterbrain(window=4, features=16), {"window": 0}),
+    "SharedQuery": (rewrite.SharedQuery(query="calibrated"), {"query": "max"}),
+    "SlidingWindow": (rewrite.SlidingWindow(window=4, sinks=1), {"window": 0}),
+    "Spectral": (rewrite.Spectral(keep=4), {"keep": 0}),
+    "TokenMerge": (rewrite.TokenMerge(r=3), {"r": -1}),
+    "TopK": (rewrite.TopK(k=3), {"k": 0}),
+}
+
+
+def test_every_registered_action_is_in_the_contract():
+    assert set(SETTINGS) == set(action_types()) == set(SMALL)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_json_round_trip_defaults_bad_arguments_and_flops(name):
+    action, bad = SMALL[name]
+    js = action.to_json()
+    assert js["action"] == name
+    assert rewrite.action_from_json(js) == action
+    assert rewrite.action_from_json(name) == getattr(rewrite, name)()   # every argument has a default
+    if bad is not None:
+        arg = next(iter(bad))
+        with pytest.raises(RewriteError, match=arg):
+            getattr(rewrite, name)(**bad)
+        with pytest.raises(RewriteError, match=arg):
+            getattr(rewrite, name)(**{arg: object()})
+    with pytest.raises(RewriteError, match="arguments are"):
+        rewrite.action_from_json({"action": name, "args": {"no_such_argument": 1}})
+    expr = action.flops()
+    assert isinstance(expr, sympy.Expr) and expr.free_symbols <= set(cost.SYMBOLS.values())
+    assert cost.evaluate(expr, B=1, H=1, N=4096, Nk=4096, d=64, dv=64) > 0
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shape_dtype_fake_tensors_and_gradients(name, dtype):
+    n = 17
+    target = build(SMALL[name][0], nq=n, heads=4, kv_heads=2, d=8)
+    assert callable(target) and not isinstance(target, str), target
+    q, k, v = torch.randn(2, 4, n, 8, dtype=dtype), torch.randn(2, 2, n, 8, dtype=dtype), torch.randn(2, 2, n, 8, dtype=dtype)
+    mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., 12:] = False
+    out = target(q, k, v, attn_mask=mask, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype
+    assert torch.isfinite(out).all()
+    with FakeTensorMode():
+        fq, fk = torch.randn(2, 4, n, 8, dtype=dtype), torch.randn(2, 2, n, 8, dtype=dtype)
+        fout = target(fq, fk, fk, enable_gqa=True)
+    assert fout.shape == (2, 4, n, 8) and fout.dtype == dtype
+    if dtype == torch.float32:  # differentiable in q, k, v where it reads them (fine-tuning through the mixer)
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        target(qs, ks, vs, attn_mask=mask, enable_gqa=True).square().sum().backward()
+        assert vs.grad is not None and vs.grad.abs().sum() > 0
+        for t in (qs, ks, vs):
+            assert t.grad is None or torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_layouts_3d_and_5d(name):
+    """``(b h) n d`` inputs and extra leading batch dims give SDPA's shapes."""
+    target = build(SMALL[name][0], nq=10, heads=4, kv_heads=2, d=8)
+    q, k, v = torch.randn(6, 10, 8), torch.randn(6, 10, 8), torch.randn(6, 10, 5)
+    assert target(q, k, v, attn_mask=torch.randn(6, 10, 10)).shape == (6, 10, 5)
+    q, k, v = torch.randn(2, 3, 4, 10, 8), torch.randn(2, 3, 2, 10, 8), torch.randn(2, 3, 2, 10, 8)
+    out = target(q, k, v, attn_mask=torch.ones(3, 1, 1, 10, dtype=torch.bool), enable_gqa=True)
+    assert out.shape == (2, 3, 4, 10, 8)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_dropout_is_applied_never_ignored(name):
+    target = build(SMALL[name][0], nq=12, heads=2, d=8)
+    q, k, v = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    without = target(q, k, v, dropout_p=0.0)
+    assert torch.equal(target(q, k, v), without)
+    torch.manual_seed(0)
+    try:
+        dropped = target(q, k, v, dropout_p=0.5)
+    except RewriteError as err:  # a mixer without probabilities says so
+        assert "dropout" in str(err)
+        return
+    assert dropped.shape == without.shape and not torch.allclose(dropped, without)
+
+
 def Attention(seed: int) -> nn.Module:
     """The hand-written self-attention of the Inductor state tests (D=32, 4 heads), seeded."""
     torch.manual_seed(seed)
     return BackendAttention()
-
-
-def test_every_registered_action_is_in_the_contract():
-    assert set(SETTINGS) == set(action_types())
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -1,13 +1,10 @@
 """Eager-only checks of the attention corpus itself (no rewrite involved): it must be a sound fixture."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from corpus import CASES, EXPECTS, flatten  # noqa: E402
 
 

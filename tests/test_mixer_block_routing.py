@@ -1,16 +1,13 @@
 """BlockRouting: mean-pooled block routing (1-D blocks, 2-D grid regions), exact when topk covers all blocks."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_mixer_a_common import (additive, assert_close, assert_decreasing, attention_case, bert_end_to_end,  # noqa: E402
+from mixer_helpers import (additive, assert_close, assert_decreasing, attention_case, bert_end_to_end,  # noqa: E402
                                  build, local_qkv, reference, rel_err, run_case)
 
 import rewrite  # noqa: E402
@@ -324,7 +321,7 @@ def test_per_head_counts_are_saved_fitted_lazily_and_declared_in_the_action():
 
 
 def test_per_head_state_lands_in_the_model_state_dict():
-    from test_mixer_a_common import tiny_bert
+    from mixer_helpers import tiny_bert
     model, batch = tiny_bert()
     rewrite.optimize(model, {"_default": rewrite.BlockRouting(block=4, topk=2, per_head=True)}, example_kwargs=batch)
     counts = {key: t for key, t in model.state_dict().items() if key.endswith("head_topk")}

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 import rewrite
 from rewrite.actions import Decline, RewriteError
-from rewrite.mixers.flow import FlowAttention, flow_handler
-from mixer_b_helpers import make_call, make_site  # noqa: E402
+from rewrite.mixers.flow import FlowAttention
+from rewrite.actions import build_target
+from mixer_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
@@ -148,13 +149,13 @@ def test_json_round_trip_and_flops():
 
 def test_handler():
     act = rewrite.Flow()
-    assert isinstance(flow_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True),
+    assert isinstance(build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True),
                                    make_site(mask="causal", is_causal=True)), FlowAttention)
-    assert isinstance(flow_handler(act, make_call((2, 4, 8, 16), (2, 2, 8, 16)),
+    assert isinstance(build_target(act, make_call((2, 4, 8, 16), (2, 2, 8, 16)),
                                    make_site((2, 4, 8, 16), (2, 2, 8, 16), mask="additive", gqa=True)), FlowAttention)
-    out = flow_handler(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)), make_site((2, 4, 1, 16), (2, 4, 9, 16)))
+    out = build_target(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)), make_site((2, 4, 1, 16), (2, 4, 9, 16)))
     assert isinstance(out, Decline) and "Nq != Nk" in out
-    out = flow_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="alibi+additive"))
+    out = build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="alibi+additive"))
     assert isinstance(out, Decline) and "alibi" in out
 
 

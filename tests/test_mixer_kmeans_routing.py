@@ -1,8 +1,6 @@
 """KMeansRouting: calibrated centroids, balanced clusters, exact with one cluster and window >= N."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -10,8 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_mixer_a_common import (assert_close, assert_decreasing, attention_case, bert_end_to_end, build,  # noqa: E402
+from mixer_helpers import (assert_close, assert_decreasing, attention_case, bert_end_to_end, build,  # noqa: E402
                                  reference, rel_err, run_case, tiny_bert)
 
 import rewrite  # noqa: E402

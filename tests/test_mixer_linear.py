@@ -10,8 +10,9 @@ from torch import nn
 
 import rewrite
 from rewrite.actions import Decline, RewriteError
-from rewrite.mixers.linear import LinearAttention, linear_handler
-from mixer_b_helpers import make_call, make_site, padded_mask  # noqa: E402
+from rewrite.mixers.linear import LinearAttention
+from rewrite.actions import build_target
+from mixer_helpers import make_call, make_site, padded_mask  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
@@ -182,12 +183,12 @@ def test_flops_symbolic():
 
 def test_handler_serves_causal_cross_and_padding_and_declines_biases():
     act = rewrite.Linear()
-    assert isinstance(linear_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True),
+    assert isinstance(build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True),
                                      make_site(mask="causal", is_causal=True)), LinearAttention)
-    assert isinstance(linear_handler(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)),
+    assert isinstance(build_target(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)),
                                      make_site((2, 4, 1, 16), (2, 4, 9, 16), mask="additive")), LinearAttention)
     for mask in ("bias", "alibi+additive", "bias+additive"):
-        out = linear_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask=mask))
+        out = build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask=mask))
         assert isinstance(out, Decline) and "bias" in out
 
 

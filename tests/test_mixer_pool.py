@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 import rewrite
 from rewrite.actions import Decline, RewriteError
-from rewrite.mixers.pool import PoolMixer, pool_handler
-from mixer_b_helpers import make_call, make_site  # noqa: E402
+from rewrite.mixers.pool import PoolMixer
+from rewrite.actions import build_target
+from mixer_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
@@ -138,7 +139,7 @@ def test_json_validation_flops_and_docs():
     import sympy
     from rewrite import cost
     from rewrite.mixers import pool
-    for act in (rewrite.Pool(), rewrite.Pool(kind="max", size=5, dims=2)):
+    for act in (rewrite.Pool(), rewrite.Pool(kind="max", size=5, layout="2d")):
         assert rewrite.action_from_json(act.to_json()) == act
     assert rewrite.Pool().kind == "avg" and rewrite.Pool.exact is False
     for bad, word in (({"kind": "min"}, "'min'"), ({"size": 4}, "4"), ({"size": 0}, "0"), ({"dims": 3}, "3")):
@@ -152,20 +153,23 @@ def test_json_validation_flops_and_docs():
 def test_handler():
     act = rewrite.Pool()
     call, site = make_call((2, 4, 8, 16), (2, 4, 8, 16), True), make_site(mask="causal", is_causal=True)
-    mod = pool_handler(act, call, site)
+    mod = build_target(act, call, site)
     assert isinstance(mod, PoolMixer) and mod.grid is None
     grid_site = make_site((2, 4, 10, 16), grid=(3, 3), prefix_tokens=1)
-    mod = pool_handler(act, make_call((2, 4, 10, 16), (2, 4, 10, 16)), grid_site)
+    mod = build_target(act, make_call((2, 4, 10, 16), (2, 4, 10, 16)), grid_site)
     assert isinstance(mod, PoolMixer) and mod.grid == (3, 3) and mod.prefix == 1
-    assert pool_handler(rewrite.Pool(dims=1), make_call((2, 4, 10, 16), (2, 4, 10, 16)), grid_site).grid is None
+    assert build_target(rewrite.Pool(layout="1d"), make_call((2, 4, 10, 16), (2, 4, 10, 16)), grid_site).grid is None
     causal_grid = make_site((2, 4, 10, 16), grid=(3, 3), prefix_tokens=1, is_causal=True, mask="causal")
-    assert isinstance(pool_handler(act, make_call((2, 4, 10, 16), (2, 4, 10, 16), True), causal_grid), Decline)
-    assert isinstance(pool_handler(rewrite.Pool(dims=2), make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site()), Decline)
+    causal_call = make_call((2, 4, 10, 16), (2, 4, 10, 16), True)
+    assert build_target(act, causal_call, causal_grid).grid is None          # "auto" runs 1-D at causal sites
+    refused = build_target(rewrite.Pool(layout="2d"), causal_call, causal_grid)
+    assert isinstance(refused, Decline) and "no causal 2-D form" in refused
+    assert isinstance(build_target(rewrite.Pool(layout="2d"), make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site()), Decline)
     bad_grid = make_site((2, 4, 10, 16), grid=(4, 4), prefix_tokens=1)
-    assert isinstance(pool_handler(act, make_call((2, 4, 10, 16), (2, 4, 10, 16)), bad_grid), Decline)
-    cross = pool_handler(act, make_call((2, 4, 3, 16), (2, 4, 9, 16)), make_site((2, 4, 3, 16), (2, 4, 9, 16)))
+    assert isinstance(build_target(act, make_call((2, 4, 10, 16), (2, 4, 10, 16)), bad_grid), Decline)
+    cross = build_target(act, make_call((2, 4, 3, 16), (2, 4, 9, 16)), make_site((2, 4, 3, 16), (2, 4, 9, 16)))
     assert isinstance(cross, Decline) and "Nq != Nk" in cross
-    assert isinstance(pool_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="bias")), Decline)
+    assert isinstance(build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="bias")), Decline)
 
 
 def test_pipeline_tiny_bert_reports_the_error():
@@ -182,3 +186,13 @@ def test_pipeline_tiny_bert_reports_the_error():
     for row in rows:
         assert row.status == "rewritten" and row.exact is False
         assert row.error is not None and row.error > 0.05          # training-needed: large, and reported
+
+
+def test_dims_is_a_deprecated_alias_of_layout():
+    with pytest.warns(DeprecationWarning, match="layout='2d'"):
+        old = rewrite.Pool(dims=2)
+    assert old == rewrite.Pool(layout="2d")
+    assert rewrite.action_from_json({"action": "Pool", "args": {"dims": 1}}) == rewrite.Pool(layout="1d")
+    assert rewrite.action_from_json(old.to_json()) == old
+    with pytest.raises(rewrite.RewriteError, match="disagree"):
+        rewrite.Pool(layout="1d", dims=2)

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 import rewrite
 from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.linear import LinearAttention
-from rewrite.mixers.scatterbrain import ScatterbrainAttention, scatterbrain_handler
-from mixer_b_helpers import make_call, make_site, padded_mask  # noqa: E402
+from rewrite.mixers.scatterbrain import ScatterbrainAttention
+from rewrite.actions import build_target
+from mixer_helpers import make_call, make_site, padded_mask  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
@@ -142,13 +143,13 @@ def test_json_validation_and_flops():
 
 def test_handler():
     act = rewrite.Scatterbrain()
-    assert isinstance(scatterbrain_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True),
+    assert isinstance(build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True),
                                            make_site(mask="causal", is_causal=True)), ScatterbrainAttention)
-    assert isinstance(scatterbrain_handler(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)),
+    assert isinstance(build_target(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)),
                                            make_site((2, 4, 1, 16), (2, 4, 9, 16), mask="additive")),
                       ScatterbrainAttention)
     for mask in ("bias", "alibi+additive"):
-        out = scatterbrain_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask=mask))
+        out = build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask=mask))
         assert isinstance(out, Decline)
 
 

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 import rewrite
 from rewrite.actions import Decline, RewriteError
-from rewrite.mixers.shared_query import SharedQueryAttention, shared_query_handler
-from mixer_b_helpers import make_call, make_site, padded_mask  # noqa: E402
+from rewrite.mixers.shared_query import SharedQueryAttention
+from rewrite.actions import build_target
+from mixer_helpers import make_call, make_site, padded_mask  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
@@ -138,12 +139,12 @@ def test_json_validation_and_flops():
 def test_handler():
     mean, cal = rewrite.SharedQuery(), rewrite.SharedQuery(query="calibrated")
     causal_call, causal_site = make_call((2, 4, 8, 16), (2, 4, 8, 16), True), make_site(mask="causal", is_causal=True)
-    out = shared_query_handler(mean, causal_call, causal_site)
+    out = build_target(mean, causal_call, causal_site)
     assert isinstance(out, Decline) and "calibrated" in out
-    assert isinstance(shared_query_handler(cal, causal_call, causal_site), SharedQueryAttention)
-    assert isinstance(shared_query_handler(mean, make_call((2, 4, 1, 16), (2, 4, 9, 16)),
+    assert isinstance(build_target(cal, causal_call, causal_site), SharedQueryAttention)
+    assert isinstance(build_target(mean, make_call((2, 4, 1, 16), (2, 4, 9, 16)),
                                            make_site((2, 4, 1, 16), (2, 4, 9, 16), mask="additive")), SharedQueryAttention)
-    out = shared_query_handler(cal, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="bias+additive"))
+    out = build_target(cal, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="bias+additive"))
     assert isinstance(out, Decline) and "bias" in out
 
 

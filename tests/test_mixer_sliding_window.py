@@ -1,8 +1,6 @@
 """SlidingWindow: band of ``window`` keys (+ sinks), exact at full width, O(N·w) memory."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -10,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_mixer_a_common import (assert_close, assert_decreasing, attention_case, bert_end_to_end, build,  # noqa: E402
+from mixer_helpers import (assert_close, assert_decreasing, attention_case, bert_end_to_end, build,  # noqa: E402
                                  local_qkv, reference, rel_err, run_case)
 
 import rewrite  # noqa: E402

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 import rewrite
 from rewrite.actions import Decline, RewriteError
-from rewrite.mixers.spectral import SpectralMixer, spectral_handler
-from mixer_b_helpers import make_call, make_site  # noqa: E402
+from rewrite.mixers.spectral import SpectralMixer
+from rewrite.actions import build_target
+from mixer_helpers import make_call, make_site  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
@@ -122,7 +123,7 @@ def test_json_validation_flops_and_docs():
     import sympy
     from rewrite import cost
     from rewrite.mixers import spectral
-    for act in (rewrite.Spectral(), rewrite.Spectral(kind="dct", keep=4, dims=1)):
+    for act in (rewrite.Spectral(), rewrite.Spectral(kind="dct", keep=4, layout="1d")):
         assert rewrite.action_from_json(act.to_json()) == act
     assert rewrite.Spectral.exact is False
     for bad, word in (({"kind": "wavelet"}, "'wavelet'"), ({"keep": 0}, "0"), ({"dims": 0}, "0")):
@@ -137,17 +138,17 @@ def test_json_validation_flops_and_docs():
 
 def test_handler():
     act = rewrite.Spectral()
-    out = spectral_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True), make_site(mask="causal", is_causal=True))
+    out = build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16), True), make_site(mask="causal", is_causal=True))
     assert isinstance(out, Decline) and "causal" in out
-    out = spectral_handler(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)), make_site((2, 4, 1, 16), (2, 4, 9, 16)))
+    out = build_target(act, make_call((2, 4, 1, 16), (2, 4, 9, 16)), make_site((2, 4, 1, 16), (2, 4, 9, 16)))
     assert isinstance(out, Decline) and "Nq != Nk" in out
-    assert isinstance(spectral_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="alibi")), Decline)
-    assert isinstance(spectral_handler(rewrite.Spectral(dims=2), make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site()),
+    assert isinstance(build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="alibi")), Decline)
+    assert isinstance(build_target(rewrite.Spectral(layout="2d"), make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site()),
                       Decline)
-    mod = spectral_handler(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="additive"))
+    mod = build_target(act, make_call((2, 4, 8, 16), (2, 4, 8, 16)), make_site(mask="additive"))
     assert isinstance(mod, SpectralMixer) and mod.grid is None
     grid_site = make_site((2, 4, 17, 16), grid=(4, 4), prefix_tokens=1)
-    mod = spectral_handler(act, make_call((2, 4, 17, 16), (2, 4, 17, 16)), grid_site)
+    mod = build_target(act, make_call((2, 4, 17, 16), (2, 4, 17, 16)), grid_site)
     assert isinstance(mod, SpectralMixer) and mod.grid == (4, 4)
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -11,8 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_mixer_a_common import (additive, assert_close, assert_decreasing, attention_case,  # noqa: E402
+from mixer_helpers import (additive, assert_close, assert_decreasing, attention_case,  # noqa: E402
                                  LargestAllocation, bert_end_to_end, build, reference, rel_err, run_case)
 
 import rewrite  # noqa: E402

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertModel
 
 import rewrite
 from rewrite import cost
-from rewrite.actions import handler_for
+from rewrite.actions import build_target
 from rewrite.passes.lower import SiteCall
 from rewrite.select import Option, solve
 from rewrite.sites import AttentionSite
@@ -73,7 +73,7 @@ def test_cost_model_tracks_counted_flops(name):
     action = rewrite.action_types()[name]()
     site = AttentionSite(name="x", heads=h, kv_heads=h, head_dim=d, q_shape=(b, h, n, d), k_shape=(b, h, n, d),
                          v_shape=(b, h, n, d))
-    fn = _eager_attention if name == "Exact" else handler_for(action)(action, SiteCall(q=None, k=None, v=None), site)
+    fn = _eager_attention if name == "Exact" else build_target(action, SiteCall(q=None, k=None, v=None), site)
     assert not isinstance(fn, str), fn
     if hasattr(fn, "fit"):
         try:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from corpus import assert_outputs_close  # noqa: E402
 
 import rewrite  # noqa: E402

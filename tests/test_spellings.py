@@ -8,14 +8,11 @@ separately with ``find_attention``.
 from __future__ import annotations
 
 import copy
-import os
 import re
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from corpus import CASES, assert_outputs_close  # noqa: E402
 
 import rewrite  # noqa: E402

@@ -28,6 +28,14 @@ class SDPAMixer(nn.Module):
         return {}
 
 
+def refuse_dropout(module, dropout_p) -> None:
+    """Mixers that form no attention probabilities cannot drop them: say so rather than ignore ``dropout_p``."""
+    if isinstance(dropout_p, (int, float)) and dropout_p > 0:
+        raise RewriteError(f"{type(module).__name__} forms no attention probabilities for dropout_p={dropout_p} to "
+                           "drop: run the model in eval() for inference, or set its attention dropout to 0 to "
+                           "fine-tune through this mixer (or keep the site Exact).")
+
+
 class FastAndDense(torch.nn.Module):
     """A mixer whose ``_run(..., dense)`` computes either its fast form or its quadratic reference.
 
@@ -36,6 +44,7 @@ class FastAndDense(torch.nn.Module):
     """
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        refuse_dropout(self, dropout_p)
         if is_shape_inference(q, k, v, attn_mask):
             return fake_output(q, v)
         return self._run(q, k, v, attn_mask, is_causal, scale, dense=False)
@@ -81,6 +90,30 @@ def check_choice(action, name: str, value, choices: tuple) -> None:
                            f"{', '.join(repr(c) for c in choices)}.")
 
 
+#: the token layout of every action that has a 1-D and a 2-D form
+LAYOUTS = ("auto", "1d", "2d")
+
+
+def check_layout(action) -> None:
+    """Check an action's ``layout`` and read its deprecated ``dims`` alias (``1`` or ``2``) into it.
+
+    The alias is cleared once read, so ``Pool(dims=2) == Pool(layout="2d")`` and plans saved with ``dims``
+    load as the same action."""
+    dims = getattr(action, "dims", None)
+    name = type(action).__name__
+    if dims is not None:
+        if isinstance(dims, bool) or dims not in (1, 2):
+            raise RewriteError(f"{name}(dims={dims!r}) is invalid: use layout='1d' or layout='2d' "
+                               "(dims is a deprecated alias of layout).")
+        if action.layout not in ("auto", f"{dims}d"):
+            raise RewriteError(f"{name}(layout={action.layout!r}, dims={dims!r}) disagree; give layout alone.")
+        warnings.warn(f"{name}(dims={dims}) is deprecated; use {name}(layout='{dims}d')", DeprecationWarning,
+                      stacklevel=4)
+        object.__setattr__(action, "layout", f"{dims}d")
+        object.__setattr__(action, "dims", None)
+    check_choice(action, "layout", action.layout, LAYOUTS)
+
+
 def site_lengths(site) -> tuple:
     """(Nq, Nk) of a site as ints (the captured values of symbolic lengths), or None where unknown. For
     messages and checks only: reading them adds no guard, so a dynamic graph is not pinned to one length."""
@@ -100,14 +133,6 @@ def is_cross(site) -> bool:
     if len(qs) < 2 or len(ks) < 2 or qs[-2] is None or ks[-2] is None:
         return False
     return not same_size(qs[-2], ks[-2])
-
-
-def decline_cross(site, needs: str) -> Optional[Decline]:
-    """A Decline saying ``needs`` and the site's lengths when Nq may differ from Nk (``is_cross``), else None."""
-    if not is_cross(site):
-        return None
-    nq, nk = site_lengths(site)
-    return Decline(f"{needs}; this site has Nq={nq}, Nk={nk} (cross-attention or KV-cache decoding)")
 
 
 def site_causal(call, site) -> bool:
@@ -132,7 +157,8 @@ def resolve_grid_layout(what: str, layout: str, call, site):
     """Resolve a mixer's ``layout`` ("auto", "1d", "2d") against the site's vision grid.
 
     Returns ``(grid, prefix, causal)`` (``grid`` None for 1-D) or a :class:`Decline` saying why the 2-D
-    form cannot serve the site: unknown grid, a causal site, or a grid that does not match its tokens.
+    form cannot serve the site: unknown grid, a causal site, or a grid that does not match its tokens. An
+    action that declares :class:`LayoutResolves` gets the tuple in its handler.
     """
     grid, prefix = site_grid(site)
     causal = site_causal(call, site)
@@ -152,23 +178,6 @@ def resolve_grid_layout(what: str, layout: str, call, site):
     return (gh, gw), prefix, False
 
 
-def check_grid(name: str, call, site, dims: Optional[int]) -> tuple[Optional[Decline], Optional[tuple], int]:
-    """Pick 1-D or 2-D token layout: ``(decline, grid, prefix_tokens)``; grid None means 1-D."""
-    grid, prefix = site_grid(site)
-    if dims == 1:
-        return None, None, 0
-    if grid is None:
-        if dims == 2:
-            return (Decline(f"{name}(dims=2) needs the site's image grid, which is not known here; "
-                            "use dims=1 or a site with a known grid"), None, 0)
-        return None, None, 0
-    n, _ = site_lengths(site)
-    if n is not None and n != prefix + grid[0] * grid[1]:
-        return (Decline(f"{name}: the site's grid {grid} with {prefix} prefix token(s) does not match its "
-                        f"{n} tokens"), None, 0)
-    return None, grid, prefix
-
-
 def head_dim(site) -> Optional[int]:
     """The site's head dim as an int, or None."""
     from ..graph import hint_int
@@ -183,10 +192,46 @@ def mask_kinds(site) -> set:
     return set(str(getattr(site, "mask", "none") or "none").split("+"))
 
 
-def decline_bias(name: str, site) -> Optional[Decline]:
-    """Score biases (learned relative position, ALiBi) cannot be honoured by a mixer that never forms scores."""
-    bad = mask_kinds(site) & {"bias", "alibi"}
-    if bad:
-        return Decline(f"{name} cannot honour the site's {'/'.join(sorted(bad))} score bias (only padding masks "
-                       "and causal masks); keep this site Exact or use a mixer that keeps softmax scores")
-    return None
+# --- requirements: what an action needs of a site, declared once on the action (``Action.requires``) ---------
+
+class SelfAttention:
+    """The site has as many queries as keys for every input (not cross-attention or KV-cache decoding)."""
+
+    def __init__(self, needs: str):
+        self.needs = needs
+
+    def unmet(self, action, call, site) -> str:
+        if not is_cross(site):
+            return ""
+        nq, nk = site_lengths(site)
+        return f"{self.needs}; this site has Nq != Nk (Nq={nq}, Nk={nk}: cross-attention or KV-cache decoding)"
+
+
+class NoScoreBias:
+    """The site adds no score bias (learned relative position, ALiBi): the mixer never forms the scores."""
+
+    def unmet(self, action, call, site) -> str:
+        bad = mask_kinds(site) & {"bias", "alibi"}
+        if not bad:
+            return ""
+        return (f"{type(action).__name__} cannot honour the site's {'/'.join(sorted(bad))} score bias (only "
+                "padding masks and causal masks); keep this site Exact or use a mixer that keeps softmax scores")
+
+
+class LayoutResolves:
+    """The action's ``layout`` resolves against the site (:func:`resolve_grid_layout`): a 2-D form has the
+    site's grid, which matches its tokens, and the site is not causal."""
+
+    def unmet(self, action, call, site) -> str:
+        resolved = resolve_grid_layout(type(action).__name__, action.layout, call, site)
+        return resolved if isinstance(resolved, Decline) else ""
+
+
+class NonCausal:
+    """The site is not causal: the mixer has no causal form (``why`` says what would go wrong)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def unmet(self, action, call, site) -> str:
+        return self.why if site_causal(call, site) else ""

@@ -45,7 +45,7 @@ import math
 import sympy
 import torch
 
-from ..actions import Action, Decline, RewriteError, register_action, register_handler
+from ..actions import Action, RewriteError, register_action, register_handler
 from ..cost import B, H, N, Nk, d, dv
 from . import _layout
 from . import _dense
@@ -66,6 +66,7 @@ class BlockRouting(Action):
     summary: bool = False
     per_head: bool = False
     exact = False
+    requires = (_base.SelfAttention("block routing needs as many queries as keys"), _base.LayoutResolves())
 
     def __post_init__(self):
         _base.check_int(self, "block", self.block, 1, "Give the tokens per block (1-D) or per region (2-D), e.g. 64.")
@@ -424,13 +425,7 @@ def allocate_blocks(errors: torch.Tensor, total: int) -> torch.Tensor:
 
 @register_handler(BlockRouting)
 def block_routing_handler(action: BlockRouting, call, site):
-    cross = _base.decline_cross(site, "block routing needs as many queries as keys")
-    if cross:
-        return cross
-    resolved = _base.resolve_grid_layout("BlockRouting", action.layout, call, site)
-    if isinstance(resolved, Decline):
-        return resolved
-    grid, prefix, causal = resolved
+    grid, prefix, causal = _base.resolve_grid_layout("BlockRouting", action.layout, call, site)
     if grid is not None:
         return BlockRoutingAttention(action.block, action.topk, grid, prefix, summary=action.summary,
                                      per_head=action.per_head)

@@ -23,7 +23,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from ..actions import Action, Decline, RewriteError, register_action, register_handler
+from ..actions import Action, RewriteError, register_action, register_handler
 from ..cost import B, H, N, Nk
 from . import _layout
 from . import _dense
@@ -45,6 +45,7 @@ class Decay(Action):
     gamma: float = 0.95
     layout: str = "auto"
     exact = False
+    requires = (_base.SelfAttention("a distance decay needs query and key positions to agree"), _base.LayoutResolves())
 
     def __post_init__(self):
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not (0 < self.gamma <= 1):
@@ -136,13 +137,7 @@ class DecayAttention(_base.SDPAMixer):
 
 @register_handler(Decay)
 def decay_handler(action: Decay, call, site):
-    cross = _base.decline_cross(site, "a distance decay needs query and key positions to agree")
-    if cross:
-        return cross
-    resolved = _base.resolve_grid_layout("Decay", action.layout, call, site)
-    if isinstance(resolved, Decline):
-        return resolved
-    grid, prefix, causal = resolved
+    grid, prefix, causal = _base.resolve_grid_layout("Decay", action.layout, call, site)
     if grid is not None:
         return DecayAttention(action.gamma, grid, prefix, causal=False)
     return DecayAttention(action.gamma, None, 0, causal=causal)

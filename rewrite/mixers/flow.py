@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .. import cost
-from ..actions import Action, Decline, RewriteError, register_action, register_handler
+from ..actions import Action, RewriteError, register_action, register_handler
 from ._layout import kernel_dtype
 from .linear import kernel_linear
 from . import _layout
@@ -58,6 +58,8 @@ class Flow(Action):
     """Flowformer's flow-conservation linear attention (sigmoid kernel); bidirectional and causal."""
 
     exact = False
+    requires = (_base.NoScoreBias(),
+                _base.SelfAttention("Flow needs the queries of every key position (its outgoing flows)"))
 
     def flops(self, causal: bool = False) -> sympy.Expr:
         """Sigmoid maps, flow reductions, competition softmax, and the linear-attention product."""
@@ -82,6 +84,7 @@ class FlowAttention(nn.Module, _base.WarnOnce):
         self.dense_calls = 0
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        _base.refuse_dropout(self, dropout_p)
         if _layout.is_shape_inference(q, k, v, attn_mask):
             return _layout.fake_output(q, v)
         return self._run(q, k, v, attn_mask, is_causal, dense=False)
@@ -195,10 +198,4 @@ class FlowAttention(nn.Module, _base.WarnOnce):
 
 @register_handler(Flow)
 def flow_handler(action: Flow, call, site):
-    bad = _base.decline_bias("Flow", site)
-    if bad:
-        return bad
-    if _base.is_cross(site):
-        return Decline("Flow needs the queries of every key position (its outgoing flows); cross-attention and "
-                       "KV-cache decoding (Nq != Nk) are not supported")
     return FlowAttention()

@@ -55,6 +55,7 @@ class KMeansRouting(Action):
     window: int = 128
     iterations: int = 20
     exact = False
+    requires = (_base.SelfAttention("k-means routing clusters queries and keys of one sequence"),)
 
     def __post_init__(self):
         _base.check_int(self, "clusters", self.clusters, 1, "Give the number of k-means centroids, e.g. clusters=4.")
@@ -345,9 +346,6 @@ def _spherical_kmeans(x: torch.Tensor, nc: int, iterations: int, seed: int) -> t
 
 @register_handler(KMeansRouting)
 def kmeans_routing_handler(action: KMeansRouting, call, site):
-    cross = _base.decline_cross(site, "k-means routing clusters queries and keys of one sequence")
-    if cross:
-        return cross
     # a mask that hides every later key, built at run time (seen on the example batch), needs causal routing too
     causal = _base.site_causal(call, site) or _masks.hides_future(_masks.site_mask_plan(site, call.is_causal))
     return KMeansRoutingAttention(action.clusters, action.window, causal=causal, iterations=action.iterations)

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler
 from ._layout import kernel_dtype
-from . import _layout
 from . import _masks
 from . import _linear
 from . import _base
@@ -64,6 +63,7 @@ class Linear(Action):
     features: int = 64
     seed: int = 0
     exact = False
+    requires = (_base.NoScoreBias(),)
 
     def __post_init__(self):
         if self.feature not in FEATURES:
@@ -146,11 +146,7 @@ class LinearAttention(_base.FastAndDense, _linear.FavorProjection, _base.WarnOnc
 
     def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
         dtype = q.dtype
-        q, k, v, s = _layout.prepare(q, k, v, scale)
-        nq, nk = q.shape[-2], k.shape[-2]
-        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
-        r = s ** 0.5
-        q, k = q * r, k * r
+        q, k, v, plan = _linear.scaled_inputs(q, k, v, attn_mask, is_causal, scale)
         v1 = _linear.with_ones(v)
         fast = not dense and (plan.kind in ("none", "keys") or (plan.kind == "causal" and plan.offset >= 0))
         if fast and (plan.kind != "causal" or plan.offset == 0):
@@ -180,7 +176,4 @@ class LinearAttention(_base.FastAndDense, _linear.FavorProjection, _base.WarnOnc
 
 @register_handler(Linear)
 def linear_handler(action: Linear, call, site):
-    bad = _base.decline_bias("Linear", site)
-    if bad:
-        return bad
     return LinearAttention(action.feature, action.features, _base.head_dim(site), action.seed)

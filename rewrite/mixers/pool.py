@@ -3,12 +3,12 @@
 The attention output of token i becomes a pooled average (``kind="avg"``) or maximum (``kind="max"``) of the
 values ``v`` in a window of ``size`` tokens around it; queries and keys are not used (no ``q·kᵀ``).
 
-* 1-D (text, or ``dims=1``): the centred window ``|i - j| <= size // 2``; under a causal mask (proven, or
+* 1-D (text, or ``layout="1d"``): the centred window ``|i - j| <= size // 2``; under a causal mask (proven, or
   found at run time, e.g. a padded decoder batch) the last ``size`` tokens up to and including i, with
   queries at the last Nq positions (KV-cache steps of a proven-causal site).
-* 2-D (vision, when the site's ``grid`` is known, or ``dims=2``): a ``size × size`` window on the
+* 2-D (vision, when the site's ``grid`` is known, or ``layout="2d"``): a ``size × size`` window on the
   ``grid`` of patch tokens; the site's ``prefix_tokens`` (e.g. a CLS token) get the global pool over
-  all tokens. 2-D has no causal form: causal sites are declined.
+  all tokens. 2-D has no causal form: causal sites run 1-D (``layout="2d"`` declines them).
 
 PoolFormer's mixer is ``pool(x) - x`` because its block adds x back; here the mixer replaces the attention
 core (before the output projection), whose output is an average of values, so it returns ``pool(v)``
@@ -48,14 +48,17 @@ KINDS = ("avg", "max")
 class Pool(Action):
     """Average or max pooling of the values over a window of ``size`` tokens (1-D or 2-D, see module docs).
 
-    ``dims`` chooses the layout: ``None`` (2-D where the site's image grid is known, else 1-D), ``1`` or ``2``.
+    ``layout``: ``"auto"`` (2-D where the site's image grid is known and it is not causal, else 1-D), ``"1d"`` or
+    ``"2d"``; ``dims=1``/``dims=2`` is a deprecated alias.
     Training needed: the error of a training-free swap is large (measured and reported).
     """
 
     kind: str = "avg"
     size: int = 3
-    dims: Optional[int] = None
+    layout: str = "auto"
+    dims: Optional[int] = None  # deprecated alias of layout (1 -> "1d", 2 -> "2d")
     exact = False
+    requires = (_base.NoScoreBias(), _base.LayoutResolves())
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -63,13 +66,12 @@ class Pool(Action):
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1 or self.size % 2 == 0:
             raise RewriteError(f"Pool(size={self.size!r}) must be an odd positive integer (the window is centred "
                                "on each token), e.g. Pool(size=3).")
-        if self.dims not in (None, 1, 2):
-            raise RewriteError(f"Pool(dims={self.dims!r}) must be None (2-D where the site's grid is known), 1 or 2.")
+        _base.check_layout(self)
 
     def flops(self, causal: bool = False) -> sympy.Expr:
         """One add (or compare) per value element in the window, plus the average's division."""
         B, H, N, dv = (cost.SYMBOLS[s] for s in ("B", "H", "N", "dv"))
-        window = self.size ** 2 if self.dims == 2 else self.size
+        window = self.size ** 2 if self.layout == "2d" else self.size
         expr = N * dv * window + (N * dv if self.kind == "avg" else 0)
         return sympy.expand(B * H * expr)
 
@@ -83,6 +85,7 @@ class PoolMixer(nn.Module):
         self.kind, self.size, self.grid, self.prefix = kind, size, (tuple(grid) if grid else None), prefix_tokens
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        _base.refuse_dropout(self, dropout_p)
         if _layout.is_shape_inference(q, k, v, attn_mask):
             return _layout.fake_output(q, v)
         dtype = q.dtype
@@ -168,15 +171,7 @@ class PoolMixer(nn.Module):
 
 @register_handler(Pool)
 def pool_handler(action: Pool, call, site):
-    bad = _base.decline_bias("Pool", site)
-    if bad:
-        return bad
-    bad, grid, prefix = _base.check_grid("Pool", call, site, action.dims)
-    if bad:
-        return bad
-    causal = _base.site_causal(call, site)
-    if grid is not None and causal:
-        return Decline("Pool 2-D has no causal form (a square window sees later patches); use dims=1 or keep Exact")
+    grid, prefix, causal = _base.resolve_grid_layout("Pool", action.layout, call, site)
     if _base.is_cross(site) and not causal:
         return Decline("Pool mixes the values of the query's own sequence; cross-attention and KV-cache decoding "
                        "without a proven causal mask (Nq != Nk) are not supported")

@@ -54,7 +54,6 @@ from .. import cost
 from ..actions import Action, RewriteError, register_action, register_handler
 from ._layout import kernel_dtype
 from .linear import kernel_linear
-from . import _layout
 from . import _masks
 from . import _linear
 from . import _base
@@ -136,6 +135,7 @@ class Scatterbrain(Action):
     features: int = 64
     seed: int = 0
     exact = False
+    requires = (_base.NoScoreBias(),)
 
     def __post_init__(self):
         for name in ("window", "features"):
@@ -187,11 +187,8 @@ class ScatterbrainAttention(_base.FastAndDense, _linear.FavorProjection, _base.W
 
     def _run(self, q, k, v, attn_mask, is_causal, scale, dense: bool):
         dtype = q.dtype
-        q, k, v, s = _layout.prepare(q, k, v, scale)
+        q, k, v, plan = _linear.scaled_inputs(q, k, v, attn_mask, is_causal, scale)
         nq, nk = q.shape[-2], k.shape[-2]
-        plan = _masks.plan_mask(attn_mask, is_causal, nq, nk, q.dtype)
-        r = s ** 0.5
-        q, k = q * r, k * r
         proj = self._proj(q.shape[-1], q.device)
         causal = plan.kind == "causal"
         offset = plan.offset if causal else nk - nq
@@ -313,7 +310,4 @@ class ScatterbrainAttention(_base.FastAndDense, _linear.FavorProjection, _base.W
 
 @register_handler(Scatterbrain)
 def scatterbrain_handler(action: Scatterbrain, call, site):
-    bad = _base.decline_bias("Scatterbrain", site)
-    if bad:
-        return bad
     return ScatterbrainAttention(action.window, action.features, _base.head_dim(site), action.seed)

@@ -45,6 +45,7 @@ class SharedQuery(Action):
 
     query: str = "mean"
     exact = False
+    requires = (_base.NoScoreBias(),)
 
     def __post_init__(self):
         if self.query not in QUERIES:
@@ -197,9 +198,6 @@ class SharedQueryAttention(_base.FastAndDense, _base.WarnOnce):
 
 @register_handler(SharedQuery)
 def shared_query_handler(action: SharedQuery, call, site):
-    bad = _base.decline_bias("SharedQuery", site)
-    if bad:
-        return bad
     if action.query == "mean" and _base.site_causal(call, site):
         return Decline("SharedQuery(query='mean') at a causal site would mix future tokens into every output; "
                        "use SharedQuery(query='calibrated'), which has a causal prefix form")

@@ -72,6 +72,7 @@ class SlidingWindow(Action):
     window: int = 256
     sinks: int = 0
     exact = False
+    requires = (_base.SelfAttention("a sliding window needs as many queries as keys"),)
 
     def __post_init__(self):
         _base.check_int(self, "window", self.window, 1, "Give the total band width in tokens, e.g. window=256.")
@@ -384,7 +385,4 @@ class SlidingWindowAttention(_base.SDPAMixer):
 
 @register_handler(SlidingWindow)
 def sliding_window_handler(action: SlidingWindow, call, site):
-    cross = _base.decline_cross(site, "a sliding window needs as many queries as keys")
-    if cross:
-        return cross
     return SlidingWindowAttention(action.window, action.sinks, causal=_base.site_causal(call, site))

@@ -48,7 +48,8 @@ KINDS = ("fft", "dct")
 class Spectral(Action):
     """Low-pass token mixing: keep the lowest ``keep`` frequencies of ``v`` (``kind="fft"`` or ``"dct"``).
 
-    ``dims``: ``None`` (2-D where the site's image grid is known, else 1-D), ``1`` or ``2``.
+    ``layout``: ``"auto"`` (2-D where the site's image grid is known, else 1-D), ``"1d"`` or ``"2d"``;
+    ``dims=1``/``dims=2`` is a deprecated alias.
     Training needed: the error of a training-free swap is large (measured and reported).
     """
 
@@ -56,8 +57,11 @@ class Spectral(Action):
 
     kind: str = "fft"
     keep: int = 16
-    dims: Optional[int] = None
+    layout: str = "auto"
+    dims: Optional[int] = None  # deprecated alias of layout (1 -> "1d", 2 -> "2d")
     exact = False
+    requires = (_base.NoScoreBias(), _base.NonCausal("Spectral mixing is global over the sequence and has no causal form"),
+                _base.SelfAttention("Spectral mixes the values of one sequence"), _base.LayoutResolves())
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -65,9 +69,7 @@ class Spectral(Action):
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
             raise RewriteError(f"Spectral(keep={self.keep!r}) must be a positive integer: the number of lowest "
                                "frequencies kept, e.g. Spectral(keep=16).")
-        if self.dims not in (None, 1, 2):
-            raise RewriteError(f"Spectral(dims={self.dims!r}) must be None (2-D where the site's grid is known), "
-                               "1 or 2.")
+        _base.check_layout(self)
 
     def flops(self, causal: bool = False) -> sympy.Expr:
         """A forward and an inverse real FFT per value channel (~2.5·L·log2 L each) plus the zeroing."""
@@ -117,6 +119,7 @@ class SpectralMixer(nn.Module, _base.ExactFallback):
         return (lowpass_fft if self.kind == "fft" else lowpass_dct)(x, self.keep, dim)
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        _base.refuse_dropout(self, dropout_p)
         if _layout.is_shape_inference(q, k, v, attn_mask):
             return _layout.fake_output(q, v)
         why = self.refusal(q, k, attn_mask, is_causal)
@@ -221,17 +224,7 @@ def _contiguous(valid: torch.Tensor) -> bool:
 
 @register_handler(Spectral)
 def spectral_handler(action: Spectral, call, site):
-    bad = _base.decline_bias("Spectral", site)
-    if bad:
-        return bad
-    if _base.site_causal(call, site):
-        return Decline("Spectral mixing is global over the sequence and has no causal form")
-    if _base.is_cross(site):
-        return Decline("Spectral mixes the values of one sequence; cross-attention and KV-cache decoding "
-                       "(Nq != Nk) are not supported")
-    bad, grid, prefix = _base.check_grid("Spectral", call, site, action.dims)
-    if bad:
-        return bad
+    grid, prefix, _ = _base.resolve_grid_layout("Spectral", action.layout, call, site)
     if grid is not None and "none" not in _base.mask_kinds(site):
         return Decline("Spectral 2-D cannot honour a padding mask over image patches")
     mixer = SpectralMixer(action.kind, action.keep, grid, prefix)

@@ -42,6 +42,8 @@ class TokenMerge(Action):
 
     r: int = 16
     exact = False
+    requires = (_base.NonCausal("token merging averages keys across positions, which would let a query see "
+                                "future tokens; causal sites are not supported"),)
 
     def __post_init__(self):
         _base.check_int(self, "r", self.r, 0, "Give how many keys to merge away, e.g. r=16 (0 is exact).")
@@ -155,9 +157,6 @@ class TokenMergeAttention(_base.SDPAMixer):
 
 @register_handler(TokenMerge)
 def token_merge_handler(action: TokenMerge, call, site):
-    if _base.site_causal(call, site):
-        return Decline("token merging averages keys across positions, which would let a query see future "
-                       "tokens; causal sites are not supported")
     plan = _masks.site_mask_plan(site, call.is_causal)  # a mask built at run time, as the example batch has it
     if _masks.visibility_varies(plan):
         what = "a causal mask" if plan.kind == "causal" else "a mask that hides keys from some queries only"

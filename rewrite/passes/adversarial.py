@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from ..graph import input_cone
 from .find_sites import SiteMatch
 
 SEED = 4321
@@ -33,18 +34,8 @@ def mask_inputs(gm: fx.GraphModule, matches: list[SiteMatch], is_state: Callable
                 roots.append(op.cond)
         if m.kind == "sdpa" and isinstance(m.sdpa_kwargs.get("attn_mask"), fx.Node):
             roots.append(m.sdpa_kwargs["attn_mask"])
-    seen, found, work = set(), [], list(roots)
-    while work:
-        n = work.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            if not is_state(n):
-                found.append(n)
-            continue
-        work.extend(n.all_input_nodes)
-    return found
+    _, leaves = input_cone(roots, is_leaf=lambda n: n.op == "placeholder")
+    return [n for n in leaves if not is_state(n)]
 
 
 def adversarial_inputs(gm: fx.GraphModule, matches: list[SiteMatch], example_inputs: list,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import meta_value, same_size, shape
+from ..graph import input_cone, meta_value, same_size, shape
 from ..sites import MASKED_BELOW
 from .find_sites import ScoreOp, SiteMatch
 
@@ -52,9 +52,7 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
     if not isinstance(root, fx.Node):
         return False, "the mask is not a tensor"
     if op.kind == "fill":
-        fill = op.value
-        if isinstance(fill, fx.Node):
-            fill = _evaluate_constant(gm, fill, values, is_state)
+        fill = op.fill_value  # read by mask_semantics.read_fill_values before any proof
         if not isinstance(fill, (int, float)) or fill > MASKED_BELOW:
             return False, "the fill value is not a large negative constant"
     cone, leaves = _cone(root)
@@ -136,8 +134,9 @@ def _attr(node: fx.Node) -> Any:
     return obj
 
 
-def _evaluate_constant(gm: fx.GraphModule, node: fx.Node, values: dict, is_state) -> Optional[float]:
-    """The value of a data-free one-element tensor (e.g. ``torch.full([], finfo.min)``), or None."""
+def evaluate_constant(gm: fx.GraphModule, node: fx.Node, values: dict, is_state) -> Optional[float]:
+    """The value of a one-element tensor computed from no input data (only model state and sizes, e.g.
+    ``torch.full([], torch.finfo(x.dtype).min)``), evaluated on its own; None otherwise."""
     cone, leaves = _cone(node)
     if any(leaf.op == "placeholder" and not is_state(leaf) and not _is_size_value(values.get(leaf)) for leaf in leaves):
         return None
@@ -179,17 +178,7 @@ def _length_symbol(size: Any):
 
 
 def _cone(root: fx.Node) -> tuple[set, list]:
-    cone, leaves, work = set(), [], [root]
-    while work:
-        n = work.pop()
-        if n in cone:
-            continue
-        cone.add(n)
-        if n.op in ("placeholder", "get_attr") or _is_size_read(n):
-            leaves.append(n)
-            continue
-        work.extend(n.all_input_nodes)
-    return cone, leaves
+    return input_cone(root, is_leaf=lambda n: n.op in ("placeholder", "get_attr") or _is_size_read(n))
 
 
 def _leaf_value(leaf: fx.Node, values: dict) -> Any:

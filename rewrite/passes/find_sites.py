@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import (factory_number, is_mutating, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
+from ..graph import (factory_number, input_cone, is_mutating, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
                      static_int)
 from ..sites import MASKED_BELOW
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
@@ -409,18 +409,8 @@ def _on_chain(node: Any, full: Optional[tuple]) -> bool:
 
 
 def _depends_on(node: Any, target: fx.Node, limit: int = 2000) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    seen, work = set(), [node]
-    while work and len(seen) < limit:
-        n = work.pop()
-        if n is target:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        work.extend(n.all_input_nodes)
-    return False
+    found = input_cone(node, is_leaf=lambda n: n is target, limit=limit)
+    return found is not None and target in found[0]
 
 
 def leading_view(node: fx.Node) -> Optional[tuple]:

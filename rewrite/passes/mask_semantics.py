@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from ..graph import factory_number
 from ..sites import MASKED_BELOW
+from .causal import evaluate_constant
 from .find_sites import SiteMatch
 
 _CASTS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "detach", "clone", "contiguous"}
@@ -63,7 +64,7 @@ def static_value(gm: fx.GraphModule, arg: Any, values: dict, is_state: Callable[
         return factory_number(arg)
     if arg.op == "call_method" and arg.target in _CASTS and arg.args:
         return static_value(gm, arg.args[0], values, is_state)
-    return None
+    return evaluate_constant(gm, arg, values, is_state)
 
 
 def _one(t: Any) -> Optional[float]:

@@ -32,36 +32,78 @@ __all__ = ["FEATURE_MAPS", "feature_map", "favor_features", "favor_projection", 
 FEATURE_MAPS = ("elu", "relu", "favor", "identity")
 
 
+def orthogonal_gaussian(rows: int, dim: int, seed: int | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[rows, dim]`` fp32 block-orthogonal Gaussian directions with chi-distributed norms (Performer's ORF),
+    drawn from ``generator`` or a fresh one seeded with ``seed``."""
+    g = generator if generator is not None else torch.Generator().manual_seed(int(seed or 0))
+    blocks = []
+    for _ in range(-(-rows // dim)):
+        a = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+        qmat, r = torch.linalg.qr(a)
+        blocks.append((qmat * torch.sign(torch.diagonal(r)).unsqueeze(0)).T)
+    w = torch.cat(blocks, dim=0)[:rows]
+    norms = torch.randn(rows, dim, generator=g, dtype=torch.float64).norm(dim=-1, keepdim=True)
+    return (w * norms).to(torch.float32)
+
+
+def favor_log(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Log of FAVOR+ positive features: ``φ(x)_r = exp(ω_r·x - |x|²/2) / √m``, so E[φ(q)·φ(k)] = exp(q·k)."""
+    m = proj.shape[0]
+    return x @ proj.to(x.dtype).T - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(m)
+
+
 def favor_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool) -> torch.Tensor:
-    """FAVOR+ positive random features of ``x`` [..., N, D] with ``projection`` [m, D] -> [..., N, m] fp32."""
-    x = x.float()
-    d = x.shape[-1]
-    m = projection.shape[0]
-    c = d ** -0.25
-    xw = torch.matmul(x * c, projection.float().t().to(x.device))       # [..., N, m]
-    sq = (x * x).sum(-1, keepdim=True) * (c * c / 2.0)                 # [..., N, 1]
-    if is_query:
-        stab = xw.detach().amax(dim=-1, keepdim=True)
-    else:
-        stab = xw.detach().amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(xw - sq - stab) / math.sqrt(m)
+    """FAVOR+ positive random features of ``x`` [..., N, D] with ``projection`` [m, D] -> [..., N, m] fp32,
+    for softmax(q·kᵀ/√D): both sides scaled by D^-1/4, shifted by a maximum (per query row, or over all keys)
+    that cancels in the normalised output."""
+    logs = favor_log(x.float() * x.shape[-1] ** -0.25, projection.float().to(x.device))
+    stab = logs.detach().amax(dim=-1 if is_query else (-2, -1), keepdim=True)
+    return torch.exp(logs - stab)
 
 
 def favor_projection(num_features: int, dim: int, generator: torch.Generator | None = None,
                      orthogonal: bool = True, device=None) -> torch.Tensor:
-    """A FAVOR+ projection [num_features, dim]: blocks of orthogonal Gaussian rows (rescaled to chi-distributed
-    norms, as in Performer) when ``orthogonal``, i.i.d. N(0, 1) rows otherwise."""
+    """A FAVOR+ projection [num_features, dim]: :func:`orthogonal_gaussian` rows when ``orthogonal``, i.i.d.
+    N(0, 1) rows otherwise."""
     if not orthogonal:
         return torch.randn(num_features, dim, generator=generator).to(device)
-    blocks, left = [], num_features
-    while left > 0:
-        g = torch.randn(dim, dim, generator=generator)
-        qm, _ = torch.linalg.qr(g)
-        blocks.append(qm.t()[: min(left, dim)])
-        left -= dim
-    w = torch.cat(blocks, 0)
-    norms = torch.randn(num_features, dim, generator=generator).norm(dim=-1, keepdim=True)
-    return (w * norms).to(device)
+    return orthogonal_gaussian(num_features, dim, generator=generator).to(device)
+
+
+def linear_causal(fq: torch.Tensor, fk: torch.Tensor, v1: torch.Tensor, offset: int = 0,
+                  chunk: int = 64) -> torch.Tensor:
+    """``out_i = fq_i · Σ_{j <= i + offset} fk_j v1_jᵀ`` in chunks: O(N·(C·m + C·dv + m·dv)).
+
+    Keys before ``offset`` (a KV cache) form the starting state; the remaining ``Nq`` keys are aligned
+    with the queries and processed chunk by chunk (exact inside a chunk, a prefix state across chunks).
+    """
+    nq, nk = fq.shape[-2], fk.shape[-2]
+    if offset < 0 or nk - offset != nq:
+        raise ValueError(f"linear_causal needs 0 <= offset == Nk - Nq (got offset {offset}, Nq {nq}, Nk {nk})")
+    lead = torch.broadcast_shapes(fq.shape[:-2], fk.shape[:-2], v1.shape[:-2])
+    m, dv = fq.shape[-1], v1.shape[-1]
+    fq, fk, v1 = fq.expand(*lead, nq, m), fk.expand(*lead, nk, m), v1.expand(*lead, nk, dv)
+    state0 = None
+    if offset > 0:
+        state0 = fk[..., :offset, :].transpose(-1, -2) @ v1[..., :offset, :]
+        fk, v1 = fk[..., offset:, :], v1[..., offset:, :]
+    if nq == 0:
+        return fq.new_zeros(*lead, 0, dv)
+    c = max(1, min(chunk, nq))
+    nc = -(-nq // c)
+    pad = nc * c - nq
+    if pad:
+        fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
+    fq, fk, v1 = fq.reshape(*lead, nc, c, m), fk.reshape(*lead, nc, c, m), v1.reshape(*lead, nc, c, dv)
+    tri = torch.ones(c, c, dtype=torch.bool, device=fq.device).tril()
+    intra = (fq @ fk.transpose(-1, -2)).masked_fill(~tri, 0.0) @ v1
+    states = fk.transpose(-1, -2) @ v1                      # [..., nc, m, dv]
+    before = states.cumsum(dim=-3) - states                 # exclusive prefix over chunks
+    if state0 is not None:
+        before = before + state0.unsqueeze(-3)
+    out = (intra + fq @ before).reshape(*lead, nc * c, dv)
+    return out[..., :nq, :]
 
 
 def feature_map(x: torch.Tensor, name: str, projection: torch.Tensor | None = None,
@@ -109,25 +151,11 @@ def linear_attention_chunked(q, k, v, feature_map_name: str = "elu", projection=
         den = (fq * z[..., None, :]).sum(-1) + eps
         out = (num / den[..., None]).to(v.dtype)
         return (out, den) if return_den else out
-    n = q.shape[-2]
-    if k.shape[-2] != n:
+    if k.shape[-2] != q.shape[-2]:
         raise ValueError("causal linear attention needs Nq == Nk")
-    s = fq.new_zeros(*fq.shape[:-2], fq.shape[-1], v.shape[-1])
-    z = fq.new_zeros(*fq.shape[:-2], fq.shape[-1])
-    outs, dens = [], []
-    tril = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    for start in range(0, n, chunk_size):
-        end = min(n, start + chunk_size)
-        qc, kc, vc = fq[..., start:end, :], fk[..., start:end, :], vf[..., start:end, :]
-        a = torch.matmul(qc, kc.transpose(-1, -2)) * tril[: end - start, : end - start]
-        num = torch.matmul(qc, s) + torch.matmul(a, vc)
-        den = (qc * z[..., None, :]).sum(-1) + a.sum(-1) + eps
-        outs.append(num / den[..., None])
-        dens.append(den)
-        s = s + torch.matmul(kc.transpose(-1, -2), vc)
-        z = z + kc.sum(-2)
-    out = torch.cat(outs, -2).to(v.dtype)
-    den = torch.cat(dens, -1)
+    num1 = linear_causal(fq, fk, torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1), 0, chunk_size)
+    den = num1[..., -1] + eps
+    out = (num1[..., :-1] / den[..., None]).to(v.dtype)
     return (out, den) if return_den else out
 
 

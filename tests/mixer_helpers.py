@@ -1,30 +1,19 @@
-"""Shared helpers for the sparse / routed / biased mixer tests, and the checks every one of them passes.
-
-Mixers: SlidingWindow, TopK, BlockRouting, KMeansRouting, TokenMerge, Decay. Each has its own
-``tests/test_mixer_<name>.py``; this file holds the reference attention, the input strategies, a tiny
-BERT end-to-end runner, and the contract checks run over all six (JSON round trip, argument errors,
-output shape and dtype in fp32/bf16, shape inference on fake tensors, autograd, dropout, flops).
-"""
+"""Helpers of the mixer tests: the reference attention, input strategies, hand-made sites and calls, padded
+masks, and a tiny BERT end-to-end runner. The contract every action meets is tests/test_action_contract.py."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 from typing import Optional
 
-import pytest
-import sympy
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import rewrite  # noqa: E402
-from rewrite import cost  # noqa: E402
-from rewrite.actions import RewriteError, handler_for  # noqa: E402
-from rewrite.passes.lower import SiteCall  # noqa: E402
-from rewrite.sites import AttentionSite  # noqa: E402
+import rewrite
+from rewrite.actions import build_target
+from rewrite.passes.lower import SiteCall
+from rewrite.sites import AttentionSite
 
 NEG = float("-inf")
 
@@ -157,25 +146,48 @@ def assert_decreasing(errors: list, slack: float = 1.02):
 
 
 # ------------------------------------------------------------------------------------------------ sites
-def make_site(nq=16, nk=None, heads=4, kv_heads=None, d=8, causal=False, mask="none", grid=None,
-              prefix=None) -> AttentionSite:
+def make_call(q_shape, k_shape, is_causal=False) -> SiteCall:
+    """A site's call with placeholder q, k, v carrying example values of these shapes."""
+    g = fx.Graph()
+    nodes = []
+    for name, shp in (("q", q_shape), ("k", k_shape), ("v", k_shape)):
+        n = g.placeholder(name)
+        n.meta["val"] = torch.empty(shp)
+        nodes.append(n)
+    return SiteCall(q=nodes[0], k=nodes[1], v=nodes[2], is_causal=is_causal)
+
+
+def make_site(q_shape=(2, 4, 16, 16), k_shape=None, mask="none", is_causal=False, **kw) -> AttentionSite:
+    k_shape = k_shape or q_shape
+    kw.setdefault("gqa", q_shape[1] != k_shape[1])
+    return AttentionSite(name="layer", q_shape=q_shape, k_shape=k_shape, v_shape=k_shape, heads=q_shape[1],
+                         kv_heads=k_shape[1], head_dim=q_shape[-1], mask=mask, is_causal=is_causal,
+                         cross=q_shape[-2] != k_shape[-2], **kw)
+
+
+def build(action, nq=16, nk=None, heads=4, kv_heads=None, d=8, causal=False, mask="none", grid=None, prefix=None):
+    """What ``action`` builds (requirements checked, then its handler) for a hand-made ``[1, heads, nq, d]`` site."""
     nk = nq if nk is None else nk
     kv_heads = kv_heads or heads
-    mask_kind = "+".join(x for x in (("causal" if causal else ""), ("" if mask == "none" else mask)) if x) or "none"
-    return AttentionSite(name="layers.0.attn", q_shape=(1, heads, nq, d), k_shape=(1, kv_heads, nk, d),
-                         v_shape=(1, kv_heads, nk, d), heads=heads, kv_heads=kv_heads, head_dim=d,
-                         is_causal=causal, mask=mask_kind, cross=nq != nk, gqa=heads != kv_heads, grid=grid,
-                         prefix_tokens=prefix)
+    kinds = "+".join(x for x in (("causal" if causal else ""), ("" if mask == "none" else mask)) if x) or "none"
+    q_shape, k_shape = (1, heads, nq, d), (1, kv_heads, nk, d)
+    site = make_site(q_shape, k_shape, mask=kinds, is_causal=causal, grid=grid, prefix_tokens=prefix)
+    return build_target(action, make_call(q_shape, k_shape, causal and kinds == "causal"), site)
 
 
-def make_call(causal=False) -> SiteCall:
-    return SiteCall(q=None, k=None, v=None, attn_mask=None, is_causal=causal)
-
-
-def build(action, **site_kw):
-    """What the handler of ``action`` returns for a hand-made site."""
-    site = make_site(**site_kw)
-    return handler_for(action)(action, make_call(site.is_causal and site.mask == "causal"), site)
+def padded_mask(b, nq, nk, pad, causal, expanded=True, kind="additive"):
+    """HF-style mask: [B, 1, Nq, Nk] (or [B, 1, 1, Nk]); the last ``pad`` keys of the last row are padding."""
+    valid = torch.ones(b, nk, dtype=torch.bool)
+    if pad:
+        valid[-1, nk - pad:] = False
+    allowed = valid[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq))
+    elif expanded:
+        allowed = allowed.expand(b, 1, nq, nk)
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -214,86 +226,3 @@ def bert_end_to_end(action, exact_expected: bool):
         assert max(r.error for r in report.sites) > 1e-4, str(report)
         assert torch.isfinite(out).all()
     return report
-
-
-# ------------------------------------------------------------------------------------------------ contract
-ACTIONS = {
-    "SlidingWindow": (lambda: rewrite.SlidingWindow(window=4, sinks=1), {"window": 0}),
-    "TopK": (lambda: rewrite.TopK(k=3), {"k": 0}),
-    "BlockRouting": (lambda: rewrite.BlockRouting(block=4, topk=2), {"layout": "3d"}),
-    "KMeansRouting": (lambda: rewrite.KMeansRouting(clusters=2, window=5), {"clusters": 0}),
-    "TokenMerge": (lambda: rewrite.TokenMerge(r=3), {"r": -1}),
-    "Decay": (lambda: rewrite.Decay(gamma=0.8), {"gamma": 1.5}),
-}
-
-
-@pytest.mark.parametrize("name", sorted(ACTIONS))
-def test_action_json_round_trip_defaults_and_errors(name):
-    make, bad = ACTIONS[name]
-    action = make()
-    assert action.exact is False
-    js = action.to_json()
-    assert js["action"] == name
-    assert rewrite.action_from_json(js) == action
-    assert rewrite.action_from_json(name) == getattr(rewrite, name)()   # every argument has a default
-    with pytest.raises(RewriteError, match=list(bad)[0]):
-        getattr(rewrite, name)(**bad)
-    with pytest.raises(RewriteError):
-        getattr(rewrite, name)(**{list(bad)[0]: "x"})
-    expr = action.flops()
-    assert isinstance(expr, sympy.Expr)
-    assert expr.free_symbols <= set(cost.SYMBOLS.values())
-    val = cost.evaluate(expr, B=1, H=1, N=4096, Nk=4096, d=64, dv=64)
-    assert 0 < val
-
-
-@pytest.mark.parametrize("name", sorted(ACTIONS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_output_shape_dtype_fake_and_grad(name, dtype):
-    make, _ = ACTIONS[name]
-    action = make()
-    n = 17
-    module = build(action, nq=n, heads=4, kv_heads=2, d=8)
-    assert isinstance(module, torch.nn.Module)
-    q = torch.randn(2, 4, n, 8, dtype=dtype)
-    k = torch.randn(2, 2, n, 8, dtype=dtype)
-    v = torch.randn(2, 2, n, 8, dtype=dtype)
-    mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
-    mask[1, ..., 12:] = False
-    out = module(q, k, v, attn_mask=mask, enable_gqa=True)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype
-    assert torch.isfinite(out).all()
-    # shapes are inferred on fake tensors when the pipeline inserts the call
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode():
-        fq, fk = torch.randn(2, 4, n, 8, dtype=dtype), torch.randn(2, 2, n, 8, dtype=dtype)
-        fout = module(fq, fk, fk)
-    assert fout.shape == (2, 4, n, 8) and fout.dtype == dtype
-    if dtype == torch.float32:  # differentiable in q, k, v (for fine-tuning through the mixer)
-        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-        module(qs, ks, vs, attn_mask=mask).square().sum().backward()
-        for t in (qs, ks, vs):
-            assert t.grad is not None and torch.isfinite(t.grad).all()
-
-
-@pytest.mark.parametrize("name", sorted(ACTIONS))
-def test_layouts_3d_and_5d(name):
-    """``(b h) n d`` inputs and extra leading batch dims give SDPA's shapes."""
-    module = build(ACTIONS[name][0](), nq=10, heads=4, kv_heads=2, d=8)
-    q, k, v = torch.randn(6, 10, 8), torch.randn(6, 10, 8), torch.randn(6, 10, 5)
-    assert module(q, k, v, attn_mask=torch.randn(6, 10, 10)).shape == (6, 10, 5)
-    q, k, v = torch.randn(2, 3, 4, 10, 8), torch.randn(2, 3, 2, 10, 8), torch.randn(2, 3, 2, 10, 8)
-    out = module(q, k, v, attn_mask=torch.ones(3, 1, 1, 10, dtype=torch.bool), enable_gqa=True)
-    assert out.shape == (2, 3, 4, 10, 8)
-
-
-@pytest.mark.parametrize("name", sorted(ACTIONS))
-def test_dropout_applies_to_probabilities(name):
-    module = build(ACTIONS[name][0](), nq=12, heads=2, d=8)
-    q, k, v = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
-    torch.manual_seed(0)
-    a = module(q, k, v, dropout_p=0.5)
-    b = module(q, k, v, dropout_p=0.0)
-    assert a.shape == b.shape and not torch.allclose(a, b)
-    assert torch.equal(module(q, k, v), b)

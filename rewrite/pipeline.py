@@ -447,7 +447,16 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
     if call.flatten_output:
         call.new_nodes.append(new)
         new = insert_call(graph, m.output, torch.flatten, (new, 0, call.flatten_output - 1), like=m.output)
+    if call.transpose_output:
+        call.new_nodes.append(new)
+        new = insert_call(graph, m.output, transposed_output, (new,), like=m.output)
     return new
+
+
+def transposed_output(out: torch.Tensor) -> torch.Tensor:
+    """SDPA's ``[.., Nq, d]`` output as the ``v @ pᵀ`` product gives it: ``[.., d, Nq]``, laid out contiguously
+    (callers ``view`` it)."""
+    return out.transpose(-2, -1).contiguous()
 
 
 def register_state_sources(gm: fx.GraphModule, name: str, module: torch.nn.Module) -> None:
@@ -518,6 +527,8 @@ def _prove(gm, m: SiteMatch, values: dict, is_state, reads: list) -> tuple[set, 
     successful proof read goes to ``reads`` (it holds only while that state does)."""
     if m.kind == "sdpa":
         return set(), bool(m.sdpa_kwargs.get("is_causal"))
+    if m.extra_columns is not None:
+        return set(), False  # extra keys (sinks) are seen by every query: the mask stays a mask, never is_causal
     masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
     causal = set()
     for i in masks:

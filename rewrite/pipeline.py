@@ -18,7 +18,7 @@ import torch.fx as fx
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, handler_for
 from .graph import (example_value, hint_int, insert_call, is_mutating, meta_value, module_names, remove_dead, same_shape,
-                    shape)
+                    shape, static_int)
 from .passes.adversarial import adversarial_inputs
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
@@ -255,8 +255,9 @@ def _verify(run: GraphRun, sites: list, captured: Optional[fx.GraphModule]) -> C
         m = s.match
         wanted |= {m.output, m.q, m.kt, m.v}
         wanted |= {op.value for op in m.ops if op.kind == "scale" and isinstance(op.value, fx.Node)}
+        wanted |= {product for product, _ in m.more_outputs}
         if s.new is not None:
-            wanted |= {s.new, s.call.q, s.call.k, s.call.v}
+            wanted |= {s.new, s.call.q, s.call.k, s.call.v} | {piece for _, piece in s.call.more_new}
             if isinstance(s.call.scale, fx.Node):
                 wanted.add(s.call.scale)
     outputs: list = []
@@ -287,22 +288,24 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
         run.session.report.record_site(row)
         return
-    err = relative_error(vals.get(m.output), vals.get(new))
+    err = _site_error(vals, m, new, call)
     tol = tolerance(vals[m.output].dtype) if isinstance(vals.get(m.output), torch.Tensor) else 1e-4
     row.action, row.exact, row.error = action.describe(), bool(action.exact), err
     where = ""
     if action.exact and err <= tol and checked.redrawn is not None:
-        err_redrawn = relative_error(checked.redrawn.get(m.output), checked.redrawn.get(new))
+        err_redrawn = _site_error(checked.redrawn, m, new, call)
         if not err_redrawn <= tol:
             err, where = err_redrawn, " on the example with its masks redrawn (random padding, a row with no key)"
     if action.exact and not err <= tol:
-        remove_dead(graph, [new] + list(reversed(call.new_nodes)))
+        remove_dead(graph, [new] + [piece for _, piece in call.more_new] + list(reversed(call.new_nodes)))
         row.status = "rejected"
         row.reason = (f"the fused call differs from the original by {err:.2e} (tolerance {tol:.0e}){where}; "
                       "left as it was")
         site.status, site.reason = "rejected", row.reason
     else:
         m.output.replace_all_uses_with(new)
+        for product, piece in call.more_new:
+            product.replace_all_uses_with(piece)
         _detach_shape_users(graph, m)
         remove_dead(graph, [m.output] + list(m.region) + list(m.dead_users))  # dead users go first
         row.status, row.reason = "rewritten", s.note
@@ -310,6 +313,12 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
     run.session.report.plan[site.name] = action.to_json()
     run.session.report.record_site(row)
+
+
+def _site_error(vals: dict, m: SiteMatch, new: fx.Node, call: SiteCall) -> float:
+    """The relative error of the replacement against the original, the worst over the site's outputs."""
+    pairs = [(m.output, new)] + list(call.more_new)
+    return max(relative_error(vals.get(original), vals.get(replacement)) for original, replacement in pairs)
 
 
 def _detach_shape_users(graph: fx.Graph, m: SiteMatch) -> None:
@@ -450,6 +459,15 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
     if call.transpose_output:
         call.new_nodes.append(new)
         new = insert_call(graph, m.output, transposed_output, (new,), like=m.output)
+    if m.more_outputs:  # the joint output of several value products, split back into each one's columns
+        call.new_nodes.append(new)
+        start, joint = 0, new
+        for product, node in [(m.output, m.v)] + list(m.more_outputs):
+            width = static_int(shape(node)[-1])
+            piece = insert_call(graph, m.output, torch.narrow, (joint, -1, start, width), like=product)
+            call.more_new.append((product, piece))
+            start += width
+        new = call.more_new.pop(0)[1]
     return new
 
 

@@ -532,10 +532,13 @@ def test_a_reshape_into_another_layout_is_not_a_round_trip():
 # --- two score streams, one softmax (LiLT) -------------------------------------------------------------------
 class TwoStreams(nn.Module):
     """``softmax(q1 k1ᵀ/√d1 + q2 k2ᵀ/√d2 + mask) @ v``; ``shared``: a second softmax for the other stream's
-    values from the same scaled products, as LiLT computes its text and layout streams."""
+    values from the same scaled products, as LiLT computes its text and layout streams; ``both``: each stream's
+    values read the one softmax (``p @ v1``, ``p @ v2``)."""
 
-    def __init__(self, d1=8, d2=4, heads=2, order="12", outer_scale=False, mask=True, shared=False, combine="add"):
+    def __init__(self, d1=8, d2=4, heads=2, order="12", outer_scale=False, mask=True, shared=False, combine="add",
+                 both=False):
         super().__init__()
+        self.both = both
         self.h, self.d1, self.d2, self.order = heads, d1, d2, order
         self.outer, self.mask, self.shared, self.combine = outer_scale, mask, shared, combine
         self.p1, self.p2 = nn.Linear(16, 3 * heads * d1), nn.Linear(16, 3 * heads * d2)
@@ -550,7 +553,7 @@ class TwoStreams(nn.Module):
         s1 = torch.matmul(q1, k1.transpose(-1, -2)) / self.d1 ** 0.5
         s2 = (q2 @ k2.transpose(-1, -2)) * self.d2 ** -0.5
         hide = torch.zeros(padding.shape[0], 1, 1, padding.shape[1], dtype=x.dtype).masked_fill(
-            ~padding[:, None, None, :].bool(), -1e4)
+            ~padding[:, None, None, :].bool(), torch.finfo(x.dtype).min)  # HF's: -1e4 is coarse in bf16
         outs = []
         for order in ([self.order, self.order[::-1]] if self.shared else [self.order]):
             if self.combine == "mul":
@@ -562,16 +565,21 @@ class TwoStreams(nn.Module):
             if self.mask:
                 s = s + hide
             p = s.softmax(-1)
-            outs.append(p @ (v1 if order == "12" else v2))
+            if self.both:  # one softmax, each stream's value product reading it
+                outs.extend([p @ v1, torch.matmul(p, v2)])
+            else:
+                outs.append(p @ (v1 if order == "12" else v2))
         return torch.cat(outs, -1).transpose(1, 2).flatten(2)
 
 
 @_PROPERTY
 @given(d2=st.sampled_from([4, 8]), heads=st.sampled_from([1, 2]), order=st.sampled_from(["12", "21"]),
-       outer=st.booleans(), mask=st.booleans(), shared=st.booleans(), dtype=st.sampled_from(DTYPES))
-def test_two_score_streams_are_one_product_over_concatenated_features(d2, heads, order, outer, mask, shared, dtype):
+       outer=st.booleans(), mask=st.booleans(), values=st.sampled_from(["one", "shared", "both"]),
+       dtype=st.sampled_from(DTYPES))
+def test_two_score_streams_are_one_product_over_concatenated_features(d2, heads, order, outer, mask, values, dtype):
     torch.manual_seed(0)
-    model = TwoStreams(d2=d2, heads=heads, order=order, outer_scale=outer, mask=mask, shared=shared).to(dtype).eval()
+    model = TwoStreams(d2=d2, heads=heads, order=order, outer_scale=outer, mask=mask, shared=values == "shared",
+                       both=values == "both").to(dtype).eval()
     ref = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
     rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16, dtype=dtype),
@@ -584,6 +592,19 @@ def test_two_score_streams_are_one_product_over_concatenated_features(d2, heads,
         ops = _ops(_Bound(model, padding), x)
     # the score products and softmaxes of the model are gone (SDPA's math kernel runs its own on CPU)
     assert not any(op.startswith(("aten::matmul<Torch", "aten::softmax<Torch", "aten::_softmax<Torch")) for op in ops), ops
+
+
+def test_one_softmax_read_by_two_value_products_is_one_call():
+    model = TwoStreams(both=True, d2=4).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16), _padding(2, 6, gen, all_visible=True)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x, padding = torch.randn(3, 9, 16, generator=gen), _padding(3, 9, gen)
+        torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+        ops = _ops(_Bound(model, padding), x)
+    assert sum(op.startswith("aten::scaled_dot_product_attention<") for op in ops) == 1, ops
 
 
 def test_a_product_of_two_score_maps_is_not_a_stream():
@@ -651,3 +672,65 @@ def test_lilt():
     torch.testing.assert_close(out.layout_last_hidden_state if hasattr(out, "layout_last_hidden_state") else out[1],
                                want.layout_last_hidden_state if hasattr(want, "layout_last_hidden_state") else want[1],
                                rtol=1e-4, atol=1e-4)
+
+
+# --- scores returned beside the output (openai-whisper) ----------------------------------------------------
+class WhisperAttention(nn.Module):
+    """openai-whisper's ``MultiHeadAttention``: q and k each scaled by d^-1/4, a causal buffer sliced to the
+    length, softmax in float, and ``qk.detach()`` returned beside the output (its alignment heads read it)."""
+
+    def __init__(self, n_state=32, n_head=4, n_ctx=24, causal=True):
+        super().__init__()
+        self.n_head = n_head
+        self.query, self.key = nn.Linear(n_state, n_state), nn.Linear(n_state, n_state, bias=False)
+        self.value, self.out = nn.Linear(n_state, n_state), nn.Linear(n_state, n_state)
+        mask = torch.empty(n_ctx, n_ctx).fill_(float("-inf")).triu_(1)
+        self.register_buffer("mask", mask if causal else None, persistent=False)
+
+    def forward(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        wv, qk = self.qkv_attention(q, k, v, self.mask)
+        return self.out(wv), qk
+
+    def qkv_attention(self, q, k, v, mask=None):
+        n_batch, n_ctx, n_state = q.shape
+        scale = (n_state // self.n_head) ** -0.25
+        q = q.view(*q.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+        k = k.view(*k.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+        v = v.view(*v.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+        qk = (q * scale) @ (k * scale).transpose(-1, -2)
+        if mask is not None:
+            qk = qk + mask[:n_ctx, :n_ctx]
+        qk = qk.float()
+        w = torch.nn.functional.softmax(qk, dim=-1).to(q.dtype)
+        out = (w @ v).permute(0, 2, 1, 3).flatten(start_dim=2)
+        return out, qk.detach()
+
+
+@pytest.mark.parametrize("causal,dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_whisper_returned_scores_are_kept_and_the_attention_fused(causal, dtype):
+    torch.manual_seed(0)
+    model = WhisperAttention(causal=causal).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 10, 32, dtype=dtype),))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3, 17, 32, dtype=dtype)
+        (out, qk), (want, want_qk) = model(x), ref(x)
+        _close(out, want, dtype)
+        torch.testing.assert_close(qk, want_qk)
+        ops = _ops(model, x)
+    assert any(op.startswith("aten::scaled_dot_product_attention<") for op in ops)
+    assert not any(op.startswith(("aten::softmax<Torch", "aten::_softmax<Torch")) for op in ops), ops
+
+
+def test_scores_that_feed_more_computation_are_still_used_elsewhere():
+    class ScoresMean(WhisperAttention):
+        def forward(self, x):
+            out, qk = super().forward(x)
+            return out, qk.mean()  # the detached copy feeds a computation: a real user
+
+    model = ScoresMean().eval()
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 10, 32),))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    assert any("used elsewhere" in r.reason for r in model.rewrite_report.rejected), model.rewrite_report.table()

@@ -95,6 +95,9 @@ class SiteMatch:
     extra_first: bool = False
     kept_columns: Optional[tuple] = None      # (slice node, "head" | "tail"): the probabilities of the real keys
     values_left: bool = False                 # ``v @ pᵀ`` (channels first): ``v`` is ``[.., d, Nk]``
+    #: ``(product, v)`` of further value products reading the same probabilities (``p @ v1``, ``p @ v2``): one
+    #: call over the values side by side, its output split after
+    more_outputs: list = dataclasses.field(default_factory=list)
 
 
 class _Reject(Exception):
@@ -112,7 +115,7 @@ def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours
         m.shape_users.extend((u, node) for u in node.users if reads_only_shape(u, node))
     live = [u for u in users if not _is_dead(u)]
     if ours is not None and ours in live:
-        live = [ours] + [u for u in live if u is not ours and not _only_scores_of_softmax(u)]
+        live = [ours] + [u for u in live if u is not ours and not _only_scores_of_softmax(u) and not _a_record(u)]
     if len(live) != 1:
         raise _Reject(f"{what} are used elsewhere ({len(live)} users: "
                       f"{', '.join(_describe(u) for u in live[:3])}), so rewriting would change them")
@@ -156,6 +159,24 @@ def _only_scores_of_softmax(node: fx.Node, depth: int = 6) -> bool:
         return False
     live = [u for u in node.users if not reads_only_shape(u, node) and not _is_dead(u)]
     return bool(live) and all(_only_scores_of_softmax(u, depth - 1) for u in live)
+
+
+def _a_record(node: fx.Node) -> bool:
+    """A detached copy of the scores handed to the caller and nothing else (openai-whisper returns
+    ``qk.detach()`` beside the output, for alignment heads): no gradient and no further computation flows
+    from it, so the attention itself can still be fused; the score product stays computed for the record."""
+    return node.op in ("call_method", "call_function") and _is_call_named(node, "detach") and _only_returned(node)
+
+
+def _only_returned(node: fx.Node, depth: int = 4) -> bool:
+    """Whether every use of ``node`` is the graph's output, directly or through casts and detaches."""
+    for u in node.users:
+        if u.op == "output":
+            continue
+        if depth and (is_cast(u) or _is_call_named(u, "detach")) and _only_returned(u, depth - 1):
+            continue
+        return False
+    return bool(node.users)
 
 
 def _describe(node: fx.Node) -> str:
@@ -285,6 +306,12 @@ def _match_probabilities(m: SiteMatch) -> None:
     m.region.append(sm)
     p = sm
     while True:
+        products = _value_products(p)
+        if products:
+            m.output, m.v = products[0]
+            m.more_outputs = products[1:]
+            m.region.extend(prod for prod, _ in products)
+            return
         u = _single_user(p, "the attention probabilities", m)
         if is_cast(u):
             p = u
@@ -331,6 +358,20 @@ def _match_probabilities(m: SiteMatch) -> None:
         else:
             raise _Reject(f"the probabilities feed {_describe(u)}, not a value product")
         m.region.append(p)
+
+
+def _value_products(p: fx.Node) -> list:
+    """``[(p @ v1, v1), (p @ v2, v2), ...]`` when the probabilities feed several value products and nothing else,
+    with values that can lie side by side (the same batch and key dims, a known width); else []."""
+    live = [u for u in p.users if not reads_only_shape(u, p) and not _is_dead(u)]
+    if len(live) < 2 or not all(u.op == "call_function" and u.target is MATMUL and u.args[0] is p
+                                and u.args[1] is not p for u in live):
+        return []
+    shapes = [shape(u.args[1]) for u in live]
+    if any(s is None or len(s) != len(shapes[0]) or not same_shape(tuple(s[:-1]), tuple(shapes[0][:-1]))
+           or static_int(s[-1]) is None for s in shapes):
+        return []
+    return [(u, u.args[1]) for u in live]
 
 
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}

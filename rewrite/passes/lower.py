@@ -37,6 +37,8 @@ class SiteCall:
     #: whose every key is masked what the original computes (see passes/mask_semantics.py)
     row_fixes: list = dataclasses.field(default_factory=list)
     transpose_output: bool = False  # the site computed ``v @ pᵀ``: its output is SDPA's, transposed
+    #: ``(product, node)`` for each further value product of the site and its slice of the joint output
+    more_new: list = dataclasses.field(default_factory=list)
 
     def kwargs(self) -> dict:
         kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
@@ -67,6 +69,8 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     q = m.q
     k = _untranspose(b, m.kt)
     v = _untranspose(b, m.v) if m.values_left else m.v  # v @ pᵀ == (p @ vᵀ)ᵀ
+    if m.more_outputs:  # p @ v1, p @ v2: one product over the values side by side
+        v = b.call(torch.cat, [v] + [more_v for _, more_v in m.more_outputs], -1)
     qdtype = meta_value(q).dtype
     f = _fold_score_ops(b, m, causal_ops, qdtype)
     beta, scale = f.beta, f.scale_num

@@ -170,6 +170,26 @@ def is_mutating(node: fx.Node) -> bool:
     return False  # placeholders, outputs and submodule calls are never candidates for removal here
 
 
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}
+_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze}
+
+
+def is_reshape(node: fx.Node) -> bool:
+    """A view that keeps the elements in their row-major order (view/reshape/flatten/unflatten/unsqueeze/
+    squeeze); ``x.view(dtype)`` reinterprets bits and is not one."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or shape(node) is None or shape(node.args[0]) is None:
+        return False
+    if any(isinstance(a, torch.dtype) for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return False
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    if node.op == "call_function":
+        name = str(node.target)
+        return node.target in _RESHAPE_FUNCTIONS or any(
+            name.startswith(f"aten.{n}.") for n in ("view", "_unsafe_view", "reshape", "unsqueeze", "squeeze"))
+    return False
+
+
 def remove_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
     """Erase nodes left without users, starting from ``candidates`` and walking up their inputs.
 

@@ -734,3 +734,57 @@ def test_scores_that_feed_more_computation_are_still_used_elsewhere():
     rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 10, 32),))
     assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
     assert any("used elsewhere" in r.reason for r in model.rewrite_report.rejected), model.rewrite_report.table()
+
+
+# --- an additive update written in place into a slice of the scores (MViTv2) -------------------------------
+class SliceUpdate(nn.Module):
+    """MViTv2's decomposed relative position, added in place into the patch-patch block of the scores (the
+    first ``sp`` tokens are class tokens); ``additive=False`` scales the block instead."""
+
+    def __init__(self, dim=16, heads=2, grid=(3, 3), sp=1, additive=True):
+        super().__init__()
+        self.h, self.d, self.grid, self.sp, self.additive = heads, dim // heads, grid, sp, additive
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel_h = nn.Parameter(torch.randn(2 * grid[0] - 1, self.d))
+        self.rel_w = nn.Parameter(torch.randn(2 * grid[1] - 1, self.d))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        attn = (q * self.d ** -0.5) @ k.transpose(-2, -1)
+        (qh, qw), sp = self.grid, self.sp
+        rh = self.rel_h[torch.arange(qh)[:, None] - torch.arange(qh)[None, :] + qh - 1]
+        rw = self.rel_w[torch.arange(qw)[:, None] - torch.arange(qw)[None, :] + qw - 1]
+        r_q = q[:, :, sp:].reshape(b, self.h, qh, qw, self.d)
+        rel_h, rel_w = torch.einsum("byhwc,hkc->byhwk", r_q, rh), torch.einsum("byhwc,wkc->byhwk", r_q, rw)
+        block = attn[:, :, sp:, sp:]
+        if self.additive:
+            attn[:, :, sp:, sp:] = (block.view(b, -1, qh, qw, qh, qw) + rel_h[:, :, :, :, :, None]
+                                    + rel_w[:, :, :, :, None, :]).view(b, -1, qh * qw, qh * qw)
+        else:
+            attn[:, :, sp:, sp:] = block * 2
+        return (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("sp,grid,dtype", [(1, (3, 3), torch.float32), (0, (2, 3), torch.bfloat16)])
+def test_an_additive_slice_update_of_the_scores_is_a_bias(sp, grid, dtype):
+    torch.manual_seed(0)
+    model = SliceUpdate(grid=grid, sp=sp).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, sp + grid[0] * grid[1], 16, dtype=dtype)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3, sp + grid[0] * grid[1], 16, dtype=dtype)
+        _close(model(x), ref(x), dtype)
+
+
+def test_a_slice_update_that_is_not_additive_stays():
+    model = SliceUpdate(additive=False).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 10, 16)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    assert model.rewrite_report.rejected, model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import (factory_number, is_mutating, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
+from ..graph import (factory_number, is_mutating, is_reshape, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
                      static_int)
 from ..sites import MASKED_BELOW
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, PERMUTE, SDPA, SOFTMAX, WHERE, op_kind
@@ -374,26 +374,6 @@ def _value_products(p: fx.Node) -> list:
     return [(u, u.args[1]) for u in live]
 
 
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}
-_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze}
-
-
-def is_reshape(node: fx.Node) -> bool:
-    """A view that keeps the elements in their row-major order (view/reshape/flatten/unflatten/unsqueeze/
-    squeeze); ``x.view(dtype)`` reinterprets bits and is not one."""
-    if not node.args or not isinstance(node.args[0], fx.Node) or shape(node) is None or shape(node.args[0]) is None:
-        return False
-    if any(isinstance(a, torch.dtype) for a in list(node.args[1:]) + list(node.kwargs.values())):
-        return False
-    if node.op == "call_method":
-        return node.target in _RESHAPE_METHODS
-    if node.op == "call_function":
-        name = str(node.target)
-        return node.target in _RESHAPE_FUNCTIONS or any(
-            name.startswith(f"aten.{n}.") for n in ("view", "_unsafe_view", "reshape", "unsqueeze", "squeeze"))
-    return False
-
-
 def _probability_views(m: SiteMatch, p: fx.Node, first: fx.Node) -> fx.Node:
     """Follow a run of reshapes of the probabilities from ``first``: reshapes keep the row-major order, so a
     run that ends in the shape it started from is the identity (GroupViT's ``view(B, H, N, N).view(B*H, N,
@@ -408,7 +388,7 @@ def _probability_views(m: SiteMatch, p: fx.Node, first: fx.Node) -> fx.Node:
     m.region.extend(run[:-1])
     if same_shape(end, start):
         return run[-1]
-    if (m.merge is None and len(end) >= 3 and len(start) >= 3 and len(end) != len(start)
+    if (m.merge is None and start is not None and len(end) >= 3 and len(start) >= 3 and len(end) != len(start)
             and same_shape(tuple(end[-2:]), tuple(start[-2:]))):
         m.merge = run[-1]
         return run[-1]
@@ -706,7 +686,7 @@ def _depends_on(node: Any, target: fx.Node, limit: int = 2000) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        work.extend(n.all_input_nodes)
+        work.extend(i for i in n.all_input_nodes if not reads_only_shape(n, i))  # a shape carries no values
     return False
 
 

@@ -7,6 +7,18 @@ softmax that is not attention-like (no product on either side) is not reported a
 
 The score chain is kept as an ordered list of operations, outermost last, so that lowering can rebuild
 ``scores = alpha * (q @ kt) + beta`` exactly whatever order the model applied them in.
+
+General rules of the canonical form, each exact (issue 15, "every spelling in the wild"):
+
+* liveness: users whose results go nowhere, read only a shape, build other softmaxes' scores, or hand a
+  detached copy of the scores to the caller do not block a site;
+* the row maximum subtracted before the softmax (its stabiliser) changes no probability;
+* score columns concatenated to the scores whose probabilities are dropped after the softmax are extra keys
+  with zero values (attention sinks);
+* a second score product added to the scores is more features of q and k (two streams);
+* reshapes of the probabilities that compose to the identity are the identity;
+* ``v @ pᵀ`` is ``(p @ vᵀ)ᵀ`` (values on the left, channels first); several value products reading one softmax
+  are one product over the values side by side.
 """
 from __future__ import annotations
 

@@ -16,9 +16,12 @@ add/sub            tensor has no other user, so the change is invisible)
 torch.masked_fill  method, in-place and ATen forms
 torch.where        ``Tensor.where`` and ATen forms
 F.dropout          ``torch.dropout``, ``aten.dropout``; keywords ``p`` and ``training``
+x + bias           ``x[idx] = f(x[idx])`` with ``f`` views and additions of terms free of ``x`` (MViTv2), where
+                   ``x`` is fresh and read after the update alone; equal up to the order of the additions
 =================  ==========================================================================
 
-Every rewrite here computes the same values as the spelling it replaces; nothing is approximated.
+Every rewrite here computes the same values as the spelling it replaces (the slice update up to the rounding of
+reassociated additions); nothing is approximated.
 """
 from __future__ import annotations
 

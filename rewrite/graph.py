@@ -170,6 +170,26 @@ def is_mutating(node: fx.Node) -> bool:
     return False  # placeholders, outputs and submodule calls are never candidates for removal here
 
 
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}
+_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze}
+
+
+def is_reshape(node: fx.Node) -> bool:
+    """A view that keeps the elements in their row-major order (view/reshape/flatten/unflatten/unsqueeze/
+    squeeze); ``x.view(dtype)`` reinterprets bits and is not one."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or shape(node) is None or shape(node.args[0]) is None:
+        return False
+    if any(isinstance(a, torch.dtype) for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return False
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    if node.op == "call_function":
+        name = str(node.target)
+        return node.target in _RESHAPE_FUNCTIONS or any(
+            name.startswith(f"aten.{n}.") for n in ("view", "_unsafe_view", "reshape", "unsqueeze", "squeeze"))
+    return False
+
+
 def remove_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
     """Erase nodes left without users, starting from ``candidates`` and walking up their inputs.
 
@@ -286,11 +306,11 @@ def _is_graph_leaf(n: fx.Node) -> bool:
     return n.op in ("placeholder", "get_attr")
 
 
-def input_cone(roots: Any, is_leaf: Callable[[fx.Node], bool] = _is_graph_leaf,
-               limit: Optional[int] = None) -> Optional[tuple[set, list]]:
+def input_cone(roots: Any, is_leaf: Callable[[fx.Node], bool] = _is_graph_leaf, limit: Optional[int] = None,
+               skip_input: Optional[Callable[[fx.Node, fx.Node], bool]] = None) -> Optional[tuple[set, list]]:
     """The nodes ``roots`` (a node or several) are computed from, themselves included, walking inputs and
-    stopping at ``is_leaf`` nodes (placeholders and attributes by default): ``(cone, leaves)``, or None when
-    the cone grows past ``limit`` nodes."""
+    stopping at ``is_leaf`` nodes (placeholders and attributes by default) and at inputs ``skip_input(node,
+    input)`` says to leave out: ``(cone, leaves)``, or None when the cone grows past ``limit`` nodes."""
     work = [r for r in (roots if isinstance(roots, (list, tuple)) else [roots]) if isinstance(r, fx.Node)]
     cone: set = set()
     leaves: list = []
@@ -304,7 +324,7 @@ def input_cone(roots: Any, is_leaf: Callable[[fx.Node], bool] = _is_graph_leaf,
         if is_leaf(n):
             leaves.append(n)
             continue
-        work.extend(n.all_input_nodes)
+        work.extend(i for i in n.all_input_nodes if skip_input is None or not skip_input(n, i))
     return cone, leaves
 
 

@@ -17,8 +17,8 @@ import torch.fx as fx
 
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, build_target
-from .graph import (example_value, hint_int, input_cone, insert_call, is_mutating, meta_value, module_names, remove_dead, same_shape,
-                    shape)
+from .graph import (example_value, hint_int, input_cone, insert_call, is_mutating, meta_value, module_names, remove_dead,
+                    same_shape, shape, static_int)
 from .passes.adversarial import adversarial_inputs
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
@@ -254,8 +254,9 @@ def _verify(run: GraphRun, sites: list, captured: Optional[fx.GraphModule]) -> C
         m = s.match
         wanted |= {m.output, m.q, m.kt, m.v}
         wanted |= {op.value for op in m.ops if op.kind == "scale" and isinstance(op.value, fx.Node)}
+        wanted |= {product for product, _ in m.more_outputs}
         if s.new is not None:
-            wanted |= {s.new, s.call.q, s.call.k, s.call.v}
+            wanted |= {s.new, s.call.q, s.call.k, s.call.v} | {piece for _, piece in s.call.more_new}
             if isinstance(s.call.scale, fx.Node):
                 wanted.add(s.call.scale)
     outputs: list = []
@@ -286,22 +287,24 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         row.flops_after, row.flops_after_expr = row.flops_before, row.flops_before_expr
         run.session.report.record_site(row)
         return
-    err = relative_error(vals.get(m.output), vals.get(new))
+    err = _site_error(vals, m, new, call)
     tol = tolerance(vals[m.output].dtype) if isinstance(vals.get(m.output), torch.Tensor) else 1e-4
     row.action, row.exact, row.error = action.describe(), bool(action.exact), err
     where = ""
     if action.exact and err <= tol and checked.redrawn is not None:
-        err_redrawn = relative_error(checked.redrawn.get(m.output), checked.redrawn.get(new))
+        err_redrawn = _site_error(checked.redrawn, m, new, call)
         if not err_redrawn <= tol:
             err, where = err_redrawn, " on the example with its masks redrawn (random padding, a row with no key)"
     if action.exact and not err <= tol:
-        remove_dead(graph, [new] + list(reversed(call.new_nodes)))
+        remove_dead(graph, [new] + [piece for _, piece in call.more_new] + list(reversed(call.new_nodes)))
         row.status = "rejected"
         row.reason = (f"the fused call differs from the original by {err:.2e} (tolerance {tol:.0e}){where}; "
                       "left as it was")
         site.status, site.reason = "rejected", row.reason
     else:
         m.output.replace_all_uses_with(new)
+        for product, piece in call.more_new:
+            product.replace_all_uses_with(piece)
         _detach_shape_users(graph, m)
         remove_dead(graph, [m.output] + list(m.region) + list(m.dead_users))  # dead users go first
         row.status, row.reason = "rewritten", s.note
@@ -309,6 +312,12 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
     run.session.report.plan[site.name] = action.to_json()
     run.session.report.record_site(row)
+
+
+def _site_error(vals: dict, m: SiteMatch, new: fx.Node, call: SiteCall) -> float:
+    """The relative error of the replacement against the original, the worst over the site's outputs."""
+    pairs = [(m.output, new)] + list(call.more_new)
+    return max(relative_error(vals.get(original), vals.get(replacement)) for original, replacement in pairs)
 
 
 def _detach_shape_users(graph: fx.Graph, m: SiteMatch) -> None:
@@ -445,7 +454,25 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
     if call.flatten_output:
         call.new_nodes.append(new)
         new = insert_call(graph, m.output, torch.flatten, (new, 0, call.flatten_output - 1), like=m.output)
+    if call.transpose_output:
+        call.new_nodes.append(new)
+        new = insert_call(graph, m.output, transposed_output, (new,), like=m.output)
+    if m.more_outputs:  # the joint output of several value products, split back into each one's columns
+        call.new_nodes.append(new)
+        start, joint = 0, new
+        for product, node in [(m.output, m.v)] + list(m.more_outputs):
+            width = static_int(shape(node)[-1])
+            piece = insert_call(graph, m.output, torch.narrow, (joint, -1, start, width), like=product)
+            call.more_new.append((product, piece))
+            start += width
+        new = call.more_new.pop(0)[1]
     return new
+
+
+def transposed_output(out: torch.Tensor) -> torch.Tensor:
+    """SDPA's ``[.., Nq, d]`` output as the ``v @ pᵀ`` product gives it: ``[.., d, Nq]``, laid out contiguously
+    (callers ``view`` it)."""
+    return out.transpose(-2, -1).contiguous()
 
 
 def register_state_sources(gm: fx.GraphModule, name: str, module: torch.nn.Module) -> None:
@@ -516,6 +543,8 @@ def _prove(gm, m: SiteMatch, values: dict, is_state, reads: list) -> tuple[set, 
     successful proof read goes to ``reads`` (it holds only while that state does)."""
     if m.kind == "sdpa":
         return set(), bool(m.sdpa_kwargs.get("is_causal"))
+    if m.extra_columns is not None:
+        return set(), False  # extra keys (sinks) are seen by every query: the mask stays a mask, never is_causal
     masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
     causal = set()
     for i in masks:

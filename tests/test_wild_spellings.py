@@ -277,3 +277,514 @@ def test_multi_query_einsum_with_a_head_less_key():
     ops = [f"{e.name}<{e.cpu_parent.name if e.cpu_parent is not None else ''}" for e in prof.events()]
     assert any(op.startswith("aten::scaled_dot_product_attention<") for op in ops)
     assert not any(op.startswith("aten::_softmax<Torch") or op.startswith("aten::softmax<Torch") for op in ops), ops
+
+
+# --- attention sinks: extra keys whose probabilities are dropped (gpt-oss) -----------------------------------
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+#: few examples, no shrinking (each one optimizes a model): a failure is reported as drawn
+_PROPERTY = settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                     phases=(Phase.explicit, Phase.generate))
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _close(a, b, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+
+def _padding(b, n, gen, all_visible=False):
+    """A [B, N] 0/1 mask with random padding, one sequence that sees no key at all, one that sees every key."""
+    if all_visible:
+        return torch.ones(b, n, dtype=torch.long)
+    mask = (torch.rand(b, n, generator=gen) > 0.4).long()
+    mask[0], mask[-1] = 0, 1
+    return mask
+
+
+class Sinks(nn.Module):
+    """gpt-oss's spelling, with its variations: learned sink logits per head concatenated to the masked scores
+    (after or before them), optionally a row max subtracted, softmax over both, the sink columns dropped."""
+
+    def __init__(self, heads=2, kv_heads=2, d=8, count=1, first=False, stabilise="max", mask="float",
+                 causal=False):
+        super().__init__()
+        self.h, self.kv_h, self.d, self.count, self.first = heads, kv_heads, d, count, first
+        self.stabilise, self.mask, self.causal = stabilise, mask, causal
+        self.q, self.kv = nn.Linear(16, heads * d), nn.Linear(16, 2 * kv_heads * d)
+        self.sinks = nn.Parameter(torch.randn(heads, count))
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kv_h, self.d).permute(2, 0, 3, 1, 4)
+        k, v = k.repeat_interleave(self.h // self.kv_h, 1), v.repeat_interleave(self.h // self.kv_h, 1)
+        s = torch.matmul(q, k.transpose(2, 3)) * self.d ** -0.5
+        visible = padding[:, None, None, :].bool()
+        if self.causal:
+            visible = visible & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        if self.mask == "float":
+            s = s + torch.zeros(visible.shape, dtype=s.dtype).masked_fill(~visible, torch.finfo(s.dtype).min)
+        elif self.mask == "fill_inf":
+            s = s.masked_fill(~visible, float("-inf"))
+        elif self.mask == "fill_finite":
+            s = s.masked_fill(~visible, -1e9)
+        cols = self.sinks.reshape(1, -1, 1, self.count).expand(b, -1, n, -1)
+        c = torch.cat([cols, s] if self.first else [s, cols], dim=-1)
+        if self.stabilise == "max":
+            c = c - c.max(dim=-1, keepdim=True).values
+        elif self.stabilise == "amax":
+            c = c - c.amax(-1, keepdim=True).detach()
+        p = torch.softmax(c.float(), dim=-1).to(v.dtype)
+        p = p[..., self.count:] if self.first else p[..., :-self.count]
+        return (p @ v).transpose(1, 2).reshape(b, n, self.h * self.d)
+
+
+@st.composite
+def sink_spellings(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    return dict(heads=heads, kv_heads=draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0])),
+                count=draw(st.sampled_from([1, 2])), first=draw(st.booleans()),
+                stabilise=draw(st.sampled_from(["max", "amax", "none"])),
+                mask=draw(st.sampled_from(["none", "float", "fill_inf", "fill_finite"])), causal=draw(st.booleans()))
+
+
+@_PROPERTY
+@given(cfg=sink_spellings(), dtype=st.sampled_from(DTYPES))
+def test_sinks_are_an_extra_key_with_zero_value(cfg, dtype):
+    """Exact as one more key (score: the sink logit, value: 0) under random padding and rows with no real key
+    (the sink takes all the mass: the output is 0, as in the original)."""
+    torch.manual_seed(0)
+    model = Sinks(**cfg).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16, dtype=dtype),
+                                                     _padding(2, 6, gen, all_visible=True)))
+    rows = model.rewrite_report.sites
+    if cfg["mask"] == "fill_finite" and cfg["mask"]:
+        assert rows[0].status == "rejected" and "finite fill beside extra key" in rows[0].reason, rows[0].reason
+    else:
+        assert [r.status for r in rows] == ["rewritten"], model.rewrite_report.table()
+        assert not rows[0].is_causal  # the sink is seen by every query
+    with torch.no_grad():
+        for n in (5, 11):
+            x, padding = torch.randn(3, n, 16, generator=gen).to(dtype), _padding(3, n, gen)
+            out = model(x, padding)
+            _close(out, ref(x, padding), dtype)
+            if cfg["mask"] != "none" and rows[0].status == "rewritten":
+                assert torch.equal(out[0], torch.zeros_like(out[0]))  # no real key: all mass on the sink
+
+
+def test_probabilities_of_the_extra_columns_reaching_the_values_are_not_sinks():
+    class Leaky(nn.Module):
+        def forward(self, q, k, v, sink):
+            s = torch.cat([q @ k.transpose(-1, -2), sink.expand(*q.shape[:-1], 1)], -1)
+            p = s.softmax(-1)
+            return p[..., 1:] @ v  # drops the first real key, keeps the sink's probability
+
+    q, sink = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 1, 1)
+    model = Leaky()
+    rewrite.optimize(model, "exact", example_inputs=(q, q, q, sink))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    assert any("real keys" in r.reason for r in model.rewrite_report.rejected), model.rewrite_report.table()
+
+
+def _gpt_oss():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GptOssConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                          attn_implementation="eager")
+    return tf.GptOssModel(cfg).eval()
+
+
+@pytest.mark.slow
+def test_gpt_oss():
+    model = _gpt_oss()
+    ref = copy.deepcopy(model)
+    ids, mask = torch.randint(0, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    rewrite.optimize(model, "exact", example_kwargs={"input_ids": ids, "attention_mask": mask, "use_cache": False})
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"] * 2, model.rewrite_report.table()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in (7, 15):  # shorter and longer than the sliding window; left padding makes rows with no key
+            ids, mask = torch.randint(0, 100, (3, n), generator=gen), torch.ones(3, n, dtype=torch.long)
+            mask[1, :4], mask[2] = 0, (torch.rand(n, generator=gen) > 0.3).long()
+            kw = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+            torch.testing.assert_close(model(**kw).last_hidden_state, ref(**kw).last_hidden_state,
+                                       rtol=1e-4, atol=1e-4)
+
+
+# --- probabilities on the right of the value product (channels first: timm CoAtNet, EfficientViT) ----------
+class ChannelsFirst(nn.Module):
+    """timm's ``Attention2d`` / EfficientViT-M's spelling on ``[B, C, H, W]`` maps: q, k, v are ``[B, h, d, N]``,
+    the scores ``qᵀ k``, the output ``v pᵀ`` (``[B, h, d, N]``), with a learned bias over the positions."""
+
+    def __init__(self, dim=16, heads=2, bias=True, spelling="transpose", matmul="op", grid=4):
+        super().__init__()
+        self.h, self.d, self.spelling, self.matmul = heads, dim // heads, spelling, matmul
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.bias = nn.Parameter(torch.randn(heads, grid * grid, grid * grid)) if bias else None
+
+    def forward(self, x):
+        b, c, hh, ww = x.shape
+        q, k, v = self.qkv(x).view(b, self.h, self.d * 3, -1).chunk(3, dim=2)
+        attn = (q.transpose(-2, -1) @ k) * self.d ** -0.5
+        if self.bias is not None:
+            attn = attn + self.bias
+        attn = attn.softmax(dim=-1)
+        pt = {"transpose": lambda p: p.transpose(-2, -1), "mT": lambda p: p.mT,
+              "permute": lambda p: p.permute(0, 1, 3, 2), "none": lambda p: p}[self.spelling](attn)
+        out = v @ pt if self.matmul == "op" else torch.matmul(v, pt)
+        return out.view(b, -1, hh, ww)
+
+
+@_PROPERTY
+@given(heads=st.sampled_from([1, 2, 4]), bias=st.booleans(), spelling=st.sampled_from(["transpose", "mT", "permute"]),
+       matmul=st.sampled_from(["op", "fn"]), dtype=st.sampled_from(DTYPES))
+def test_values_on_the_left_of_the_transposed_probabilities(heads, bias, spelling, matmul, dtype):
+    torch.manual_seed(0)
+    model = ChannelsFirst(heads=heads, bias=bias, spelling=spelling, matmul=matmul).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 16, 4, 4, dtype=dtype),))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3, 16, 4, 4, dtype=dtype)
+        _close(model(x), ref(x), dtype)
+
+
+def test_values_times_untransposed_probabilities_sum_over_queries_and_stay():
+    model = ChannelsFirst(spelling="none", bias=False).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 16, 4, 4)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    assert any("sums over queries" in r.reason for r in model.rewrite_report.rejected), model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
+
+
+# --- view round trips between the softmax and the value product (GroupViT, (b·h, n, d) bmm code) ----------
+class RoundTrips(nn.Module):
+    """Probabilities in the ``(b·h, n, n)`` layout pass through reshapes before ``bmm``: round trips that give
+    the same shape back are the identity; ``"other"`` regroups them so one value map serves every head."""
+
+    def __init__(self, trips=("split_merge",), heads=2, d=8, masked=False):
+        super().__init__()
+        self.trips, self.h, self.d, self.masked = trips, heads, d, masked
+        self.qkv = nn.Linear(heads * d, 3 * heads * d)
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4).reshape(3, b * self.h, n, self.d)
+        s = torch.bmm(q, k.transpose(1, 2)) / self.d ** 0.5
+        if self.masked:  # GroupViT's mask: split the batch dims, add, merge back
+            hide = torch.zeros(b, 1, n, n, dtype=s.dtype).masked_fill(~padding[:, None, None, :].bool(), torch.finfo(s.dtype).min)
+            s = (s.view(b, self.h, n, n) + hide).view(b * self.h, n, n)
+        p = s.softmax(-1)
+        for trip in self.trips:
+            if trip == "split_merge":
+                p = p.view(b, self.h, n, n).view(b * self.h, n, n)
+            elif trip == "unsqueeze_squeeze":
+                p = p.unsqueeze(1).squeeze(1)
+            elif trip == "flatten_unflatten":
+                p = p.flatten(1).unflatten(1, (n, n))
+            elif trip == "reshape":
+                p = p.reshape(b * self.h, n * n).reshape(-1, n, n)
+        if "other" in self.trips:
+            out = torch.bmm(p.reshape(b, self.h * n, n), v.view(b, self.h, n, self.d)[:, 0])
+        else:
+            out = torch.bmm(p, v)
+        return out.view(b, self.h, n, self.d).transpose(1, 2).reshape(b, n, self.h * self.d)
+
+
+@_PROPERTY
+@given(trips=st.lists(st.sampled_from(["split_merge", "unsqueeze_squeeze", "flatten_unflatten", "reshape"]),
+                      min_size=1, max_size=3), heads=st.sampled_from([1, 2, 3]), masked=st.booleans(),
+       dtype=st.sampled_from(DTYPES))
+def test_reshape_round_trips_of_the_probabilities_are_the_identity(trips, heads, masked, dtype):
+    torch.manual_seed(0)
+    model = RoundTrips(tuple(trips), heads=heads, masked=masked).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, heads * 8, dtype=dtype),
+                                                     _padding(2, 6, gen, all_visible=True)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x, padding = torch.randn(3, 9, heads * 8, generator=gen).to(dtype), _padding(3, 9, gen)
+        _close(model(x, padding), ref(x, padding), dtype)
+
+
+def test_a_reshape_into_another_layout_is_not_a_round_trip():
+    model = RoundTrips(("other",)).eval()
+    ref = copy.deepcopy(model)
+    x, padding = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.long)
+    rewrite.optimize(model, "exact", example_inputs=(x, padding))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    assert any("another layout" in r.reason for r in model.rewrite_report.rejected), model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, padding), ref(x, padding))
+
+
+# --- two score streams, one softmax (LiLT) -------------------------------------------------------------------
+class TwoStreams(nn.Module):
+    """``softmax(q1 k1ᵀ/√d1 + q2 k2ᵀ/√d2 + mask) @ v``; ``shared``: a second softmax for the other stream's
+    values from the same scaled products, as LiLT computes its text and layout streams; ``both``: each stream's
+    values read the one softmax (``p @ v1``, ``p @ v2``)."""
+
+    def __init__(self, d1=8, d2=4, heads=2, order="12", outer_scale=False, mask=True, shared=False, combine="add",
+                 both=False):
+        super().__init__()
+        self.both = both
+        self.h, self.d1, self.d2, self.order = heads, d1, d2, order
+        self.outer, self.mask, self.shared, self.combine = outer_scale, mask, shared, combine
+        self.p1, self.p2 = nn.Linear(16, 3 * heads * d1), nn.Linear(16, 3 * heads * d2)
+
+    def _heads(self, t, d):
+        b, n, _ = t.shape
+        return t.view(b, n, 3, self.h, d).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, padding):
+        q1, k1, v1 = self._heads(self.p1(x), self.d1)
+        q2, k2, v2 = self._heads(self.p2(x), self.d2)
+        s1 = torch.matmul(q1, k1.transpose(-1, -2)) / self.d1 ** 0.5
+        s2 = (q2 @ k2.transpose(-1, -2)) * self.d2 ** -0.5
+        hide = torch.zeros(padding.shape[0], 1, 1, padding.shape[1], dtype=x.dtype).masked_fill(
+            ~padding[:, None, None, :].bool(), torch.finfo(x.dtype).min)  # HF's: -1e4 is coarse in bf16
+        outs = []
+        for order in ([self.order, self.order[::-1]] if self.shared else [self.order]):
+            if self.combine == "mul":
+                s = s1 * s2
+            else:
+                s = s1 + s2 if order == "12" else s2 + s1
+            if self.outer:
+                s = s * 0.5
+            if self.mask:
+                s = s + hide
+            p = s.softmax(-1)
+            if self.both:  # one softmax, each stream's value product reading it
+                outs.extend([p @ v1, torch.matmul(p, v2)])
+            else:
+                outs.append(p @ (v1 if order == "12" else v2))
+        return torch.cat(outs, -1).transpose(1, 2).flatten(2)
+
+
+@_PROPERTY
+@given(d2=st.sampled_from([4, 8]), heads=st.sampled_from([1, 2]), order=st.sampled_from(["12", "21"]),
+       outer=st.booleans(), mask=st.booleans(), values=st.sampled_from(["one", "shared", "both"]),
+       dtype=st.sampled_from(DTYPES))
+def test_two_score_streams_are_one_product_over_concatenated_features(d2, heads, order, outer, mask, values, dtype):
+    torch.manual_seed(0)
+    model = TwoStreams(d2=d2, heads=heads, order=order, outer_scale=outer, mask=mask, shared=values == "shared",
+                       both=values == "both").to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16, dtype=dtype),
+                                                     _padding(2, 6, gen, all_visible=True)))
+    rows = model.rewrite_report.sites
+    assert rows and all(r.status == "rewritten" for r in rows), model.rewrite_report.table()
+    with torch.no_grad():
+        x, padding = torch.randn(3, 9, 16, generator=gen).to(dtype), _padding(3, 9, gen)
+        _close(model(x, padding), ref(x, padding), dtype)
+        ops = _ops(_Bound(model, padding), x)
+    # the score products and softmaxes of the model are gone (SDPA's math kernel runs its own on CPU)
+    assert not any(op.startswith(("aten::matmul<Torch", "aten::softmax<Torch", "aten::_softmax<Torch")) for op in ops), ops
+
+
+def test_one_softmax_read_by_two_value_products_is_one_call():
+    model = TwoStreams(both=True, d2=4).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16), _padding(2, 6, gen, all_visible=True)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x, padding = torch.randn(3, 9, 16, generator=gen), _padding(3, 9, gen)
+        torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+        ops = _ops(_Bound(model, padding), x)
+    assert sum(op.startswith("aten::scaled_dot_product_attention<") for op in ops) == 1, ops
+
+
+def test_a_product_of_two_score_maps_is_not_a_stream():
+    model = TwoStreams(combine="mul").eval()
+    ref = copy.deepcopy(model)
+    x, padding = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.long)
+    rewrite.optimize(model, "exact", example_inputs=(x, padding))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites), model.rewrite_report.table()
+    assert model.rewrite_report.rejected
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, padding), ref(x, padding))
+
+
+@pytest.mark.slow
+def test_groupvit():
+    """Every softmax attention of GroupViT rewritten (its grouping ``assign`` softmax is over the groups, dim
+    -2: not attention, reported)."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GroupViTConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=100, bos_token_id=0, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, depths=[1, 1],
+                           num_group_tokens=[8, 0], num_output_groups=[4, 4], image_size=32, patch_size=8,
+                           num_hidden_layers=2),
+        projection_dim=16, projection_intermediate_dim=32)
+    model = tf.GroupViTModel(cfg).eval()
+    ref = copy.deepcopy(model)
+    kw = {"input_ids": torch.randint(3, 100, (2, 7)), "pixel_values": torch.randn(2, 3, 32, 32)}
+    rewrite.optimize(model, "exact", example_kwargs=kw)
+    rep = model.rewrite_report
+    assert len(rep.sites) == 5 and all(r.status == "rewritten" for r in rep.sites), rep.table()
+    assert all("dim -2" in r.reason for r in rep.rejected), rep.table()
+    kw = {"input_ids": torch.randint(3, 100, (3, 11)), "pixel_values": torch.randn(3, 3, 32, 32)}
+    with torch.no_grad():
+        out, want = model(**kw), ref(**kw)
+    for key in ("logits_per_image", "text_embeds", "image_embeds"):
+        torch.testing.assert_close(out[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_lilt():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.LiltConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, channel_shrink_ratio=2, max_2d_position_embeddings=64)
+    model = tf.LiltModel(cfg).eval()
+    ref = copy.deepcopy(model)
+
+    def batch(b, n, gen):
+        bbox = torch.randint(0, 30, (b, n, 4), generator=gen)
+        bbox[..., 2:] += 30
+        mask = (torch.rand(b, n, generator=gen) > 0.3).long()
+        mask[:, 0] = 1
+        return {"input_ids": torch.randint(3, 100, (b, n), generator=gen), "bbox": bbox, "attention_mask": mask}
+
+    gen = torch.Generator().manual_seed(0)
+    rewrite.optimize(model, "exact", example_kwargs=batch(2, 9, gen))
+    rows = model.rewrite_report.sites
+    assert len(rows) == 4 and all(r.status == "rewritten" for r in rows), model.rewrite_report.table()
+    with torch.no_grad():
+        kw = batch(3, 13, gen)
+        out, want = model(**kw), ref(**kw)
+    torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.layout_last_hidden_state if hasattr(out, "layout_last_hidden_state") else out[1],
+                               want.layout_last_hidden_state if hasattr(want, "layout_last_hidden_state") else want[1],
+                               rtol=1e-4, atol=1e-4)
+
+
+# --- scores returned beside the output (openai-whisper) ----------------------------------------------------
+class WhisperAttention(nn.Module):
+    """openai-whisper's ``MultiHeadAttention``: q and k each scaled by d^-1/4, a causal buffer sliced to the
+    length, softmax in float, and ``qk.detach()`` returned beside the output (its alignment heads read it)."""
+
+    def __init__(self, n_state=32, n_head=4, n_ctx=24, causal=True):
+        super().__init__()
+        self.n_head = n_head
+        self.query, self.key = nn.Linear(n_state, n_state), nn.Linear(n_state, n_state, bias=False)
+        self.value, self.out = nn.Linear(n_state, n_state), nn.Linear(n_state, n_state)
+        mask = torch.empty(n_ctx, n_ctx).fill_(float("-inf")).triu_(1)
+        self.register_buffer("mask", mask if causal else None, persistent=False)
+
+    def forward(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        wv, qk = self.qkv_attention(q, k, v, self.mask)
+        return self.out(wv), qk
+
+    def qkv_attention(self, q, k, v, mask=None):
+        n_batch, n_ctx, n_state = q.shape
+        scale = (n_state // self.n_head) ** -0.25
+        q = q.view(*q.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+        k = k.view(*k.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+        v = v.view(*v.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+        qk = (q * scale) @ (k * scale).transpose(-1, -2)
+        if mask is not None:
+            qk = qk + mask[:n_ctx, :n_ctx]
+        qk = qk.float()
+        w = torch.nn.functional.softmax(qk, dim=-1).to(q.dtype)
+        out = (w @ v).permute(0, 2, 1, 3).flatten(start_dim=2)
+        return out, qk.detach()
+
+
+@pytest.mark.parametrize("causal,dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_whisper_returned_scores_are_kept_and_the_attention_fused(causal, dtype):
+    torch.manual_seed(0)
+    model = WhisperAttention(causal=causal).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 10, 32, dtype=dtype),))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3, 17, 32, dtype=dtype)
+        (out, qk), (want, want_qk) = model(x), ref(x)
+        _close(out, want, dtype)
+        torch.testing.assert_close(qk, want_qk)
+        ops = _ops(model, x)
+    assert any(op.startswith("aten::scaled_dot_product_attention<") for op in ops)
+    assert not any(op.startswith(("aten::softmax<Torch", "aten::_softmax<Torch")) for op in ops), ops
+
+
+def test_scores_that_feed_more_computation_are_still_used_elsewhere():
+    class ScoresMean(WhisperAttention):
+        def forward(self, x):
+            out, qk = super().forward(x)
+            return out, qk.mean()  # the detached copy feeds a computation: a real user
+
+    model = ScoresMean().eval()
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 10, 32),))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    assert any("used elsewhere" in r.reason for r in model.rewrite_report.rejected), model.rewrite_report.table()
+
+
+# --- an additive update written in place into a slice of the scores (MViTv2) -------------------------------
+class SliceUpdate(nn.Module):
+    """MViTv2's decomposed relative position, added in place into the patch-patch block of the scores (the
+    first ``sp`` tokens are class tokens); ``additive=False`` scales the block instead."""
+
+    def __init__(self, dim=16, heads=2, grid=(3, 3), sp=1, additive=True):
+        super().__init__()
+        self.h, self.d, self.grid, self.sp, self.additive = heads, dim // heads, grid, sp, additive
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel_h = nn.Parameter(torch.randn(2 * grid[0] - 1, self.d))
+        self.rel_w = nn.Parameter(torch.randn(2 * grid[1] - 1, self.d))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        attn = (q * self.d ** -0.5) @ k.transpose(-2, -1)
+        (qh, qw), sp = self.grid, self.sp
+        rh = self.rel_h[torch.arange(qh)[:, None] - torch.arange(qh)[None, :] + qh - 1]
+        rw = self.rel_w[torch.arange(qw)[:, None] - torch.arange(qw)[None, :] + qw - 1]
+        r_q = q[:, :, sp:].reshape(b, self.h, qh, qw, self.d)
+        rel_h, rel_w = torch.einsum("byhwc,hkc->byhwk", r_q, rh), torch.einsum("byhwc,wkc->byhwk", r_q, rw)
+        block = attn[:, :, sp:, sp:]
+        if self.additive:
+            attn[:, :, sp:, sp:] = (block.view(b, -1, qh, qw, qh, qw) + rel_h[:, :, :, :, :, None]
+                                    + rel_w[:, :, :, :, None, :]).view(b, -1, qh * qw, qh * qw)
+        else:
+            attn[:, :, sp:, sp:] = block * 2
+        return (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("sp,grid,dtype", [(1, (3, 3), torch.float32), (0, (2, 3), torch.bfloat16)])
+def test_an_additive_slice_update_of_the_scores_is_a_bias(sp, grid, dtype):
+    torch.manual_seed(0)
+    model = SliceUpdate(grid=grid, sp=sp).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, sp + grid[0] * grid[1], 16, dtype=dtype)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3, sp + grid[0] * grid[1], 16, dtype=dtype)
+        _close(model(x), ref(x), dtype)
+
+
+def test_a_slice_update_that_is_not_additive_stays():
+    model = SliceUpdate(additive=False).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 10, 16)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    assert model.rewrite_report.rejected, model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))

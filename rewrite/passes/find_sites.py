@@ -7,20 +7,35 @@ softmax that is not attention-like (no product on either side) is not reported a
 
 The score chain is kept as an ordered list of operations, outermost last, so that lowering can rebuild
 ``scores = alpha * (q @ kt) + beta`` exactly whatever order the model applied them in.
+
+General rules of the canonical form, each exact (issue 15, "every spelling in the wild"):
+
+* liveness: users whose results go nowhere, read only a shape, build other softmaxes' scores, or hand a
+  detached copy of the scores to the caller do not block a site;
+* the row maximum subtracted before the softmax (its stabiliser) changes no probability;
+* score columns concatenated to the scores whose probabilities are dropped after the softmax are extra keys
+  with zero values (attention sinks);
+* a second score product added to the scores is more features of q and k (two streams);
+* reshapes of the probabilities that compose to the identity are the identity;
+* ``v @ pᵀ`` is ``(p @ vᵀ)ᵀ`` (values on the left, channels first); several value products reading one softmax
+  are one product over the values side by side.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+import sys
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-from ..graph import (factory_number, input_cone, is_mutating, is_scalar_like, owner_path, rank, reads_only_shape, same_shape, same_size, shape,
+from ..graph import (factory_number, input_cone, is_mutating, is_reshape, is_scalar_like, owner_path, rank, reads_only_shape,
+                     same_shape, same_size, shape,
                      static_int)
 from ..sites import MASKED_BELOW
-from .normalize import DROPOUT, MASKED_FILL, MATMUL, SDPA, SOFTMAX, WHERE, op_kind
+from .normalize import DROPOUT, MASKED_FILL, MATMUL, PERMUTE, SDPA, SOFTMAX, WHERE, op_kind
 
 #: ``torch.export`` graphs spell a masked softmax ``aten._safe_softmax``: softmax, with rows of −∞ giving 0
 _SAFE = getattr(torch.ops.aten, "_safe_softmax", None)
@@ -53,6 +68,9 @@ class ScoreOp:
     fill_where_true: bool = True   # fill: True for masked_fill(cond, v) / where(cond, v, x)
     node: Optional[fx.Node] = None
     fill_value: Optional[float] = None  # fill: its value, read from the graph (mask_semantics.read_fill_values)
+    #: stream: ``(q2, kt2, factors)`` of a second score product added to the scores, ``factors`` its own scales
+    #: as ``(value, power)``; lowering concatenates its features onto q and k
+    stream: Optional[tuple] = None
 
 
 @dataclasses.dataclass
@@ -82,25 +100,41 @@ class SiteMatch:
     zeroed_rows: Optional[fx.Node] = None
     safe_softmax: bool = False                # aten._safe_softmax (export graphs): rows of −∞ give 0, as SDPA does
     shape_users: list = dataclasses.field(default_factory=list)  # (user, node): users reading only a shape
+    #: nodes of the site that read the score chain besides the chain itself (the row max a stabiliser subtracts)
+    internal: set = dataclasses.field(default_factory=set)
+    #: extra keys (attention sinks): score columns concatenated to the scores before the softmax, their
+    #: probabilities dropped before the value product; ``extra_first``: concatenated before the real keys
+    extra_columns: Optional[fx.Node] = None
+    extra_first: bool = False
+    kept_columns: Optional[tuple] = None      # (slice node, "head" | "tail"): the probabilities of the real keys
+    values_left: bool = False                 # ``v @ pᵀ`` (channels first): ``v`` is ``[.., d, Nk]``
+    #: ``(product, v)`` of further value products reading the same probabilities (``p @ v1``, ``p @ v2``): one
+    #: call over the values side by side, its output split after
+    more_outputs: list = dataclasses.field(default_factory=list)
 
 
 class _Reject(Exception):
     pass
 
 
-def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None) -> fx.Node:
+def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours: Optional[fx.Node] = None) -> fx.Node:
     """The one user of ``node`` whose result is used. Users whose results go nowhere (a clone kept for an
-    intermediates record nobody reads) are not users: they are remembered on ``m`` and removed with the site."""
-    users = [u for u in node.users if not reads_only_shape(u, node)]
+    intermediates record nobody reads) are not users: they are remembered on ``m`` and removed with the site.
+    With ``ours`` (the site's own user of a score node), users that only build the scores of other softmaxes
+    (LiLT's two streams share their scaled products) are not users either: the rewrite never changes ``node``,
+    and it is dead once every site sharing it is rewritten."""
+    users = [u for u in node.users if not reads_only_shape(u, node) and (m is None or u not in m.internal)]
     if m is not None:
         m.shape_users.extend((u, node) for u in node.users if reads_only_shape(u, node))
     live = [u for u in users if not _is_dead(u)]
+    if ours is not None and ours in live:
+        live = [ours] + [u for u in live if u is not ours and not _only_scores_of_softmax(u) and not _a_record(u)]
     if len(live) != 1:
         raise _Reject(f"{what} are used elsewhere ({len(live)} users: "
                       f"{', '.join(_describe(u) for u in live[:3])}), so rewriting would change them")
     if m is not None:
         for u in users:
-            if u is not live[0]:
+            if u is not live[0] and _is_dead(u):
                 m.dead_users.extend(_with_descendants(u))
     return live[0]
 
@@ -123,6 +157,39 @@ def _is_dead(node: fx.Node, depth: int = 8) -> bool:
     if node.op in ("output", "placeholder", "call_module") or is_mutating(node) or depth == 0:
         return False
     return all(_is_dead(u, depth - 1) for u in node.users)
+
+
+#: elementwise steps a score chain takes on its way to a softmax
+_SCORE_STEPS = {torch.mul, torch.div, torch.add, torch.sub, MASKED_FILL, WHERE}
+
+
+def _only_scores_of_softmax(node: fx.Node, depth: int = 6) -> bool:
+    """Whether every use of ``node`` ends in a softmax over its last dim through score steps (scales, masks,
+    sums, casts) alone."""
+    if node.op == "call_function" and node.target is SOFTMAX:
+        return node.kwargs.get("dim") == (rank(node) or 0) - 1
+    if depth == 0 or not (is_cast(node) or (node.op == "call_function" and node.target in _SCORE_STEPS)):
+        return False
+    live = [u for u in node.users if not reads_only_shape(u, node) and not _is_dead(u)]
+    return bool(live) and all(_only_scores_of_softmax(u, depth - 1) for u in live)
+
+
+def _a_record(node: fx.Node) -> bool:
+    """A detached copy of the scores handed to the caller and nothing else (openai-whisper returns
+    ``qk.detach()`` beside the output, for alignment heads): no gradient and no further computation flows
+    from it, so the attention itself can still be fused; the score product stays computed for the record."""
+    return node.op in ("call_method", "call_function") and _is_call_named(node, "detach") and _only_returned(node)
+
+
+def _only_returned(node: fx.Node, depth: int = 4) -> bool:
+    """Whether every use of ``node`` is the graph's output, directly or through casts and detaches."""
+    for u in node.users:
+        if u.op == "output":
+            continue
+        if depth and (is_cast(u) or _is_call_named(u, "detach")) and _only_returned(u, depth - 1):
+            continue
+        return False
+    return bool(node.users)
 
 
 def _describe(node: fx.Node) -> str:
@@ -252,6 +319,12 @@ def _match_probabilities(m: SiteMatch) -> None:
     m.region.append(sm)
     p = sm
     while True:
+        products = _value_products(p)
+        if products:
+            m.output, m.v = products[0]
+            m.more_outputs = products[1:]
+            m.region.extend(prod for prod, _ in products)
+            return
         u = _single_user(p, "the attention probabilities", m)
         if is_cast(u):
             p = u
@@ -274,18 +347,102 @@ def _match_probabilities(m: SiteMatch) -> None:
               and _is_zero(u.args[2]) and isinstance(u.args[1], fx.Node)):
             m.zeroed_rows = u.args[1]
             p = u
-        elif leading_view(u) is not None and m.merge is None:
-            m.merge = u
+        elif is_reshape(u):
+            p = _probability_views(m, p, u)
+        elif _kept_columns(u, p) is not None and m.kept_columns is None:
+            m.kept_columns = (u, _kept_columns(u, p))
             p = u
+        elif _swaps_last_two(u) and not m.values_left:
+            product = _single_user(u, "the transposed probabilities", m)
+            if not (product.op == "call_function" and product.target is MATMUL and product.args[1] is u
+                    and product.args[0] is not u):
+                raise _Reject(f"the transposed probabilities feed {_describe(product)}, not a value product")
+            m.region.append(u)  # v @ pᵀ (channels first): out[.., d, Nq] = (p @ vᵀ)ᵀ
+            m.output, m.v, m.values_left = product, product.args[0], True
+            m.region.append(product)
+            return
         elif u.op == "call_function" and u.target is MATMUL:
             if u.args[0] is not p:
-                raise _Reject("the probabilities are the right operand of the product (v @ p form)")
+                raise _Reject("the probabilities are the right operand of the product (v @ p form), which sums "
+                              "over queries, not keys")
             m.output, m.v = u, u.args[1]
             m.region.append(u)
             return
         else:
             raise _Reject(f"the probabilities feed {_describe(u)}, not a value product")
         m.region.append(p)
+
+
+def _value_products(p: fx.Node) -> list:
+    """``[(p @ v1, v1), (p @ v2, v2), ...]`` when the probabilities feed several value products and nothing else,
+    with values that can lie side by side (the same batch and key dims, a known width); else []."""
+    live = [u for u in p.users if not reads_only_shape(u, p) and not _is_dead(u)]
+    if len(live) < 2 or not all(u.op == "call_function" and u.target is MATMUL and u.args[0] is p
+                                and u.args[1] is not p for u in live):
+        return []
+    shapes = [shape(u.args[1]) for u in live]
+    if any(s is None or len(s) != len(shapes[0]) or not same_shape(tuple(s[:-1]), tuple(shapes[0][:-1]))
+           or static_int(s[-1]) is None for s in shapes):
+        return []
+    return [(u, u.args[1]) for u in live]
+
+
+def _probability_views(m: SiteMatch, p: fx.Node, first: fx.Node) -> fx.Node:
+    """Follow a run of reshapes of the probabilities from ``first``: reshapes keep the row-major order, so a
+    run that ends in the shape it started from is the identity (GroupViT's ``view(B, H, N, N).view(B*H, N,
+    N)``), and one that ends in another grouping of the batch dims only merges a split of the scores back."""
+    run = [first]
+    while True:
+        live = [u for u in run[-1].users if not reads_only_shape(u, run[-1]) and not _is_dead(u)]
+        if len(live) != 1 or not is_reshape(live[0]):
+            break
+        run.append(_single_user(run[-1], "the attention probabilities", m))
+    end, start = shape(run[-1]), shape(p)
+    m.region.extend(run[:-1])
+    if same_shape(end, start):
+        return run[-1]
+    if (m.merge is None and start is not None and len(end) >= 3 and len(start) >= 3 and len(end) != len(start)
+            and same_shape(tuple(end[-2:]), tuple(start[-2:]))):
+        m.merge = run[-1]
+        return run[-1]
+    raise _Reject("the probabilities are reshaped into another layout before the value product")
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    if not (node.op == "call_function" and node.target is PERMUTE):
+        return False
+    perm = list(node.args[1])
+    return len(perm) >= 2 and perm[:-2] == list(range(len(perm) - 2)) and perm[-2:] == [len(perm) - 1, len(perm) - 2]
+
+
+def _kept_columns(node: fx.Node, p: fx.Node) -> Optional[str]:
+    """``"head"`` when ``node`` keeps the first columns of ``p``'s last dim (``p[..., :-1]``), ``"tail"`` when it
+    keeps the last ones (``p[..., 1:]``), else None. Where the kept columns go is checked against the scores."""
+    r = rank(p)
+    if r is None or rank(node) != r:
+        return None
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1]
+        if not isinstance(index, tuple) or not index:
+            return None
+        lead, last = index[:-1], index[-1]
+        if lead not in ((Ellipsis,), tuple([slice(None)] * (r - 1))) or not isinstance(last, slice):
+            return None
+        start, stop, step = last.start, last.stop, last.step
+    elif node.op == "call_function" and str(node.target).startswith("aten.slice.Tensor"):
+        args = list(node.args) + [None] * 5
+        if args[1] not in (-1, r - 1):
+            return None
+        start, stop, step = args[2], args[3], args[4]
+    else:
+        return None
+    if step not in (None, 1):
+        return None
+    if start in (None, 0) and isinstance(stop, (int, fx.Node)) and stop is not None:
+        return "head"
+    if isinstance(start, int) and start > 0 and stop in (None, sys.maxsize):
+        return "tail"
+    return None
 
 
 def _is_zero(value: Any) -> bool:
@@ -325,76 +482,199 @@ def same_expression(a: Any, b: Any, depth: int = 12) -> bool:
 
 
 def _match_scores(m: SiteMatch) -> None:
-    node = m.softmax.args[0]
+    node, ours = m.softmax.args[0], m.softmax
     ops: list[ScoreOp] = []
     while True:
         if not isinstance(node, fx.Node):
             raise _Reject("the scores are not a tensor computed in the graph")
-        _single_user(node, "the attention scores", m)
+        _single_user(node, "the attention scores", m, ours=ours)
         if node.op == "call_function" and node.target is MATMUL:
             m.qk, m.q, m.kt = node, node.args[0], node.args[1]
             m.region.append(node)
             break
         m.region.append(node)
-        kind = op_kind(node) if node.op == "call_function" else None
-        full = shape(node)
-        if is_cast(node):
-            ops.append(ScoreOp("cast", node=node))
-            node = node.args[0]
-        elif node.op == "call_function" and node.target in (torch.mul, torch.div):
-            a, b = node.args
-            if _on_chain(a, full) and is_scalar_like(b):
-                chain, factor = a, b
-            elif node.target is torch.mul and _on_chain(b, full) and is_scalar_like(a):
-                chain, factor = b, a
-            else:
-                raise _Reject(f"the scores are multiplied by a non-scalar ({_describe(node)} of two tensors)")
-            ops.append(ScoreOp("scale", value=factor, power=1 if node.target is torch.mul else -1, node=node))
-            node = chain
-        elif node.op == "call_function" and node.target in (torch.add, torch.sub):
-            a, b = node.args
-            if _on_chain(a, full) and not _depends_on(b, a):
-                chain, term, sign = a, b, (1 if node.target is torch.add else -1)
-            elif node.target is torch.add and _on_chain(b, full) and not _depends_on(a, b):
-                chain, term, sign = b, a, 1
-            else:
-                raise _Reject("an additive term on the scores could not be told apart from the scores")
-            if isinstance(term, float) and not math.isfinite(term):
-                raise _Reject(f"the scores are shifted by {term}, which makes every row NaN")
-            ops.append(ScoreOp("add", value=term, power=sign, node=node))
-            node = chain
-        elif leading_view(node) is not None:
-            kind = "split" if len(shape(node)) > len(shape(node.args[0])) else "merge"
-            ops.append(ScoreOp(kind, value=leading_view(node), node=node))
-            node = node.args[0]
-        elif node.op == "call_function" and node.target is MASKED_FILL:
-            x, cond, val = node.args
-            if not is_scalar_like(val):
-                raise _Reject("masked_fill with a non-scalar value")
-            _check_fill(val)
-            ops.append(ScoreOp("fill", value=val, cond=cond, fill_where_true=True, node=node))
-            node = x
-        elif node.op == "call_function" and node.target is WHERE:
-            cond, a, b = node.args
-            if _on_chain(a, full) and is_scalar_like(b):
-                _check_fill(b)
-                ops.append(ScoreOp("fill", value=b, cond=cond, fill_where_true=False, node=node))
-                node = a
-            elif _on_chain(b, full) and is_scalar_like(a):
-                _check_fill(a)
-                ops.append(ScoreOp("fill", value=a, cond=cond, fill_where_true=True, node=node))
-                node = b
-            else:
-                raise _Reject("torch.where on the scores with a non-scalar replacement")
-        else:
-            name = _describe(node)
-            if "tanh" in name:
-                raise _Reject("the scores pass through tanh (soft-capping), which SDPA cannot express")
-            raise _Reject(f"the scores pass through {name}, which is not a scale, mask or bias")
+        ours, node = node, _score_step(m, node, ops)
     ops.reverse()  # innermost (closest to q @ kt) first
     m.ops = ops
 
 
+def _score_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
+    """Record the score op ``node`` applies (outermost first) and return the node it applies it to."""
+    full = shape(node)
+    if is_cast(node):
+        ops.append(ScoreOp("cast", node=node))
+        return node.args[0]
+    if node.op == "call_function" and node.target in (torch.mul, torch.div):
+        a, b = node.args
+        if _on_chain(a, full) and is_scalar_like(b):
+            chain, factor = a, b
+        elif node.target is torch.mul and _on_chain(b, full) and is_scalar_like(a):
+            chain, factor = b, a
+        else:
+            raise _Reject(f"the scores are multiplied by a non-scalar ({_describe(node)} of two tensors)")
+        ops.append(ScoreOp("scale", value=factor, power=1 if node.target is torch.mul else -1, node=node))
+        return chain
+    if node.op == "call_function" and node.target in (torch.add, torch.sub):
+        return _additive_step(m, node, ops)
+    if is_reshape(node):
+        inner = _identity_views(m, node)
+        if inner is not None:
+            return inner
+    if leading_view(node) is not None:
+        kind = "split" if len(shape(node)) > len(shape(node.args[0])) else "merge"
+        ops.append(ScoreOp(kind, value=leading_view(node), node=node))
+        return node.args[0]
+    if node.op == "call_function" and node.target in _CAT:
+        return _extra_key_columns(m, node, ops)
+    if node.op == "call_function" and node.target is MASKED_FILL:
+        x, cond, val = node.args
+        if not is_scalar_like(val):
+            raise _Reject("masked_fill with a non-scalar value")
+        _check_fill(val)
+        ops.append(ScoreOp("fill", value=val, cond=cond, fill_where_true=True, node=node))
+        return x
+    if node.op == "call_function" and node.target is WHERE:
+        cond, a, b = node.args
+        if _on_chain(a, full) and is_scalar_like(b):
+            _check_fill(b)
+            ops.append(ScoreOp("fill", value=b, cond=cond, fill_where_true=False, node=node))
+            return a
+        if _on_chain(b, full) and is_scalar_like(a):
+            _check_fill(a)
+            ops.append(ScoreOp("fill", value=a, cond=cond, fill_where_true=True, node=node))
+            return b
+        raise _Reject("torch.where on the scores with a non-scalar replacement")
+    name = _describe(node)
+    if "tanh" in name:
+        raise _Reject("the scores pass through tanh (soft-capping), which SDPA cannot express")
+    raise _Reject(f"the scores pass through {name}, which is not a scale, mask or bias")
+
+
+def _additive_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
+    """A term added to (or subtracted from) the scores: a mask or bias, a number, the row maximum a stabiliser
+    subtracts (softmax is blind to anything constant along a row), or a second score product (a stream)."""
+    a, b = node.args
+    full = shape(node)
+    if node.target is torch.sub and isinstance(a, fx.Node) and _row_max_of(b, a, m):
+        ops.append(ScoreOp("shift", value=b, power=-1, node=node))
+        return a
+    if _on_chain(a, full) and not _depends_on(b, a):
+        chain, term, sign = a, b, (1 if node.target is torch.add else -1)
+    elif node.target is torch.add and _on_chain(b, full) and not _depends_on(a, b):
+        chain, term, sign = b, a, 1
+    else:
+        raise _Reject("an additive term on the scores could not be told apart from the scores")
+    if isinstance(term, float) and not math.isfinite(term):
+        raise _Reject(f"the scores are shifted by {term}, which makes every row NaN")
+    stream = _product_stream(term, full) if sign == 1 else None
+    if stream is not None:
+        m.region.extend(stream[3])
+        ops.append(ScoreOp("stream", value=term, node=node, stream=stream[:3]))
+    else:
+        ops.append(ScoreOp("add", value=term, power=sign, node=node))
+    return chain
+
+
+_CAT = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)} | (
+    {torch.ops.aten.cat.default} if hasattr(torch.ops.aten, "cat") else set())
+
+
+def _identity_views(m: SiteMatch, node: fx.Node) -> Optional[fx.Node]:
+    """The input of the longest run of reshapes ending in ``node`` that gives back the shape it started from
+    (the identity: reshapes keep the row-major order); None when there is no such run."""
+    run, x = [node], node.args[0]
+    while isinstance(x, fx.Node) and is_reshape(x) and len([u for u in x.users if not _is_dead(u)]) == 1:
+        run.append(x)
+        x = x.args[0]
+    for j in range(len(run), 1, -1):
+        inner = run[j - 1].args[0]
+        if same_shape(shape(inner), shape(node)):
+            m.region.extend(run[1:j])
+            return inner
+    return None
+
+
+def _row_max_of(term: Any, x: fx.Node, m: SiteMatch) -> bool:
+    """Whether ``term`` is the maximum of ``x`` over its last dim, kept as a dim of 1 (``x.max(-1, keepdim=True)
+    .values``, ``amax``, detached or not): subtracting it is softmax's own stabiliser and changes no
+    probability (a row of −∞ is NaN either way). Its nodes join the site."""
+    stats, node = [], term
+    while isinstance(node, fx.Node) and (is_cast(node) or _is_call_named(node, "detach")):
+        stats.append(node)
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and node.args[1] == 0:
+        stats.append(node)
+        node, names = node.args[0], ("max",)
+    else:
+        names = ("amax",)
+    if not (isinstance(node, fx.Node) and any(_is_call_named(node, n) for n in names) and node.args[0] is x):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if keepdim is not True or not isinstance(dim, int) or rank(x) is None or dim % rank(x) != rank(x) - 1:
+        return False
+    stats.append(node)
+    m.internal.update(stats)
+    m.region.extend(stats)
+    return True
+
+
+def _is_call_named(node: fx.Node, name: str) -> bool:
+    if node.op == "call_method":
+        return node.target == name
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None) == name or str(node.target).startswith(f"aten.{name}.")
+    return False
+
+
+def _product_stream(term: Any, full: Optional[tuple]) -> Optional[tuple]:
+    """``(q2, kt2, factors, nodes)`` when ``term`` is another score product of the scores' shape, scaled by
+    scalars only (``factors``: ``(value, power)``): LiLT's ``q1 k1ᵀ/√d1 + q2 k2ᵀ/√d2``."""
+    factors, nodes, node = [], [], term
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in (torch.mul, torch.div):
+        nodes.append(node)
+        a, b = node.args
+        if isinstance(a, fx.Node) and is_scalar_like(b) and not is_scalar_like(a):
+            factors.append((b, 1 if node.target is torch.mul else -1))
+            node = a
+        elif node.target is torch.mul and isinstance(b, fx.Node) and is_scalar_like(a) and not is_scalar_like(b):
+            factors.append((a, 1))
+            node = b
+        else:
+            return None
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is MATMUL):
+        return None
+    if not same_shape(shape(node), full) or not same_shape(shape(term), full):
+        return None
+    return node.args[0], node.args[1], factors, nodes + [node]
+
+
+def _extra_key_columns(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
+    """``cat([scores, columns], -1)``: score columns of extra keys (gpt-oss's attention sinks) whose
+    probabilities the model drops after the softmax. That is attention over one more key whose score is the
+    column and whose value is zero; lowering adds such a key."""
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    r = rank(node)
+    if m.extra_columns is not None or not isinstance(dim, int) or r is None or dim % r != r - 1 \
+            or not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
+        raise _Reject("the scores are concatenated with other tensors in a way that is not extra keys")
+    if any(op.kind not in ("cast", "shift") and not (op.kind == "add" and isinstance(op.value, (int, float)))
+           for op in ops):
+        raise _Reject("the scores and the extra key columns concatenated to them are scaled or masked together")
+    a, b = tensors
+    if _produces_matmul(a, 12) and not _produces_matmul(b, 12):
+        chain, cols, first = a, b, False
+    elif _produces_matmul(b, 12) and not _produces_matmul(a, 12):
+        chain, cols, first = b, a, True
+    else:
+        raise _Reject("the scores are concatenated with another score product")
+    if not isinstance(cols, fx.Node) or shape(cols) is None or static_int(shape(cols)[-1]) is None:
+        raise _Reject("the extra key columns concatenated to the scores have no known count")
+    m.extra_columns, m.extra_first = cols, first
+    return chain
 
 
 def _check_fill(value: Any) -> None:
@@ -409,7 +689,8 @@ def _on_chain(node: Any, full: Optional[tuple]) -> bool:
 
 
 def _depends_on(node: Any, target: fx.Node, limit: int = 2000) -> bool:
-    found = input_cone(node, is_leaf=lambda n: n is target, limit=limit)
+    # a shape carries no values: reading one is no dependence
+    found = input_cone(node, is_leaf=lambda n: n is target, limit=limit, skip_input=lambda n, i: reads_only_shape(n, i))
     return found is not None and target in found[0]
 
 
@@ -456,7 +737,39 @@ def _check_shapes(m: SiteMatch) -> None:
     qs, kts, vs, ss = shape(m.q), shape(m.kt), shape(m.v), shape(m.qk)
     if None in (qs, kts, vs, ss) or len(qs) < 2 or len(kts) < 2 or len(vs) < 2:
         raise _Reject("q, k or v has no known shape")
-    if not same_size(kts[-1], vs[-2]):
+    if not same_size(kts[-1], vs[-1] if m.values_left else vs[-2]):
         raise _Reject("the key length of the scores does not match the value length")
     if not same_size(qs[-1], kts[-2]):
         raise _Reject("q and k head dims differ")
+    _check_extra_keys(m)
+    for o in m.ops:
+        if o.kind == "stream" and not _stream_fits(m, o.stream):
+            o.kind, o.power = "add", 1  # features that cannot be laid beside q's and k's: an additive bias
+
+
+def _check_extra_keys(m: SiteMatch) -> None:
+    """Extra score columns are extra keys only if exactly the real keys' probabilities reach the values."""
+    if m.extra_columns is None and m.kept_columns is None:
+        return
+    if m.extra_columns is None:
+        raise _Reject("the probabilities are sliced before the value product")
+    if m.kept_columns is None:
+        raise _Reject("the probabilities of the columns concatenated to the scores reach the value product")
+    node, side = m.kept_columns
+    if (side == "tail") != m.extra_first or not same_size(shape(node)[-1], shape(m.qk)[-1]):
+        raise _Reject("the probabilities kept after the softmax are not those of the real keys")
+    if m.merge is not None or any(o.kind in ("split", "merge") for o in m.ops) or m.zeroed_rows is not None:
+        raise _Reject("extra key columns with a split batch layout or zeroed probabilities")
+
+
+def _stream_fits(m: SiteMatch, stream: tuple) -> bool:
+    """A second product ``q2 @ kt2`` can join q and k as more features: the same batch and query dims as q, the
+    same batch and key dims as k, and no split batch layout."""
+    q2, kt2, _ = stream
+    qs, kts, q2s, kt2s = shape(m.q), shape(m.kt), shape(q2), shape(kt2)
+    if q2s is None or kt2s is None or len(q2s) != len(qs) or len(kt2s) != len(kts):
+        return False
+    if any(o.kind in ("split", "merge") for o in m.ops) or m.values_left:
+        return False
+    return (same_shape(tuple(q2s[:-1]), tuple(qs[:-1])) and same_shape(tuple(kt2s[:-2]), tuple(kts[:-2]))
+            and same_size(kt2s[-1], kts[-1]))

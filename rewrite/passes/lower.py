@@ -36,6 +36,9 @@ class SiteCall:
     #: (function, extra args): applied to the call's output in order, ``out = fn(out, *args)``; they give rows
     #: whose every key is masked what the original computes (see passes/mask_semantics.py)
     row_fixes: list = dataclasses.field(default_factory=list)
+    transpose_output: bool = False  # the site computed ``v @ pᵀ``: its output is SDPA's, transposed
+    #: ``(product, node)`` for each further value product of the site and its slice of the joint output
+    more_new: list = dataclasses.field(default_factory=list)
 
     def kwargs(self) -> dict:
         kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
@@ -65,38 +68,60 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
                         enable_gqa=bool(kw["enable_gqa"]))
     q = m.q
     k = _untranspose(b, m.kt)
-    v = m.v
-    scale_num: Any = 1.0            # Python-level factor (number, SymFloat, or a node of one)
-    scale_tensor: Optional[fx.Node] = None  # a one-element tensor factor: folded into q
-    beta: Optional[fx.Node] = None
+    v = _untranspose(b, m.v) if m.values_left else m.v  # v @ pᵀ == (p @ vᵀ)ᵀ
+    if m.more_outputs:  # p @ v1, p @ v2: one product over the values side by side
+        v = b.call(torch.cat, [v] + [more_v for _, more_v in m.more_outputs], -1)
     qdtype = meta_value(q).dtype
+    f = _fold_score_ops(b, m, causal_ops, qdtype)
+    beta, scale = f.beta, f.scale_num
+    if beta is not None and meta_value(beta) is not None and meta_value(beta).dtype not in (torch.bool, qdtype):
+        beta = b.call(_to_dtype, beta, qdtype)
+    if f.scale_tensor is not None:
+        q = b.call(MUL, q, f.scale_tensor)
+    if f.streams:
+        q, k, scale = _join_streams(b, q, k, scale, f.streams)
+    if f.in_split:
+        q, k, v = (b.call(torch.unflatten, t, 0, tuple(f.split)) for t in (q, k, v))
+    k, v, enable_gqa = _grouped_kv(q, k, v)
+    if m.extra_columns is not None:
+        k, v, beta = _with_extra_keys(b, m, q, k, v, beta)
+    call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
+                    scale=scale, enable_gqa=enable_gqa, new_nodes=b.new,
+                    flatten_output=len(f.split) if f.in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v),
+                    transpose_output=m.values_left)
+    return call
+
+
+@dataclasses.dataclass
+class _Folded:
+    """A site's score ops folded into ``scale_num * scale_tensor * (q @ kᵀ) + Σ streams + beta``."""
+    scale_num: Any = 1.0                     # Python-level factor (number, SymFloat, or a node of one)
+    scale_tensor: Optional[fx.Node] = None   # a one-element tensor factor: folded into q
+    beta: Optional[fx.Node] = None
     split: Optional[tuple] = None
-    in_split = False
+    in_split: bool = False
+    streams: list = dataclasses.field(default_factory=list)  # [q2, kt2, [(factor, power), ...]]
+
+
+def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.dtype) -> _Folded:
+    f = _Folded()
     for i, op in enumerate(m.ops):
-        if op.kind == "cast" or i in causal_ops:
-            continue
+        if op.kind in ("cast", "shift") or i in causal_ops:
+            continue  # casts, and the row maximum subtracted: softmax does not see it
         if op.kind == "split":  # from here on the scores are in the split layout: bring beta along
-            split, in_split = op.value, True
-            if beta is not None:
-                beta = _split_leading(b, beta, split)
-            continue
-        if op.kind == "merge":  # back to the merged layout: broadcast beta over the split dims, then merge
-            in_split = False
-            if beta is not None:
-                full = b.call(_expand_leading, beta, tuple(split))
-                beta = b.call(torch.flatten, full, 0, len(split) - 1)
-            continue
-        if op.kind == "scale":
-            f = op.value
-            if is_tensor_scalar(f):
-                if op.power == 1:
-                    scale_tensor = f if scale_tensor is None else b.call(MUL, scale_tensor, f)
-                else:
-                    scale_tensor = b.call(torch.reciprocal, f) if scale_tensor is None else b.call(DIV, scale_tensor, f)
-            else:
-                scale_num = _pymul(b, scale_num, f, op.power)
-            if beta is not None:
-                beta = b.call(MUL if op.power == 1 else DIV, beta, f)
+            f.split, f.in_split = op.value, True
+            if f.beta is not None:
+                f.beta = _split_leading(b, f.beta, f.split)
+        elif op.kind == "merge":  # back to the merged layout: broadcast beta over the split dims, then merge
+            f.in_split = False
+            if f.beta is not None:
+                full = b.call(_expand_leading, f.beta, tuple(f.split))
+                f.beta = b.call(torch.flatten, full, 0, len(f.split) - 1)
+        elif op.kind == "scale":
+            _fold_scale(b, f, op)
+        elif op.kind == "stream":
+            q2, kt2, factors = op.stream
+            f.streams.append([q2, kt2, list(factors)])
         elif op.kind == "add":
             term = op.value
             if isinstance(term, (int, float)) and not isinstance(term, bool) and math.isfinite(term):
@@ -104,32 +129,80 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
             term_value = meta_value(term) if isinstance(term, fx.Node) else None
             if isinstance(term_value, torch.Tensor) and term_value.dtype == torch.bool:
                 term = b.call(_to_dtype, term, qdtype)  # a bool *added* to scores adds 0 or 1: not SDPA's bool mask
-            if beta is None:
-                beta = term if op.power == 1 else b.call(torch.neg, term)
+            if f.beta is None:
+                f.beta = term if op.power == 1 else b.call(torch.neg, term)
             else:
-                beta = b.call(ADD if op.power == 1 else SUB, beta, term)
+                f.beta = b.call(ADD if op.power == 1 else SUB, f.beta, term)
         elif op.kind == "fill":
             cond = op.cond
-            if beta is None and float_value(op.value) == _NEG_INF and _only_op(m, i, causal_ops):
+            if f.beta is None and float_value(op.value) == _NEG_INF and _only_op(m, i, causal_ops):
                 # a lone -inf fill is a boolean mask: SDPA takes True = attend
-                beta = b.call(torch.logical_not, cond) if op.fill_where_true else _as_bool(b, cond)
+                f.beta = b.call(torch.logical_not, cond) if op.fill_where_true else _as_bool(b, cond)
                 continue
-            base = beta if beta is not None else 0.0
-            if op.fill_where_true:
-                beta = b.call(WHERE, cond, op.value, base)
-            else:
-                beta = b.call(WHERE, cond, base, op.value)
-    if beta is not None and meta_value(beta) is not None and meta_value(beta).dtype not in (torch.bool, qdtype):
-        beta = b.call(_to_dtype, beta, qdtype)
-    if scale_tensor is not None:
-        q = b.call(MUL, q, scale_tensor)
-    if in_split:
-        q, k, v = (b.call(torch.unflatten, t, 0, tuple(split)) for t in (q, k, v))
-    k, v, enable_gqa = _grouped_kv(q, k, v)
-    call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
-                    scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
-                    flatten_output=len(split) if in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v))
-    return call
+            base = f.beta if f.beta is not None else 0.0
+            f.beta = b.call(WHERE, cond, op.value, base) if op.fill_where_true else b.call(WHERE, cond, base, op.value)
+    return f
+
+
+def _fold_scale(b: "_Builder", f: _Folded, op) -> None:
+    """A scale of everything inside it: the product, the streams added so far and the mask so far."""
+    factor = op.value
+    if is_tensor_scalar(factor):
+        if op.power == 1:
+            f.scale_tensor = factor if f.scale_tensor is None else b.call(MUL, f.scale_tensor, factor)
+        else:
+            f.scale_tensor = (b.call(torch.reciprocal, factor) if f.scale_tensor is None
+                              else b.call(DIV, f.scale_tensor, factor))
+    else:
+        f.scale_num = _pymul(b, f.scale_num, factor, op.power)
+    for stream in f.streams:
+        stream[2].append((factor, op.power))
+    if f.beta is not None:
+        f.beta = b.call(MUL if op.power == 1 else DIV, f.beta, factor)
+
+
+def _join_streams(b: "_Builder", q: fx.Node, k: fx.Node, scale: Any, streams: list) -> tuple:
+    """``(q', k', 1.0)``: ``s·q kᵀ + Σ f_i q_i k_iᵀ == [s·q, f_1 q_1, …] [k, k_1, …]ᵀ``, one product over the
+    features of every stream side by side (the value product is unchanged)."""
+    qs = [q if isinstance(scale, (int, float)) and scale == 1 else b.call(MUL, q, scale)]
+    ks = [k]
+    for q2, kt2, factors in streams:
+        for factor, power in factors:
+            q2 = b.call(MUL if power == 1 else DIV, q2, factor)
+        qs.append(q2)
+        ks.append(_untranspose(b, kt2))
+    return b.call(torch.cat, qs, -1), b.call(torch.cat, ks, -1), 1.0
+
+
+def _with_extra_keys(b: "_Builder", m: SiteMatch, q: fx.Node, k: fx.Node, v: fx.Node, beta: Any) -> tuple:
+    """``(k', v', mask')`` with the extra keys a site's extra score columns stand for: keys and values of
+    zeros (``q·0 = 0``, so the mask column alone is their score, and they add nothing to the output)."""
+    count = static_int(shape(m.extra_columns)[-1])
+    mask = b.call(_mask_with_columns, beta, m.extra_columns, q, k, m.extra_first)
+    k2 = b.call(_with_zero_rows, k, count, m.extra_first)
+    v2 = b.call(_with_zero_rows, v, count, m.extra_first)
+    return k2, v2, mask
+
+
+def _with_zero_rows(x: torch.Tensor, count: int, first: bool) -> torch.Tensor:
+    """``x`` with ``count`` rows of zeros before (``first``) or after its rows (dim -2)."""
+    zeros = x.new_zeros(*x.shape[:-2], count, x.shape[-1])
+    return torch.cat([zeros, x] if first else [x, zeros], -2)
+
+
+def _mask_with_columns(mask: Optional[torch.Tensor], columns: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       first: bool) -> torch.Tensor:
+    """The float mask over the real keys (SDPA's: a bool mask is 0 / −∞) and the extra key columns beside it,
+    broadcast to the queries: ``[..., Nq, Nk + extra]``."""
+    if mask is None:
+        mask = q.new_zeros(())
+    elif mask.dtype == torch.bool:
+        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    mask = mask.to(q.dtype)
+    lead = torch.broadcast_shapes(mask.shape[:-1], columns.shape[:-1], q.shape[:-1])
+    real = mask.expand(*lead, k.shape[-2])
+    extra = columns.to(q.dtype).expand(*lead, columns.shape[-1])
+    return torch.cat([extra, real] if first else [real, extra], -1)
 
 
 def _grouped_kv(q: fx.Node, k: fx.Node, v: fx.Node) -> tuple:

@@ -16,9 +16,12 @@ add/sub            tensor has no other user, so the change is invisible)
 torch.masked_fill  method, in-place and ATen forms
 torch.where        ``Tensor.where`` and ATen forms
 F.dropout          ``torch.dropout``, ``aten.dropout``; keywords ``p`` and ``training``
+x + bias           ``x[idx] = f(x[idx])`` with ``f`` views and additions of terms free of ``x`` (MViTv2), where
+                   ``x`` is fresh and read after the update alone; equal up to the order of the additions
 =================  ==========================================================================
 
-Every rewrite here computes the same values as the spelling it replaces; nothing is approximated.
+Every rewrite here computes the same values as the spelling it replaces (the slice update up to the rounding of
+reassociated additions); nothing is approximated.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import insert_call, meta_value, rank, reads_only_shape
+from ..graph import insert_call, is_reshape, meta_value, rank, reads_only_shape, remove_dead
 
 aten = torch.ops.aten
 
@@ -129,6 +132,9 @@ def normalize(gm: fx.GraphModule) -> int:
             new.meta.setdefault("normalized_from", node.name)  # names the op if the whole-graph check fails
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+            changed += 1
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is operator.setitem and _slice_update_as_bias(graph, node):
             changed += 1
     if changed:
         graph.lint()
@@ -402,3 +408,82 @@ def _redirect_later_readers(x: fx.Node, inplace: fx.Node, new: fx.Node) -> None:
     for u in list(x.users):
         if u is not inplace and u is not new and not reads_only_shape(u, x):
             u.replace_input_with(x, new)
+
+
+def _slice_update_as_bias(graph: fx.Graph, setitem: fx.Node) -> bool:
+    """``x[idx] = f(x[idx])`` with ``f`` views and additions of terms that do not read ``x`` (MViTv2 adds its
+    decomposed relative position so) becomes ``x + bias``, ``bias`` zero outside ``idx`` and ``f(0)`` inside:
+    the same values up to the order of the additions (``(x + a) + b`` against ``x + (a + b)``). Done only where
+    ``x`` is a fresh tensor read after the update alone (the update is then invisible)."""
+    x, idx, val = setitem.args
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target in _FRESH and isinstance(val, fx.Node)):
+        return False
+    chain, read = _additive_chain(val, x, idx)
+    if read is None or len(read.users) != 1:
+        return False
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if any(u is not setitem and u is not read and order[u] < order[setitem] for u in x.users):
+        return False
+    like = meta_value(x)
+    size = insert_call(graph, setitem, "size", (x,), method=True)  # x's shape only: no dependence on its values
+    zeros = insert_call(graph, setitem, zeros_at, (size, idx, like.dtype, like.device), like=x)
+    env = {read: zeros}
+    with graph.inserting_before(setitem):
+        for n in reversed(chain):  # from the read outward: f(0)
+            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+    bias = insert_call(graph, setitem, scatter_into_zeros, (size, idx, env[val], like.dtype), like=x)
+    new = insert_call(graph, setitem, ADD, (x, bias), like=x)
+    for u in list(x.users):
+        if u is not setitem and u is not read and u is not new and u is not size and order.get(u, 0) > order[setitem]:
+            u.replace_input_with(x, new)
+    graph.erase_node(setitem)
+    remove_dead(graph, [val])
+    return True
+
+
+def _additive_chain(val: fx.Node, x: fx.Node, idx: Any) -> tuple:
+    """``(nodes from val inward, the read x[idx])`` when ``val`` is views and additions of x-free terms applied to
+    ``x[idx]``; ``([], None)`` otherwise."""
+    chain, node = [], val
+    for _ in range(16):
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] is x:
+            return (chain, node) if node.args[1] == idx else ([], None)
+        chain.append(node)
+        if is_reshape(node):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target is ADD and len(node.args) == 2:
+            a, b = node.args
+            a_reads, b_reads = _reads(a, x), _reads(b, x)
+            if a_reads == b_reads:
+                return [], None
+            node = a if a_reads else b
+        else:
+            return [], None
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return [], None
+    return [], None
+
+
+def _reads(arg: Any, x: fx.Node, limit: int = 200) -> bool:
+    seen, work = set(), [arg]
+    while work and len(seen) < limit:
+        n = work.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        if n is x:
+            return True
+        seen.add(n)
+        work.extend(n.all_input_nodes)
+    return len(seen) >= limit
+
+
+def zeros_at(size: torch.Size, index: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros shaped like ``torch.zeros(size)[index]``."""
+    return torch.zeros(size, dtype=dtype, device=device)[index]
+
+
+def scatter_into_zeros(size: torch.Size, index: Any, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of ``size`` with ``values`` written at ``index``."""
+    out = values.new_zeros(size, dtype=dtype)
+    out[index] = values
+    return out

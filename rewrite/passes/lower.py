@@ -36,12 +36,16 @@ class SiteCall:
     #: (function, extra args): applied to the call's output in order, ``out = fn(out, *args)``; they give rows
     #: whose every key is masked what the original computes (see passes/mask_semantics.py)
     row_fixes: list = dataclasses.field(default_factory=list)
+    #: the scores' soft-cap (``cap * tanh(scale * q @ kᵀ / cap)`` before the mask): only the flash kernel takes it
+    softcap: Optional[float] = None
 
     def kwargs(self) -> dict:
         kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
               "scale": self.scale}
         if self.enable_gqa:
             kw["enable_gqa"] = True
+        if self.softcap is not None:
+            kw["softcap"] = self.softcap
         return kw
 
 
@@ -128,7 +132,8 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     k, v, enable_gqa = _grouped_kv(q, k, v)
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
                     scale=scale_num, enable_gqa=enable_gqa, new_nodes=b.new,
-                    flatten_output=len(split) if in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v))
+                    flatten_output=len(split) if in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v),
+                    softcap=m.softcap)
     return call
 
 
@@ -246,7 +251,7 @@ def _as_bool(b: _Builder, cond: fx.Node) -> fx.Node:
 
 
 def _only_op(m: SiteMatch, i: int, causal_ops: set) -> bool:
-    return all(op.kind in ("cast", "scale") or j == i or j in causal_ops for j, op in enumerate(m.ops))
+    return all(op.kind in ("cast", "scale", "softcap") or j == i or j in causal_ops for j, op in enumerate(m.ops))
 
 
 def float_value(v: Any) -> Optional[float]:

@@ -184,3 +184,40 @@ def test_op_traces_with_softcap():
     q, k, v = (t.detach() for t in _qkv(1, 2, 2, 8, 8, 16))
     out = torch.ops.rewrite.flash_attention(q, k, v, softcap=4.0)
     assert _err(out, naive(q, k, v, 4.0)) < 2e-5
+
+
+class _CappedAttention(torch.nn.Module):
+    """Gemma 2's eager spelling with a padding mask."""
+
+    def forward(self, q, k, v, mask):
+        s = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+        s = torch.tanh(s / 3.0) * 3.0
+        return torch.matmul(torch.softmax(s + mask, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def test_exact_triton_runs_the_soft_capped_kernel_end_to_end(monkeypatch):
+    """``Exact(kernel="triton")`` on a soft-capped site: the Triton kernel itself (the interpreter on CPU, as
+    ``REWRITE_MIXER_KERNELS=1`` asks) with ``softcap``, verified against the original."""
+    import rewrite
+    monkeypatch.setenv("REWRITE_MIXER_KERNELS", "1")
+    calls = []
+    real = FLASH._flash
+
+    def counted(*args):
+        calls.append(args[-1])                              # the softcap argument
+        return real(*args)
+
+    monkeypatch.setattr(FLASH, "_flash", counted)
+    q, k, v = (t.detach() for t in _qkv(1, 2, 2, 16, 16, 16))
+    # -inf padding: a redrawn row with no key is NaN in both (the kernel scales an additive mask by log2(e),
+    # so a row of finfo.min overflows to -inf there and gives 0 where the original is uniform)
+    mask = torch.zeros(1, 1, 1, 16).masked_fill(torch.arange(16) >= 11, float("-inf")).to(DEVICE)
+    model = _CappedAttention()
+    rewrite.optimize(model, {"_default": rewrite.Exact(kernel="triton")}, example_inputs=(q, k, v, mask))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rewritten" and row.error < 1e-5, row.reason
+    calls.clear()
+    with torch.no_grad():
+        out = model(q, k, v, mask)
+    assert calls == [3.0]
+    assert _err(out, naive(q, k, v, 3.0, mask)) < 2e-5

@@ -65,7 +65,7 @@ def _batch(b, n, seed):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-BATCHES = [(2, 12, 1), (3, 17, 2), (1, 5, 3)]   # random right padding, several lengths
+BATCHES = [(3, 17, 2), (2, 9, 3)]   # random right padding, other lengths than the example's
 
 
 def _gemma2_outputs(model, ref):
@@ -78,12 +78,7 @@ def _gemma2_outputs(model, ref):
 def test_gemma2_exact_keeps_soft_capped_sites_with_the_reason():
     model = _gemma2()
     ref = copy.deepcopy(model)
-    example = _batch(2, 12, 0)
-    sites = rewrite.find_attention(model, example_kwargs=example)
-    assert len(sites) == 2 and all(s.softcap == 20.0 for s in sites)
-    assert "softcap" in sites.table().splitlines()[0]
-    assert all(row["softcap"] == 20.0 for row in sites.to_json())
-    rewrite.optimize(model, "exact", example_kwargs=example)
+    rewrite.optimize(model, "exact", example_kwargs=_batch(2, 12, 0))
     rows = model.rewrite_report.sites
     assert [r.status for r in rows] == ["kept", "kept"]
     assert all(r.reason == "soft-capping tanh(s/20.0)·20.0: SDPA cannot express it; use Exact(kernel='triton')"
@@ -149,10 +144,11 @@ def test_spellings_are_recognised_and_run_on_the_flash_op(spelling):
     args = _qkv()
     sites = rewrite.find_attention(model, example_inputs=args)
     assert [s.softcap for s in sites] == [3.0], sites
+    assert "softcap" in sites.table().splitlines()[0] and sites.to_json()[0]["softcap"] == 3.0
     rewrite.optimize(model, TRITON, example_inputs=args)
     row = model.rewrite_report.sites[0]
     assert row.status == "rewritten", row.reason
-    for seed, n in ((1, 11), (2, 30)):
+    for seed, n in ((1, 11), (2, 30)):   # the example's shape, then another length
         args = _qkv(n=n, seed=seed)
         with torch.no_grad():
             _close(model(*args), Capped(spelling, cap=3.0)(*args))
@@ -256,7 +252,7 @@ def _drawn_inputs(cfg, n, seed):
     return q, k, v, torch.zeros(b, 1, 1, n).masked_fill(~keep, torch.finfo(torch.float32).min)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 @given(cfg=capped_draws())
 def test_soft_capped_attention_on_the_flash_op_equals_the_original(cfg):
     model = DrawnCapped(cfg["cap"], cfg["spelling"], cfg["mask"], cfg["kv"])

@@ -125,12 +125,15 @@ class Capped(nn.Module):
             s = -c * torch.tanh(s / -c)
         elif sp == "inner_not_inverse":      # c tanh(a s) with a != 1/c: the cap is c, the scale a c
             s = c * torch.tanh(s * 0.05)
+        elif sp == "tensor_constant":        # the cap as a tensor made in forward
+            s = torch.tanh(s / torch.tensor(c * math.sqrt(q.shape[-1]))) * torch.tensor(c)
         elif sp == "cast_between":           # tanh in fp32, cast back, then the cap
             s = torch.tanh(s.float() / c).to(q.dtype) * c
         return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
-SPELLINGS = ["div_mul", "reciprocal_commuted", "functional", "negative", "inner_not_inverse", "cast_between"]
+SPELLINGS = ["div_mul", "reciprocal_commuted", "functional", "negative", "inner_not_inverse", "tensor_constant",
+             "cast_between"]
 
 
 def _qkv(b=2, h=2, n=11, d=16, seed=0, spread=4.0):

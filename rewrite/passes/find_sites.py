@@ -6,7 +6,9 @@ softmax and the value product only casts and dropout. Every check that fails is 
 softmax that is not attention-like (no product on either side) is not reported at all.
 
 The score chain is kept as an ordered list of operations, outermost last, so that lowering can rebuild
-``scores = alpha * (q @ kt) + beta`` exactly whatever order the model applied them in.
+``scores = alpha * (q @ kt) + beta`` exactly whatever order the model applied them in. A soft-cap
+``c * tanh(·)`` (Gemma 2, see ``softcap.py``) may sit between the scales and the masks: it is recorded on the
+site, and only a target that takes ``softcap`` serves it.
 """
 from __future__ import annotations
 

@@ -99,6 +99,25 @@ def test_gemma2_on_the_flash_op_rewrites_every_site():
     assert "rewrite::flash_attention_fwd" in ops and "aten::_softmax" not in ops
 
 
+@pytest.mark.slow
+def test_gemma2_trains_through_the_flash_op():
+    """In training the rewritten graph (recompiled for train mode) gives the original's parameter gradients: the
+    op's backward multiplies dS by the cap's derivative."""
+    model = _gemma2()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, TRITON, example_kwargs=_batch(2, 12, 0))
+    model.train(), ref.train()
+    kw = _batch(3, 10, 7)
+    w = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(0))
+    (model(**kw).last_hidden_state * w).sum().backward()
+    (ref(**kw).last_hidden_state * w).sum().backward()
+    assert all(r.status == "rewritten" for r in rewrite.report(model).sites)
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in want:
+            _close(p.grad, want[n], tol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ hand-made modules
 
 

@@ -2,7 +2,7 @@
 the op runs on CPU) against the all-at-once reference, interleaved A,B,A,B, median of each, and the size of the
 largest score tensor each one holds.
 
-    PYTHONPATH=. python bench/softcap_cpu_chunked.py [N]
+    PYTHONPATH=. python bench/bench_softcap.py [N]
 """
 import statistics
 import sys

@@ -213,7 +213,7 @@ def _lower(run: GraphRun, s: Lowered) -> None:
     if m.kind == "mha":  # left opaque by expand_mha: the note says why
         s.note = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
         return
-    if m.softcap is not None and (session.mode == "calibrate" or (action is not None and not serves_softcap(action))):
+    if m.softcap is not None and (session.mode == "calibrate" or not (action is None or serves_softcap(action))):
         s.action, s.note = action, _with_note(softcap_declined(action, m.softcap), m)   # left as it was
         return
     if session.mode == "calibrate":

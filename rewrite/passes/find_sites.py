@@ -404,9 +404,9 @@ def _match_scores(m: SiteMatch) -> None:
 
 def _match_softcap(m: SiteMatch, ops: list, tanh: fx.Node) -> fx.Node:
     """``c * tanh(x)`` on the scores (``ops``: outermost first; the last one not a cast multiplies the tanh, if
-    any). Recorded as a cap of ``|c|`` and, inside it, a scale by ``c``: ``c * tanh(a * qk) = |c| * tanh(c a qk / |c|)``,
-    so lowering folds ``c`` (and the inner ``1 / c``) into the kernel's scale whatever the spelling. Returns the
-    tanh's input, where the walk goes on."""
+    any). Recorded as a cap of ``|c|`` and, inside it, a scale by ``c``, as
+    ``c * tanh(a * qk) = |c| * tanh(c a qk / |c|)``: lowering folds ``c`` (and the inner ``1 / c``) into the
+    kernel's scale whatever the spelling. Returns the tanh's input, where the walk goes on."""
     if m.softcap is not None:
         raise _Reject("the scores are soft-capped (tanh) twice")
     last = next((i for i in range(len(ops) - 1, -1, -1) if ops[i].kind != "cast"), None)
@@ -434,7 +434,6 @@ def _check_softcap(m: SiteMatch) -> None:
     if any(op.kind not in ("scale", "cast") for op in m.ops[:cap]):
         raise _Reject("a mask or bias is added before the soft-capping tanh; the flash kernel caps the scores "
                       "before its mask, so it cannot express this")
-
 
 
 def _check_fill(value: Any) -> None:

@@ -18,8 +18,8 @@ the Triton kernels in Triton's interpreter.
 
 Semantics are documented in ``reference.py`` (causal is top-left aligned like SDPA; ALiBi is
 ``slope[h] * (j - i)``; fully masked rows give 0; ``softcap`` is Gemma 2's ``softcap * tanh(s / softcap)`` on the
-scaled scores, before the mask and ALiBi, as FlashAttention-2's ``softcap``). Gradients flow to ``q``, ``k``, ``v`` and to a float
-``attn_mask`` that requires grad (a learned bias such as T5's relative positions: the backward adds dS into
+scaled scores, before the mask and ALiBi, as FlashAttention-2's ``softcap``). Gradients flow to ``q``, ``k``,
+``v`` and to a float ``attn_mask`` that requires grad (a learned bias such as T5's relative positions: the backward adds dS into
 an fp32 buffer of the mask's own size, summing in-kernel over the batch, head and query dims the mask is shared
 along); ``alibi_slopes`` get none.
 

@@ -20,8 +20,9 @@ boolean mask broadcast to [B, H, Nq, Nk] through zero strides (never materialise
 slopes, computed in-kernel as slope[h] * (j - i); soft-capping (Gemma 2, FlashAttention-2's ``softcap``):
 s = c * tanh(s / c) on the scaled scores before any mask (in the log2 domain the cap is c * log2(e); tanh is
 written with exp2, which every Triton version and its interpreter have, and the backward multiplies dS by
-1 - tanh^2 on its way to dQ and dK, the mask's gradient being dS itself); dropout from a Philox stream (``tl.rand``) keyed by the
-element's flat index in [B, H, Nq, Nk] plus an offset, regenerated identically in the backward.
+1 - tanh^2 on its way to dQ and dK, the mask's gradient being dS itself); dropout from a Philox stream
+(``tl.rand``) keyed by the element's flat index in [B, H, Nq, Nk] plus an offset, regenerated identically in
+the backward.
 All tensor offsets are formed in int64.
 """
 from __future__ import annotations

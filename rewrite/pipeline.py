@@ -26,6 +26,7 @@ from .passes.find_sites import SiteMatch, find_sites
 from .passes.mask_semantics import empty_row_problem, read_fill_values
 from .passes.lower import SiteCall, unrepeat, build_call
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
+from .passes.softcap import serves_softcap, softcap_declined
 from .passes.verify import differing_output, record, relative_error, tolerance
 from .policy import Policy
 from .report import RewriteReport, SiteRow
@@ -215,6 +216,9 @@ def _lower(run: GraphRun, s: Lowered) -> None:
         return
     if m.kind == "mha":  # left opaque by expand_mha: the note says why
         s.note = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
+        return
+    if m.softcap is not None and (session.mode == "calibrate" or not (action is None or serves_softcap(action))):
+        s.action, s.note = action, _with_note(softcap_declined(action, m.softcap), m)   # left as it was
         return
     if session.mode == "calibrate":
         s.action, s.call, s.new, s.note = _switch_site(session, run.gm.graph, m, s.site, s.causal_ops)
@@ -605,6 +609,7 @@ def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=
     q = meta_value(m.q)
     site.dtype = str(q.dtype).replace("torch.", "") if isinstance(q, torch.Tensor) else None
     site.mask = _mask_kind(m, causal_ops, is_causal, is_state)
+    site.softcap = m.softcap
     site.grid, site.prefix_tokens = _vision_grid(model, _int(qs[-2]) if qs else None)
     return site
 

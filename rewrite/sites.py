@@ -43,6 +43,7 @@ class AttentionSite:
     softmax_dtype: Optional[str] = None
     dtype: Optional[str] = None
     ordinal: int = 0                   # order among the sites of the same module
+    softcap: Optional[float] = None    # scores soft-capped to softcap * tanh(s / softcap) before the mask (Gemma 2)
     #: the site's mask on the example batch, as lowered for SDPA (None: no mask), when ``example_mask_known``;
     #: set by the pipeline before a handler runs, so handlers never evaluate the graph themselves
     example_mask: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -68,15 +69,17 @@ class SiteTable(list):
 
     def table(self) -> str:
         rows = []
+        # the soft-cap column only where a site has one (Gemma 2): other tables read as before
+        columns = self.COLUMNS + (("softcap",) if any(s.softcap is not None for s in self) else ())
         for s in self:
             row = []
-            for c in self.COLUMNS:
+            for c in columns:
                 v = getattr(s, c)
                 if c == "scale" and isinstance(v, float):
                     v = f"{v:.4g}"
                 row.append(v)
             rows.append(row)
-        return tabulate(rows, headers=self.COLUMNS, tablefmt="simple")
+        return tabulate(rows, headers=columns, tablefmt="simple")
 
     def __str__(self) -> str:
         return self.table() if self else "(no attention sites found)"

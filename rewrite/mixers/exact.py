@@ -13,8 +13,10 @@ def exact_handler(action: Exact, call, site):
         from ..kernels._common import mixer_kernels
         q = meta_value(call.q) if call.q is not None else None
         device = getattr(q, "device", None)
-        # CUDA; or CPU in Triton's interpreter with REWRITE_MIXER_KERNELS=1 (how the tests run it end to end)
-        if device is None or not mixer_kernels(q):
+        # CUDA; or CPU in Triton's interpreter with REWRITE_MIXER_KERNELS=1 (how the tests run it end to end).
+        # A soft-capped site has no SDPA to fall back to: the flash op serves it on every device (on CPU its
+        # PyTorch path, the chunked reference, which is exact)
+        if (device is None or not mixer_kernels(q)) and call.softcap is None:
             return Decline(f"the Triton flash kernel runs on CUDA tensors and this site is on {device}; "
                            "used SDPA instead")
         from ..kernels import flash_attention

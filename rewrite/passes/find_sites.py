@@ -19,6 +19,8 @@ General rules of the canonical form, each exact (issue 15, "every spelling in th
 * reshapes of the probabilities that compose to the identity are the identity;
 * ``v @ pᵀ`` is ``(p @ vᵀ)ᵀ`` (values on the left, channels first); several value products reading one softmax
   are one product over the values side by side.
+* a soft-cap ``c * tanh(·)`` (Gemma 2, see ``softcap.py``) between the scales and the masks is recorded on
+  the site, and only a target that takes ``softcap`` serves it.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from ..graph import (factory_number, input_cone, is_mutating, is_reshape, is_sca
                      static_int)
 from ..sites import MASKED_BELOW
 from .normalize import DROPOUT, MASKED_FILL, MATMUL, PERMUTE, SDPA, SOFTMAX, WHERE, op_kind
+from .softcap import cap_problem, constant_number, is_tanh
 
 #: ``torch.export`` graphs spell a masked softmax ``aten._safe_softmax``: softmax, with rows of −∞ giving 0
 _SAFE = getattr(torch.ops.aten, "_safe_softmax", None)
@@ -61,7 +64,7 @@ def is_cast(node: fx.Node) -> bool:
 @dataclasses.dataclass
 class ScoreOp:
     """One step of the score chain, applied outward from ``q @ kt``."""
-    kind: str                      # "scale" | "add" | "fill" | "cast"
+    kind: str                      # "scale" | "add" | "fill" | "cast" | "softcap" (value: the cap)
     value: Any = None              # scale factor / additive term / fill value
     power: int = 1                 # scale: +1 multiply, -1 divide; add: +1 add, -1 subtract
     cond: Optional[fx.Node] = None  # fill: where the fill applies
@@ -111,6 +114,7 @@ class SiteMatch:
     #: ``(product, v)`` of further value products reading the same probabilities (``p @ v1``, ``p @ v2``): one
     #: call over the values side by side, its output split after
     more_outputs: list = dataclasses.field(default_factory=list)
+    softcap: Optional[float] = None           # scores soft-capped to cap * tanh(s / cap) before any mask
 
 
 class _Reject(Exception):
@@ -293,6 +297,7 @@ def _match_softmax(sm: fx.Node) -> Optional[SiteMatch]:
     try:
         _match_probabilities(m)
         _match_scores(m)
+        _check_softcap(m)
         _check_zeroed_rows(m)
         _check_shapes(m)
     except _Reject as why:
@@ -544,6 +549,8 @@ def _score_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
             ops.append(ScoreOp("fill", value=a, cond=cond, fill_where_true=True, node=node))
             return b
         raise _Reject("torch.where on the scores with a non-scalar replacement")
+    if is_tanh(node):
+        return _match_softcap(m, ops, node)
     name = _describe(node)
     if "tanh" in name:
         raise _Reject("the scores pass through tanh (soft-capping), which SDPA cannot express")
@@ -675,6 +682,38 @@ def _extra_key_columns(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
         raise _Reject("the extra key columns concatenated to the scores have no known count")
     m.extra_columns, m.extra_first = cols, first
     return chain
+def _match_softcap(m: SiteMatch, ops: list, tanh: fx.Node) -> fx.Node:
+    """``c * tanh(x)`` on the scores (``ops``: outermost first; the last one not a cast multiplies the tanh, if
+    any). Recorded as a cap of ``|c|`` and, inside it, a scale by ``c``, as
+    ``c * tanh(a * qk) = |c| * tanh(c a qk / |c|)``: lowering folds ``c`` (and the inner ``1 / c``) into the
+    kernel's scale whatever the spelling. Returns the tanh's input, where the walk goes on."""
+    if m.softcap is not None:
+        raise _Reject("the scores are soft-capped (tanh) twice")
+    last = next((i for i in range(len(ops) - 1, -1, -1) if ops[i].kind != "cast"), None)
+    outer = ops.pop(last) if last is not None and ops[last].kind == "scale" else None
+    factor = 1.0 if outer is None else constant_number(outer.value)
+    if factor is not None and outer is not None and outer.power == -1:
+        factor = 1.0 / factor if factor else 0.0
+    problem = cap_problem(factor)
+    if problem:
+        raise _Reject(problem)
+    if any(op.kind in ("scale", "split", "merge") for op in ops):
+        raise _Reject("the soft-capped scores are scaled or reshaped before the softmax, which the flash kernel's "
+                      "soft-capping cannot express")
+    m.softcap = abs(factor)
+    ops.append(ScoreOp("softcap", value=m.softcap, node=tanh))
+    ops.append(ScoreOp("scale", value=factor, node=outer.node if outer is not None else tanh))
+    return tanh.args[0]
+
+
+def _check_softcap(m: SiteMatch) -> None:
+    """Only scales and casts may come before a soft-cap: the kernel caps ``scale * q @ kᵀ`` and adds masks after."""
+    if m.softcap is None:
+        return
+    cap = next(i for i, op in enumerate(m.ops) if op.kind == "softcap")
+    if any(op.kind not in ("scale", "cast") for op in m.ops[:cap]):
+        raise _Reject("a mask or bias is added before the soft-capping tanh; the flash kernel caps the scores "
+                      "before its mask, so it cannot express this")
 
 
 def _check_fill(value: Any) -> None:

@@ -39,12 +39,16 @@ class SiteCall:
     transpose_output: bool = False  # the site computed ``v @ pᵀ``: its output is SDPA's, transposed
     #: ``(product, node)`` for each further value product of the site and its slice of the joint output
     more_new: list = dataclasses.field(default_factory=list)
+    #: the scores' soft-cap (``cap * tanh(scale * q @ kᵀ / cap)`` before the mask): only the flash kernel takes it
+    softcap: Optional[float] = None
 
     def kwargs(self) -> dict:
         kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
               "scale": self.scale}
         if self.enable_gqa:
             kw["enable_gqa"] = True
+        if self.softcap is not None:
+            kw["softcap"] = self.softcap
         return kw
 
 
@@ -88,7 +92,7 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
                     scale=scale, enable_gqa=enable_gqa, new_nodes=b.new,
                     flatten_output=len(f.split) if f.in_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v),
-                    transpose_output=m.values_left)
+                    transpose_output=m.values_left, softcap=m.softcap)
     return call
 
 
@@ -319,7 +323,7 @@ def _as_bool(b: _Builder, cond: fx.Node) -> fx.Node:
 
 
 def _only_op(m: SiteMatch, i: int, causal_ops: set) -> bool:
-    return all(op.kind in ("cast", "scale") or j == i or j in causal_ops for j, op in enumerate(m.ops))
+    return all(op.kind in ("cast", "scale", "softcap") or j == i or j in causal_ops for j, op in enumerate(m.ops))
 
 
 def float_value(v: Any) -> Optional[float]:

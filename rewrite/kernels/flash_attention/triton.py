@@ -17,8 +17,12 @@ Supported: fp16 / bf16 (fp32 accumulation) and fp32 (tf32x3 dots on GPUs, ~fp32 
 (padded to a power of two with masked loads, e.g. 80 -> 128); any Nq, Nk (the last tiles are masked);
 Nq != Nk; GQA (query head h reads kv head h // (Hq // Hkv)); top-left causal; an additive float mask or a
 boolean mask broadcast to [B, H, Nq, Nk] through zero strides (never materialised); ALiBi from per-head
-slopes, computed in-kernel as slope[h] * (j - i); dropout from a Philox stream (``tl.rand``) keyed by the
-element's flat index in [B, H, Nq, Nk] plus an offset, regenerated identically in the backward.
+slopes, computed in-kernel as slope[h] * (j - i); soft-capping (Gemma 2, FlashAttention-2's ``softcap``):
+s = c * tanh(s / c) on the scaled scores before any mask (in the log2 domain the cap is c * log2(e); tanh is
+written with exp2, which every Triton version and its interpreter have, and the backward multiplies dS by
+1 - tanh^2 on its way to dQ and dK, the mask's gradient being dS itself); dropout from a Philox stream
+(``tl.rand``) keyed by the element's flat index in [B, H, Nq, Nk] plus an offset, regenerated identically in
+the backward.
 All tensor offsets are formed in int64.
 """
 from __future__ import annotations
@@ -83,7 +87,8 @@ def _autotuned(kernel, fwd: bool):
         return None
     return triton.autotune(
         configs=_configs(fwd),
-        key=["N_KEY", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "BIAS_KIND", "HAS_ALIBI", "HAS_DROPOUT", "GROUP_KEY"],
+        key=["N_KEY", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "BIAS_KIND", "HAS_ALIBI", "HAS_DROPOUT", "GROUP_KEY",
+             "HAS_SOFTCAP"],
         prune_configs_by={"early_config_prune": _prune},
     )(kernel)
 
@@ -103,17 +108,32 @@ def _mm(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (no libdevice: the interpreter has none): sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1,
+    so nothing overflows; the absolute error is a few fp32 ulps of 1."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))   # 2 * log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale,
             bias_ptr, stride_bm, stride_bn, slope_log2,
             IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
-            win_l, win_r, sinks, HAS_BAND: tl.constexpr):
-    """Scores of one tile in the log2 domain, -inf where masked.
+            win_l, win_r, sinks, HAS_BAND: tl.constexpr, cap_log2=0.0, HAS_SOFTCAP: tl.constexpr = False):
+    """Scores of one tile in the log2 domain, -inf where masked, and the soft-cap's derivative.
 
-    q [BLOCK_M, BLOCK_D], k [BLOCK_N, BLOCK_D] -> s [BLOCK_M, BLOCK_N] (fp32).
+    q [BLOCK_M, BLOCK_D], k [BLOCK_N, BLOCK_D] -> (s [BLOCK_M, BLOCK_N] fp32, dcap): HAS_SOFTCAP caps the
+    scaled scores first, ``s = cap_log2 * tanh(s / cap_log2)`` (the cap times log2(e)), and ``dcap`` is
+    ``1 - tanh^2`` (the backward's factor on dS; finite where masked); without it ``dcap`` is ``s`` (unused).
     ``bias_ptr`` points at bias[b, h, 0, 0] (broadcast dims have stride 0). HAS_BAND (the block-sparse
     kernel's token band) keeps only ``i - win_l <= j <= i + win_r``, and the first ``sinks`` keys.
     """
     s = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
+    if HAS_SOFTCAP:
+        t = _tanh(s / cap_log2)
+        s = t * cap_log2
+        dcap = 1.0 - t * t
     valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
     if BIAS_KIND != 0:
         b_ptrs = bias_ptr + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :].to(tl.int64) * stride_bn
@@ -129,7 +149,10 @@ def _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale,
     if HAS_BAND:
         rel = offs_n[None, :] - offs_m[:, None]
         valid = valid & (((rel >= -win_l) & (rel <= win_r)) | (offs_n[None, :] < sinks))
-    return tl.where(valid, s, float("-inf"))
+    s = tl.where(valid, s, float("-inf"))
+    if not HAS_SOFTCAP:
+        dcap = s
+    return s, dcap
 
 
 @triton.jit
@@ -149,9 +172,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, lo, hi,
                stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr,
                BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               RETURN_DMASK: tl.constexpr, DOT_PREC: tl.constexpr, win_l, win_r, sinks, HAS_BAND: tl.constexpr):
-    """Online-softmax over key tiles [lo, hi): acc [BM, BDV], l_i / m_i [BM] (log2 domain); the band as in
-    ``_scores``."""
+               RETURN_DMASK: tl.constexpr, DOT_PREC: tl.constexpr, win_l, win_r, sinks, HAS_BAND: tl.constexpr,
+               cap_log2=0.0, HAS_SOFTCAP: tl.constexpr = False):
+    """Online-softmax over key tiles [lo, hi): acc [BM, BDV], l_i / m_i [BM] (log2 domain); the band and the
+    soft-cap as in ``_scores``."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = offs_n < Nk
@@ -159,9 +183,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, lo, hi,
                     mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)        # [BN, BD]
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)     # [BN, BDV]
-        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
-                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
-                    HAS_BAND)                                                      # [BM, BN]
+        s, _ = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
+                       MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
+                       HAS_BAND, cap_log2, HAS_SOFTCAP)                            # [BM, BN]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
         p = tl.math.exp2(s - m_safe[:, None])                    # [BM, BN]
@@ -186,11 +210,11 @@ def _flash_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, Nq, Nk, GROUP, sm_scale, dropout_p,
+    H, Nq, Nk, GROUP, sm_scale, dropout_p, softcap,
     N_KEY, GROUP_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, RETURN_DMASK: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, RETURN_DMASK: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -213,6 +237,7 @@ def _flash_fwd(
     bias_ptr = BIAS + b64 * stride_bb + h64 * stride_bh
 
     qk_scale = sm_scale * 1.4426950408889634
+    cap_log2 = softcap * 1.4426950408889634   # the cap in the log2 domain of the scores
     slope_log2 = 0.0
     if HAS_ALIBI:
         slope_log2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
@@ -236,18 +261,18 @@ def _flash_fwd(
                                    offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base,
                                    dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI,
-                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False)
+                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, mid, hi,
                                    offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base,
                                    dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, BIAS_KIND, HAS_ALIBI,
-                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False)
+                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_ptr, DMASK, 0, Nk,
                                    offs_m, offs_d, offs_dv, m_ok, Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    stride_bm, stride_bn, qk_scale, slope_log2, seed, rng_offset, row_base,
                                    dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI,
-                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False)
+                                   HAS_DROPOUT, RETURN_DMASK, DOT_PREC, 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -291,9 +316,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, off
                 qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, MASK_CAUSAL: tl.constexpr,
                 BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                win_l, win_r, sinks, HAS_BAND: tl.constexpr):
+                win_l, win_r, sinks, HAS_BAND: tl.constexpr, cap_log2=0.0, HAS_SOFTCAP: tl.constexpr = False):
     """Accumulate dK [BN, BD] and dV [BN, BDV] of one key tile over the query tiles [lo, hi) of one head; the
-    band as in ``_scores``."""
+    band and the soft-cap as in ``_scores``."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)   # [BM]
         m_ok = offs_m < Nq
@@ -305,9 +330,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, off
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows -> P = 0
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
-                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
-                    HAS_BAND)                                                      # [BM, BN]
+        s, dcap = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
+                          MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
+                          HAS_BAND, cap_log2, HAS_SOFTCAP)                         # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])                                          # [BM, BN]
         dp = _mm(do, tl.trans(v), DOT_PREC)                                          # [BM, BN]
         if HAS_DROPOUT:
@@ -318,6 +343,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, lo, hi, off
             pd = p
         dv += _mm(tl.trans(pd.to(do.dtype)), do, DOT_PREC)                           # [BN, BDV]
         ds = p * (dp - delta[:, None])                                               # [BM, BN]
+        if HAS_SOFTCAP:
+            ds = ds * dcap
         dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)                             # [BN, BD]
     return dk, dv
 
@@ -328,7 +355,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stri
               qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr,
               BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-              WRITE_DBIAS: tl.constexpr, win_l, win_r, sinks, HAS_BAND: tl.constexpr):
+              WRITE_DBIAS: tl.constexpr, win_l, win_r, sinks, HAS_BAND: tl.constexpr,
+              cap_log2=0.0, HAS_SOFTCAP: tl.constexpr = False):
     """Accumulate dQ [BM, BD] of one query tile over the key tiles [lo, hi) (the band as in ``_scores``). WRITE_DBIAS also writes each dS
     tile (the gradient of an additive mask) to the fp32 rows at ``dbias_base`` (row stride ``stride_dbm``, key
     stride 1): 1 stores it (this program owns those elements), 2 adds it atomically (the mask is shared over
@@ -341,9 +369,9 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stri
                     mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)        # [BN, BD]
         v = tl.load(v_base + rows_n * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)     # [BN, BDV]
-        s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
-                    MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
-                    HAS_BAND)                                                      # [BM, BN]
+        s, dcap = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_ptr, stride_bm, stride_bn, slope_log2,
+                          MASK_CAUSAL, BIAS_KIND, HAS_ALIBI, DOT_PREC, win_l, win_r, sinks,
+                          HAS_BAND, cap_log2, HAS_SOFTCAP)                         # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mm(do, tl.trans(v), DOT_PREC)                                           # [BM, BN]
         if HAS_DROPOUT:
@@ -358,6 +386,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stri
                           mask=(offs_m < Nq)[:, None] & n_ok[None, :])
         elif WRITE_DBIAS == 3:
             tl.atomic_add(dbias_base + offs_n, tl.sum(ds, axis=0), mask=n_ok)   # rows past Nq have dS = 0
+        if HAS_SOFTCAP:   # the mask's gradient is dS after the cap; q and k see it through the cap
+            ds = ds * dcap
         dq += _mm(ds.to(k.dtype), k, DOT_PREC)                                        # [BM, BD]
     return dq
 
@@ -372,11 +402,11 @@ def _flash_bwd_dkdv(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Nq, Nk, GROUP, sm_scale, dropout_p,
+    H, Nq, Nk, GROUP, sm_scale, dropout_p, softcap,
     N_KEY, GROUP_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -398,6 +428,7 @@ def _flash_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     qk_scale = sm_scale * 1.4426950408889634
+    cap_log2 = softcap * 1.4426950408889634   # the cap in the log2 domain of the scores
     seed = 0
     rng_offset = 0
     if HAS_DROPOUT:
@@ -426,18 +457,18 @@ def _flash_bwd_dkdv(
                                  Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
                                  qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                                  HEAD_DIM, HEAD_DIM_V, BLOCK_M, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                                 0, 0, 0, False)
+                                 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, mid, Nq, offs_n, offs_d, offs_dv,
                                  Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
                                  qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                                  HEAD_DIM, HEAD_DIM_V, BLOCK_M, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                                 0, 0, 0, False)
+                                 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, bias_ptr, LSE, DELTA, 0, Nq, offs_n, offs_d, offs_dv,
                                  Nq, Nk, stride_qm, stride_qd, stride_gm, stride_gd, stride_bm, stride_bn,
                                  qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                                  HEAD_DIM, HEAD_DIM_V, BLOCK_M, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                                 0, 0, 0, False)
+                                 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -456,11 +487,11 @@ def _flash_bwd_dq(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dbb, stride_dbh, stride_dbm,
-    H, Nq, Nk, GROUP, sm_scale, dropout_p,
+    H, Nq, Nk, GROUP, sm_scale, dropout_p, softcap,
     N_KEY, GROUP_KEY,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, WRITE_DBIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -490,6 +521,7 @@ def _flash_bwd_dq(
     bias_ptr = BIAS + b64 * stride_bb + h64 * stride_bh
     dbias_base = DBIAS + b64 * stride_dbb + h64 * stride_dbh     # strides 0 where the mask is shared
     qk_scale = sm_scale * 1.4426950408889634
+    cap_log2 = softcap * 1.4426950408889634   # the cap in the log2 domain of the scores
     slope_log2 = 0.0
     if HAS_ALIBI:
         slope_log2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
@@ -506,18 +538,18 @@ def _flash_bwd_dq(
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                       WRITE_DBIAS, 0, 0, 0, False)
+                       WRITE_DBIAS, 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, mid, hi, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                       WRITE_DBIAS, 0, 0, 0, False)
+                       WRITE_DBIAS, 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
     else:
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_ptr, dbias_base, stride_dbm, 0, Nk, offs_m, offs_d, offs_dv,
                        Nq, Nk, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                        qk_scale, slope_log2, seed, rng_offset, row_base, dropout_p, inv_keep,
                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_PREC,
-                       WRITE_DBIAS, 0, 0, 0, False)
+                       WRITE_DBIAS, 0, 0, 0, False, cap_log2, HAS_SOFTCAP)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -574,7 +606,7 @@ def _launch(tuned, plain, grid_fn, args, kwargs, fwd=True):
         tuned[grid_fn](*args, **kwargs)
 
 
-def _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p):
+def _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p, softcap=0.0):
     B, H, Nq, D = q.shape
     Dv = v.shape[3]
     if D > 256 or Dv > 256:
@@ -582,18 +614,20 @@ def _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p):
     return dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv),
         IS_CAUSAL=bool(is_causal), HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0.0,
-        DOT_PREC=dot_precision(q.dtype),
+        DOT_PREC=dot_precision(q.dtype), HAS_SOFTCAP=bool(softcap),
     )
 
 
-def flash_fwd(q, k, v, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p, return_dropout_mask):
-    """Launch the forward. Returns (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32, keep-mask uint8 or empty)."""
+def flash_fwd(q, k, v, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p, return_dropout_mask,
+              softcap=0.0):
+    """Launch the forward. Returns (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32, keep-mask uint8 or empty);
+    ``softcap`` 0 (or None) means no soft-capping."""
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, H, Nq, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     bias, bias_kind, bs = _bias_args(attn_mask, q, B, H, Nq, Nk)
-    meta = _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p)
+    meta = _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p, softcap)
     want_mask = bool(return_dropout_mask) and dropout_p > 0.0
     dmask = (torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.uint8) if want_mask
              else torch.empty((0,), device=q.device, dtype=torch.uint8))
@@ -605,7 +639,7 @@ def flash_fwd(q, k, v, attn_mask, alibi_slopes, rng_state, is_causal, scale, dro
         return out, lse, dmask
     args = (q, k, v, out, lse, bias, slopes, rng, dmask if want_mask else lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bs,
-            H, Nq, Nk, H // Hkv, float(scale), float(dropout_p),
+            H, Nq, Nk, H // Hkv, float(scale), float(dropout_p), float(softcap or 0.0),
             next_pow2(max(Nq, Nk)), min(H // Hkv, 8))
     kwargs = dict(meta, BIAS_KIND=bias_kind, RETURN_DMASK=want_mask)
     _launch(_flash_fwd_tuned, _flash_fwd, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), H, B), args, kwargs)
@@ -613,7 +647,7 @@ def flash_fwd(q, k, v, attn_mask, alibi_slopes, rng_state, is_causal, scale, dro
 
 
 def flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, is_causal, scale, dropout_p,
-              mask_grad=False):
+              mask_grad=False, softcap=0.0):
     """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes and dS [B, H, Nq, Nk] fp32 (the
     gradient of an additive mask before it is summed to the mask's shape; empty unless ``mask_grad``)."""
     B, H, Nq, D = q.shape
@@ -635,11 +669,12 @@ def flash_bwd(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, rng_state, i
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Nq,
         HEAD_DIM_V=Dv, BLOCK_DV=bdv, BLOCK_M=pre_bm)
     bias, bias_kind, bs = _bias_args(attn_mask, q, B, H, Nq, Nk)
-    meta = _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p)
+    meta = _common_meta(q, k, v, attn_mask, alibi_slopes, is_causal, dropout_p, softcap)
     slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous() if alibi_slopes is not None else lse
     rng = rng_state.to(device=q.device, dtype=torch.int64).contiguous() if dropout_p > 0.0 else lse
     lse = lse.contiguous()
-    tail = (H, Nq, Nk, H // Hkv, float(scale), float(dropout_p), next_pow2(max(Nq, Nk)), min(H // Hkv, 8))
+    tail = (H, Nq, Nk, H // Hkv, float(scale), float(dropout_p), float(softcap or 0.0), next_pow2(max(Nq, Nk)),
+            min(H // Hkv, 8))
     kwargs = dict(meta, BIAS_KIND=bias_kind)
     _launch(_flash_bwd_dkdv_tuned, _flash_bwd_dkdv, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), Hkv, B),
             (q, k, v, grad_out, lse, delta, bias, slopes, rng, dk, dv,

@@ -155,17 +155,13 @@ class BlockRoutingAttention(_base.SDPAMixer):
             scale=None) -> BlockRoutingAttention:
         """Fit each kv head's block count on calibration ``q [..., Hq, N, D]``, ``k, v [..., Hkv, N, D]``.
 
-        For every count 1..blocks the routed output of each head is compared with exact attention; a small
-        dynamic program then picks the counts (summing to ``topk`` × kv heads) of least summed relative
-        squared error. ``scale`` defaults to SDPA's ``1/sqrt(D)``."""
+        One pass of statistics (``fit_errors``) gives each head's relative output error at every count
+        1..blocks on sampled query rows; a small dynamic program then picks the counts (summing to ``topk`` ×
+        kv heads) of least summed error. Costs about an eighth of one exact attention call plus terms that
+        grow as ``N² / block`` (every count of every sampled row), whatever the number of counts. ``scale`` defaults to SDPA's ``1/sqrt(D)``."""
         c = _layout.canon(q, k, v, attn_mask, scale)
-        causal = self.causal or bool(is_causal)
-        exact = _dense.sdpa_rows(c, c.k, c.v, c.bias, causal=causal)                # [Bf, Hkv, G, N, Dv]
-        norm = exact.double().pow(2).sum((0, 2, 3, 4)).clamp(min=1e-30)       # [Hkv]
-        nb = len(self._layout(c.dims[3])[0])
-        errors = torch.stack([(self._attend(c, t, causal, 0.0) - exact).double().pow(2).sum((0, 2, 3, 4)) / norm
-                              for t in range(1, nb + 1)])                       # [nb, Hkv]
-        self.head_topk = allocate_blocks(errors, min(self.topk, nb) * errors.shape[1]).to(q.device)
+        errors = fit_errors(self, c, self.causal or bool(is_causal))             # [nb, Hkv]
+        self.head_topk = allocate_blocks(errors, min(self.topk, errors.shape[0]) * errors.shape[1]).to(q.device)
         return self
 
     def _head_counts(self, q, k, v, attn_mask, is_causal, scale, hkv: int) -> tuple:
@@ -469,6 +465,97 @@ class _Blocks:
             out, dest = out.index_select(-2, keep), dest.index_select(0, keep)
         full = out.new_zeros(*out.shape[:3], self.n, out.shape[-1]).index_copy(-2, dest, out)
         return full[..., self.p:, :]
+
+
+#: query rows per 64 tokens of a block the per-head fit samples (evenly spaced in the block; at least 2 a
+#: block): a fixed share of the rows, so the fit's exact pass costs an eighth of an exact call at any block size
+FIT_ROWS_PER_BLOCK = 8
+
+#: elements of the fit's per-row, per-block partial outputs held at once (rows go in chunks)
+FIT_CHUNK_ELEMENTS = 1 << 23
+
+
+def fit_errors(module: BlockRoutingAttention, c: _layout.Canon, causal: bool) -> torch.Tensor:
+    """``[nb, Hkv]``: each kv head's relative squared output error ``sum ||routed - exact||² / sum ||exact||²``
+    when every query block keeps its best ``t`` key blocks, for every ``t`` in 1..nb, on sampled query rows.
+
+    One exact pass over the sampled rows gives, per row, the probability mass and partial output of every key
+    block (and of the sinks); the routed output at count ``t`` is then the renormalised sum of the sinks and
+    the row's ``t`` first blocks in routing order (a cumulative sum), plus, with ``summary``, the pooled tokens
+    of the blocks after them: every count at the price of one partial exact pass. (With a site mask the pooled
+    tokens are weighted as if unmasked: an estimate for the fit, not the forward.)"""
+    bf, hkv, g, n, _, dd, dv = c.dims
+    order_list, p, slots = module._layout(n)
+    blocks = _Blocks(c, order_list, p, slots, line=module.grid is None)
+    nb, bs = blocks.nb, blocks.bs
+    qb, kb, vb = blocks.gather(c.q, bf, hkv, g), blocks.gather(c.k, bf, hkv), blocks.gather(c.v, bf, hkv)
+    rank = module._block_affinity(qb, kb, blocks.valid, causal).argsort(-1, descending=True)  # [.., nb, nb]
+    valid = blocks.valid if blocks.valid is not None else torch.ones(nb, bs, dtype=torch.bool, device=c.q.device)
+    per = min(bs, max(2, FIT_ROWS_PER_BLOCK * bs // 64))
+    picks = torch.linspace(0, bs - 1, per, device=c.q.device).round().long().unique()
+    pooled = _fit_pooled_keys(c, kb, vb, valid) if module.summary and nb > 1 else None
+    errors = torch.zeros(nb, hkv, dtype=torch.float64, device=c.q.device)
+    norm = torch.zeros(hkv, dtype=torch.float64, device=c.q.device)
+    step = max(1, FIT_CHUNK_ELEMENTS // max(1, bf * hkv * g * len(picks) * nb * (dv + 2)))
+    for start in range(0, nb, step):
+        qblocks = torch.arange(start, min(nb, start + step), device=c.q.device)
+        err, nrm = _fit_chunk(c, blocks, vb, valid, rank, qblocks, picks, pooled, causal)
+        errors += err
+        norm += nrm
+    return (errors / norm.clamp(min=1e-30)).float()
+
+
+def _fit_pooled_keys(c, kb, vb, valid) -> tuple:
+    """Every block's pooled key, value ``[Bf, Hkv, nb, D]`` and ``log(#members)`` ``[nb]`` (see ``_pooled``)."""
+    member = valid.to(c.q.dtype)
+    count = member.sum(-1)
+    weight = (member / count.clamp(min=1).unsqueeze(-1)).unsqueeze(-2)         # [nb, 1, bs]
+    log_count = torch.where(count > 0, count.clamp(min=1).log(), torch.full_like(count, _layout.NEG_INF))
+    return (weight @ kb).squeeze(-2), (weight @ vb).squeeze(-2), log_count
+
+
+def _fit_chunk(c, blocks, vb, valid, rank, qblocks, picks, pooled, causal) -> tuple:
+    """``fit_errors`` for the sampled rows of the query blocks ``qblocks``: (summed squared errors ``[nb, Hkv]``,
+    summed squared exact outputs ``[Hkv]``)."""
+    bf, hkv, g, n, _, dd, dv = c.dims
+    nb, bs, p = blocks.nb, blocks.bs, blocks.p
+    nq, per = len(qblocks), len(picks)
+    pos = blocks.query_pos().index_select(0, qblocks)[:, picks]                # [nq, per] token of each row
+    row_ok = valid.index_select(0, qblocks)[:, picks].reshape(-1).to(torch.float64)
+    rows = pos.reshape(-1)
+    scores = _dense.grouped_scores(c.q.index_select(-2, rows), c.k).mul_(c.scale)   # [Bf, Hkv, G, R, N]
+    if c.bias is not None:
+        scores = scores + (c.bias.index_select(-2, rows) if c.bias.shape[-2] > 1 else c.bias)
+    if causal:
+        scores = scores.masked_fill(torch.arange(n, device=rows.device).view(1, n) > rows.view(-1, 1),
+                                    _layout.NEG_INF)
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    probs = torch.exp(scores - lse).nan_to_num_(0.0)                           # rows seeing nothing: 0
+    body = blocks.slots_of(probs, -1).view(bf, hkv, g, nq * per, nb, bs) * valid
+    mass = body.sum(-1)                                                         # [Bf, Hkv, G, R, nb]
+    part = torch.einsum("bhgrns,bhnsd->bhgrnd", body, vb)                       # [Bf, Hkv, G, R, nb, Dv]
+    sink_mass = probs[..., :p].sum(-1, keepdim=True) if p else torch.zeros_like(mass[..., :1])
+    sink_out = _dense.grouped_values(probs[..., :p], c.v[..., :p, :]) if p else torch.zeros_like(part[..., 0, :])
+    exact = sink_out + part.sum(-2)                                             # [Bf, Hkv, G, R, Dv]
+    order = rank.index_select(3, qblocks).repeat_interleave(per, dim=3)         # [Bf, Hkv, G, R, nb]
+    cum_mass = mass.gather(-1, order).cumsum_(-1).add_(sink_mass)
+    cum_out = part.gather(-2, order.unsqueeze(-1).expand(*order.shape, dv)).cumsum_(-2).add_(sink_out.unsqueeze(-2))
+    if pooled is not None:
+        k_mean, v_mean, log_count = pooled
+        w = torch.exp(_dense.grouped_scores(c.q.index_select(-2, rows), k_mean) * c.scale + log_count - lse)
+        if causal:  # blocks that do not end before the query block are never pooled
+            w = w.masked_fill(torch.arange(nb, device=rows.device).view(1, nb) >= qblocks.repeat_interleave(
+                per).view(-1, 1), 0.0)
+        w = w.nan_to_num_(0.0).gather(-1, order)                                # in routing order
+        rest = w.sum(-1, keepdim=True) - w.cumsum(-1)                           # pooled mass after count t
+        v_sorted = v_mean.unsqueeze(2).unsqueeze(3).expand(bf, hkv, g, nq * per, nb, dv).gather(
+            -2, order.unsqueeze(-1).expand(*order.shape, dv))
+        rest_out = (w.unsqueeze(-1) * v_sorted).flip(-2).cumsum(-2).flip(-2) - w.unsqueeze(-1) * v_sorted
+        cum_mass, cum_out = cum_mass.add_(rest), cum_out.add_(rest_out)
+    routed = cum_out.div_(torch.where(cum_mass > 0, cum_mass, torch.ones_like(cum_mass)).unsqueeze(-1))
+    err = routed.sub_(exact.unsqueeze(-2)).pow_(2).sum(-1, dtype=torch.float64) * row_ok.view(-1, 1)  # [.., R, nb]
+    nrm = exact.double().pow(2).sum(-1) * row_ok
+    return err.sum((0, 2, 3)).transpose(0, 1), nrm.sum((0, 2, 3))
 
 
 def allocate_blocks(errors: torch.Tensor, total: int) -> torch.Tensor:

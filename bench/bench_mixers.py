@@ -219,12 +219,12 @@ def _optimized(action, n: int):
     return model
 
 
-def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "") -> None:
+def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "", threads: int = 0) -> None:
     """In one process, exact and each mixer timed alternately (exact, mixer, exact, mixer, ...) at each length:
     the median of the per-pair ratios exact/mixer, beside the FLOPs ratio exact/mixer of the cost model. The
     rule of issue 14: a mixer below half of exact's FLOPs must be >= 1.3x faster at 1k and reach half its FLOPs
-    ratio at 4k."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ratio at 4k. ``threads``: 0 for every core."""
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1, H=12, d=64, fp32, CPU")
     print("| N | action | exact ms | action ms | exact / action (median of pairs) | FLOPs exact / action | rule |")
     print("|---|---|---|---|---|---|---|")
@@ -262,12 +262,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["accuracy", "speed", "ratio", "all"], default="all")
     ap.add_argument("--mixers", default="", help="accuracy (or ratio) rows of these mixers only, e.g. BlockRouting")
+    ap.add_argument("--threads", type=int, default=0, help="--part ratio: CPU threads (0: every core)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         return one_run(int(args.one[0]), args.one[1])
     if args.part == "ratio":
-        return ratios(only=args.mixers)
+        return ratios(only=args.mixers, threads=args.threads)
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("accuracy", "all"):

@@ -21,7 +21,15 @@ for ``N/block`` extra scores per query (BENCHMARKS.md).
 ``per_head=True`` spends the same number of blocks differently: ``topk`` becomes the mean over kv heads,
 and each head's own count is fitted on calibration q/k/v (``fit``; else on the first batch it sees) to
 minimise the summed relative output error of the heads, as heads differ (some are local, some global).
-The counts are a buffer (``head_topk``), saved and restored with the model.
+The fit is one pass of statistics: on sampled query rows (an eighth of them), every key block's attention
+mass and partial output give the routed output at every count by a cumulative sum in routing order, so its
+cost does not grow with the number of counts (``fit_errors``; a few exact calls at N = 1500). The counts
+are a buffer (``head_topk``), saved and restored with the model.
+
+On CPU (the PyTorch path) every query block is one "head" of a single fused SDPA call whose keys are its
+chosen key blocks, gathered by one index op into a per-thread scratch buffer (``_layout.index_rows``: a
+fresh buffer that large would be page-faulted memory on every call), then the pooled blocks and the sinks;
+the mask is built only for what hides keys (padding slots, causal, the site's mask, the pooled log-sizes).
 
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
 ``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs

@@ -6,7 +6,9 @@ Speed: an eager-spelled attention module (B=1, H=12, d=64, fp32, CPU) rewritten 
 SDPA and into each mixer; time ratio exact/mixer and extra peak resident memory at N = 1k, 4k and 16k, each
 in a process of its own. At 16k a mixer whose run would take over ``LIMIT_S`` seconds or ``LIMIT_MIB`` MiB
 (extrapolated from its 1k and 4k runs) gets a row saying so instead of a run, and a run that fails, runs out
-of memory or time gets a row saying why. Run: ``python bench/bench_mixers.py [--part accuracy|speed]``.
+of memory or time gets a row saying why. ``--part ratio``: exact and each mixer timed alternately in one process at N = 1k and 4k, the median time
+ratio beside the cost model's FLOPs ratio (issue 14's speed rule). Run:
+``python bench/bench_mixers.py [--part accuracy|speed|ratio] [--mixers BlockRouting,...]``.
 """
 from __future__ import annotations
 
@@ -207,14 +209,66 @@ def speed() -> None:
             print(f"| {n} | {action.describe()}{note} | {r['time']:.3f} | {ratio} | {r['peak_mib']:.0f} |", flush=True)
 
 
+def _optimized(action, n: int):
+    """The bench module rewritten to ``action`` and warmed up at length ``n`` (its first calls compile)."""
+    model = Wrap()
+    rewrite.optimize(model, {"attn": action}, example_inputs=(torch.randn(3, 1, 12, 64, 64),))
+    with torch.no_grad():
+        model(torch.randn(3, 1, 12, 128, 64))
+        model(torch.randn(3, 1, 12, n, 64))
+    return model
+
+
+def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "", threads: int = 0) -> None:
+    """In one process, exact and each mixer timed alternately (exact, mixer, exact, mixer, ...) at each length:
+    the median of the per-pair ratios exact/mixer, beside the FLOPs ratio exact/mixer of the cost model. The
+    rule of issue 14: a mixer below half of exact's FLOPs must be >= 1.3x faster at 1k and reach half its FLOPs
+    ratio at 4k. ``threads``: 0 for every core."""
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1, H=12, d=64, fp32, CPU")
+    print("| N | action | exact ms | action ms | exact / action (median of pairs) | FLOPs exact / action | rule |")
+    print("|---|---|---|---|---|---|---|")
+    actions = [rewrite.action_types()[m](**s) for m, ss in SETTINGS.items() for s in ss[:1]]
+    if only:
+        names = only.split(",")
+        actions = [a for a in actions if type(a).__name__ in names] + \
+            [rewrite.action_types()["BlockRouting"](**s) for s in SETTINGS["BlockRouting"][1:] if "BlockRouting" in names]
+    for n in lengths:
+        torch.manual_seed(0)
+        qkv = torch.randn(3, 1, 12, n, 64)
+        exact = _optimized(rewrite.Exact(), n)
+        for action in actions:
+            try:
+                model = _optimized(action, n)
+            except Exception as err:  # noqa: BLE001 - report, never hide
+                print(f"| {n} | {action.describe()} | failed: {type(err).__name__}: {str(err)[:80]} | | | | |")
+                continue
+            te, tm = [], []
+            with torch.no_grad():
+                for _ in range(repeats):
+                    for fn, ts in ((exact, te), (model, tm)):
+                        t = time.perf_counter()
+                        fn(qkv)
+                        ts.append(time.perf_counter() - t)
+            ratio = statistics.median(a / b for a, b in zip(te, tm))
+            fr = _flops(rewrite.Exact(), n) / _flops(action, n)
+            need = (1.3 if n <= 1024 else fr / 2) if fr >= 2 else None
+            rule = "-" if need is None else ("ok" if ratio >= need else f"MISS (needs {need:.2f}x)")
+            print(f"| {n} | {action.describe()} | {statistics.median(te) * 1e3:.1f} | {statistics.median(tm) * 1e3:.1f} "
+                  f"| {ratio:.2f}x | {fr:.2f}x | {rule} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["accuracy", "speed", "all"], default="all")
-    ap.add_argument("--mixers", default="", help="accuracy rows of these mixers only, e.g. BlockRouting")
+    ap.add_argument("--part", choices=["accuracy", "speed", "ratio", "all"], default="all")
+    ap.add_argument("--mixers", default="", help="accuracy (or ratio) rows of these mixers only, e.g. BlockRouting")
+    ap.add_argument("--threads", type=int, default=0, help="--part ratio: CPU threads (0: every core)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         return one_run(int(args.one[0]), args.one[1])
+    if args.part == "ratio":
+        return ratios(only=args.mixers, threads=args.threads)
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("accuracy", "all"):

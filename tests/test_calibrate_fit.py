@@ -113,3 +113,50 @@ def test_fit_candidates_keeps_merged_rows_as_rows_and_per_head_inputs_per_head(s
     count = sum(x[0].shape[0] * x[0].shape[1] for x in merged.fit_inputs)
     assert fitted[(("merged", 0), "sq")]["q_count"].item() == count
     assert fitted[(("heads", 0), "km")]["centroids"].shape == (HEADS, 2, 8)
+
+
+# --- BlockRouting(per_head=True): every count's error from one pass of statistics ---------------------------
+
+def _routed_errors(module, q, k, v, mask, causal):
+    """The brute-force errors the one-pass fit stands for: the routed output at every count vs exact, on the
+    body rows (sink rows attend to every key at any count)."""
+    from rewrite.mixers import _dense, _layout
+    c = _layout.canon(q, k, v, mask, None)
+    body = slice(module.sinks, None)
+    exact = _dense.sdpa_rows(c, c.k, c.v, c.bias, causal=causal)[..., body, :]
+    nb = len(module._layout(q.shape[-2])[0])
+    norm = exact.double().pow(2).sum((0, 2, 3, 4))
+    return torch.stack([(module._attend(c, t, causal, 0.0)[..., body, :] - exact).double().pow(2).sum((0, 2, 3, 4))
+                        / norm
+                        for t in range(1, nb + 1)]).float()
+
+
+@pytest.mark.parametrize("causal,sinks,summary,masked,n", [
+    (False, 0, False, False, 48), (True, 0, False, False, 45), (False, 1, False, True, 43),
+    (True, 2, True, False, 50), (False, 1, True, False, 40), (True, 0, False, True, 37)])
+def test_block_routing_fit_statistics_equal_every_counts_routed_error(monkeypatch, causal, sinks, summary, masked, n):
+    """With every query row sampled, the one-pass statistics give exactly the routed attention's error at every
+    count (padding slots, sinks, causal sites, key-padding masks, pooled summaries)."""
+    from rewrite.mixers import _layout, block_routing
+    monkeypatch.setattr(block_routing, "FIT_ROWS_PER_BLOCK", 64)          # every row of every 8-token block
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) * 1.5 for _ in range(3))
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+        mask[0, ..., n - 7:] = False
+    module = block_routing.BlockRoutingAttention(8, 2, causal=causal, sinks=sinks, summary=summary, per_head=True)
+    c = _layout.canon(q, k, v, mask, None)
+    fitted = block_routing.fit_errors(module, c, causal)
+    torch.testing.assert_close(fitted, _routed_errors(module, q, k, v, mask, causal), rtol=1e-3, atol=1e-5)
+
+
+def test_block_routing_fit_never_runs_the_routed_attention(monkeypatch):
+    """The fit's cost does not grow with the number of counts: no routed pass per count."""
+    from rewrite.mixers import block_routing
+    module = block_routing.BlockRoutingAttention(16, 3, per_head=True)
+    monkeypatch.setattr(module, "_attend", lambda *a, **kw: pytest.fail("fit ran the routed attention"))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 256, 16, generator=gen) for _ in range(3))
+    module.fit(q, k, v)
+    assert module.head_topk.shape == (4,) and int(module.head_topk.sum()) == 12

@@ -15,6 +15,7 @@ them in their own dtype (``kernel_dtype``).
 from __future__ import annotations
 
 import dataclasses
+import threading
 import math
 from typing import Any, Optional
 
@@ -192,3 +193,52 @@ def prepare(q, k, v, scale):
     wd = work_dtype(q.dtype)
     k, v = expand_kv(q, k, v)
     return q.to(wd), k.to(wd), v.to(wd), resolve_scale(scale, q.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------- scratch buffers
+#: per-thread reusable buffers for the large gathers of the routed mixers (``index_rows``, ``cat_rows``). A fresh
+#: tensor of tens of MiB is new memory from the OS on every call (glibc maps allocations that large): the page
+#: faults that zero it cost as much as the attention they feed on a CPU. Buffers are reused only where nothing
+#: can keep a reference to them past the call: no autograd graph, no compiler tracing, real CPU tensors.
+_SCRATCH = threading.local()
+
+#: a scratch buffer grows to at most this many elements (1 GiB in fp32); a larger gather allocates as usual
+SCRATCH_MAX_ELEMENTS = 1 << 28
+
+
+def _scratch(slot: str, shape: tuple, like: torch.Tensor, needs_grad: bool) -> Optional[torch.Tensor]:
+    """A reused per-thread tensor of ``shape`` in ``like``'s dtype (its contents are garbage), or None where
+    the caller must allocate (see ``_SCRATCH``)."""
+    numel = math.prod(shape)
+    if (like.device.type != "cpu" or needs_grad or numel > SCRATCH_MAX_ELEMENTS or has_no_data(like)
+            or torch.compiler.is_compiling() or numel < (1 << 16)):
+        return None
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get((slot, like.dtype))
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):   # usable later outside inference mode too
+            buf = pool[(slot, like.dtype)] = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel].view(shape)
+
+
+def _grad_needed(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def index_rows(src: torch.Tensor, index: torch.Tensor, slot: str) -> torch.Tensor:
+    """``src.index_select(0, index)``, written into the per-thread scratch buffer ``slot`` where it can be
+    (see ``_SCRATCH``): the result is valid until the next call that uses ``slot``."""
+    buf = _scratch(slot, (index.shape[0], *src.shape[1:]), src, _grad_needed(src))
+    if buf is None:
+        return src.index_select(0, index)
+    return torch.index_select(src, 0, index, out=buf)
+
+
+def cat_rows(parts: list, dim: int, slot: str) -> torch.Tensor:
+    """``torch.cat(parts, dim)`` into the scratch buffer ``slot`` where it can be (see ``index_rows``)."""
+    if len(parts) == 1:
+        return parts[0]
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    buf = _scratch(slot, tuple(shape), parts[0], _grad_needed(*parts))
+    return torch.cat(parts, dim) if buf is None else torch.cat(parts, dim, out=buf)

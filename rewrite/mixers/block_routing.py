@@ -21,7 +21,15 @@ for ``N/block`` extra scores per query (BENCHMARKS.md).
 ``per_head=True`` spends the same number of blocks differently: ``topk`` becomes the mean over kv heads,
 and each head's own count is fitted on calibration q/k/v (``fit``; else on the first batch it sees) to
 minimise the summed relative output error of the heads, as heads differ (some are local, some global).
-The counts are a buffer (``head_topk``), saved and restored with the model.
+The fit is one pass of statistics: on sampled query rows (an eighth of them), every key block's attention
+mass and partial output give the routed output at every count by a cumulative sum in routing order, so its
+cost does not grow with the number of counts (``fit_errors``; a few exact calls at N = 1500). The counts
+are a buffer (``head_topk``), saved and restored with the model.
+
+On CPU (the PyTorch path) every query block is one "head" of a single fused SDPA call whose keys are its
+chosen key blocks, gathered by one index op into a per-thread scratch buffer (``_layout.index_rows``: a
+fresh buffer that large would be page-faulted memory on every call), then the pooled blocks and the sinks;
+the mask is built only for what hides keys (padding slots, causal, the site's mask, the pooled log-sizes).
 
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
 ``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs
@@ -156,17 +164,13 @@ class BlockRoutingAttention(_base.SDPAMixer):
             scale=None) -> BlockRoutingAttention:
         """Fit each kv head's block count on calibration ``q [..., Hq, N, D]``, ``k, v [..., Hkv, N, D]``.
 
-        For every count 1..blocks the routed output of each head is compared with exact attention; a small
-        dynamic program then picks the counts (summing to ``topk`` × kv heads) of least summed relative
-        squared error. ``scale`` defaults to SDPA's ``1/sqrt(D)``."""
+        One pass of statistics (``fit_errors``) gives each head's relative output error at every count
+        1..blocks on sampled query rows; a small dynamic program then picks the counts (summing to ``topk`` ×
+        kv heads) of least summed error. Costs about an eighth of one exact attention call plus terms that
+        grow as ``N² / block`` (every count of every sampled row), whatever the number of counts. ``scale`` defaults to SDPA's ``1/sqrt(D)``."""
         c = _layout.canon(q, k, v, attn_mask, scale)
-        causal = self.causal or bool(is_causal)
-        exact = _dense.sdpa_rows(c, c.k, c.v, c.bias, causal=causal)                # [Bf, Hkv, G, N, Dv]
-        norm = exact.double().pow(2).sum((0, 2, 3, 4)).clamp(min=1e-30)       # [Hkv]
-        nb = len(self._layout(c.dims[3])[0])
-        errors = torch.stack([(self._attend(c, t, causal, 0.0) - exact).double().pow(2).sum((0, 2, 3, 4)) / norm
-                              for t in range(1, nb + 1)])                       # [nb, Hkv]
-        self.head_topk = allocate_blocks(errors, min(self.topk, nb) * errors.shape[1]).to(q.device)
+        errors = fit_errors(self, c, self.causal or bool(is_causal))             # [nb, Hkv]
+        self.head_topk = allocate_blocks(errors, min(self.topk, errors.shape[0]) * errors.shape[1]).to(q.device)
         return self
 
     def _head_counts(self, q, k, v, attn_mask, is_causal, scale, hkv: int) -> tuple:
@@ -235,15 +239,18 @@ class BlockRoutingAttention(_base.SDPAMixer):
         return c.finish(out)
 
     @staticmethod
-    def _block_affinity(qb: torch.Tensor, kb: torch.Tensor, valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    def _block_affinity(qb: torch.Tensor, kb: torch.Tensor, valid, causal: bool) -> torch.Tensor:
         """Routing scores ``[Bf, Hkv, G, nb, nb]`` of mean-pooled query blocks ``qb [Bf, Hkv, G, nb, bs, D]``
         against mean-pooled key blocks ``kb [Bf, Hkv, nb, bs, D]`` (padding slots, ``~valid [nb, bs]``, left
-        out): a block's own block scores +inf (always kept) and, causally, later blocks -inf."""
-        nb, bs = valid.shape
-        w = valid.to(qb.dtype)
-        w = w / w.sum(-1, keepdim=True).clamp(min=1)
-        qr = (qb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, G, nb, D]
-        kr = (kb * w.view(nb, bs, 1)).sum(-2)                                  # [Bf, Hkv, nb, D]
+        out; ``valid`` None: no padding): a block's own block scores +inf (always kept) and, causally, later
+        blocks -inf."""
+        nb, bs = qb.shape[-3], qb.shape[-2]
+        if valid is None:
+            qr, kr = qb.mean(-2), kb.mean(-2)                                  # [.., nb, D]
+        else:                                                                  # a weighted mean: one matmul
+            w = valid.to(qb.dtype)
+            w = (w / w.sum(-1, keepdim=True).clamp(min=1)).view(nb, 1, bs)
+            qr, kr = (w @ qb).squeeze(-2), (w @ kb).squeeze(-2)
         aff = _dense.grouped_scores(qr, kr)
         if causal:
             aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu(1), _layout.NEG_INF)
@@ -295,114 +302,269 @@ class BlockRoutingAttention(_base.SDPAMixer):
         return out.view(bf, hkv, g, n, dv)
 
     def _attend(self, c: _layout.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
-        """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``."""
+        """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``.
+
+        Every query block is one "head" of a single fused SDPA call on ``[Bf·Hkv·G, nb, bs, D]`` queries whose
+        keys are its ``topk`` chosen key blocks, gathered with one index op (``[.., nb, topk·bs, D]``), followed
+        by the pooled blocks (``summary``) and the sinks; the mask holds only what is not all-visible (padding
+        slots, the causal pattern, the site's mask, the pooled blocks' log-size bias), never N×N."""
         bf, hkv, g, n, _, dd, dv = c.dims
-        dev = c.q.device
         order_list, p, slots = self._layout(n)
-        order = torch.tensor(order_list, dtype=torch.long, device=dev)
-        nb, bs = order.shape
-        valid = order >= 0                                                   # [nb, bs]
-        pos = torch.where(valid, order + p, torch.zeros_like(order))         # token index of each slot
-        flat = pos.reshape(-1)
-        qb = c.q.index_select(-2, flat).view(bf, hkv, g, nb, bs, dd)
-        kb = c.k.index_select(-2, flat).view(bf, hkv, nb, bs, dd)
-        vb = c.v.index_select(-2, flat).view(bf, hkv, nb, bs, dv)
-
-        aff = self._block_affinity(qb, kb, valid, causal)
+        nb, bs = len(order_list), len(order_list[0])
+        blocks = _Blocks(c, order_list, p, slots, line=self.grid is None)
+        qb, kb, vb = blocks.gather(c.q, bf, hkv, g), blocks.gather(c.k, bf, hkv), blocks.gather(c.v, bf, hkv)
         t = min(topk, nb)
-        idx = aff.topk(t, dim=-1).indices                                      # [Bf, Hkv, G, nb, t]
-
-        # gather the chosen key blocks per query block: [Bf, Hkv, G, nb, t*bs, D]
-        gi = idx.reshape(bf, hkv, g, nb * t, 1, 1)
-        kg = torch.gather(kb.unsqueeze(2).expand(bf, hkv, g, nb, bs, dd), 3,
-                          gi.expand(bf, hkv, g, nb * t, bs, dd)).view(bf, hkv, g, nb, t * bs, dd)
-        vg = torch.gather(vb.unsqueeze(2).expand(bf, hkv, g, nb, bs, dv), 3,
-                          gi.expand(bf, hkv, g, nb * t, bs, dv)).view(bf, hkv, g, nb, t * bs, dv)
-        scores = (qb @ kg.transpose(-1, -2)).mul_(c.scale)                     # [Bf, Hkv, G, nb, bs, t*bs]
-
-        kpos = pos[idx].reshape(bf, hkv, g, nb, 1, t * bs)
-        kvalid = valid[idx].reshape(bf, hkv, g, nb, 1, t * bs)
-        qpos = pos.view(nb, bs, 1)
-        keep = kvalid & (kpos <= qpos) if causal else kvalid
-        scores = scores.masked_fill(~keep, _layout.NEG_INF)
-        if c.bias is not None:
-            scores = scores + _dense.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), kpos)
-
-        parts = [scores]
-        pooled_v = None
+        idx = self._block_affinity(qb, kb, blocks.valid, causal).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
+        # the chosen key blocks of every query block, by one index_select over [Bf·Hkv·nb] blocks
+        rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
+        keys = [_layout.index_rows(kb.reshape(bf * hkv * nb, bs, dd), rows, "block_routing.k")
+                .view(bf, hkv, g, nb, t * bs, dd)]
+        values = [_layout.index_rows(vb.reshape(bf * hkv * nb, bs, dv), rows, "block_routing.v")
+                  .view(bf, hkv, g, nb, t * bs, dv)]
+        masks = [blocks.routed_mask(c, idx, causal)]
         if self.summary and nb > 1:
-            # one pooled token per block a query block did not choose (and, causally, that ends before it)
-            chosen = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=dev).scatter_(-1, idx, True)
-            if causal:  # blocks that do not end before the query block: never pooled
-                chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=dev).triu()
-            pooled_scores, pooled_v = self._pooled(c, qb, kb, vb, valid, pos, flat)
-            parts.append(pooled_scores.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF))
+            k_mean, v_mean, pooled_mask = self._pooled(c, qb, kb, vb, blocks, idx, causal)
+            keys.append(k_mean.unsqueeze(-3).expand(bf, hkv, g, nb, nb, dd))
+            values.append(v_mean.unsqueeze(-3).expand(bf, hkv, g, nb, nb, dv))
+            masks.append(pooled_mask)
         if p:
-            pre = _dense.grouped_scores(qb.reshape(bf, hkv, g, nb * bs, dd), c.k[..., :p, :]).mul_(c.scale)
-            pre = pre.view(bf, hkv, g, nb, bs, p)
-            if c.bias is not None:
-                cols = torch.arange(p, device=dev).view(1, 1, 1, 1, 1, p)
-                pre = pre + _dense.gather_bias(c.bias, (bf, hkv, g), qpos.view(1, 1, 1, nb, bs, 1), cols)
-            parts.append(pre)
-        probs = _dense.dropout(_dense.safe_softmax(torch.cat(parts, -1) if len(parts) > 1 else scores), dropout_p)
-        out_b = probs[..., :t * bs] @ vg                                       # [Bf, Hkv, G, nb, bs, Dv]
-        at = t * bs
-        if pooled_v is not None:
-            out_b = out_b + probs[..., at:at + nb] @ pooled_v.unsqueeze(-3)    # [.., nb, bs, nb] @ [.., 1, nb, Dv]
-            at += nb
-        if p:
-            out_b = out_b + _dense.grouped_values(probs[..., at:].reshape(bf, hkv, g, nb * bs, p),
-                                             c.v[..., :p, :]).view(bf, hkv, g, nb, bs, dv)
-
-        # body slots back to token order; prefix queries attend to everything (causally: to what precedes)
-        body = out_b.reshape(bf, hkv, g, nb * bs, dv)
-        dest = flat
-        if slots is not None:
-            keep_slots = torch.tensor(slots, dtype=torch.long, device=dev)
-            body, dest = body.index_select(-2, keep_slots), flat.index_select(0, keep_slots)
-        out = body.new_zeros(bf, hkv, g, n, dv).index_copy(-2, dest, body)
-        if p:
-            pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (), c.out_dtype,
-                          c.mask_floor)
-            out = torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p),
-                             out[..., p:, :]], dim=-2)
-        return out
+            keys.append(c.k[:, :, None, None, :p].expand(bf, hkv, g, nb, p, dd))
+            values.append(c.v[:, :, None, None, :p].expand(bf, hkv, g, nb, p, dv))
+            masks.append(None if c.bias is None else _dense.gather_bias(
+                c.bias, (bf, hkv, g), blocks.query_pos().view(1, 1, 1, nb, bs, 1),
+                torch.arange(p, device=c.q.device).view(1, 1, 1, 1, 1, p)))
+        widths = [x.shape[-2] for x in keys]
+        keys = _layout.cat_rows(keys, -2, "block_routing.keys").view(bf * hkv * g, nb, -1, dd)
+        values = _layout.cat_rows(values, -2, "block_routing.values").view(bf * hkv * g, nb, -1, dv)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qb.reshape(bf * hkv * g, nb, bs, dd), keys, values, attn_mask=_join_masks(masks, widths, c.q),
+            dropout_p=float(dropout_p or 0.0), scale=c.scale)
+        out = blocks.body(out.view(bf, hkv, g, nb * bs, dv))
+        if not p:
+            return out
+        # prefix queries attend to everything (causally: to what precedes)
+        pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (),
+                            c.out_dtype, c.mask_floor)
+        return torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p), out], -2)
 
     @staticmethod
-    def _pooled(c, qb, kb, vb, valid, pos, flat) -> tuple:
-        """Scores of every body query against every block's pooled token ``[Bf, Hkv, G, nb, bs, nb]`` and the
-        pooled values ``[Bf, Hkv, G|1, nb, Dv]``.
+    def _pooled(c, qb, kb, vb, blocks, idx, causal: bool) -> tuple:
+        """Every block's pooled key and value ``[Bf, Hkv, G|1, nb, D]`` and the mask ``[Bf, Hkv, G, nb, bs|1,
+        nb]`` of the pooled tokens for each query block: -inf for the blocks it chose (causally, also for the
+        blocks that do not end before it) and, otherwise, the log-sum-exp of the site mask over the block's
+        keys for that query.
 
         A block's pooled key and value are the means over its member keys that some query may see (padding
-        slots and keys the mask hides from every query are left out). Its score is ``q·k̄·scale`` plus the
-        log-sum-exp of the mask over the block's keys for that query, which is ``log(size)`` without a mask
-        and ``log(#visible)`` for 0/-inf masks, so the block carries the mass of its keys.
+        slots and keys the mask hides from every query are left out). Its score ``q·k̄·scale`` plus that
+        log-sum-exp, which is ``log(size)`` without a mask and ``log(#visible)`` for 0/-inf masks, makes the
+        block carry the mass of its keys.
         """
         bf, hkv, g, nb, bs, dd = qb.shape
+        valid = blocks.valid if blocks.valid is not None else torch.ones(nb, bs, dtype=torch.bool, device=qb.device)
         member = valid.to(c.q.dtype).view(1, 1, 1, nb, bs)                  # [1, 1, 1, nb, bs]
         log_bias = torch.where(valid, 0.0, _layout.NEG_INF).to(c.q.dtype).view(1, 1, 1, 1, 1, nb, bs)
         if c.bias is not None:
             rows = c.bias.shape[-2]
-            cols = c.bias.index_select(-1, flat).view(*c.bias.shape[:3], rows, nb, bs)
+            cols = blocks.slots_of(c.bias, -1).view(*c.bias.shape[:3], rows, nb, bs)
             seen = cols.amax(-3) > c.mask_floor                              # [Bm, Hm, Gm, nb, bs]
             member = member * seen.to(c.q.dtype)
             b = cols.masked_fill(~valid, _layout.NEG_INF)
             if rows > 1:                                                     # per-query mask: rows in slot order
-                b = b.index_select(-3, flat).view(*c.bias.shape[:3], nb, bs, nb, bs)
+                b = blocks.slots_of(b, -3).view(*c.bias.shape[:3], nb, bs, nb, bs)
             else:
                 b = b.view(*c.bias.shape[:3], 1, 1, nb, bs)
             log_bias = b
         count = member.sum(-1, keepdim=True)
-        weight = member / count.clamp(min=1)                                  # [.., nb, bs]
-        k_mean = (weight.unsqueeze(-1) * kb.unsqueeze(2)).sum(-2)             # [Bf, Hkv, G|1, nb, D]
-        v_mean = (weight.unsqueeze(-1) * vb.unsqueeze(2)).sum(-2)
-        scores = (qb.reshape(bf, hkv, g, nb * bs, dd) @ k_mean.transpose(-1, -2)).mul_(c.scale)
-        scores = scores.view(bf, hkv, g, nb, bs, nb)
-        # log-sum-exp of the mask over each block's keys; blocks with no visible member get -inf
+        weight = (member / count.clamp(min=1)).unsqueeze(-2)                 # [.., nb, 1, bs]
+        k_mean = (weight @ kb.unsqueeze(2)).squeeze(-2)                      # [Bf, Hkv, G|1, nb, D]
+        v_mean = (weight @ vb.unsqueeze(2)).squeeze(-2)
         lse = torch.logsumexp(log_bias, dim=-1)                               # [.., nb|1, bs|1, nb]
-        lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), _layout.NEG_INF) \
-            if c.bias is not None else lse
-        return scores + lse, v_mean
+        if c.bias is not None:                                                # no visible member: -inf
+            lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), _layout.NEG_INF)
+        chosen = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=qb.device).scatter_(-1, idx, True)
+        if causal:  # blocks that do not end before the query block: never pooled
+            chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu()
+        return k_mean, v_mean, lse.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF)
+
+
+def _cat(parts: list, dim: int = -2) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _join_masks(masks: list, widths: list, like: torch.Tensor):
+    """The additive SDPA mask ``[Bf·Hkv·G|1, nb, bs|1, S]`` of the key parts (``masks[i]`` None: part ``i``, of
+    ``widths[i]`` keys, all visible; else ``[.., nb|1, bs|1, S_i]`` with leading dims ``[Bf|1, Hkv|1, G|1]``);
+    None when every part is all visible."""
+    if all(m is None for m in masks):
+        return None
+    lead = torch.broadcast_shapes(*(m.shape[:-1] for m in masks if m is not None))
+    full = [torch.zeros((), dtype=like.dtype, device=like.device).expand(*lead, w) if m is None
+            else m.to(like.dtype).expand(*lead, m.shape[-1]) for m, w in zip(masks, widths)]
+    mask = _cat(full, dim=-1)
+    bf, hkv, g, nb, rows = mask.shape[:5]
+    return mask.reshape(bf * hkv * g, nb, rows, mask.shape[-1])
+
+
+class _Blocks:
+    """The body tokens of one call as ``nb`` blocks of ``bs`` slots (``order``; padding slots -1) after ``p``
+    prefix tokens: gathers q/k/v into blocks, builds the routed blocks' mask, and puts block outputs back in
+    token order. ``line``: the 1-D layout, whose slots are the body tokens in order (padding at the end), so
+    blocks are a view (or one padded copy) instead of an index gather."""
+
+    def __init__(self, c: _layout.Canon, order_list: list, p: int, slots, line: bool):
+        self.nb, self.bs, self.p, self.slots, self.line = len(order_list), len(order_list[0]), p, slots, line
+        self.n = c.dims[3]
+        self.pad = self.nb * self.bs - (self.n - p)                          # padding slots at the end (line)
+        dev = self.device = c.q.device
+        order = torch.tensor(order_list, dtype=torch.long, device=dev)
+        valid = order >= 0                                                   # [nb, bs]
+        self.valid = None if slots is None else valid
+        self.flat = torch.where(valid, order + p, torch.zeros_like(order)).reshape(-1)  # token of each slot
+
+    def gather(self, t: torch.Tensor, bf: int, hkv: int, g: int = 0) -> torch.Tensor:
+        """``t [Bf, Hkv, (G,) N, D]`` as blocks ``[Bf, Hkv, (G,) nb, bs, D]``."""
+        lead = (bf, hkv, g) if g else (bf, hkv)
+        if self.line:
+            body = t[..., self.p:, :] if self.p else t
+            if self.pad:
+                body = torch.nn.functional.pad(body, (0, 0, 0, self.pad))
+            return body.reshape(*lead, self.nb, self.bs, t.shape[-1])
+        return t.index_select(-2, self.flat).view(*lead, self.nb, self.bs, t.shape[-1])
+
+    def slots_of(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """``t`` with its token dim ``dim`` (size N) read in slot order (size nb·bs)."""
+        if self.line and not self.p and not self.pad:
+            return t
+        return t.index_select(dim, self.flat)
+
+    def query_pos(self) -> torch.Tensor:
+        """The token index of every slot ``[nb, bs]`` (padding slots: 0)."""
+        return self.flat.view(self.nb, self.bs)
+
+    def routed_mask(self, c: _layout.Canon, idx: torch.Tensor, causal: bool):
+        """The mask ``[Bf|1, Hkv|1, G|1, nb, bs|1, t·bs]`` of the routed key blocks ``idx [Bf, Hkv, G, nb, t]``
+        (padding slots, the causal pattern, the site's mask), or None when every routed key is visible."""
+        nb, bs = self.nb, self.bs
+        lead, t, dev = idx.shape[:3], idx.shape[-1], idx.device
+        keep = None
+        if self.valid is not None:                                            # padding key slots
+            keep = self.valid[idx].view(*lead, nb, 1, t * bs)
+        if causal:  # 1-D blocks: slot order is token order, so a key is visible iff its block is earlier, or it
+            # is the query's own block and the key's slot is not after the query's
+            rel = (idx - torch.arange(nb, device=dev).view(nb, 1)).view(*lead, nb, 1, t, 1)
+            own = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril().view(bs, 1, bs)
+            vis = ((rel < 0) | ((rel == 0) & own)).view(*lead, nb, bs, t * bs)
+            keep = vis if keep is None else keep & vis
+        mask = None if keep is None else torch.zeros(keep.shape, dtype=c.q.dtype, device=dev).masked_fill_(
+            ~keep, _layout.NEG_INF)
+        if c.bias is not None:
+            pos = self.query_pos()
+            kpos = pos[idx].view(*lead, nb, 1, t * bs)
+            site = _dense.gather_bias(c.bias, tuple(lead), pos.view(1, 1, 1, nb, bs, 1), kpos)
+            mask = site if mask is None else mask + site
+        return mask
+
+    def body(self, out: torch.Tensor) -> torch.Tensor:
+        """Block outputs ``[Bf, Hkv, G, nb·bs, Dv]`` as the body tokens' rows ``[Bf, Hkv, G, N - p, Dv]``."""
+        if self.line:
+            return out[..., :self.n - self.p, :]
+        dest = self.flat
+        if self.slots is not None:
+            keep = torch.tensor(self.slots, dtype=torch.long, device=out.device)
+            out, dest = out.index_select(-2, keep), dest.index_select(0, keep)
+        full = out.new_zeros(*out.shape[:3], self.n, out.shape[-1]).index_copy(-2, dest, out)
+        return full[..., self.p:, :]
+
+
+#: query rows per 64 tokens of a block the per-head fit samples (evenly spaced in the block; at least 2 a
+#: block): a fixed share of the rows, so the fit's exact pass costs an eighth of an exact call at any block size
+FIT_ROWS_PER_BLOCK = 8
+
+#: elements of the fit's per-row, per-block partial outputs held at once (rows go in chunks)
+FIT_CHUNK_ELEMENTS = 1 << 23
+
+
+def fit_errors(module: BlockRoutingAttention, c: _layout.Canon, causal: bool) -> torch.Tensor:
+    """``[nb, Hkv]``: each kv head's relative squared output error ``sum ||routed - exact||² / sum ||exact||²``
+    when every query block keeps its best ``t`` key blocks, for every ``t`` in 1..nb, on sampled query rows.
+
+    One exact pass over the sampled rows gives, per row, the probability mass and partial output of every key
+    block (and of the sinks); the routed output at count ``t`` is then the renormalised sum of the sinks and
+    the row's ``t`` first blocks in routing order (a cumulative sum), plus, with ``summary``, the pooled tokens
+    of the blocks after them: every count at the price of one partial exact pass. (With a site mask the pooled
+    tokens are weighted as if unmasked: an estimate for the fit, not the forward.)"""
+    bf, hkv, g, n, _, dd, dv = c.dims
+    order_list, p, slots = module._layout(n)
+    blocks = _Blocks(c, order_list, p, slots, line=module.grid is None)
+    nb, bs = blocks.nb, blocks.bs
+    qb, kb, vb = blocks.gather(c.q, bf, hkv, g), blocks.gather(c.k, bf, hkv), blocks.gather(c.v, bf, hkv)
+    rank = module._block_affinity(qb, kb, blocks.valid, causal).argsort(-1, descending=True)  # [.., nb, nb]
+    valid = blocks.valid if blocks.valid is not None else torch.ones(nb, bs, dtype=torch.bool, device=c.q.device)
+    per = min(bs, max(2, FIT_ROWS_PER_BLOCK * bs // 64))
+    picks = torch.linspace(0, bs - 1, per, device=c.q.device).round().long().unique()
+    pooled = _fit_pooled_keys(c, kb, vb, valid) if module.summary and nb > 1 else None
+    errors = torch.zeros(nb, hkv, dtype=torch.float64, device=c.q.device)
+    norm = torch.zeros(hkv, dtype=torch.float64, device=c.q.device)
+    step = max(1, FIT_CHUNK_ELEMENTS // max(1, bf * hkv * g * len(picks) * nb * (dv + 2)))
+    for start in range(0, nb, step):
+        qblocks = torch.arange(start, min(nb, start + step), device=c.q.device)
+        err, nrm = _fit_chunk(c, blocks, vb, valid, rank, qblocks, picks, pooled, causal)
+        errors += err
+        norm += nrm
+    return (errors / norm.clamp(min=1e-30)).float()
+
+
+def _fit_pooled_keys(c, kb, vb, valid) -> tuple:
+    """Every block's pooled key, value ``[Bf, Hkv, nb, D]`` and ``log(#members)`` ``[nb]`` (see ``_pooled``)."""
+    member = valid.to(c.q.dtype)
+    count = member.sum(-1)
+    weight = (member / count.clamp(min=1).unsqueeze(-1)).unsqueeze(-2)         # [nb, 1, bs]
+    log_count = torch.where(count > 0, count.clamp(min=1).log(), torch.full_like(count, _layout.NEG_INF))
+    return (weight @ kb).squeeze(-2), (weight @ vb).squeeze(-2), log_count
+
+
+def _fit_chunk(c, blocks, vb, valid, rank, qblocks, picks, pooled, causal) -> tuple:
+    """``fit_errors`` for the sampled rows of the query blocks ``qblocks``: (summed squared errors ``[nb, Hkv]``,
+    summed squared exact outputs ``[Hkv]``)."""
+    bf, hkv, g, n, _, dd, dv = c.dims
+    nb, bs, p = blocks.nb, blocks.bs, blocks.p
+    nq, per = len(qblocks), len(picks)
+    pos = blocks.query_pos().index_select(0, qblocks)[:, picks]                # [nq, per] token of each row
+    row_ok = valid.index_select(0, qblocks)[:, picks].reshape(-1).to(torch.float64)
+    rows = pos.reshape(-1)
+    scores = _dense.grouped_scores(c.q.index_select(-2, rows), c.k).mul_(c.scale)   # [Bf, Hkv, G, R, N]
+    if c.bias is not None:
+        scores = scores + (c.bias.index_select(-2, rows) if c.bias.shape[-2] > 1 else c.bias)
+    if causal:
+        scores = scores.masked_fill(torch.arange(n, device=rows.device).view(1, n) > rows.view(-1, 1),
+                                    _layout.NEG_INF)
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    probs = torch.exp(scores - lse).nan_to_num_(0.0)                           # rows seeing nothing: 0
+    body = blocks.slots_of(probs, -1).view(bf, hkv, g, nq * per, nb, bs) * valid
+    mass = body.sum(-1)                                                         # [Bf, Hkv, G, R, nb]
+    part = torch.einsum("bhgrns,bhnsd->bhgrnd", body, vb)                       # [Bf, Hkv, G, R, nb, Dv]
+    sink_mass = probs[..., :p].sum(-1, keepdim=True) if p else torch.zeros_like(mass[..., :1])
+    sink_out = _dense.grouped_values(probs[..., :p], c.v[..., :p, :]) if p else torch.zeros_like(part[..., 0, :])
+    exact = sink_out + part.sum(-2)                                             # [Bf, Hkv, G, R, Dv]
+    order = rank.index_select(3, qblocks).repeat_interleave(per, dim=3)         # [Bf, Hkv, G, R, nb]
+    cum_mass = mass.gather(-1, order).cumsum_(-1).add_(sink_mass)
+    cum_out = part.gather(-2, order.unsqueeze(-1).expand(*order.shape, dv)).cumsum_(-2).add_(sink_out.unsqueeze(-2))
+    if pooled is not None:
+        k_mean, v_mean, log_count = pooled
+        w = torch.exp(_dense.grouped_scores(c.q.index_select(-2, rows), k_mean) * c.scale + log_count - lse)
+        if causal:  # blocks that do not end before the query block are never pooled
+            w = w.masked_fill(torch.arange(nb, device=rows.device).view(1, nb) >= qblocks.repeat_interleave(
+                per).view(-1, 1), 0.0)
+        w = w.nan_to_num_(0.0).gather(-1, order)                                # in routing order
+        rest = w.sum(-1, keepdim=True) - w.cumsum(-1)                           # pooled mass after count t
+        v_sorted = v_mean.unsqueeze(2).unsqueeze(3).expand(bf, hkv, g, nq * per, nb, dv).gather(
+            -2, order.unsqueeze(-1).expand(*order.shape, dv))
+        rest_out = (w.unsqueeze(-1) * v_sorted).flip(-2).cumsum(-2).flip(-2) - w.unsqueeze(-1) * v_sorted
+        cum_mass, cum_out = cum_mass.add_(rest), cum_out.add_(rest_out)
+    routed = cum_out.div_(torch.where(cum_mass > 0, cum_mass, torch.ones_like(cum_mass)).unsqueeze(-1))
+    err = routed.sub_(exact.unsqueeze(-2)).pow_(2).sum(-1, dtype=torch.float64) * row_ok.view(-1, 1)  # [.., R, nb]
+    nrm = exact.double().pow(2).sum(-1) * row_ok
+    return err.sum((0, 2, 3)).transpose(0, 1), nrm.sum((0, 2, 3))
 
 
 def allocate_blocks(errors: torch.Tensor, total: int) -> torch.Tensor:
@@ -421,6 +583,7 @@ def allocate_blocks(errors: torch.Tensor, total: int) -> torch.Tensor:
                     nxt[used + t] = cand
         best = nxt
     return torch.tensor(min(best.values())[1], dtype=torch.long)
+
 
 
 @register_handler(BlockRouting)

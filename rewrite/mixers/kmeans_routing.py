@@ -144,9 +144,13 @@ class KMeansRoutingAttention(_base.SDPAMixer):
             from torch._guards import detect_fake_mode
             mu = detect_fake_mode((q,)).from_tensor(mu)
         mu = mu.to(q.dtype)                                                   # [Hkv, C, D]
-        simq = _dense.grouped_scores(F.normalize(q, dim=-1), mu.unsqueeze(0))     # [Bf, Hkv, G, N, C]
-        simk = F.normalize(k, dim=-1) @ mu.transpose(-1, -2).unsqueeze(0)    # [Bf, Hkv, Nk, C]
-        kidx = simk.topk(min(self.window, k.shape[-2]), dim=-2).indices.transpose(-1, -2)
+        # cosine similarities, each row divided by its norm after the product (F.normalize's clamp at 1e-12):
+        # [N, C] divisions instead of [N, D]; a query's nearest centroid does not depend on its own norm
+        simq = _dense.grouped_scores(q, mu.unsqueeze(0))                       # [Bf, Hkv, G, N, C]
+        simk = (k @ mu.transpose(-1, -2).unsqueeze(0)).div_(
+            torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_(min=1e-12))  # [Bf, Hkv, Nk, C]
+        # top keys along a contiguous last dim (a top-k down the strided key dim is several times slower)
+        kidx = simk.transpose(-1, -2).contiguous().topk(min(self.window, k.shape[-2]), dim=-1).indices
         return simq.argmax(-1), kidx
 
     def _is_fitted_for(self, c: _layout.Canon) -> bool:
@@ -222,6 +226,8 @@ class KMeansRoutingAttention(_base.SDPAMixer):
         w = kidx.shape[-1]
         bq = _slot_block(n, nc)
         slot_q, slot_of, blk_c = slot_layout(cluster, nc, bq)                 # [L,S], [L,N], [L,nblk]
+        if _fused_ok(c, dropout_p):
+            return c.finish(self._fused(c, kidx, slot_q, slot_of, blk_c, bq))
         nblk = blk_c.shape[-1]
         full = (bf, hkv, g)
 
@@ -259,6 +265,40 @@ class KMeansRoutingAttention(_base.SDPAMixer):
         return c.finish(out)
 
 
+    @staticmethod
+    def _fused(c: _layout.Canon, kidx, slot_q, slot_of, blk_c, bq: int) -> torch.Tensor:
+        """The bidirectional form on the fused CPU kernel: every block of ``bq`` query slots is one "head" of a
+        single SDPA call against its cluster's ``w`` keys (gathered with one index op into a scratch buffer);
+        each query's own key joins through the row's log-sum-exp (the kernel's second output), unless the
+        cluster's window already holds it. ``[Bf, Hkv, G, N, Dv]``."""
+        bf, hkv, g, n, _, dd, dv = c.dims
+        nc, w, nblk = kidx.shape[-2], kidx.shape[-1], blk_c.shape[-1]
+        dev = c.q.device
+        lead = torch.arange(bf * hkv, device=dev).view(bf, hkv, 1, 1)
+        # the keys of every cluster's window [Bf·Hkv·C, w, D], then each block's cluster's [L, nblk, w, D]
+        kflat = (lead * n + kidx).reshape(-1)
+        ksel = c.k.reshape(bf * hkv * n, dd).index_select(0, kflat).view(bf * hkv * nc, w, dd)
+        vsel = c.v.reshape(bf * hkv * n, dv).index_select(0, kflat).view(bf * hkv * nc, w, dv)
+        blocks = (lead * nc + blk_c).reshape(-1)                                # [Bf, Hkv, G, nblk] -> rows
+        kb = _layout.index_rows(ksel, blocks, "kmeans_routing.k").view(bf * hkv * g, nblk, w, dd)
+        vb = _layout.index_rows(vsel, blocks, "kmeans_routing.v").view(bf * hkv * g, nblk, w, dv)
+        # queries in slots (slot N: an empty slot, a zero query whose row is dropped at the end)
+        qrow = (torch.arange(bf * hkv * g, device=dev).view(bf, hkv, g, 1) * (n + 1) + slot_q).reshape(-1)
+        own_row = (lead * n + slot_q.clamp(max=n - 1)).reshape(-1)
+        qs = F.pad(c.q, (0, 0, 0, 1)).reshape(-1, dd).index_select(0, qrow).view(bf * hkv * g, nblk, bq, dd)
+        out, lse = _FLASH_CPU(qs, kb, vb, scale=c.scale)                       # [L, nblk, Bq, Dv], [L, nblk, Bq]
+        kown = c.k.reshape(-1, dd).index_select(0, own_row).view(bf * hkv * g, nblk, bq, dd)
+        vown = c.v.reshape(-1, dv).index_select(0, own_row).view(bf * hkv * g, nblk, bq, dv)
+        own = (qs * kown).sum(-1).mul_(c.scale)
+        # is a slot's own key in its cluster's window already (then it is counted there, once)?
+        member = torch.zeros(bf, hkv, nc, n + 1, dtype=torch.bool, device=dev).scatter_(-1, kidx, True)
+        at = (blk_c.unsqueeze(-1) * (n + 1) + slot_q.view(bf, hkv, g, nblk, bq)).reshape(bf, hkv, g, -1)
+        in_window = member.view(bf, hkv, 1, -1).expand(bf, hkv, g, -1).gather(-1, at)
+        own = own.masked_fill(in_window.view(bf * hkv * g, nblk, bq), _layout.NEG_INF)
+        share = (own - lse).sigmoid_().unsqueeze(-1)                            # the own key's probability
+        out = vown.sub_(out).mul_(share).add_(out).reshape(bf, hkv, g, nblk * bq, dv)   # out + share·(vown - out)
+        return torch.gather(out, 3, slot_of.unsqueeze(-1).expand(bf, hkv, g, n, dv))
+
     def _causal(self, c: _layout.Canon, dropout_p) -> torch.Tensor:
         """Causal routed attention ``[Bf, Hkv, G, N, Dv]`` (see :meth:`route_causal`), in chunks of query rows."""
         bf, hkv, g, _, nk, dd, dv = c.dims
@@ -285,6 +325,19 @@ class KMeansRoutingAttention(_base.SDPAMixer):
             probs = _dense.dropout(_dense.safe_softmax(torch.cat([scores, own], -1)), dropout_p)
             outs.append((probs[..., None, :w] @ vb).squeeze(-2) + probs[..., w:] * c.v[:, :, None, rows, :])
         return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
+
+
+#: the CPU fused kernel that also returns each row's log-sum-exp (merges each query's own key in)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_ok(c: _layout.Canon, dropout_p) -> bool:
+    """Whether ``_fused`` serves this call: CPU, no site mask, no dropout, nothing to differentiate, real
+    tensors, equal q/v head dims (the kernel's), not float64 (the kernel is for fp32 / half)."""
+    return (_FLASH_CPU is not None and c.q.device.type == "cpu" and c.bias is None and not dropout_p
+            and c.q.shape[-1] == c.v.shape[-1] and c.q.dtype == torch.float32 and not _layout.has_no_data(c.q)
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v))))
 
 
 def _slot_block(n, clusters):

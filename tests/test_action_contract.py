@@ -28,6 +28,7 @@ SETTINGS = {
     "SlidingWindow": rewrite.SlidingWindow(window=8, sinks=1),
     "Spectral": rewrite.Spectral(keep=8),
     "TokenMerge": rewrite.TokenMerge(r=8),
+    "MergeTokens": rewrite.MergeTokens(r=8),
     "TopK": rewrite.TopK(k=8),
 }
 
@@ -36,6 +37,19 @@ def Attention(seed: int) -> nn.Module:
     """The hand-written self-attention of the Inductor state tests (D=32, 4 heads), seeded."""
     torch.manual_seed(seed)
     return BackendAttention()
+
+
+class Residual(nn.Module):
+    """Two self-attention layers in residual blocks: a block-level action (MergeTokens) rewrites the block."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.first, self.second = BackendAttention(), BackendAttention()
+
+    def forward(self, x):
+        x = x + self.first(x)
+        return x + self.second(x)
 
 
 def test_every_registered_action_is_in_the_contract():
@@ -48,7 +62,7 @@ def test_inductor_runs_what_eager_runs(name):
     x = torch.randn(2, N, D, generator=torch.Generator().manual_seed(1))
     models = {}
     for then in ("eager", "inductor"):
-        model = Attention(seed=0).eval()
+        model = (Residual(seed=0) if action.block_level else Attention(seed=0)).eval()
         rewrite.optimize(model, {"_default": action}, example_inputs=(x,), then=then)
         row = model.rewrite_report.sites[0]
         assert row.status == "rewritten" and "declined" not in row.reason, row.reason

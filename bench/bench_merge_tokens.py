@@ -1,0 +1,102 @@
+"""Block-level token merging (``MergeTokens``) on MiniLM-L6 with its real weights: speed and embedding accuracy.
+
+For each ``r`` (tokens merged after every one of the 6 layers), MiniLM is optimized with ``MergeTokens(r)`` on every
+site and compared with the same model optimized exactly (SDPA, the fastest exact form here):
+
+* accuracy: the cosine of mean-pooled sentence embeddings (pooled with the attention mask, as sentence-transformers
+  does) to the original model's, on held-out real text (``docstrings`` passages; the example batch the rewrite
+  verifies on comes from another source, ``reference``), batches of ``--batch`` passages of ``--length`` tokens;
+* speed: forward time of exact vs merged, interleaved (A, B, A, B, ...), the median of ``--repeats`` each.
+
+Run: ``python bench/bench_merge_tokens.py [--batch 4 --length 512 --r 0,16,32,48,64 --threads 1]``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import rewrite  # noqa: E402
+
+
+def batches(tok, source: str, count: int, batch: int, length: int, seed: int) -> list:
+    from text_passages import passages
+    singles = passages(tok, [source], count * batch, length=length, seed=seed)
+    return [{k: torch.cat([s[k] for s in singles[i * batch:(i + 1) * batch]]) for k in singles[0]}
+            for i in range(count)]
+
+
+def pooled(out, batch) -> torch.Tensor:
+    m = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+    return (out.last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def cosine(ref, model, evals) -> float:
+    with torch.no_grad():
+        cos = [torch.nn.functional.cosine_similarity(pooled(ref(**b), b), pooled(model(**b), b), dim=-1)
+               for b in evals]
+    return float(torch.cat(cos).mean())
+
+
+def interleaved(fns: list, batch, repeats: int) -> list:
+    """Median seconds of each fn, run A, B, A, B, ... after one warm-up each."""
+    times = [[] for _ in fns]
+    with torch.no_grad():
+        for fn in fns:
+            fn(**batch)
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                t = time.perf_counter()
+                fn(**batch)
+                times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--r", default="0,16,32,48,64")
+    ap.add_argument("--evals", type=int, default=3, help="held-out batches for the cosine")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--protect-first", type=int, default=1)
+    ap.add_argument("--metric", default="hidden", choices=("hidden", "keys"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default). On a shared machine "
+                    "use 1: OpenMP threads spinning against other processes make small ops erratically slow")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModel, AutoTokenizer
+    from rewrite.demo import minilm_folder
+    folder = minilm_folder()
+    tok = AutoTokenizer.from_pretrained(folder)
+    example = batches(tok, "reference", 1, args.batch, args.length, seed=1)[0]
+    evals = batches(tok, "docstrings", args.evals, args.batch, args.length, seed=2)
+    base = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    exact = rewrite.optimize(copy.deepcopy(base), "exact", example_kwargs=example)
+    print(f"MiniLM-L6, {args.batch}x{args.length}, {torch.get_num_threads()} threads; exact = every site SDPA")
+    print("| r per layer | tokens after each layer | cosine (held-out) | exact s | merged s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for r in [int(x) for x in args.r.split(",")]:
+        model = rewrite.optimize(copy.deepcopy(base), {"_default": rewrite.MergeTokens(
+            r=r, protect_first=args.protect_first, metric=args.metric)},
+                                 example_kwargs=example)
+        rows = rewrite.report(model).sites
+        declined = [row.reason for row in rows if "declined" in row.reason]
+        tokens = rows[0].reason.split("example: ")[-1] if not declined else "declined: " + declined[0]
+        cos = cosine(base, model, evals)
+        t_exact, t_merged = interleaved([exact, model], evals[0], args.repeats)
+        print(f"| {r} | {tokens} | {cos:.4f} | {t_exact:.3f} | {t_merged:.3f} | {t_exact / t_merged:.2f}x |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -328,6 +328,8 @@ def _block_level(run: GraphRun, sites: list) -> None:
         row = rows.get(s.site.key)
         if outcome.ok:
             note, row.error = outcome.note, outcome.error
+            if row.flops_after is not None:  # its attention runs on the tokens the merges before it left
+                row.flops_after *= (outcome.attended / outcome.tokens[0]) ** 2
         else:
             note = f"{type(s.action).__name__} declined: {outcome.note}; fell back to Exact"
             row.action, row.exact = Exact().describe(), True

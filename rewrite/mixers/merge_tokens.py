@@ -8,8 +8,8 @@ This file holds the action, its handler and the run-time pieces the graph pass i
   alternate into sets A and B, each A token picks its most similar B token, and the ``r`` best pairs merge by a
   size-weighted average. It carries, per batch element, each token's *size* (how many original tokens it
   stands for), *owner* (the current index of every original token, for unmerging) and *rep* (the original
-  index of one visible member, to merge masks with their tokens). Tokens a padding mask hides are never merged
-  into visible ones (only among themselves, and only when ``r`` leaves no other pair); the first
+  index of one visible member, to merge masks with their tokens). Tokens a padding mask hides merge first, among
+  themselves (free: no real token sees them), and into visible ones only when nothing else is left; the first
   ``protect_first`` tokens (CLS) are never merged.
 * :func:`proportional_mask` — a later site's mask merged with its tokens (a merged token is visible where its
   representative is) plus ``log(size)`` on its keys: ToMe's proportional attention.
@@ -44,10 +44,10 @@ from ..sites import MASKED_BELOW
 from . import _base
 from . import _masks
 
-#: visibility tags added to the cosine of a pair (a rank-2 product, no N x N mask): visible with visible +9,
-#: padding with padding +4, padding with visible -3, so padding merges only when ``r`` leaves no visible pair, and
-#: with a visible token only when nothing else is left (cosines span 2)
-_VISIBLE_TAG, _MASKED_TAG = (3.0, 0.0), (-1.0, math.sqrt(3.0))
+#: visibility tags added to the cosine of a pair (a rank-2 product, no N x N mask): padding with padding +9, visible
+#: with visible +4, padding with visible -2 (cosines span 2). Padding merges first, among itself: no real token
+#: sees it, so those merges cost real tokens nothing; padding and a real token merge only when nothing else is left
+_VISIBLE_TAG, _MASKED_TAG = (2.0, 0.0), (-1.0, math.sqrt(8.0))
 #: averaging weight of a padding token's value, relative to a visible one (a group of padding only: by size)
 _MASKED_WEIGHT = 1e-6
 

@@ -87,6 +87,7 @@ class MergeOutcome:
     note: str = ""
     error: Optional[float] = None
     tokens: list = dataclasses.field(default_factory=list)   # tokens after each merge, on the example
+    attended: Optional[int] = None   # tokens this site's own attention runs on (merged by the sites before it)
 
 
 @dataclasses.dataclass
@@ -144,8 +145,13 @@ def merge_tokens(gm: fx.GraphModule, inputs: list, requests: list, is_state: Cal
         return [MergeOutcome(r.key, False, why) for r in requests]
     note = "tokens after each merge on the example: " + " -> ".join(str(t) for t in tokens)
     by_key = {m.request.key: m for m in merges}
-    return [MergeOutcome(r.key, True, f"merges {tokens[by_key[r.key].level - 1] - tokens[by_key[r.key].level]} "
-                         f"tokens after its block; {note}", error, tokens) for r in requests]
+    out = []
+    for r in requests:
+        level = by_key[r.key].level
+        out.append(MergeOutcome(r.key, True, f"attends over {tokens[level - 1]} tokens, merges "
+                                f"{tokens[level - 1] - tokens[level]} after its block; {note}", error, tokens,
+                                tokens[level - 1]))
+    return out
 
 
 # --- merge points -------------------------------------------------------------------------------------

@@ -64,7 +64,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--r", default="0,16,32,48,64")
+    ap.add_argument("--r", default="0,16,32,48,64",
+                    help="settings, comma-separated: a number is that r after every layer; a schedule gives one r per "
+                         "layer joined by '/', e.g. 40/48/56/64/72/80")
     ap.add_argument("--evals", type=int, default=3, help="held-out batches for the cosine")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--protect-first", type=int, default=1)
@@ -83,12 +85,14 @@ def main(argv=None) -> None:
     base = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
     exact = rewrite.optimize(copy.deepcopy(base), "exact", example_kwargs=example)
     print(f"MiniLM-L6, {args.batch}x{args.length}, {torch.get_num_threads()} threads; exact = every site SDPA")
-    print("| r per layer | tokens after each layer | cosine (held-out) | exact s | merged s | speed-up |")
+    print("| r after each layer | tokens after each layer | cosine (held-out) | exact s | merged s | speed-up |")
     print("|---|---|---|---|---|---|")
-    for r in [int(x) for x in args.r.split(",")]:
-        model = rewrite.optimize(copy.deepcopy(base), {"_default": rewrite.MergeTokens(
-            r=r, protect_first=args.protect_first, metric=args.metric)},
-                                 example_kwargs=example)
+    layers = [f"encoder.layer.{i}.attention.self" for i in range(base.config.num_hidden_layers)]
+    for r in args.r.split(","):
+        per_layer = [int(x) for x in r.split("/")] if "/" in r else [int(r)] * len(layers)
+        policy = {name: rewrite.MergeTokens(r=k, protect_first=args.protect_first, metric=args.metric)
+                  for name, k in zip(layers, per_layer)}
+        model = rewrite.optimize(copy.deepcopy(base), policy, example_kwargs=example)
         rows = rewrite.report(model).sites
         declined = [row.reason for row in rows if "declined" in row.reason]
         tokens = rows[0].reason.split("example: ")[-1] if not declined else "declined: " + declined[0]

@@ -126,12 +126,13 @@ def merge_tokens(gm: fx.GraphModule, inputs: list, requests: list, is_state: Cal
         merges.sort(key=lambda m: order[m.point])
         for i, m in enumerate(merges):
             m.level = i + 1
-        redrawn = redraw_inputs(gm, _sdpa_masks(gm), inputs, is_state)
-        plan = _prove(gm, merges, _mask_examples(gm, [inputs] + ([redrawn] if redrawn is not None else [])))
+        masks = _sdpa_masks(gm)
+        before = _run_both(gm, inputs, redraw_inputs(gm, masks, inputs, is_state), masks)
+        plan = _prove(gm, merges, before[3])
     except Declined as why:
         return [MergeOutcome(r.key, False, str(why)) for r in requests]
     tokens = _token_counts(merges)
-    backup, before = copy.deepcopy(gm.graph), _run_both(gm, inputs, redrawn)
+    backup = copy.deepcopy(gm.graph)
     added: list = []
     try:
         _apply(gm, plan, added)
@@ -629,31 +630,21 @@ def _unmerged(graph: fx.Graph, before: fx.Node, live: fx.Node, t: Track, states:
 
 # --- verification ---------------------------------------------------------------------------------------
 
-def _mask_examples(gm: fx.GraphModule, batches: list) -> dict:
-    """Each SDPA mask node's values on each batch (the example, and the example with its masks redrawn)."""
-    masks = _sdpa_masks(gm)
-    found: dict = {m: [] for m in masks}
-    for batch in batches:
-        try:
-            values = record(gm, batch, set(masks))
-        except Exception:  # noqa: BLE001 - a model that refuses such masks: judged on the example alone
-            continue
-        for m in masks:
-            found[m].append(values.get(m))
-    return found
-
-
-def _run_both(gm: fx.GraphModule, inputs: list, redrawn: Optional[list]) -> tuple:
-    """``(outputs on the example, the redrawn batch or None, outputs on it)``."""
+def _run_both(gm: fx.GraphModule, inputs: list, redrawn: Optional[list], wanted: list = ()) -> tuple:
+    """``(outputs on the example, the redrawn batch or None, outputs on it, {node in wanted: [its values]})``:
+    the example batch and the example with its masks redrawn (``passes/adversarial.py``)."""
     outputs: list = []
-    record(gm, inputs, set(), outputs=outputs)
+    values = record(gm, inputs, set(wanted), outputs=outputs)
+    found = {n: [values.get(n)] for n in wanted}
     other: list = []
     if redrawn is not None:
         try:
-            record(gm, redrawn, set(), outputs=other)
+            values = record(gm, redrawn, set(wanted), outputs=other)
         except Exception:  # noqa: BLE001 - judged on the example alone (as the pipeline's own verification is)
-            redrawn, other = None, []
-    return outputs, redrawn, other
+            redrawn, other, values = None, [], {}
+        for n in wanted:
+            found[n].append(values.get(n))
+    return outputs, redrawn, other, found
 
 
 def _compare(before: tuple, after: tuple) -> float:

@@ -229,17 +229,18 @@ def test_two_lengths_in_one_process():
 @pytest.mark.parametrize("kind", ["rotary", pytest.param("conv", marks=pytest.mark.slow)])
 def test_declines_rotary_positions_applied_later_and_convolutions_over_tokens(kind):
     """Layer 1 applies rotary positions (or a convolution over tokens runs in layer 0's MLP): what layer 1's
-    attention sees depends on token positions, so the merge is declined, naming the op; the model stays exact."""
+    attention sees depends on token positions, so the merge after layer 0 is declined, naming the op; the merge
+    after layer 1, which no attention follows, still happens."""
     torch.manual_seed(0)
     cases = {"rotary": (Encoder(layers=2, rotary=True), "position-dependent"),
              "conv": (Encoder(layers=2, conv_at=0), "conv1d")}
-    for model, words in [cases[kind]]:
-        merged, rep = _merged(model.eval(), 2, _batch())
-        row = rep.sites[0]
-        assert row.action == "Exact(kernel='sdpa')" and "MergeTokens declined" in row.reason, row.reason
-        assert words in row.reason, row.reason
-        with torch.no_grad():
-            assert _rel(model(*_batch())[0], merged(*_batch())[0]) < 1e-5
+    model, words = cases[kind]
+    merged, rep = _merged(model.eval(), 2, _batch())
+    row = rep.sites[0]
+    assert row.action == "Exact(kernel='sdpa')" and "MergeTokens declined" in row.reason, row.reason
+    assert words in row.reason, row.reason
+    # the last layer's merge is followed by no attention (nor by what the convolution feeds): it still merges
+    assert rep.sites[1].action.startswith("MergeTokens") and "24 -> 22" in rep.sites[1].reason, rep.sites[1]
 
 
 @pytest.mark.slow
@@ -315,8 +316,10 @@ def test_declines_decoders_and_relative_position_bias(which):
         kw["use_cache"] = False
     merged = rewrite.optimize(copy.deepcopy(model), {"_default": rewrite.MergeTokens(r=2)}, example_kwargs=kw)
     rows = rewrite.report(merged).sites
-    assert rows and all("MergeTokens" not in row.action for row in rows), rows
-    assert any("declined" in row.reason and words in row.reason for row in rows), [row.reason for row in rows]
+    assert rows and "MergeTokens" not in rows[0].action, rows  # (T5: the last layer, followed by no attention, merges)
+    assert "declined" in rows[0].reason and words in rows[0].reason, rows[0].reason
+    if which != "t5":
+        assert all("MergeTokens" not in row.action for row in rows), rows
     with torch.no_grad():
         assert merged(**kw).last_hidden_state.shape == model(**kw).last_hidden_state.shape
 

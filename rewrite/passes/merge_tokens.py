@@ -119,19 +119,52 @@ class _Plan:
 
 
 def merge_tokens(gm: fx.GraphModule, inputs: list, requests: list, is_state: Callable) -> list:
-    """Prove, rewrite and verify every request together; one :class:`MergeOutcome` per request, in order."""
-    try:
-        merges = [_find_merge(r) for r in requests]
-        order = _position(gm)
-        merges.sort(key=lambda m: order[m.point])
-        for i, m in enumerate(merges):
-            m.level = i + 1
+    """Prove, rewrite and verify the requests together; one :class:`MergeOutcome` per request, in order.
+
+    When the graph after the first merge point cannot take the merge (a convolution over tokens in an early
+    layer), the earliest merges are dropped one by one (declined with that reason) and the later ones tried."""
+    outcomes: dict = {}
+    merges = []
+    for r in requests:
+        try:
+            merges.append(_find_merge(r))
+        except Declined as why:
+            outcomes[r.key] = MergeOutcome(r.key, False, str(why))
+    order = _position(gm)
+    merges.sort(key=lambda m: order[m.point])
+    before, plan = None, None
+    if merges:
         masks = _sdpa_masks(gm)
         before = _run_both(gm, inputs, redraw_inputs(gm, masks, inputs, is_state), masks)
-        plan = _prove(gm, merges, before[3])
-    except Declined as why:
-        return [MergeOutcome(r.key, False, str(why)) for r in requests]
-    tokens = _token_counts(merges)
+        plan = _prove_some(gm, merges, before[3], outcomes)
+    if plan is not None:
+        _rewrite(gm, inputs, plan, before, outcomes)
+    return [outcomes[r.key] for r in requests]
+
+
+def _prove_some(gm: fx.GraphModule, merges: list, mask_values: dict, outcomes: dict) -> Optional[_Plan]:
+    """The plan for the longest suffix of ``merges`` the graph can take; the merges left out are declined."""
+    first_why = ""
+    for start in range(len(merges)):
+        kept = merges[start:]
+        for level, m in enumerate(kept, start=1):
+            m.level = level
+        try:
+            plan = _prove(gm, kept, mask_values)
+        except Declined as why:
+            first_why = first_why or str(why)
+            continue
+        for m in merges[:start]:
+            outcomes[m.request.key] = MergeOutcome(m.request.key, False, first_why)
+        return plan
+    for m in merges:
+        outcomes[m.request.key] = MergeOutcome(m.request.key, False, first_why)
+    return None
+
+
+def _rewrite(gm: fx.GraphModule, inputs: list, plan: _Plan, before: tuple, outcomes: dict) -> None:
+    """Apply the plan and compare the outputs with ``before``; on any failure restore the graph (declined)."""
+    tokens = _token_counts(plan.merges)
     backup = copy.deepcopy(gm.graph)
     added: list = []
     try:
@@ -143,16 +176,14 @@ def merge_tokens(gm: fx.GraphModule, inputs: list, requests: list, is_state: Cal
             delattr(gm, name)
         gm.recompile()
         why = str(err) if isinstance(err, Declined) else f"the merged graph failed to run ({type(err).__name__}: {err})"
-        return [MergeOutcome(r.key, False, why) for r in requests]
+        for m in plan.merges:
+            outcomes[m.request.key] = MergeOutcome(m.request.key, False, why)
+        return
     note = "tokens after each merge on the example: " + " -> ".join(str(t) for t in tokens)
-    by_key = {m.request.key: m for m in merges}
-    out = []
-    for r in requests:
-        level = by_key[r.key].level
-        out.append(MergeOutcome(r.key, True, f"attends over {tokens[level - 1]} tokens, merges "
-                                f"{tokens[level - 1] - tokens[level]} after its block; {note}", error, tokens,
-                                tokens[level - 1]))
-    return out
+    for m in plan.merges:
+        n_in, n_out = tokens[m.level - 1], tokens[m.level]
+        outcomes[m.request.key] = MergeOutcome(m.request.key, True, f"attends over {n_in} tokens, merges "
+                                               f"{n_in - n_out} after its block; {note}", error, tokens, n_in)
 
 
 # --- merge points -------------------------------------------------------------------------------------

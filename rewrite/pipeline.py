@@ -334,7 +334,8 @@ def _block_level(run: GraphRun, sites: list) -> None:
             note = f"{type(s.action).__name__} declined: {outcome.note}; fell back to Exact"
             row.action, row.exact = Exact().describe(), True
             run.session.report.plan[s.site.name] = Exact().to_json()
-        row.reason = "; ".join(x for x in (row.reason, note) if x)
+        if note not in row.reason:  # a recompile (another length) reports its own token counts once
+            row.reason = "; ".join(x for x in (row.reason, note) if x)
 
 
 def _detach_shape_users(graph: fx.Graph, m: SiteMatch) -> None:

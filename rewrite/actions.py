@@ -82,6 +82,9 @@ class Action:
     #: the handler classifies the site's mask on the example batch (``_masks.site_mask_plan``): the pipeline
     #: evaluates it onto the site first, for these actions only
     reads_example_mask = False
+    #: the action rewrites the whole block after its site, not only the attention (``MergeTokens``): its handler
+    #: lowers the site itself, and the pipeline's ``_block_level`` step then rewrites the graph around it
+    block_level = False
 
     def to_json(self) -> dict[str, Any]:
         return {"action": type(self).__name__, "args": dataclasses.asdict(self)}

@@ -142,6 +142,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     checked = _verify(run, sites, captured if normalized else None)
     for s in sites:
         _commit_or_reject(run, s, checked)
+    _block_level(run, sites)
     _finish(run, sites)
     return gm
 
@@ -322,6 +323,31 @@ def _site_error(vals: dict, m: SiteMatch, new: fx.Node, call: SiteCall) -> float
     """The relative error of the replacement against the original, the worst over the site's outputs."""
     pairs = [(m.output, new)] + list(call.more_new)
     return max(relative_error(vals.get(original), vals.get(replacement)) for original, replacement in pairs)
+
+
+def _block_level(run: GraphRun, sites: list) -> None:
+    """Block-level actions (``MergeTokens``): once every site is lowered and committed, one pass rewrites the graph
+    around them (passes/merge_tokens.py). A decline leaves each such site exact, with the reason."""
+    chosen = [s for s in sites if getattr(s.action, "block_level", False) and s.new is not None
+              and s.site.status != "rejected"]
+    if not chosen:
+        return
+    from .passes.merge_tokens import MergeRequest, merge_tokens
+    outcomes = merge_tokens(run.gm, run.inputs, [MergeRequest(s.site.key, s.action, s.new) for s in chosen],
+                            run.is_state)
+    rows = {(r.name, r.ordinal): r for r in run.session.report.sites}
+    for s, outcome in zip(chosen, outcomes):
+        row = rows.get(s.site.key)
+        if outcome.ok:
+            note, row.error = outcome.note, outcome.error
+            if row.flops_after is not None:  # its attention runs on the tokens the merges before it left
+                row.flops_after *= (outcome.attended / outcome.tokens[0]) ** 2
+        else:
+            note = f"{type(s.action).__name__} declined: {outcome.note}; fell back to Exact"
+            row.action, row.exact = Exact().describe(), True
+            run.session.report.plan[s.site.name] = Exact().to_json()
+        if note not in row.reason:  # a recompile (another length) reports its own token counts once
+            row.reason = "; ".join(x for x in (row.reason, note) if x)
 
 
 def _detach_shape_users(graph: fx.Graph, m: SiteMatch) -> None:

@@ -40,6 +40,7 @@ SETTINGS = {
     "SlidingWindow": rewrite.SlidingWindow(window=8, sinks=1),
     "Spectral": rewrite.Spectral(keep=8),
     "TokenMerge": rewrite.TokenMerge(r=8),
+    "MergeTokens": rewrite.MergeTokens(r=8),
     "TopK": rewrite.TopK(k=8),
 }
 
@@ -59,6 +60,7 @@ SMALL = {
     "Spectral": (rewrite.Spectral(keep=4), {"keep": 0}),
     "TokenMerge": (rewrite.TokenMerge(r=3), {"r": -1}),
     "TopK": (rewrite.TopK(k=3), {"k": 0}),
+    "MergeTokens": (rewrite.MergeTokens(r=2), {"r": -1}),
 }
 
 
@@ -143,13 +145,26 @@ def Attention(seed: int) -> nn.Module:
     return BackendAttention()
 
 
+class Residual(nn.Module):
+    """Two self-attention layers in residual blocks: a block-level action (MergeTokens) rewrites the block."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.first, self.second = BackendAttention(), BackendAttention()
+
+    def forward(self, x):
+        x = x + self.first(x)
+        return x + self.second(x)
+
+
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_inductor_runs_what_eager_runs(name):
     action = SETTINGS[name]
     x = torch.randn(2, N, D, generator=torch.Generator().manual_seed(1))
     models = {}
     for then in ("eager", "inductor"):
-        model = Attention(seed=0).eval()
+        model = (Residual(seed=0) if action.block_level else Attention(seed=0)).eval()
         rewrite.optimize(model, {"_default": action}, example_inputs=(x,), then=then)
         row = model.rewrite_report.sites[0]
         assert row.status == "rewritten" and "declined" not in row.reason, row.reason

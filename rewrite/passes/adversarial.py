@@ -34,6 +34,11 @@ def mask_inputs(gm: fx.GraphModule, matches: list[SiteMatch], is_state: Callable
                 roots.append(op.cond)
         if m.kind == "sdpa" and isinstance(m.sdpa_kwargs.get("attn_mask"), fx.Node):
             roots.append(m.sdpa_kwargs["attn_mask"])
+    return _inputs_of(roots, is_state)
+
+
+def _inputs_of(roots: list, is_state: Callable[[fx.Node], bool]) -> list:
+    """The placeholders (not model state) that ``roots`` are computed from."""
     _, leaves = input_cone(roots, is_leaf=lambda n: n.op == "placeholder")
     return [n for n in leaves if not is_state(n)]
 
@@ -41,9 +46,20 @@ def mask_inputs(gm: fx.GraphModule, matches: list[SiteMatch], is_state: Callable
 def adversarial_inputs(gm: fx.GraphModule, matches: list[SiteMatch], example_inputs: list,
                        is_state: Callable[[fx.Node], bool]) -> Optional[list]:
     """The example inputs with every mask input redrawn (see the module docstring); None when there is none."""
+    return _redrawn(gm, mask_inputs(gm, matches, is_state), example_inputs)
+
+
+def redraw_inputs(gm: fx.GraphModule, masks: list, example_inputs: list,
+                  is_state: Callable[[fx.Node], bool]) -> Optional[list]:
+    """The example inputs with every input that the mask nodes ``masks`` are computed from redrawn (as
+    ``adversarial_inputs`` does for the masks of matched sites); None when there is none."""
+    return _redrawn(gm, _inputs_of([m for m in masks if isinstance(m, fx.Node)], is_state), example_inputs)
+
+
+def _redrawn(gm: fx.GraphModule, found: list, example_inputs: list) -> Optional[list]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
-    targets = [n for n in mask_inputs(gm, matches, is_state) if n in index]
+    targets = [n for n in found if n in index]
     out, changed = list(example_inputs), False
     gen = torch.Generator().manual_seed(SEED)
     for node in targets:

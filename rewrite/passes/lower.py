@@ -296,6 +296,10 @@ def _uniform_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor) -> tor
     return torch.where(dead, mean.to(out.dtype), out)
 
 
+#: the functions a lowering applies to a site's output (``SiteCall.row_fixes``): ``fix(out, *per_row_args)``
+ROW_FIXES = (_nan_rows, _uniform_rows, _zero_rows)
+
+
 def _split_leading(b: "_Builder", term: fx.Node, split: tuple) -> fx.Node:
     """A term in the merged layout ``[X, ...]`` seen in the split layout ``[*split, ...]``."""
     s = shape(term)

@@ -57,13 +57,17 @@ def clock() -> float:
 
 
 def interleaved_median(runs: dict, warmup: int = 1, repeats: Optional[int] = None, min_repeats: int = 3,
-                       max_repeats: int = 15, budget_s: float = 0.5, sync: Optional[Callable] = None) -> dict:
+                       max_repeats: int = 15, budget_s: float = 0.5, sync: Optional[Callable] = None,
+                       reference: Any = None, drop_above: Optional[float] = None, screen_rounds: int = 2) -> dict:
     """Seconds per call of each run: warm-up, then rounds that run every callable once (A, B, C, then
     C, B, A: the order alternates so drift and cache effects fall on every run alike), median per run.
 
     Without ``repeats``, as many rounds as fit ``budget_s`` (from the warm-up's duration), between
     ``min_repeats`` and ``max_repeats``. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each
-    reading of the clock so asynchronous devices are timed to completion."""
+    reading of the clock so asynchronous devices are timed to completion. With ``reference`` (a label) and
+    ``drop_above``, a run clearly slower than the reference runs no more rounds (its median is of the samples
+    it has): after round ``r`` of the first ``screen_rounds``, one whose best sample is over
+    ``drop_above * (screen_rounds - r)`` times the reference's worst."""
     items = list(runs.items())
     sync = sync or (lambda: None)
     sync()
@@ -77,24 +81,34 @@ def interleaved_median(runs: dict, warmup: int = 1, repeats: Optional[int] = Non
         repeats = min_repeats if per_round <= 0 else int(budget_s / per_round)
         repeats = max(min_repeats, min(max_repeats, repeats))
     samples: dict = {label: [] for label, _ in items}
+    active = items
     for r in range(repeats):
-        for label, fn in (items if r % 2 == 0 else items[::-1]):
+        for label, fn in (active if r % 2 == 0 else active[::-1]):
             sync()
             t0 = clock()
             fn()
             sync()
             samples[label].append(clock() - t0)
+        if reference in samples and drop_above is not None and r < screen_rounds:
+            # the fewer samples, the wider the gap must be: 2x the factor after one round, 1x after two
+            factor = drop_above * (screen_rounds - r)
+            worst = max(samples[reference])
+            active = [(label, fn) for label, fn in active
+                      if label == reference or min(samples[label]) <= factor * worst]
     return {label: statistics.median(s) for label, s in samples.items()}
 
 
 def default_timer(runs: dict) -> dict:
     """The timer calibration uses unless given one: :func:`interleaved_median`, synchronising CUDA when a
-    CUDA device is in use, with a longer budget for whole-model runs."""
+    CUDA device is in use, with a longer budget for whole-model runs. Mixers at a site that are clearly
+    slower than the exact call (over 2.5x after one round, 1.25x after two) are not timed further."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     whole_model = any(isinstance(label, ModelRun) for label in runs)
     if whole_model:
         return interleaved_median(runs, warmup=1, min_repeats=3, max_repeats=9, budget_s=3.0, sync=sync)
-    return interleaved_median(runs, warmup=2, min_repeats=5, max_repeats=25, budget_s=0.5, sync=sync)
+    exact = next((label for label in runs if getattr(label, "action", None) == EXACT), None)
+    return interleaved_median(runs, warmup=1, min_repeats=5, max_repeats=25, budget_s=0.5, sync=sync,
+                              reference=exact, drop_above=1.25)
 
 
 def call_signature(q, k, v, kw: dict) -> tuple:

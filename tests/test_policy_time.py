@@ -144,6 +144,23 @@ def test_interleaved_median_alternates_the_order_and_takes_the_median(monkeypatc
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
 
 
+def test_clearly_slower_runs_stop_after_the_screening_rounds(monkeypatch):
+    now, calls = [0.0], {"exact": 0, "far": 0, "slow": 0, "close": 0}
+
+    def runner(name, seconds):
+        def run():
+            calls[name] += 1
+            now[0] += seconds
+        return run
+    monkeypatch.setattr(timing, "clock", lambda: now[0])
+    out = timing.interleaved_median({"exact": runner("exact", 1.0), "slow": runner("slow", 1.3),
+                                     "close": runner("close", 1.2), "far": runner("far", 3.0)}, warmup=1,
+                                    repeats=6, reference="exact", drop_above=1.25)
+    # warm-up, then: over 2.5x after one round, over 1.25x after two: no more rounds
+    assert calls == {"exact": 7, "far": 2, "slow": 3, "close": 7}
+    assert out == pytest.approx({"exact": 1.0, "far": 3.0, "slow": 1.3, "close": 1.2})
+
+
 def test_site_timings_are_shared_between_sites_with_the_same_call():
     asked = []
 

@@ -215,8 +215,9 @@ class SiteSwitch(torch.nn.Module):
             self.state.timing_calls[self.key] = (self, q.detach(), k.detach(), v.detach(), detached)
 
 
-def fit_candidates(state: CalibrationState) -> dict:
-    """Fit every candidate that has fitted state on the q/k/v its site saw; returns their state dicts."""
+def fit_candidates(state: CalibrationState, only: Optional[set] = None) -> dict:
+    """Fit every candidate that has fitted state on the q/k/v its site saw (only the ``(site key, candidate
+    key)`` pairs in ``only``, when given); returns their state dicts."""
     fitted = {}
     for key, switches in state.switches.items():
         inputs = [x for sw in switches for x in sw.fit_inputs]
@@ -226,7 +227,7 @@ def fit_candidates(state: CalibrationState) -> dict:
         for sw in switches:
             for cand_key, mod in sw.candidates.items():
                 fit = getattr(mod, "fit", None)
-                if fit is None:
+                if fit is None or (only is not None and (key, cand_key) not in only):
                     continue
                 _fit_pooled(fit, groups)
                 if isinstance(mod, torch.nn.Module):

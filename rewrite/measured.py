@@ -594,17 +594,51 @@ class CalibrationRun:
         for b in progress(self.batches, "statistics", enabled=self.show):
             run_batch(self.model, b)
         state.collect_stats = False
-        self.fitted = fit_candidates(state)
         keys = sorted(state.switches, key=lambda k: state.sites[k].index)
         cand_keys = {k: sorted({ck for sw in state.switches[k] for ck in sw.candidates},
                                key=list(map(candidate_key, policy.candidates_for(state.sites[k]))).index)
                      for k in keys}
-        exact_s, cand_s = self._time_sites(cand_keys)
-        self._decline_slower(cand_keys, exact_s, cand_s)
+        exact_s, cand_s = self._fit_and_time(cand_keys)
         errors = _swap_one_errors(state, keys, cand_keys, self.error_with, policy.prune_above(), self.show)
         rows = [_row(state, k, cand_keys[k], errors, policy, exact_s, cand_s, len(self.batches)) for k in keys]
         checks = PlanChecks(self.joint_bound, self.time_plan)
         return rows, policy.choose(rows, checks), checks
+
+    def _fit_and_time(self, cand_keys: dict) -> tuple[dict, dict]:
+        """Fit the candidates with fitted state and time every candidate at every site. A policy that prunes
+        by time screens before fitting (fitting is the slow part of calibration): candidates slower than
+        exact unfitted are declined and never fitted (fitting shares a budget out, it does not shrink it);
+        the rest are fitted and timed again."""
+        if self.policy.faster_only() is None:
+            self.fitted = fit_candidates(self.state)
+            return self._time_sites(cand_keys)
+        runnable = self._runnable_unfitted(cand_keys)
+        pre_exact, pre_cand = self._time_sites(runnable)
+        self._decline_slower({k: [ck for ck in cks if (k, ck) in pre_cand or k not in pre_exact]
+                              for k, cks in cand_keys.items()}, pre_exact, pre_cand)
+        survivors = {k: [ck for ck in cks if (k, ck) not in self.state.declined] for k, cks in cand_keys.items()}
+        self.fitted = fit_candidates(self.state, only={(k, ck) for k, cks in survivors.items() for ck in cks})
+        if not any(survivors.values()):
+            return pre_exact, pre_cand
+        exact_s, cand_s = self._time_sites(survivors)
+        self._decline_slower(survivors, exact_s, cand_s)
+        return {**pre_exact, **exact_s}, {**pre_cand, **cand_s}
+
+    def _runnable_unfitted(self, cand_keys: dict) -> dict:
+        """The candidates that run before they are fitted (one call each on the site's timing call)."""
+        out = {}
+        for k, cks in cand_keys.items():
+            call = self.state.timing_calls.get(k)
+            out[k] = []
+            for ck in cks:
+                mod = call[0].candidates.get(ck) if call else None
+                if mod is not None and getattr(mod, "fit", None) is not None:
+                    try:
+                        mod(call[1], call[2], call[3], **call[4])
+                    except Exception:  # noqa: BLE001 - it needs its fit first: timed after fitting
+                        continue
+                out[k].append(ck)
+        return out
 
     def _time_sites(self, cand_keys: dict) -> tuple[dict, dict]:
         t0 = time.perf_counter()

@@ -269,13 +269,16 @@ def test_time_budget_on_a_model():
 
 
 def test_real_clock_tiny_model_nothing_pays_off():
-    """At 16 tokens SDPA is one fused call; every mixer is several: slower here, by far (about 10x)."""
+    """At 16 tokens SDPA is one fused call; every mixer is several: slower here, by far (about 10x). On a
+    loaded machine a site timing can still misjudge one: then the end-to-end check sends it back. Either
+    way the plan is exact and the message says why."""
     model = _bert(layers=1)
     rewrite.optimize(model, rewrite.auto(max_error=0.5, candidates=CANDIDATES, progress=False),
                      example_kwargs=_batch(0), calibration=[_batch(1)])
     cal = model.rewrite_report.calibration
     assert all(r.exact for r in model.rewrite_report.sites), cal.message
-    assert "nothing pays off" in cal.message
+    assert "every site stays exact" in cal.message
+    assert "nothing pays off" in cal.message or "no plan was faster than exact end to end" in cal.message
     assert all(r.exact_ms > 0 and all(c.ms > 0 for c in r.candidates) for r in cal.rows)
     assert cal.exact_model_ms > 0 and cal.model_ms == cal.exact_model_ms and cal.timing_seconds > 0
-    assert 0 < cal.attention_share < 1 and math.isfinite(cal.attention_ms)
+    assert cal.attention_share > 0 and math.isfinite(cal.attention_ms)

@@ -612,8 +612,9 @@ class CalibrationRun:
         if self.policy.faster_only() is None:
             self.fitted = fit_candidates(self.state)
             return self._time_sites(cand_keys)
-        runnable = self._runnable_unfitted(cand_keys)
-        pre_exact, pre_cand = self._time_sites(runnable)
+        failed: set = set()
+        pre_exact, pre_cand = self._time_sites(cand_keys, failed)
+        pre_cand = {kc: t for kc, t in pre_cand.items() if kc not in failed}   # those need their fit first
         self._decline_slower({k: [ck for ck in cks if (k, ck) in pre_cand or k not in pre_exact]
                               for k, cks in cand_keys.items()}, pre_exact, pre_cand)
         survivors = {k: [ck for ck in cks if (k, ck) not in self.state.declined] for k, cks in cand_keys.items()}
@@ -624,25 +625,12 @@ class CalibrationRun:
         self._decline_slower(survivors, exact_s, cand_s)
         return {**pre_exact, **exact_s}, {**pre_cand, **cand_s}
 
-    def _runnable_unfitted(self, cand_keys: dict) -> dict:
-        """The candidates that run before they are fitted (one call each on the site's timing call)."""
-        out = {}
-        for k, cks in cand_keys.items():
-            call = self.state.timing_calls.get(k)
-            out[k] = []
-            for ck in cks:
-                mod = call[0].candidates.get(ck) if call else None
-                if mod is not None and getattr(mod, "fit", None) is not None:
-                    try:
-                        mod(call[1], call[2], call[3], **call[4])
-                    except Exception:  # noqa: BLE001 - it needs its fit first: timed after fitting
-                        continue
-                out[k].append(ck)
-        return out
-
-    def _time_sites(self, cand_keys: dict) -> tuple[dict, dict]:
+    def _time_sites(self, cand_keys: dict, failed: Optional[set] = None) -> tuple[dict, dict]:
+        """Time the candidates at their sites; with ``failed``, a candidate that raises (one that cannot run
+        before its fit) is recorded there instead of stopping the run."""
         t0 = time.perf_counter()
-        calls = {k: (sw.exact, sw.candidates, (q, kk, v, kw))
+        calls = {k: (sw.exact, sw.candidates if failed is None else _guarded(k, sw.candidates, failed),
+                     (q, kk, v, kw))
                  for k, (sw, q, kk, v, kw) in self.state.timing_calls.items() if k in cand_keys}
         try:
             return time_site_calls(calls, cand_keys, self.timer)
@@ -704,6 +692,19 @@ class CalibrationRun:
             finally:
                 self.state.use = {}
         return run
+
+
+def _guarded(key, modules: dict, failed: set) -> dict:
+    def guard(ck, mod):
+        def run(*args, **kwargs):
+            if (key, ck) in failed:
+                return None
+            try:
+                return mod(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - e.g. a mixer that needs its fitted state: timed after fitting
+                failed.add((key, ck))
+        return run
+    return {ck: guard(ck, mod) for ck, mod in modules.items()}
 
 
 def _swap_one_errors(state: CalibrationState, keys: list, cand_keys: dict, error_with, prune: Optional[float],

@@ -231,9 +231,9 @@ class RewriteReport:
         ratio = exact_ms / plan_ms
         how = f"{ratio:.2f}x faster" if ratio > 1 else ("the same plan" if ratio == 1 else f"{1 / ratio:.2f}x slower")
         text = (f"Measured time per forward (median of interleaved runs on the calibration batches, this device): "
-                f"{plan_ms:.3g} ms with the plan vs {exact_ms:.3g} ms exact ({how})")
+                f"{plan_ms:.4g} ms with the plan vs {exact_ms:.4g} ms exact ({how})")
         if cal.attention_ms:
-            text += (f"; exact attention ~{cal.attention_ms:.3g} ms of it ({cal.attention_share:.0%}, its sites "
+            text += (f"; exact attention ~{cal.attention_ms:.4g} ms of it ({cal.attention_share:.0%}, its sites "
                      "timed alone)")
         return text + f"; timing took {cal.timing_seconds:.1f} s."
 
@@ -294,11 +294,11 @@ class RewriteReport:
         cal = self.calibration
         title = "measured time per site"
         if cal is not None and getattr(cal, "model_ms", None) and getattr(cal, "exact_model_ms", None):
-            title = (f"measured: model {cal.model_ms:.3g} ms with the plan vs {cal.exact_model_ms:.3g} ms exact "
+            title = (f"measured model time: {cal.model_ms:.4g} ms with the plan, {cal.exact_model_ms:.4g} ms exact "
                      f"({cal.exact_model_ms / cal.model_ms:.2f}x)")
             if cal.attention_share is not None:
-                title += f"; attention ~{cal.attention_share:.0%} of exact"
-        ax.set_title(title)
+                title += f"\nexact attention ~{cal.attention_share:.0%} of the exact forward"
+        ax.set_title(title, fontsize=10)
         ax.legend(loc="upper right", fontsize=8)
 
     def table(self) -> str:

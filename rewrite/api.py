@@ -178,7 +178,7 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
         _undo(model)
         raise
     report.optimize_seconds = time.perf_counter() - start
-    report.calibration = calibration_report
+    report.attach_calibration(calibration_report)
     report.breaks = _graph_breaks()
     model.__dict__["rewrite_report"] = report
     return model

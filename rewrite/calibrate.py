@@ -174,6 +174,8 @@ class CalibrationState:
         self.declined: dict = {}     # (site key, candidate key) -> reason
         self.sites: dict = {}        # site key -> AttentionSite
         self.sizes: dict = {}        # site key -> cost sizes (B, H, N, Nk, d, dv) seen on calibration data
+        self.calls: dict = {}        # site key -> calls during the statistics pass (one pass over the batches)
+        self.timing_calls: dict = {} # site key -> (switch, q, k, v, kwargs): the largest call, to time mixers on
 
 
 class SiteSwitch(torch.nn.Module):
@@ -199,11 +201,23 @@ class SiteSwitch(torch.nn.Module):
                                               "Nk": k.shape[-2], "d": q.shape[-1], "dv": v.shape[-1]}
                 if len(self.fit_inputs) < FIT_CALLS:
                     self.fit_inputs.append((q.detach(), k.detach(), v.detach()))
+                self._record_call(q, k, v, kw)
         return self.exact(q, k, v, **kw)
 
 
-def fit_candidates(state: CalibrationState) -> dict:
-    """Fit every candidate that has fitted state on the q/k/v its site saw; returns their state dicts."""
+    def _record_call(self, q, k, v, kw: dict) -> None:
+        """Count the call, and keep the largest one seen (its q/k/v/mask and settings) for timing."""
+        calls = self.state.calls
+        calls[self.key] = calls.get(self.key, 0) + 1
+        kept = self.state.timing_calls.get(self.key)
+        if kept is None or q.numel() * k.shape[-2] > kept[1].numel() * kept[2].shape[-2]:
+            detached = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+            self.state.timing_calls[self.key] = (self, q.detach(), k.detach(), v.detach(), detached)
+
+
+def fit_candidates(state: CalibrationState, only: Optional[set] = None) -> dict:
+    """Fit every candidate that has fitted state on the q/k/v its site saw (only the ``(site key, candidate
+    key)`` pairs in ``only``, when given); returns their state dicts."""
     fitted = {}
     for key, switches in state.switches.items():
         inputs = [x for sw in switches for x in sw.fit_inputs]
@@ -213,7 +227,7 @@ def fit_candidates(state: CalibrationState) -> dict:
         for sw in switches:
             for cand_key, mod in sw.candidates.items():
                 fit = getattr(mod, "fit", None)
-                if fit is None:
+                if fit is None or (only is not None and (key, cand_key) not in only):
                     continue
                 _fit_pooled(fit, groups)
                 if isinstance(mod, torch.nn.Module):

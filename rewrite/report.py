@@ -39,6 +39,8 @@ class SiteRow:
     shape: str = ""
     graphs: int = 1
     ordinal: int = 0
+    ms_before: Optional[float] = None      # measured while calibrating: the exact call alone, ms per call
+    ms_after: Optional[float] = None       # ... and the chosen action alone
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,13 +118,25 @@ class RewriteReport:
         row.mask = "+".join(dict.fromkeys(kinds)) or "none"
         if old.error is not None and row.error is not None:
             row.error = max(old.error, row.error)
-        for attr in ("flops_before", "flops_after", "bytes_before", "bytes_after"):
+        for attr in ("flops_before", "flops_after", "bytes_before", "bytes_after", "ms_before", "ms_after"):
             if (getattr(old, attr) or 0) > (getattr(row, attr) or 0):
                 setattr(row, attr, getattr(old, attr))
         if old.shape and (old.flops_before or 0) >= (row.flops_before or 0):
             row.shape = old.shape
         self._sites[key] = row
         return row
+
+    def attach_calibration(self, calibration) -> None:
+        """Keep a measured policy's :class:`~rewrite.measured.CalibrationReport`; its measured times per site
+        go onto the site rows."""
+        self.calibration = calibration
+        if calibration is None:
+            return
+        by_key = {(r.name, r.ordinal): r for r in calibration.rows}
+        for key, row in self._sites.items():
+            cal = by_key.get(key)
+            if cal is not None:
+                row.ms_before, row.ms_after = cal.exact_ms, cal.chosen_ms
 
     def record_rejected(self, name: str, reason: str, ordinal: int) -> None:
         self._rejected.setdefault((name, ordinal, reason), RegionRow(name, reason))
@@ -176,7 +190,9 @@ class RewriteReport:
         after = sum(r.flops_after or 0.0 for r in self.sites if r.flops_before and r.flops_after is not None)
         return before, after
 
-    def calibration_table(self) -> str:
+    def calibration_table(self, with_time: bool = True) -> str:
+        """The measured policy's table: per site, statistics, choice, error, measured ms and FLOPs; then the
+        model's measured time (unless ``with_time`` is False), back-offs and the policy's message."""
         cal = self.calibration
         if cal is None:
             return ""
@@ -187,36 +203,66 @@ class RewriteReport:
             measured = sum(c.error is not None for c in r.candidates)
             rows.append([r.name, _f2(st.get("entropy")), _f2(st.get("query_independence")),
                          _f2((st.get("window_mass") or {}).get(128)), _f2((st.get("topk_mass") or {}).get(64)),
-                         r.choice, _fmt_err(chosen.error) if chosen else "-",
-                         f"{chosen.flops / r.exact_flops:.0%}" if chosen and chosen.flops and r.exact_flops else "100%",
+                         r.choice, _fmt_err(chosen.error) if chosen else "-", _ms(getattr(r, "exact_ms", None)),
+                         _ms(getattr(r, "chosen_ms", None)),
+                         _flop_pair(r.exact_flops, chosen.flops if chosen else r.exact_flops),
                          f"{measured}/{len(r.candidates)}", r.why])
         head = (f"Calibration: policy {cal.policy}, metric {cal.metric}, {cal.batches} batch(es), "
                 f"joint error bound {cal.joint_error if cal.joint_error is None else f'{cal.joint_error:.4g}'}"
                 f"{'' if cal.budget is None else f' (budget {cal.budget})'}, {cal.seconds:.1f} s")
         out = [head, tabulate(rows, headers=["site", "entropy", "query-indep.", "mass |i-j|<=64", "top-64 mass",
-                                             "choice", "error", "FLOPs", "measured", "why"], tablefmt="simple")]
+                                             "choice", "error", "exact ms", "chosen ms", "FLOPs exact -> chosen",
+                                             "measured", "why"], tablefmt="simple")]
+        timing = self.time_summary() if with_time else ""
+        if timing:
+            out.append(timing)
         if cal.backoffs:
             out.append("back-off: " + "; ".join(cal.backoffs))
         if cal.message:
             out.append(cal.message)
         return "\n".join(out)
 
+    def time_summary(self) -> str:
+        """The whole model's measured time with the plan against exact, and attention's share of it."""
+        cal = self.calibration
+        plan_ms, exact_ms = getattr(cal, "model_ms", None), getattr(cal, "exact_model_ms", None)
+        if cal is None or not plan_ms or not exact_ms:
+            return ""
+        ratio = exact_ms / plan_ms
+        how = f"{ratio:.2f}x faster" if ratio > 1 else ("the same plan" if ratio == 1 else f"{1 / ratio:.2f}x slower")
+        text = (f"Measured time per forward (median of interleaved runs on the calibration batches, this device): "
+                f"{plan_ms:.4g} ms with the plan vs {exact_ms:.4g} ms exact ({how})")
+        if cal.attention_ms:
+            text += (f"; exact attention ~{cal.attention_ms:.4g} ms of it ({cal.attention_share:.0%}, its sites "
+                     "timed alone)")
+        return text + f"; timing took {cal.timing_seconds:.1f} s."
+
     def plot(self, path: str) -> str:
-        """A PNG of attention FLOPs (before/after) and measured error per site; returns the path."""
+        """A PNG of attention FLOPs (before/after) and measured error per site, and, after a measured policy,
+        the measured time per site (exact and chosen) and of the whole model; returns the path."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         rows = self.sites
-        names = [r.name for r in rows]
+        timed = any(r.ms_before is not None for r in rows)
+        width = max(6, 0.6 * len(rows) + 2)
+        fig, axes = plt.subplots(2 if timed else 1, 1, figsize=(width, 8 if timed else 4.5), squeeze=False)
+        self._plot_flops(axes[0][0], rows)
+        if timed:
+            self._plot_time(axes[1][0], rows)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def _plot_flops(self, ax, rows) -> None:
         x = list(range(len(rows)))
-        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4.5))
         before = [(r.flops_before or 0) / 1e9 for r in rows]
         after = [(r.flops_after if r.flops_after is not None else r.flops_before or 0) / 1e9 for r in rows]
         ax.bar([i - 0.2 for i in x], before, width=0.4, label="exact GFLOPs", color="#bbbbbb")
         ax.bar([i + 0.2 for i in x], after, width=0.4, label="after GFLOPs", color="#3b75af")
         ax.set_ylabel("attention GFLOPs")
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        _site_ticks(ax, rows)
         ax2 = ax.twinx()
         errs = [r.error if r.error is not None else 0.0 for r in rows]
         if self.calibration is not None:
@@ -236,17 +282,35 @@ class RewriteReport:
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+
+    def _plot_time(self, ax, rows) -> None:
+        x = list(range(len(rows)))
+        before = [r.ms_before or 0.0 for r in rows]
+        after = [r.ms_after if r.ms_after is not None else r.ms_before or 0.0 for r in rows]
+        ax.bar([i - 0.2 for i in x], before, width=0.4, label="exact ms", color="#bbbbbb")
+        ax.bar([i + 0.2 for i in x], after, width=0.4, label="chosen ms", color="#2e8b57")
+        ax.set_ylabel("ms per call (site alone, measured)")
+        _site_ticks(ax, rows)
+        cal = self.calibration
+        title = "measured time per site"
+        if cal is not None and getattr(cal, "model_ms", None) and getattr(cal, "exact_model_ms", None):
+            title = (f"measured model time: {cal.model_ms:.4g} ms with the plan, {cal.exact_model_ms:.4g} ms exact "
+                     f"({cal.exact_model_ms / cal.model_ms:.2f}x)")
+            if cal.attention_share is not None:
+                title += f"\nexact attention ~{cal.attention_share:.0%} of the exact forward"
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
 
     def table(self) -> str:
         headers = ["#", "site", "status", "action", "exact", "error", "mask", "causal", "GFLOP before", "after", "reason"]
+        timed = any(r.ms_before is not None for r in self.sites)
+        if timed:
+            headers[-1:-1] = ["ms before", "after"]
         rows = []
         for r in self.sites:
             rows.append([r.index, r.name, r.status, r.action, _yn(r.exact), _fmt_err(r.error), r.mask,
-                         _yn(r.is_causal), _gflop(r.flops_before), _gflop(r.flops_after), r.reason])
+                         _yn(r.is_causal), _gflop(r.flops_before), _gflop(r.flops_after)]
+                        + ([_ms(r.ms_before), _ms(r.ms_after)] if timed else []) + [r.reason])
         out = [tabulate(rows, headers=headers, tablefmt="simple")]
         c = self.counts()
         out.append(f"\n{len(self.sites)} attention sites: {c['rewritten']} rewritten, {c['kept']} kept, "
@@ -259,8 +323,10 @@ class RewriteReport:
         b, a = self.attention_flops()
         if b and a < b:
             out.append(f"Attention FLOPs: {b / 1e9:.3f} G -> {a / 1e9:.3f} G ({1 - a / b:.1%} cut).")
+        if self.time_summary():
+            out.append(self.time_summary())
         if self.calibration is not None:
-            out.append("\n" + self.calibration_table())
+            out.append("\n" + self.calibration_table(with_time=False))
         if self._fallbacks:
             out.append("\nFallbacks to the original code:")
             out.append(tabulate([[f.calls, f.where, f.why] for f in self.fallbacks], headers=["calls", "where", "why"],
@@ -304,6 +370,30 @@ def _fmt_err(e: Optional[float]) -> str:
 
 def _f2(v) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _flop_pair(before: Optional[float], after: Optional[float]) -> str:
+    """``"5.2M -> 2.7M (52%)"``: FLOPs of exact and of the choice at a site."""
+    if not before:
+        return "-"
+    after = before if after is None else after
+    return f"{_si(before)} -> {_si(after)} ({after / before:.0%})"
+
+
+def _si(v: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+def _site_ticks(ax, rows) -> None:
+    ax.set_xticks(list(range(len(rows))))
+    ax.set_xticklabels([r.name for r in rows], rotation=60, ha="right", fontsize=7)
 
 
 def _gflop(v: Optional[float]) -> str:

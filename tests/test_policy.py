@@ -143,6 +143,30 @@ def _batch(seed, n=96):
 CANDIDATES = [rewrite.SlidingWindow(window=32, sinks=1), rewrite.TopK(k=8)]
 
 
+def fake_timer(site_ms: dict, exact_ms: float = 1.0, rest_ms: float = 10.0, calls: list = None):
+    """A deterministic timer: a mixer alone takes ``site_ms[its key]`` ms (exact: ``exact_ms``); the whole model
+    takes ``rest_ms`` plus its sites' times (three sites). ``calls`` collects what it was asked to time."""
+    from rewrite.timing import EXACT, ModelRun, SiteRun
+
+    def timer(runs):
+        if calls is not None:
+            calls.append(list(runs))
+        out = {}
+        for label in runs:
+            if isinstance(label, SiteRun):
+                out[label] = (exact_ms if label.action == EXACT else site_ms[label.action]) / 1e3
+            else:
+                assert isinstance(label, ModelRun)
+                chosen = [site_ms[a] for _, _, a in label.plan]
+                out[label] = (rest_ms + sum(chosen) + exact_ms * (3 - len(chosen))) / 1e3
+        return out
+    return timer
+
+
+#: every candidate twice as fast as exact: the error budget alone decides
+FAST = fake_timer({rewrite.calibrate.candidate_key(c): 0.5 for c in CANDIDATES})
+
+
 def _cos_err(a, b):
     return (1 - torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))).mean().item()
 
@@ -152,7 +176,7 @@ def auto_run():
     model = _bert()
     ref = copy.deepcopy(model)
     budget = 0.02
-    rewrite.optimize(model, rewrite.auto(max_error=budget, candidates=CANDIDATES, progress=False),
+    rewrite.optimize(model, rewrite.auto(max_error=budget, candidates=CANDIDATES, progress=False, timer=FAST),
                      example_kwargs=_batch(0), calibration=[_batch(s) for s in (1, 2, 3, 4)])
     return model, ref, budget
 
@@ -206,7 +230,7 @@ def test_unreachable_cost_budget_falls_back_to_exact_with_a_message():
 
 def test_cost_budget_mode_stays_within_the_flops_budget():
     model = _bert(2)
-    rewrite.optimize(model, rewrite.auto(max_cost=0.9, candidates=CANDIDATES, progress=False),
+    rewrite.optimize(model, rewrite.auto(max_cost=0.9, candidates=CANDIDATES, progress=False, objective="flops"),
                      example_kwargs=_batch(0), calibration=[_batch(1)])
     cal = model.rewrite_report.calibration
     total_exact = sum(r.exact_flops for r in cal.rows)
@@ -254,6 +278,7 @@ def test_custom_metric_callable_is_used():
         seen.append(batch["input_ids"].shape)
         return rewrite.calibrate.relative_l2_error(ref, new)
 
-    rewrite.optimize(_bert(1), rewrite.auto(max_error=0.05, metric=metric, candidates=CANDIDATES[:1], progress=False),
+    rewrite.optimize(_bert(1), rewrite.auto(max_error=0.05, metric=metric, candidates=CANDIDATES[:1], progress=False,
+                                            timer=FAST),
                      example_kwargs=_batch(0), calibration=[_batch(1)])
     assert seen and all(s == (2, 96) for s in seen)

@@ -113,6 +113,32 @@ def _undo(model: torch.nn.Module) -> None:
         model.__dict__.pop(attr, None)
 
 
+def _measured_plan(model: torch.nn.Module, policy, args: tuple, kwargs: dict, batches: list,
+                   fitted: Optional[dict], dynamic: Optional[bool]) -> tuple:
+    """``(plan by name, fitted state, calibration report)`` of a measured policy: the per-site plan from the
+    calibration run, then token merging tried on whole rewritten copies of the model (merge_schedule.py)."""
+    import copy
+
+    from .measured import calibrate_and_plan
+    from .merge_schedule import choose_merging
+    plan, fitted_now, calibration = calibrate_and_plan(model, policy, args, kwargs, batches)
+    fitted = {**fitted_now, **(fitted or {})}
+
+    def build(candidate_plan: dict) -> torch.nn.Module:
+        return optimize(copy.deepcopy(model), candidate_plan, example_inputs=args, example_kwargs=kwargs,
+                        fitted=fitted, dynamic=dynamic)
+
+    merged = choose_merging(model, plan, policy, batches, build, calibration.token_merging)
+    if merged is not plan:
+        chosen = next(r for r in calibration.token_merging if r.outcome == "chosen")
+        if calibration.model_ms:  # exact / plan, then plan / merged: both ratios measured interleaved
+            calibration.model_ms *= chosen.ms / chosen.plan_ms
+        calibration.message = "; ".join(x for x in (calibration.message, (
+            f"{chosen.action} after every exact site: error {chosen.error:.3g}, {chosen.ms:.4g} ms vs "
+            f"{chosen.plan_ms:.4g} ms without it")) if x)
+    return merged, fitted, calibration
+
+
 def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequence = (),
              example_kwargs: Optional[dict] = None, calibration: Optional[list] = None, then: str = "eager",
              dynamic: Optional[bool] = None, fitted: Optional[dict] = None,
@@ -137,16 +163,15 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     _check_model(model)
     args, kwargs = _inputs(example_inputs, example_kwargs)
     check_then(then)  # before a calibration run, not after it
-    from .measured import MeasuredPolicy, auto, calibrate_and_plan
+    from .measured import MeasuredPolicy, auto
     if isinstance(policy, str) and policy == "auto":
         policy = auto()
     _undo(model)
     calibration_report = None
     start = time.perf_counter()
     if isinstance(policy, MeasuredPolicy):
-        policy, fitted_now, calibration_report = calibrate_and_plan(model, policy, args, kwargs,
-                                                                     list(calibration or []))
-        fitted = {**fitted_now, **(fitted or {})}
+        policy, fitted, calibration_report = _measured_plan(model, policy, args, kwargs, list(calibration or []),
+                                                            fitted, dynamic)
     pol = Policy(policy)
     pol.fitted = dict(fitted or {})
     report = RewriteReport(pol.describe())

@@ -328,6 +328,19 @@ def input_cone(roots: Any, is_leaf: Callable[[fx.Node], bool] = _is_graph_leaf, 
     return cone, leaves
 
 
+def with_descendants(node: fx.Node) -> list:
+    """``node`` and every node fed by it, parents before children (breadth first)."""
+    out, seen, work = [], set(), [node]
+    while work:
+        n = work.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        out.append(n)
+        work.extend(n.users)
+    return out
+
+
 #: the largest mask computation (graph nodes) a handler evaluates on the example batch
 EXAMPLE_CONE_LIMIT = 400
 

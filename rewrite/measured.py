@@ -52,6 +52,8 @@ def default_candidates() -> list:
         out += [t["SlidingWindow"](window=w, sinks=4) for w in (256, 128)]
     if "TokenMerge" in t:
         out += [t["TokenMerge"](r=128)]
+    if "MergeTokens" in t:  # block-level: chosen on whole models after the per-site plan (merge_schedule.py)
+        out += [t["MergeTokens"](r=r) for r in (16, 32, 48, 64)]
     return out
 
 
@@ -113,6 +115,8 @@ class CalibrationReport:
     attention_ms: Optional[float] = None
     attention_share: Optional[float] = None
     timing_seconds: float = 0.0
+    #: the block-level settings tried after the per-site plan (merge_schedule.MergeRow)
+    token_merging: list = dataclasses.field(default_factory=list)
 
     def speedup(self) -> Optional[float]:
         """Exact model time over the plan's (> 1: the plan is faster), at the calibration shapes."""
@@ -162,7 +166,8 @@ class MeasuredPolicy:
         return list(self.candidates) if self.candidates is not None else default_candidates()
 
     def candidates_for(self, site) -> list:
-        return self.candidate_list()
+        """The per-site candidates: block-level actions are chosen on whole models afterwards."""
+        return [a for a in self.candidate_list() if not getattr(a, "block_level", False)]
 
     def choose(self, rows: list, measure_joint: Callable) -> tuple[dict, str, list, Optional[float], dict]:
         """``(plan by site key, message, back-off steps, joint error bound, why per site)``.

@@ -216,6 +216,11 @@ class RewriteReport:
         timing = self.time_summary() if with_time else ""
         if timing:
             out.append(timing)
+        merging = getattr(cal, "token_merging", None) or []
+        if merging:
+            out.append("Token merging (whole models, after the per-site plan; ms vs the per-site plan's, interleaved):")
+            out.append(tabulate([[m.action, _fmt_err(m.error), _ms(m.ms), _ms(m.plan_ms), m.outcome] for m in merging],
+                                headers=["setting", "error bound", "ms", "plan ms", "outcome"], tablefmt="simple"))
         if cal.backoffs:
             out.append("back-off: " + "; ".join(cal.backoffs))
         if cal.message:

@@ -12,7 +12,7 @@ import rewrite
 from rewrite import timing
 from rewrite.calibrate import candidate_key
 from rewrite.measured import Auto, CalibrationRow, CandidateRow
-from rewrite.timing import EXACT, ModelRun, SiteRun
+from rewrite.timing import EXACT, SiteRun
 
 
 # --- the policy's choice, on synthetic measurements ------------------------------------------------------

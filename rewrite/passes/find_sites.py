@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import (factory_number, input_cone, is_mutating, is_reshape, is_scalar_like, owner_path, rank, reads_only_shape,
+from ..graph import (factory_number, input_cone, with_descendants, is_mutating, is_reshape, is_scalar_like, owner_path, rank, reads_only_shape,
                      same_shape, same_size, shape,
                      static_int)
 from ..sites import MASKED_BELOW
@@ -145,15 +145,7 @@ def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours
 
 def _with_descendants(node: fx.Node) -> list:
     """``node`` and every node fed by it, parents before children (``remove_dead`` pops leaves first)."""
-    out, seen, work = [], set(), [node]
-    while work:
-        n = work.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        out.append(n)
-        work.extend(n.users)
-    return out
+    return with_descendants(node)
 
 
 def _is_dead(node: fx.Node, depth: int = 8) -> bool:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import hint_int, meta_value, owner_path, rank, shape, static_int
+from ..graph import hint_int, input_cone, meta_value, owner_path, rank, shape, static_int, with_descendants
 from ..mixers._masks import plan_mask
 from ..mixers.merge_tokens import (TokenMerger, first_row, merged_count, proportional_mask, unmerge_tokens)
 from ..sites import MASKED_BELOW
@@ -201,7 +201,7 @@ def _find_merge(request: MergeRequest) -> _Merge:
 def _residual_point(start: fx.Node) -> fx.Node:
     """The residual stream after the block of the attention whose output is ``start`` (see the module doc): the
     first add, in graph order, of a value computed from ``start`` and a [batch, tokens, features] value that is not."""
-    after = _descendants(start)
+    after = set(with_descendants(start))
     node = start.next
     while node.op != "output":
         others = [a for a in node.all_input_nodes if a not in after]
@@ -229,8 +229,8 @@ def _token_counts(merges: list) -> list:
 def _prove(gm: fx.GraphModule, merges: list, mask_values: dict) -> _Plan:
     plan = _Plan(merges)
     points = {m.point: m for m in merges}
-    sensitive = _ancestors([n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]
-                           + list(points))
+    sensitive, _ = input_cone([n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]
+                              + list(points))
     for node in gm.graph.nodes:
         if node.op == "output":
             plan.outputs = list(dict.fromkeys(leaf for leaf in _leaves(node.args) if leaf in plan.track))
@@ -267,7 +267,7 @@ def _merge_point(plan: _Plan, m: _Merge, node: fx.Node, tracked: list) -> None:
             raise Declined(f"the residual stream at {_where(node)} does not follow the previous merge "
                            f"({why or 'not the same tokens'})")
         if plan.track.get(m.sdpa, None) is None:
-            raise Declined(f"the site's own attention is not over the tokens merged before it")
+            raise Declined("the site's own attention is not over the tokens merged before it")
     elif tracked:
         raise Declined(f"the residual stream at {_where(node)} is merged before its own site")
     keys = shape(_sdpa_arg(m.sdpa, "key"))
@@ -736,31 +736,9 @@ def _leaves(args: Any) -> list:
     return out
 
 
-def _descendants(node: fx.Node) -> set:
-    seen, work = set(), [node]
-    while work:
-        n = work.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        work.extend(n.users)
-    return seen
-
-
 def _sdpa_masks(gm: fx.GraphModule) -> list:
     return [m for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA
             for m in [_sdpa_arg(n, "attn_mask")] if isinstance(m, fx.Node)]
-
-
-def _ancestors(nodes: list) -> set:
-    seen, work = set(), list(nodes)
-    while work:
-        n = work.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        work.extend(n.all_input_nodes)
-    return seen
 
 
 def _position(gm: fx.GraphModule) -> dict:

@@ -1,0 +1,79 @@
+"""auto() adds token merging (a block-level action) after its per-site plan, on whole rewritten models: the
+fastest setting within the error budget that is faster, the ladder stopping at the first over the budget."""
+import torch
+from transformers import BertConfig, BertModel
+
+import rewrite
+from rewrite.timing import SiteRun
+
+LADDER = [rewrite.MergeTokens(r=2), rewrite.MergeTokens(r=4), rewrite.MergeTokens(r=8)]
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                     vocab_size=100, attn_implementation="eager")
+    return BertModel(cfg).eval()
+
+
+def batch(seed, pad=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 32 - pad:] = 0
+    return {"input_ids": torch.randint(0, 100, (2, 32), generator=g), "attention_mask": mask}
+
+
+def merged_is_faster(speed: dict):
+    """Sites cost 1 ms each; a whole model 10 ms, times ``speed[r]`` with MergeTokens(r) in its plan."""
+    def timer(runs):
+        out = {}
+        for label in runs:
+            if isinstance(label, SiteRun):
+                out[label] = 1e-3
+                continue
+            rs = [int(a.split("r=")[1].split(",")[0]) for *_, a in label.plan if a.startswith("MergeTokens")]
+            out[label] = 1e-2 * (speed[rs[0]] if rs else 1.0)
+        return out
+    return timer
+
+
+def cosine_error(a, b):
+    return (1 - torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))).mean().item()
+
+
+def test_the_fastest_setting_within_the_budget_is_chosen_and_outputs_keep_their_shape():
+    model, calib = tiny_bert(), [batch(1), batch(2, pad=5)]
+    with torch.no_grad():
+        refs = [model(**b).last_hidden_state for b in calib]
+    policy = rewrite.auto(max_error=0.05, candidates=LADDER, timer=merged_is_faster({2: 0.8, 4: 0.6, 8: 0.5}),
+                          progress=False)
+    rewrite.optimize(model, policy, example_kwargs=batch(0), calibration=calib)
+    rep = rewrite.report(model)
+    rows = rep.calibration.token_merging
+    tried = [r.action.split(",")[0] for r in rows]
+    assert tried[0] == "MergeTokens(r=2"
+    over = [r for r in rows if "over the budget" in r.outcome]
+    within = [r for r in rows if r.error <= 0.05]
+    assert within, rep.calibration_table()
+    chosen = [r for r in rows if r.outcome == "chosen"]
+    assert len(chosen) == 1 and chosen[0] is within[-1]          # the harshest within budget: the fastest here
+    assert all(rows.index(r) > rows.index(chosen[0]) for r in over)
+    assert all(chosen[0].action == s.action for s in rep.sites), rep
+    assert "Token merging" in rep.calibration_table() and rep.to_json()["calibration"]["token_merging"]
+    with torch.no_grad():
+        for b, ref in zip(calib, refs):
+            out = model(**b).last_hidden_state
+            assert out.shape == ref.shape
+            assert cosine_error(ref, out) < 0.2
+
+
+def test_no_merging_over_the_budget_or_when_it_is_not_faster():
+    for budget, speed, why in ((1e-7, {2: 0.5, 4: 0.5, 8: 0.5}, "over the budget"),
+                               (0.5, {2: 1.0, 4: 1.2, 8: 1.5}, "not faster")):
+        model = tiny_bert()
+        policy = rewrite.auto(max_error=budget, candidates=LADDER, timer=merged_is_faster(speed), progress=False)
+        rewrite.optimize(model, policy, example_kwargs=batch(0), calibration=[batch(1), batch(2)])
+        rep = rewrite.report(model)
+        assert all(s.action.startswith("Exact") for s in rep.sites), rep
+        assert rep.calibration.token_merging and all(why in r.outcome for r in rep.calibration.token_merging
+                                                     if r.outcome != "") , rep.calibration_table()

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
 import rewrite
+from policy_timers import table_timer
 from rewrite import cost
 from rewrite.actions import build_target
 from rewrite.passes.lower import SiteCall
@@ -146,21 +147,7 @@ CANDIDATES = [rewrite.SlidingWindow(window=32, sinks=1), rewrite.TopK(k=8)]
 def fake_timer(site_ms: dict, exact_ms: float = 1.0, rest_ms: float = 10.0, calls: list = None):
     """A deterministic timer: a mixer alone takes ``site_ms[its key]`` ms (exact: ``exact_ms``); the whole model
     takes ``rest_ms`` plus its sites' times (three sites). ``calls`` collects what it was asked to time."""
-    from rewrite.timing import EXACT, ModelRun, SiteRun
-
-    def timer(runs):
-        if calls is not None:
-            calls.append(list(runs))
-        out = {}
-        for label in runs:
-            if isinstance(label, SiteRun):
-                out[label] = (exact_ms if label.action == EXACT else site_ms[label.action]) / 1e3
-            else:
-                assert isinstance(label, ModelRun)
-                chosen = [site_ms[a] for _, _, a in label.plan]
-                out[label] = (rest_ms + sum(chosen) + exact_ms * (3 - len(chosen))) / 1e3
-        return out
-    return timer
+    return table_timer(site_ms, exact_ms, rest_ms, log=calls, sites=3)
 
 
 #: every candidate twice as fast as exact: the error budget alone decides

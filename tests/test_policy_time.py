@@ -13,6 +13,7 @@ from rewrite import timing
 from rewrite.calibrate import candidate_key
 from rewrite.measured import Auto, CalibrationRow, CandidateRow
 from rewrite.timing import EXACT, SiteRun
+from policy_timers import table_timer
 
 
 # --- the policy's choice, on synthetic measurements ------------------------------------------------------
@@ -191,22 +192,6 @@ def _bert(layers=2):
 
 def _batch(seed, n=16):
     return {"input_ids": torch.randint(0, 100, (2, n), generator=torch.Generator().manual_seed(seed))}
-
-
-def table_timer(site_ms: dict, exact_ms=1.0, rest_ms=10.0, log=None, sites=2):
-    """Site runs from a table; the model (``sites`` sites): ``rest_ms`` plus each site's time (exact or its
-    chosen mixer)."""
-    def timer(runs):
-        if log is not None:
-            log.append(list(runs))
-        out = {}
-        for label in runs:
-            if isinstance(label, SiteRun):
-                out[label] = (exact_ms if label.action == EXACT else site_ms[label.action]) / 1e3
-            else:
-                out[label] = (rest_ms + exact_ms * (sites - len(label.plan)) + sum(site_ms[a] for *_, a in label.plan)) / 1e3
-        return out
-    return timer
 
 
 def test_slower_candidates_are_pruned_before_their_errors_and_the_plan_stays_exact():

@@ -177,6 +177,14 @@ class CalibrationState:
         self.calls: dict = {}        # site key -> calls during the statistics pass (one pass over the batches)
         self.timing_calls: dict = {} # site key -> (switch, q, k, v, kwargs): the largest call, to time mixers on
 
+    def switch_for(self, site, exact: Callable, candidates: dict) -> "SiteSwitch":
+        """The pipeline's lowering while calibrating: a switch for ``site`` holding the exact call and every
+        candidate that serves it (by candidate key), registered here."""
+        switch = SiteSwitch(site.key, exact, candidates, self)
+        self.switches.setdefault(site.key, []).append(switch)
+        self.sites[site.key] = site
+        return switch
+
 
 class SiteSwitch(torch.nn.Module):
     """A site's replacement while calibrating: exact by default, any candidate when asked."""

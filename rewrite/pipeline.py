@@ -218,10 +218,10 @@ def _lower(run: GraphRun, s: Lowered) -> None:
     if m.kind == "mha":  # left opaque by expand_mha: the note says why
         s.note = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
         return
-    if m.softcap is not None and (session.mode == "calibrate" or not (action is None or serves_softcap(action))):
+    if m.softcap is not None and (session.calibration is not None or not (action is None or serves_softcap(action))):
         s.action, s.note = action, _with_note(softcap_declined(action, m.softcap), m)   # left as it was
         return
-    if session.mode == "calibrate":
+    if session.calibration is not None:
         s.action, s.call, s.new, s.note = _switch_site(session, run.gm.graph, m, s.site, s.causal_ops)
         return
     if action is None or (m.kind == "sdpa" and isinstance(action, Exact)):
@@ -428,8 +428,7 @@ def _with_note(reason: str, m: SiteMatch) -> str:
 def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: AttentionSite, causal_ops: set) -> tuple:
     """Calibration: lower the site to a switch holding the exact call and every candidate for it; returns
     ``(action, call, new node, note)`` as ``_lower`` records them."""
-    from .calibrate import SiteSwitch, candidate_key
-    state = session.calibration
+    state = session.calibration  # a calibrate.CalibrationState: it makes the switches (no import upwards)
     call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
     actions = session.candidates(site)
     if any(a.reads_example_mask for a in actions):
@@ -437,16 +436,13 @@ def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: Attent
     exact = build_target(Exact(), call, site)
     candidates = {}
     for action in actions:
-        ck = candidate_key(action)
+        ck = action.describe()
         target = build_target(action, call, site)
         if isinstance(target, Decline):
             state.declined[(site.key, ck)] = str(target)
         else:
             candidates[ck] = target
-    switch = SiteSwitch(site.key, exact, candidates, state)
-    state.switches.setdefault(site.key, []).append(switch)
-    state.sites[site.key] = site
-    new = _insert_target(graph.owning_module, m, switch, call)
+    new = _insert_target(graph.owning_module, m, state.switch_for(site, exact, candidates), call)
     return Exact(), call, new, "calibrating"
 
 
@@ -525,8 +521,7 @@ def _restore_fitted(session: "Session", site: AttentionSite, action: Action, tar
     fitted = getattr(session.policy, "fitted", None)
     if not fitted or not isinstance(target, torch.nn.Module):
         return
-    from .calibrate import candidate_key
-    state = fitted.get((site.key, candidate_key(action)))
+    state = fitted.get((site.key, action.describe()))  # fitted state is keyed as calibrate.candidate_key keys it
     if state is not None:
         target.load_state_dict(state)
 

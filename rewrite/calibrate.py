@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,15 @@ def kl_error(ref: Any, new: Any, batch: Any = None) -> float:
 
 
 METRICS: dict[str, Callable] = {"cosine": cosine_error, "relative_l2": relative_l2_error, "kl": kl_error}
+
+
+def error_bound(errors: Sequence[float]) -> float:
+    """What an error budget bounds: the *expected* error of unseen batches like these, the mean over the
+    calibration batches plus two standard errors (one batch alone is not bounded: the budget is on the
+    average, as the metric is)."""
+    mean = sum(errors) / len(errors)
+    std = (sum((e - mean) ** 2 for e in errors) / max(len(errors) - 1, 1)) ** 0.5
+    return mean + 2 * std / len(errors) ** 0.5
 
 
 def metric_fn(metric: Any) -> Callable:

@@ -30,7 +30,7 @@ import torch
 
 from . import cost
 from .actions import Action, Exact, RewriteError, action_types
-from .calibrate import (CalibrationState, candidate_key, fit_candidates, metric_fn, progress,
+from .calibrate import (CalibrationState, candidate_key, error_bound, fit_candidates, metric_fn, progress,
                         run_batch)
 from .select import Option, solve
 from .timing import EXACT, default_timer, plan_label, ratio_text, time_site_calls
@@ -667,13 +667,8 @@ class CalibrationRun:
         return sum(errs) / len(errs)
 
     def joint_bound(self, use: dict) -> float:
-        """The end-to-end check bounds the *expected* error of unseen batches like these: the mean over
-        calibration batches plus two standard errors (one batch alone is not bounded: the budget is on the
-        average, as the metric is)."""
-        errs = self.per_batch(use)
-        mean = sum(errs) / len(errs)
-        std = (sum((e - mean) ** 2 for e in errs) / max(len(errs) - 1, 1)) ** 0.5
-        return mean + 2 * std / len(errs) ** 0.5
+        """The end-to-end check's error: :func:`calibrate.error_bound` over the calibration batches."""
+        return error_bound(self.per_batch(use))
 
     def time_plan(self, plan: dict) -> tuple[float, float]:
         """Seconds per forward of the whole model with ``plan`` and exact, interleaved on the calibration

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .actions import Exact
-from .calibrate import metric_fn, progress, run_batch
+from .calibrate import error_bound, metric_fn, progress, run_batch
 from .timing import ModelRun, default_timer
 
 
@@ -39,13 +39,6 @@ def merge_ladder(policy) -> list:
     if getattr(policy, "max_error", None) is None or getattr(policy, "objective", "time") != "time":
         return []
     return [a for a in policy.candidate_list() if getattr(a, "block_level", False)]
-
-
-def error_bound(errors: Sequence[float]) -> float:
-    """The mean over calibration batches plus two standard errors (what the budget bounds)."""
-    mean = sum(errors) / len(errors)
-    std = (sum((e - mean) ** 2 for e in errors) / max(len(errors) - 1, 1)) ** 0.5
-    return mean + 2 * std / len(errors) ** 0.5
 
 
 def with_merging(plan: dict, action) -> dict:

@@ -26,7 +26,6 @@ from .passes.find_sites import SiteMatch, find_sites
 from .passes.mask_semantics import empty_row_problem, read_fill_values
 from .passes.lower import SiteCall, unrepeat, build_call
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
-from .passes.softcap import serves_softcap, softcap_declined
 from .passes.verify import differing_output, record, relative_error, tolerance
 from .policy import Policy
 from .report import RewriteReport, SiteRow
@@ -218,8 +217,9 @@ def _lower(run: GraphRun, s: Lowered) -> None:
     if m.kind == "mha":  # left opaque by expand_mha: the note says why
         s.note = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
         return
-    if m.softcap is not None and (session.calibration is not None or not (action is None or serves_softcap(action))):
-        s.action, s.note = action, _with_note(softcap_declined(action, m.softcap), m)   # left as it was
+    kept = _beyond_sdpa(session, action, s.site)
+    if kept:
+        s.action, s.note = action, _with_note(kept, m)   # left as it was
         return
     if session.calibration is not None:
         s.action, s.call, s.new, s.note = _switch_site(session, run.gm.graph, m, s.site, s.causal_ops)
@@ -242,6 +242,15 @@ def _lower(run: GraphRun, s: Lowered) -> None:
         target = build_target(action, call, s.site)
     s.action, s.call, s.new = action, call, _insert_target(run.gm, m, target, call)
     s.note = _with_note(note, m)
+
+
+def _beyond_sdpa(session: "Session", action, site: AttentionSite) -> str:
+    """Why a site that computes more than SDPA expresses (a soft-cap) stays as it was: a calibration switch holds
+    SDPA, and an action that cannot serve it has no exact fallback (``""``: the site is lowered as usual)."""
+    gap = Exact().unserved(site)
+    if not gap or (action is None and session.calibration is None):
+        return ""
+    return gap if session.calibration is not None else action.unserved(site)
 
 
 @dataclasses.dataclass
@@ -631,6 +640,7 @@ def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=
     site.dtype = str(q.dtype).replace("torch.", "") if isinstance(q, torch.Tensor) else None
     site.mask = _mask_kind(m, causal_ops, is_causal, is_state)
     site.softcap = m.softcap
+    site.sinks = (_int((shape(m.extra_columns) or (1,))[-1]) or 1) if m.extra_columns is not None else 0
     site.grid, site.prefix_tokens = _vision_grid(model, _int(qs[-2]) if qs else None)
     return site
 

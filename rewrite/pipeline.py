@@ -323,7 +323,7 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         remove_dead(graph, [m.output] + list(m.region) + list(m.dead_users))  # dead users go first
         row.status, row.reason = "rewritten", s.note
         row.flops_after, row.flops_after_expr = _action_flops(action, vals, m, row)
-        row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
+        row.bytes_after = _bytes(vals, m, materialized=False)
     run.session.report.plan[site.name] = action.to_json()
     run.session.report.record_site(row)
 
@@ -753,7 +753,7 @@ def _scale_value(m: SiteMatch, vals: dict) -> Optional[float]:
 
 def _action_flops(action: Action, vals: dict, m: SiteMatch, row: SiteRow) -> tuple:
     """The action's attention FLOPs at the captured shape (and its expression)."""
-    sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind)
+    sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind, m.values_left)
     flops = getattr(action, "flops", None)
     if sizes is None or flops is None:
         return row.flops_before, row.flops_before_expr
@@ -764,30 +764,31 @@ def _action_flops(action: Action, vals: dict, m: SiteMatch, row: SiteRow) -> tup
         return None, ""
 
 
-def _core_sizes(q, kt, v, kind: str) -> Optional[dict]:
+def _core_sizes(q, kt, v, kind: str, values_left: bool = False) -> Optional[dict]:
+    """The cost sizes (B, H, N, Nk, d, dv) of the captured q, kᵀ and v; ``values_left``: ``v @ pᵀ``, v is [.., dv, Nk]."""
     if not all(isinstance(t, torch.Tensor) for t in (q, kt, v)) or kind == "mha":
         return None
     nk = kt.shape[-1] if kind != "sdpa" else kt.shape[-2]
     bh = math.prod(q.shape[:-2])
-    return {"B": bh, "H": 1, "N": q.shape[-2], "Nk": nk, "d": q.shape[-1], "dv": v.shape[-1]}
+    return {"B": bh, "H": 1, "N": q.shape[-2], "Nk": nk, "d": q.shape[-1], "dv": v.shape[-2 if values_left else -1]}
 
 
-def _bytes(q, kt, v, materialized: bool, kind: str = "eager") -> Optional[float]:
-    sizes = _core_sizes(q, kt, v, kind)
+def _bytes(vals: dict, m: SiteMatch, materialized: bool) -> Optional[float]:
+    sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind, m.values_left)
     if sizes is None:
         return None
-    return cost.evaluate(cost.exact_bytes(q.element_size(), materialized), **sizes)
+    return cost.evaluate(cost.exact_bytes(vals[m.q].element_size(), materialized), **sizes)
 
 
 def _row(m: SiteMatch, site: AttentionSite, vals: dict) -> SiteRow:
     q, kt, v = vals.get(m.q), vals.get(m.kt), vals.get(m.v)
-    sizes = _core_sizes(q, kt, v, m.kind)
+    sizes = _core_sizes(q, kt, v, m.kind, m.values_left)
     row = SiteRow(name=site.name, index=site.index, status="kept", ordinal=site.ordinal, is_causal=site.is_causal,
                   mask=site.mask, heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim)
     if sizes is not None:
         expr = cost.exact_flops()
         row.flops_before = cost.evaluate(expr, **sizes)
         row.flops_before_expr = str(expr)
-        row.bytes_before = _bytes(q, kt, v, materialized=m.kind != "sdpa", kind=m.kind)
+        row.bytes_before = _bytes(vals, m, materialized=m.kind != "sdpa")
         row.shape = f"q{tuple(q.shape)} k·v Nk={sizes['Nk']}"
     return row

@@ -456,6 +456,22 @@ def test_values_on_the_left_of_the_transposed_probabilities(heads, bias, spellin
         _close(model(x), ref(x), dtype)
 
 
+def test_values_on_the_left_count_their_value_width_in_the_flops():
+    """``v @ pᵀ`` with v ``[B, h, dv, N]``: the report's FLOPs use dv = v's second-last axis, not its tokens."""
+    class WideValues(nn.Module):   # EfficientViT-M: values wider than queries and keys
+        def forward(self, q, k, v):
+            return v @ (q.transpose(-2, -1) @ k * 0.5).softmax(-1).transpose(-2, -1)
+
+    q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 4, 16), torch.randn(2, 3, 12, 16)
+    model = WideValues()
+    rewrite.optimize(model, "exact", example_inputs=(q, k, v))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rewritten", model.rewrite_report.table()
+    want = rewrite.cost.evaluate(rewrite.cost.exact_flops(), B=6, H=1, N=16, Nk=16, d=4, dv=12)
+    assert row.flops_before == pytest.approx(want), (row.flops_before, want)
+    torch.testing.assert_close(model(q, k, v), WideValues()(q, k, v))
+
+
 def test_values_times_untransposed_probabilities_sum_over_queries_and_stay():
     model = ChannelsFirst(spelling="none", bias=False).eval()
     ref = copy.deepcopy(model)

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATUSES = ("FULL", "PARTIAL", "WRONG", "ERROR", "SKIPPED", "NONE", "TIMEOUT")
@@ -72,8 +73,9 @@ def judged(name: str, equal: bool, report, oracle) -> dict:
     rows = report.sites
     # a site the model already computes with SDPA is already fused: covered
     done = sum(r.status == "rewritten" or "already scaled_dot_product_attention" in (r.reason or "") for r in rows)
-    reasons = sorted({r.reason[:90] for r in rows if r.status != "rewritten" and r.reason}
-                     | {f"{r.name}: {r.reason[:90]}" for r in report.rejected})
+    kept = Counter(r.reason[:90] for r in rows if r.status != "rewritten" and r.reason)
+    kept.update(f"region: {r.reason[:90]}" for r in report.rejected)
+    reasons = sorted(f"{n}x {why}" for why, n in kept.items())
     expected = oracle if oracle is not None else len(rows)  # no SDPA path: every site the report lists
     status = "WRONG" if not equal else ("FULL" if rows and done >= expected and done == len(rows) else
                                         "PARTIAL" if rows or expected else "NONE")

@@ -26,7 +26,8 @@ Example::
 For calibration (``auto``): a per-site switch (``SiteSwitch``) cannot serve a block-level action, since it changes
 the shape of everything after the block. But :class:`TokenMerger` reads ``self.r`` on every call and ``r = 0``
 merges nothing (exactly the original), so one graph rewritten with ``MergeTokens`` at every candidate site can
-be calibrated by setting ``.r`` on its mergers (found by their ``rewrite_site`` node meta) between runs.
+be calibrated by setting ``.r`` (and ``.window``) on its mergers between runs: the session lists them by site
+(``Session.block_modules``) and ``merge_schedule.py`` does this.
 """
 from __future__ import annotations
 

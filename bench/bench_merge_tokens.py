@@ -24,6 +24,9 @@ r after each layer             tokens after each layer                     cosin
 =============================  ==========================================  ========  ==================
 
 With ``metric="keys"`` (ToMe's choice on ViT) r = 48 keeps a cosine of only 0.9646.
+
+``--window 64`` (merge only tokens at most 64 positions apart, what ``auto`` uses): see BENCHMARKS.md, "Local
+merging", for its errors on 8 calibration and 24 held-out passages.
 """
 from __future__ import annotations
 
@@ -86,6 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--protect-first", type=int, default=1)
     ap.add_argument("--metric", default="hidden", choices=("hidden", "keys"))
+    ap.add_argument("--window", type=int, default=0, help="merge only tokens at most this many positions apart "
+                    "(0: any two, as ToMe)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default). On a shared machine "
                     "use 1: OpenMP threads spinning against other processes make small ops erratically slow")
     args = ap.parse_args(argv)
@@ -105,7 +110,8 @@ def main(argv=None) -> None:
     layers = [f"encoder.layer.{i}.attention.self" for i in range(base.config.num_hidden_layers)]
     for r in args.r.split(","):
         per_layer = [int(x) for x in r.split("/")] if "/" in r else [int(r)] * len(layers)
-        policy = {name: rewrite.MergeTokens(r=k, protect_first=args.protect_first, metric=args.metric)
+        policy = {name: rewrite.MergeTokens(r=k, protect_first=args.protect_first, metric=args.metric,
+                                            window=args.window or None)
                   for name, k in zip(layers, per_layer)}
         model = rewrite.optimize(copy.deepcopy(base), policy, example_kwargs=example)
         rows = rewrite.report(model).sites

@@ -8,7 +8,8 @@ exact rewrite (interleaved runs on the held-out batches, median), the seconds ca
 per-layer plan; the auto plan is also drawn to ``docs/plan_minilm.png``.
 
 Run: ``python bench/bench_policy.py`` (``--quick`` for 4 calibration / 4 evaluation passages of 256 tokens,
-``--length``/``--batch`` for other shapes). Timings are of this machine: say which, and whether it was shared.
+``--length``/``--batch`` for other shapes, ``--threads 1`` on a shared machine). Timings are of this machine: say
+which, and whether it was shared.
 """
 from __future__ import annotations
 
@@ -72,8 +73,11 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=None, help="tokens per passage (512; 256 with --quick)")
     ap.add_argument("--batch", type=int, default=4, help="passages per batch (4)")
     ap.add_argument("--max-error", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core). On a shared machine use 1: "
+                    "OpenMP threads spinning against other processes make the many small ops of token merging "
+                    "erratically slow, and every timing (calibration's included) with them")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from transformers import AutoModel, AutoTokenizer
     folder = minilm_folder()
     tok = AutoTokenizer.from_pretrained(folder)

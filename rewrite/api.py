@@ -128,7 +128,8 @@ def _measured_plan(model: torch.nn.Module, policy, args: tuple, kwargs: dict, ba
         return optimize(copy.deepcopy(model), candidate_plan, example_inputs=args, example_kwargs=kwargs,
                         fitted=fitted, dynamic=dynamic)
 
-    merged = choose_merging(model, plan, policy, batches, build, calibration.token_merging)
+    merged = choose_merging(model, plan, policy, batches, build, calibration.token_merging,
+                            lambda built: model_session(built).block_modules)
     if merged is not plan:
         chosen = next(r for r in calibration.token_merging if r.outcome == "chosen")
         if calibration.model_ms:  # exact / plan, then plan / merged: both ratios measured interleaved

@@ -1,11 +1,12 @@
 """Token merging in a measured plan: which ``MergeTokens`` setting ``auto`` adds after choosing its per-site plan.
 
 A block-level action cannot be calibrated by a per-site switch (it changes the shape of everything after its
-block), so it is chosen after the per-site plan, on whole models: for each setting of the ladder, gentlest
-first, the model is rewritten with the per-site plan and ``MergeTokens`` at every site the plan leaves exact,
-its error measured on the calibration batches (the same bound as the per-site plan's: the mean plus two
-standard errors) and its time against the per-site plan's (interleaved, median). The fastest setting within
-the error budget that is faster wins; the ladder stops at the first setting over the budget.
+block), so it is chosen after the per-site plan, on a whole model: one copy, rewritten with the per-site plan and
+the ladder's harshest ``MergeTokens`` at every site the plan leaves exact, measures every setting (its mergers
+take each setting in turn), gentlest first: its error on the calibration examples (the same bound as the per-site plan's: the per-example
+mean plus two standard deviations, :func:`calibrate.error_bound`); the ladder stops at the first setting over
+the budget. Then the harshest setting within the budget is timed against the per-site plan (interleaved,
+median) and chosen if it is faster, else the next gentler one.
 
 Example::
 
@@ -20,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .actions import Exact
-from .calibrate import error_bound, metric_fn, progress, run_batch
+from .calibrate import error_bound, example_errors, metric_fn, progress, run_batch
 from .timing import ModelRun, default_timer
 
 
@@ -47,40 +48,63 @@ def with_merging(plan: dict, action) -> dict:
 
 
 def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence, build: Callable,
-                   rows: list) -> dict:
+                   rows: list, modules_of: Callable) -> dict:
     """The plan with the best token merging added (or ``plan``): ``build(plan)`` returns an optimized copy of
-    ``model``; ``rows`` receives a :class:`MergeRow` per setting tried."""
+    ``model``, ``modules_of(copy)`` the mergers its block-level actions inserted (by site key); ``rows``
+    receives a :class:`MergeRow` per setting tried.
+
+    One copy is built, with the harshest setting; each setting is measured on it by setting its mergers (they
+    read their settings on every call). Errors first, gentlest up, until a setting is over the budget (error
+    grows with ``r``); then times, harshest within the budget down, until one is faster than the per-site plan
+    (time falls with ``r``, so usually the first timed wins and the gentler ones are not timed)."""
     ladder = merge_ladder(policy)
     if not ladder or not plan:
         return plan
     metric = metric_fn(policy.metric)
-    timer = policy.timer or default_timer
     with torch.no_grad():
         refs = [run_batch(model, b) for b in batches]
-        base = build(plan)
-        best, best_ms = plan, None
+        candidate = build(with_merging(plan, ladder[-1]))
+        mergers = [m for ms in modules_of(candidate).values() for m in ms]
+        within = []
         for action in progress(ladder, "token merging", enabled=policy.show_progress):
             row = MergeRow(action.describe())
             rows.append(row)
-            merged = with_merging(plan, action)
-            candidate = build(merged)
-            row.error = error_bound([metric(r, run_batch(candidate, b), b) for r, b in zip(refs, batches)])
+            set_merging(mergers, action)
+            row.error = error_bound([e for r, b in zip(refs, batches)
+                                     for e in example_errors(metric, r, run_batch(candidate, b), b)])
             if row.error > policy.max_error:
                 row.outcome = f"error {row.error:.3g} over the budget {policy.max_error:g}; harsher settings not tried"
                 break
-            row.ms, row.plan_ms = _time_pair(timer, base, candidate, plan, merged, batches[0])
-            if row.ms is None:
-                row.outcome = "not timed (the timer does not time whole models with token merging)"
-                break
-            if row.ms >= row.plan_ms * (1 - policy.min_gain) or (best_ms is not None and row.ms >= best_ms):
-                row.outcome = "not faster"
-                continue
-            best, best_ms = merged, row.ms
+            within.append((row, action))
+        return _fastest_within(policy, plan, build(plan) if within else None, candidate, mergers, batches, within)
+
+
+def set_merging(mergers: list, action) -> None:
+    """Give every merger ``action``'s settings (the fields of the action that the merger has)."""
+    for merger in mergers:
+        for field in dataclasses.fields(action):
+            if hasattr(merger, field.name):
+                setattr(merger, field.name, getattr(action, field.name))
+
+
+def _fastest_within(policy, plan: dict, base, candidate, mergers: list, batches: Sequence, within: list) -> dict:
+    """The harshest setting of ``within`` (rows and actions, gentlest first) with which ``candidate`` is faster
+    than ``base`` (the per-site plan) on the clock, trying gentler ones while it is not; ``plan`` when none is."""
+    timer = policy.timer or default_timer
+    for i, (row, action) in enumerate(reversed(within)):
+        set_merging(mergers, action)
+        merged = with_merging(plan, action)
+        row.ms, row.plan_ms = _time_pair(timer, base, candidate, plan, merged, batches[0])
+        if row.ms is None:
+            row.outcome = "not timed (the timer does not time whole models with token merging)"
+            return plan
+        if row.ms < row.plan_ms * (1 - policy.min_gain):
             row.outcome = "chosen"
-    for r in rows:
-        if r.outcome == "chosen" and r.ms != best_ms:
-            r.outcome = "within budget; a harsher setting is faster"
-    return best
+            for gentler, _ in within[:len(within) - 1 - i]:
+                gentler.outcome = "within budget; not timed (a harsher setting is faster)"
+            return merged
+        row.outcome = "not faster"
+    return plan
 
 
 def _time_pair(timer, base, candidate, plan: dict, merged: dict, batch) -> tuple:

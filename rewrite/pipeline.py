@@ -45,6 +45,9 @@ class Session:
         self.calibration = None          # a calibrate.CalibrationState in mode "calibrate"
         self.attached: list = []         # (owner module path, name) of mixers attached to the model
         self.candidates = lambda site: []  # site -> candidate actions, in mode "calibrate"
+        #: site key -> the run-time modules a block-level action inserted for it (one per captured graph): token
+        #: mergers read their settings on every call, so a ladder of settings is measured on one rewritten model
+        self.block_modules: dict = {}
         #: the model's tensors a causal proof or a fill value was read from, with the version they had:
         #: (id(owner), attribute) -> (owner module, attribute, tensor, version); see ``changed_state``
         self.state_guards: dict = {}
@@ -345,6 +348,10 @@ def _block_level(run: GraphRun, sites: list) -> None:
     outcomes = merge_tokens(run.gm, run.inputs, [MergeRequest(s.site.key, s.action, s.new) for s in chosen],
                             run.is_state)
     rows = {(r.name, r.ordinal): r for r in run.session.report.sites}
+    merged = {s.site.key for s, outcome in zip(chosen, outcomes) if outcome.ok}
+    for node in run.gm.graph.nodes:
+        if node.op == "call_module" and node.meta.get("rewrite_site") in merged:
+            run.session.block_modules.setdefault(node.meta["rewrite_site"], []).append(run.gm.get_submodule(node.target))
     for s, outcome in zip(chosen, outcomes):
         row = rows.get(s.site.key)
         if outcome.ok:

@@ -77,3 +77,14 @@ def test_no_merging_over_the_budget_or_when_it_is_not_faster():
         assert all(s.action.startswith("Exact") for s in rep.sites), rep
         assert rep.calibration.token_merging and all(why in r.outcome for r in rep.calibration.token_merging
                                                      if r.outcome != "") , rep.calibration_table()
+
+
+def test_one_rewritten_copy_serves_every_setting():
+    """The mergers of one copy take each setting of the ladder: what they read on their next call."""
+    from rewrite.merge_schedule import set_merging
+    from rewrite.mixers.merge_tokens import TokenMerger
+    mergers = [TokenMerger(8), TokenMerger(8)]
+    set_merging(mergers, rewrite.MergeTokens(r=3, window=5))
+    assert all((m.r, m.window, m.protect_first, m.metric) == (3, 5, 1, "hidden") for m in mergers)
+    x = torch.randn(1, 12, 4)
+    assert mergers[0](x, None, None, None, None, None, None)[0].shape == (1, 9, 4)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import rewrite
-from rewrite.mixers.merge_tokens import TokenMerger, merged_count, unmerge_tokens
+from rewrite.mixers.merge_tokens import TokenMerger, merged_count, token_positions, unmerge_tokens
 
 
 # --- the merger -------------------------------------------------------------------------------------------
@@ -66,6 +66,25 @@ def test_merger_merges_padding_first_never_with_real_tokens_and_r_zero_is_identi
     assert padding_merges == 3, _groups(owner[0])
     same = TokenMerger(0)(x, None, mask, None, None, None, None)
     assert same[0] is x and torch.equal(same[2][0], torch.arange(16))
+
+
+def test_a_window_keeps_merges_local_and_positions_follow_members():
+    torch.manual_seed(2)
+    x = torch.randn(1, 200, 8)
+    x[0, 10] = x[0, 151]                       # the most similar pair: an A token and a B token 141 apart
+    plain = TokenMerger(1, protect_first=1)(x, None, None, None, None, None, None)
+    assert plain[2][0, 10] == plain[2][0, 151]            # ToMe merges them
+    for window in (8, 140):
+        out, size, owner, rep, visible = TokenMerger(1, protect_first=1, window=window)(x, None, None, None, None,
+                                                                                     None, None)
+        assert owner[0, 10] != owner[0, 151]
+        merged = [m for m in _groups(owner[0]).values() if len(m) == 2]
+        assert len(merged) == 1 and abs(merged[0][0] - merged[0][1]) <= window
+        centre = token_positions(owner, size)
+        assert centre[0, owner[0, merged[0][0]]] == sum(merged[0]) / 2 and centre[0, owner[0, 0]] == 0
+    # a window no pair fits still merges r tokens (r is a count), but never a protected one
+    out = TokenMerger(3, protect_first=1, window=0)(x[:, ::7], None, None, None, None, None, None)
+    assert out[0].shape[1] == x[:, ::7].shape[1] - 3 and _groups(out[2][0])[out[2][0, 0].item()] == [0]
 
 
 def test_merged_count_bounds():
@@ -260,6 +279,9 @@ def test_bad_arguments_are_named():
         rewrite.MergeTokens(r=-1)
     with pytest.raises(rewrite.RewriteError, match="metric"):
         rewrite.MergeTokens(metric="values")
+    with pytest.raises(rewrite.RewriteError, match="window"):
+        rewrite.MergeTokens(window=0)
+    assert rewrite.MergeTokens(r=8, window=64).describe() != rewrite.MergeTokens(r=8).describe()
 
 
 # --- Hugging Face models ----------------------------------------------------------------------------------

@@ -595,7 +595,7 @@ def _insert_merger(gm: fx.GraphModule, m: _Merge, state: tuple, current: dict, a
     while hasattr(gm, name):
         name += "_"
     action = m.request.action
-    gm.add_submodule(name, TokenMerger(action.r, action.protect_first, action.metric))
+    gm.add_submodule(name, TokenMerger(action.r, action.protect_first, action.metric, action.window))
     added.append(name)
     keys = _sdpa_arg(m.sdpa, "key")
     mask = _sdpa_arg(m.sdpa, "attn_mask") if m.level == 1 else None  # later merges carry visibility themselves

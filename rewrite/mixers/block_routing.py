@@ -245,8 +245,8 @@ class BlockRoutingAttention(_base.SDPAMixer):
         out; ``valid`` None: no padding): a block's own block scores +inf (always kept) and, causally, later
         blocks -inf."""
         nb, bs = qb.shape[-3], qb.shape[-2]
-        if valid is None:
-            qr, kr = qb.mean(-2), kb.mean(-2)                                  # [.., nb, D]
+        if valid is None:   # sums rank blocks as means do (every score is scaled by bs²), and are cheaper
+            qr, kr = qb.sum(-2), kb.sum(-2)                                    # [.., nb, D]
         else:                                                                  # a weighted mean: one matmul
             w = valid.to(qb.dtype)
             w = (w / w.sum(-1, keepdim=True).clamp(min=1)).view(nb, 1, bs)
@@ -312,9 +312,13 @@ class BlockRoutingAttention(_base.SDPAMixer):
         order_list, p, slots = self._layout(n)
         nb, bs = len(order_list), len(order_list[0])
         blocks = _Blocks(c, order_list, p, slots, line=self.grid is None)
-        qb, kb, vb = blocks.gather(c.q, bf, hkv, g), blocks.gather(c.k, bf, hkv), blocks.gather(c.v, bf, hkv)
+        qb, kb, vb = (blocks.gather(c.q, bf, hkv, g, "block_routing.pad.q"),
+                      blocks.gather(c.k, bf, hkv, slot="block_routing.pad.k"),
+                      blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
         t = min(topk, nb)
         idx = self._block_affinity(qb, kb, blocks.valid, causal).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
+        if _dense.flash_cpu_serves(c, dropout_p):
+            return self._attend_flash(c, blocks, (qb, kb, vb), idx, causal)
         # the chosen key blocks of every query block, by one index_select over [Bf·Hkv·nb] blocks
         rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
         keys = [_layout.index_rows(kb.reshape(bf * hkv * nb, bs, dd), rows, "block_routing.k")
@@ -346,6 +350,50 @@ class BlockRoutingAttention(_base.SDPAMixer):
         pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (),
                             c.out_dtype, c.mask_floor)
         return torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p), out], -2)
+
+    def _attend_flash(self, c: _layout.Canon, blocks: _Blocks, qkv_blocks: tuple, idx: torch.Tensor,
+                      causal: bool) -> torch.Tensor:
+        """``_attend`` on the fused CPU kernel (``_dense.flash_cpu_serves``), query blocks in chunks: a chunk's
+        chosen key blocks are gathered into a small reused buffer that is still in cache when the kernel reads
+        it (one gather of every chunk at once would stream ``topk`` copies of k and v through memory). The
+        pooled blocks and the sinks, the same few keys for every query block of a head, are scored by one
+        product per head and merged in through each row's log-sum-exp."""
+        bf, hkv, g, n, _, dd, dv = c.dims
+        qb, kb, vb = qkv_blocks
+        nb, bs, p = blocks.nb, blocks.bs, blocks.p
+        heads = bf * hkv * g * nb                                             # query blocks, as kernel heads
+        out, lse = routed_blocks_attention(qb.reshape(1, heads, bs, dd), kb.reshape(bf * hkv * nb, bs, dd),
+                                           vb.reshape(bf * hkv * nb, bs, dv), idx, blocks.routed_mask(c, idx, causal),
+                                           c.scale)
+        out, lse = out.view(bf, hkv, g, nb * bs, dv), lse.view(bf, hkv, g, nb * bs)
+        keys, values, masks = [], [], []
+        if self.summary and nb > 1:
+            k_mean, v_mean, pooled_mask = self._pooled(c, qb, kb, vb, blocks, idx, causal)
+            keys.append(k_mean)
+            values.append(v_mean)
+            masks.append(pooled_mask)
+        if p:
+            keys.append(c.k[:, :, None, :p])
+            values.append(c.v[:, :, None, :p])
+            masks.append(None if c.bias is None else _dense.gather_bias(
+                c.bias, (bf, hkv, g), blocks.query_pos().view(1, 1, 1, nb, bs, 1),
+                torch.arange(p, device=c.q.device).view(1, 1, 1, 1, 1, p)))
+        if keys:
+            widths = [x.shape[-2] for x in keys]
+            gk = max(x.shape[2] for x in keys)
+            keys = _cat([x.expand(bf, hkv, gk, w, dd) for x, w in zip(keys, widths)])   # [Bf, Hkv, G|1, E, D]
+            values = _cat([x.expand(bf, hkv, gk, w, dv) for x, w in zip(values, widths)])
+            scores = (qb.reshape(bf, hkv, g, nb * bs, dd) @ keys.transpose(-1, -2)).mul_(c.scale)
+            mask = _join_masks(masks, widths, c.q)                           # [Bf·Hkv·G|1, nb, bs|1, E]
+            if mask is not None:
+                scores.view(-1, nb, bs, scores.shape[-1]).add_(mask)
+            out = _dense.merge_extra_keys(out, lse, scores, values)
+        out = blocks.body(out)
+        if not p:
+            return out
+        pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (),
+                            c.out_dtype, c.mask_floor)
+        return torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal), out], -2)
 
     @staticmethod
     def _pooled(c, qb, kb, vb, blocks, idx, causal: bool) -> tuple:
@@ -387,6 +435,37 @@ class BlockRoutingAttention(_base.SDPAMixer):
         return k_mean, v_mean, lse.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF)
 
 
+#: elements of the key and value blocks one chunk of query blocks gathers (8 MiB in fp32): small enough to be
+#: in cache when the fused kernel reads them, large enough that the chunks' own calls cost little
+ROUTED_CHUNK_ELEMENTS = 1 << 21
+
+
+def routed_blocks_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, mask, scale: float):
+    """Fused attention of query blocks ``q [1, F, bs, D]`` (``F = Bf·Hkv·G·nb``) over their chosen key blocks
+    ``idx [Bf, Hkv, G, nb, t]`` of ``kb, vb [Bf·Hkv·nb, bs, D]``, with the mask ``[Bf|1, Hkv|1, G|1, nb, bs|1,
+    t·bs]`` (or None): ``(out [1, F, bs, Dv], lse [1, F, bs])``; a row whose keys are all masked has lse -inf."""
+    bf, hkv, g, nb, t = idx.shape
+    heads, bs, dd, dv = q.shape[1], q.shape[2], q.shape[3], vb.shape[-1]
+    rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
+    if mask is not None:
+        mask = mask.expand(bf, hkv, g, nb, mask.shape[-2], t * bs).reshape(1, heads, mask.shape[-2], t * bs)
+    out = q.new_empty(1, heads, bs, dv)
+    lse = q.new_empty(1, heads, bs)
+    step = max(1, ROUTED_CHUNK_ELEMENTS // (t * bs * (dd + dv)))
+    for h0 in range(0, heads, step):
+        h1 = min(heads, h0 + step)
+        chunk = rows[h0 * t:h1 * t]
+        keys = _layout.index_rows(kb, chunk, "block_routing.k").view(1, h1 - h0, t * bs, dd)
+        values = _layout.index_rows(vb, chunk, "block_routing.v").view(1, h1 - h0, t * bs, dv)
+        o, l = _dense.FLASH_CPU(q[:, h0:h1], keys, values, attn_mask=None if mask is None else mask[:, h0:h1],
+                                scale=scale)
+        out[:, h0:h1] = o
+        lse[:, h0:h1] = l
+    if mask is not None:   # the kernel gives a row that sees no key a log-sum-exp of 0
+        lse.masked_fill_(~(mask > _layout.NEG_INF).any(-1).expand_as(lse), _layout.NEG_INF)
+    return out, lse
+
+
 def _cat(parts: list, dim: int = -2) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
@@ -421,13 +500,15 @@ class _Blocks:
         self.valid = None if slots is None else valid
         self.flat = torch.where(valid, order + p, torch.zeros_like(order)).reshape(-1)  # token of each slot
 
-    def gather(self, t: torch.Tensor, bf: int, hkv: int, g: int = 0) -> torch.Tensor:
-        """``t [Bf, Hkv, (G,) N, D]`` as blocks ``[Bf, Hkv, (G,) nb, bs, D]``."""
+    def gather(self, t: torch.Tensor, bf: int, hkv: int, g: int = 0, slot: str = "block_routing.pad") -> torch.Tensor:
+        """``t [Bf, Hkv, (G,) N, D]`` as blocks ``[Bf, Hkv, (G,) nb, bs, D]`` (a padded copy in the scratch
+        buffer ``slot`` when the body does not fill its last block: one slot per tensor of a call)."""
         lead = (bf, hkv, g) if g else (bf, hkv)
         if self.line:
-            body = t[..., self.p:, :] if self.p else t
             if self.pad:
-                body = torch.nn.functional.pad(body, (0, 0, 0, self.pad))
+                body = _layout.padded_rows(t, self.p, self.nb * self.bs, slot)
+            else:
+                body = t[..., self.p:, :] if self.p else t
             return body.reshape(*lead, self.nb, self.bs, t.shape[-1])
         return t.index_select(-2, self.flat).view(*lead, self.nb, self.bs, t.shape[-1])
 

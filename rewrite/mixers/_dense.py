@@ -165,12 +165,3 @@ def flash_cpu_serves(c: Canon, dropout_p) -> bool:
             and c.q.shape[-1] == c.v.shape[-1] and not has_no_data(c.q) and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v))))
 
-
-def merge_extra_keys(out: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over two key sets from its parts: ``out [.., R, Dv]`` with its rows' log-sum-exp
-    ``lse [.., R]`` over the first set, and the scaled, masked scores ``[.., R, E]`` of the few extra keys whose
-    values are ``[.., E, Dv]``. Rows that see no key at all give 0. ``out`` and ``scores`` are overwritten."""
-    total = torch.logaddexp(lse.unsqueeze(-1), torch.logsumexp(scores, -1, keepdim=True))
-    share = (lse.unsqueeze(-1) - total).exp_().nan_to_num_(0.0)
-    probs = scores.sub_(total).exp_().nan_to_num_(0.0)
-    return out.mul_(share).add_(probs @ values)

@@ -304,10 +304,13 @@ class BlockRoutingAttention(_base.SDPAMixer):
     def _attend(self, c: _layout.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
         """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``.
 
-        Every query block is one "head" of a single fused SDPA call on ``[Bf·Hkv·G, nb, bs, D]`` queries whose
-        keys are its ``topk`` chosen key blocks, gathered with one index op (``[.., nb, topk·bs, D]``), followed
-        by the pooled blocks (``summary``) and the sinks; the mask holds only what is not all-visible (padding
-        slots, the causal pattern, the site's mask, the pooled blocks' log-size bias), never N×N."""
+        Every query block is one "head" of fused SDPA calls on ``[Bf·Hkv·G·nb, bs, D]`` queries whose keys are
+        its ``topk`` chosen key blocks followed by the extra keys of its head: the pooled blocks (``summary``)
+        and the sinks. The mask holds only what is not all-visible (padding slots, the causal pattern, the
+        site's mask, the pooled blocks' log-size bias), never N×N. On CPU without gradients
+        (``_dense.flash_cpu_serves``) the query blocks go in chunks whose keys are gathered into a small
+        reused buffer, still in cache when the kernel reads it (``routed_blocks_attention``); elsewhere every
+        block's keys are gathered at once (differentiable, traceable)."""
         bf, hkv, g, n, _, dd, dv = c.dims
         order_list, p, slots = self._layout(n)
         nb, bs = len(order_list), len(order_list[0])
@@ -317,32 +320,25 @@ class BlockRoutingAttention(_base.SDPAMixer):
                       blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
         t = min(topk, nb)
         idx = self._block_affinity(qb, kb, blocks.valid, causal).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
-        if _dense.flash_cpu_serves(c, dropout_p):
-            return self._attend_flash(c, blocks, (qb, kb, vb), idx, causal)
-        # the chosen key blocks of every query block, by one index_select over [Bf·Hkv·nb] blocks
-        rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
-        keys = [_layout.index_rows(kb.reshape(bf * hkv * nb, bs, dd), rows, "block_routing.k")
-                .view(bf, hkv, g, nb, t * bs, dd)]
-        values = [_layout.index_rows(vb.reshape(bf * hkv * nb, bs, dv), rows, "block_routing.v")
-                  .view(bf, hkv, g, nb, t * bs, dv)]
-        masks = [blocks.routed_mask(c, idx, causal)]
+        extra_k, extra_v, masks = [], [], [blocks.routed_mask(c, idx, causal)]
         if self.summary and nb > 1:
             k_mean, v_mean, pooled_mask = self._pooled(c, qb, kb, vb, blocks, idx, causal)
-            keys.append(k_mean.unsqueeze(-3).expand(bf, hkv, g, nb, nb, dd))
-            values.append(v_mean.unsqueeze(-3).expand(bf, hkv, g, nb, nb, dv))
+            extra_k.append(k_mean)
+            extra_v.append(v_mean)
             masks.append(pooled_mask)
         if p:
-            keys.append(c.k[:, :, None, None, :p].expand(bf, hkv, g, nb, p, dd))
-            values.append(c.v[:, :, None, None, :p].expand(bf, hkv, g, nb, p, dv))
+            extra_k.append(c.k[:, :, None, :p])
+            extra_v.append(c.v[:, :, None, :p])
             masks.append(None if c.bias is None else _dense.gather_bias(
                 c.bias, (bf, hkv, g), blocks.query_pos().view(1, 1, 1, nb, bs, 1),
                 torch.arange(p, device=c.q.device).view(1, 1, 1, 1, 1, p)))
-        widths = [x.shape[-2] for x in keys]
-        keys = _layout.cat_rows(keys, -2, "block_routing.keys").view(bf * hkv * g, nb, -1, dd)
-        values = _layout.cat_rows(values, -2, "block_routing.values").view(bf * hkv * g, nb, -1, dv)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qb.reshape(bf * hkv * g, nb, bs, dd), keys, values, attn_mask=_join_masks(masks, widths, c.q),
-            dropout_p=float(dropout_p or 0.0), scale=c.scale)
+        mask = _join_masks(masks, [t * bs] + [x.shape[-2] for x in extra_k], c.q)   # [Bf·Hkv·G|1, nb, bs|1, S]
+        extras = _extra_keys(extra_k, extra_v, bf, hkv) if extra_k else None
+        if _dense.flash_cpu_serves(c, dropout_p):
+            out = routed_blocks_attention(qb.reshape(1, -1, bs, dd), kb.reshape(bf * hkv * nb, bs, dd),
+                                          vb.reshape(bf * hkv * nb, bs, dv), idx, mask, c.scale, extras)
+        else:
+            out = _routed_sdpa(qb, kb, vb, idx, mask, extras, c.scale, dropout_p)
         out = blocks.body(out.view(bf, hkv, g, nb * bs, dv))
         if not p:
             return out
@@ -350,50 +346,6 @@ class BlockRoutingAttention(_base.SDPAMixer):
         pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (),
                             c.out_dtype, c.mask_floor)
         return torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p), out], -2)
-
-    def _attend_flash(self, c: _layout.Canon, blocks: _Blocks, qkv_blocks: tuple, idx: torch.Tensor,
-                      causal: bool) -> torch.Tensor:
-        """``_attend`` on the fused CPU kernel (``_dense.flash_cpu_serves``), query blocks in chunks: a chunk's
-        chosen key blocks are gathered into a small reused buffer that is still in cache when the kernel reads
-        it (one gather of every chunk at once would stream ``topk`` copies of k and v through memory). The
-        pooled blocks and the sinks, the same few keys for every query block of a head, are scored by one
-        product per head and merged in through each row's log-sum-exp."""
-        bf, hkv, g, n, _, dd, dv = c.dims
-        qb, kb, vb = qkv_blocks
-        nb, bs, p = blocks.nb, blocks.bs, blocks.p
-        heads = bf * hkv * g * nb                                             # query blocks, as kernel heads
-        out, lse = routed_blocks_attention(qb.reshape(1, heads, bs, dd), kb.reshape(bf * hkv * nb, bs, dd),
-                                           vb.reshape(bf * hkv * nb, bs, dv), idx, blocks.routed_mask(c, idx, causal),
-                                           c.scale)
-        out, lse = out.view(bf, hkv, g, nb * bs, dv), lse.view(bf, hkv, g, nb * bs)
-        keys, values, masks = [], [], []
-        if self.summary and nb > 1:
-            k_mean, v_mean, pooled_mask = self._pooled(c, qb, kb, vb, blocks, idx, causal)
-            keys.append(k_mean)
-            values.append(v_mean)
-            masks.append(pooled_mask)
-        if p:
-            keys.append(c.k[:, :, None, :p])
-            values.append(c.v[:, :, None, :p])
-            masks.append(None if c.bias is None else _dense.gather_bias(
-                c.bias, (bf, hkv, g), blocks.query_pos().view(1, 1, 1, nb, bs, 1),
-                torch.arange(p, device=c.q.device).view(1, 1, 1, 1, 1, p)))
-        if keys:
-            widths = [x.shape[-2] for x in keys]
-            gk = max(x.shape[2] for x in keys)
-            keys = _cat([x.expand(bf, hkv, gk, w, dd) for x, w in zip(keys, widths)])   # [Bf, Hkv, G|1, E, D]
-            values = _cat([x.expand(bf, hkv, gk, w, dv) for x, w in zip(values, widths)])
-            scores = (qb.reshape(bf, hkv, g, nb * bs, dd) @ keys.transpose(-1, -2)).mul_(c.scale)
-            mask = _join_masks(masks, widths, c.q)                           # [Bf·Hkv·G|1, nb, bs|1, E]
-            if mask is not None:
-                scores.view(-1, nb, bs, scores.shape[-1]).add_(mask)
-            out = _dense.merge_extra_keys(out, lse, scores, values)
-        out = blocks.body(out)
-        if not p:
-            return out
-        pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (),
-                            c.out_dtype, c.mask_floor)
-        return torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal), out], -2)
 
     @staticmethod
     def _pooled(c, qb, kb, vb, blocks, idx, causal: bool) -> tuple:
@@ -423,9 +375,13 @@ class BlockRoutingAttention(_base.SDPAMixer):
                 b = b.view(*c.bias.shape[:3], 1, 1, nb, bs)
             log_bias = b
         count = member.sum(-1, keepdim=True)
-        weight = (member / count.clamp(min=1)).unsqueeze(-2)                 # [.., nb, 1, bs]
-        k_mean = (weight @ kb.unsqueeze(2)).squeeze(-2)                      # [Bf, Hkv, G|1, nb, D]
-        v_mean = (weight @ vb.unsqueeze(2)).squeeze(-2)
+        if c.bias is None and blocks.line:   # 1-D padding slots hold zeros: plain sums (a [1, bs] @ [bs, D]
+            # product per block is several times slower on CPU)
+            k_mean, v_mean = (x.sum(-2).div_(count.clamp(min=1).view(nb, 1)).unsqueeze(2) for x in (kb, vb))
+        else:
+            weight = (member / count.clamp(min=1)).unsqueeze(-2)             # [.., nb, 1, bs]
+            k_mean = (weight @ kb.unsqueeze(2)).squeeze(-2)                  # [Bf, Hkv, G|1, nb, D]
+            v_mean = (weight @ vb.unsqueeze(2)).squeeze(-2)
         lse = torch.logsumexp(log_bias, dim=-1)                               # [.., nb|1, bs|1, nb]
         if c.bias is not None:                                                # no visible member: -inf
             lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), _layout.NEG_INF)
@@ -435,35 +391,70 @@ class BlockRoutingAttention(_base.SDPAMixer):
         return k_mean, v_mean, lse.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF)
 
 
-#: elements of the key and value blocks one chunk of query blocks gathers (8 MiB in fp32): small enough to be
+#: elements of the key and value blocks one chunk of query blocks gathers (4 MiB in fp32): small enough to be
 #: in cache when the fused kernel reads them, large enough that the chunks' own calls cost little
-ROUTED_CHUNK_ELEMENTS = 1 << 21
+ROUTED_CHUNK_ELEMENTS = 1 << 20
 
 
-def routed_blocks_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, mask, scale: float):
-    """Fused attention of query blocks ``q [1, F, bs, D]`` (``F = Bf·Hkv·G·nb``) over their chosen key blocks
-    ``idx [Bf, Hkv, G, nb, t]`` of ``kb, vb [Bf·Hkv·nb, bs, D]``, with the mask ``[Bf|1, Hkv|1, G|1, nb, bs|1,
-    t·bs]`` (or None): ``(out [1, F, bs, Dv], lse [1, F, bs])``; a row whose keys are all masked has lse -inf."""
+def _extra_keys(keys: list, values: list, bf: int, hkv: int) -> tuple:
+    """The extra keys and values of each head (``[Bf, Hkv, G|1, E_i, D]`` parts) joined: ``[Bf·Hkv·G|1, E, D]``."""
+    gk = max(x.shape[2] for x in keys)
+    k = _cat([x.expand(bf, hkv, gk, *x.shape[-2:]) for x in keys])
+    v = _cat([x.expand(bf, hkv, gk, *x.shape[-2:]) for x in values])
+    return k.reshape(bf * hkv * gk, *k.shape[-2:]), v.reshape(bf * hkv * gk, *v.shape[-2:])
+
+
+def _routed_sdpa(qb, kb, vb, idx, mask, extras, scale: float, dropout_p) -> torch.Tensor:
+    """Every query block's chosen key blocks (and its head's extra keys) gathered at once, then one SDPA call:
+    ``[Bf·Hkv·G, nb, bs, Dv]`` (differentiable and traceable, unlike ``routed_blocks_attention``)."""
+    bf, hkv, g, nb, t = idx.shape
+    bs, dd, dv = kb.shape[-2], kb.shape[-1], vb.shape[-1]
+    rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
+    keys = [_layout.index_rows(kb.reshape(bf * hkv * nb, bs, dd), rows, "block_routing.k")
+            .view(bf * hkv * g, nb, t * bs, dd)]
+    values = [_layout.index_rows(vb.reshape(bf * hkv * nb, bs, dv), rows, "block_routing.v")
+              .view(bf * hkv * g, nb, t * bs, dv)]
+    for part, parts in zip(extras or (), (keys, values)):     # [Bf·Hkv·G|1, E, D] -> every query block's
+        e = part.view(bf * hkv, -1, 1, *part.shape[-2:]).expand(bf * hkv, g, nb, *part.shape[-2:])
+        parts.append(e.reshape(bf * hkv * g, nb, *part.shape[-2:]))
+    keys = _layout.cat_rows(keys, -2, "block_routing.keys")
+    values = _layout.cat_rows(values, -2, "block_routing.values")
+    return torch.nn.functional.scaled_dot_product_attention(
+        qb.reshape(bf * hkv * g, nb, bs, dd), keys, values, attn_mask=mask, dropout_p=float(dropout_p or 0.0),
+        scale=scale)
+
+
+def routed_blocks_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, mask,
+                            scale: float, extras=None) -> torch.Tensor:
+    """Fused CPU attention of query blocks ``q [1, F, bs, D]`` (``F = Bf·Hkv·G·nb``) over their chosen key blocks
+    ``idx [Bf, Hkv, G, nb, t]`` of ``kb, vb [Bf·Hkv·nb, bs, D]``, followed by their head's ``extras`` (keys and
+    values ``[Bf·Hkv·G|1, E, D]``, or None), with the mask ``[Bf·Hkv·G|1, nb, bs|1, t·bs + E]`` (or None):
+    ``[1, F, bs, Dv]``. Query blocks go in chunks, each chunk's keys gathered into a reused buffer."""
     bf, hkv, g, nb, t = idx.shape
     heads, bs, dd, dv = q.shape[1], q.shape[2], q.shape[3], vb.shape[-1]
     rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
+    width = t * bs + (0 if extras is None else extras[0].shape[-2])
     if mask is not None:
-        mask = mask.expand(bf, hkv, g, nb, mask.shape[-2], t * bs).reshape(1, heads, mask.shape[-2], t * bs)
+        mask = mask.expand(bf * hkv * g, nb, mask.shape[-2], width).reshape(heads, mask.shape[-2], width)
+    per = nb * (g if extras is not None and extras[0].shape[0] != bf * hkv * g else 1)   # query blocks per extras row
     out = q.new_empty(1, heads, bs, dv)
-    lse = q.new_empty(1, heads, bs)
-    step = max(1, ROUTED_CHUNK_ELEMENTS // (t * bs * (dd + dv)))
-    for h0 in range(0, heads, step):
-        h1 = min(heads, h0 + step)
+    step = max(1, ROUTED_CHUNK_ELEMENTS // (width * (dd + dv)))
+    bounds = sorted(set(range(0, heads, step)) | (set(range(0, heads, per)) if extras is not None else set()))
+    for h0, h1 in zip(bounds, bounds[1:] + [heads]):                    # chunks never straddle a head's extras
         chunk = rows[h0 * t:h1 * t]
-        keys = _layout.index_rows(kb, chunk, "block_routing.k").view(1, h1 - h0, t * bs, dd)
-        values = _layout.index_rows(vb, chunk, "block_routing.v").view(1, h1 - h0, t * bs, dv)
-        o, l = _dense.FLASH_CPU(q[:, h0:h1], keys, values, attn_mask=None if mask is None else mask[:, h0:h1],
-                                scale=scale)
-        out[:, h0:h1] = o
-        lse[:, h0:h1] = l
-    if mask is not None:   # the kernel gives a row that sees no key a log-sum-exp of 0
-        lse.masked_fill_(~(mask > _layout.NEG_INF).any(-1).expand_as(lse), _layout.NEG_INF)
-    return out, lse
+        keys = _layout.index_rows(kb, chunk, "block_routing.k").view(h1 - h0, t * bs, dd)
+        values = _layout.index_rows(vb, chunk, "block_routing.v").view(h1 - h0, t * bs, dv)
+        if extras is not None:   # the head's extras: a broadcast view when the chunk is within one head
+            first, last = h0 // per, (h1 - 1) // per
+            ek, ev = (x[first].expand(h1 - h0, *x.shape[1:]) if first == last else
+                      x.index_select(0, torch.arange(h0, h1, device=q.device) // per) for x in extras)
+            keys = _layout.cat_rows([keys, ek], 1, "block_routing.keys")
+            values = _layout.cat_rows([values, ev], 1, "block_routing.values")
+        # the blocks as the kernel's batch, not its heads: its output is then [B, T, H, D] = [B, T, D], in place
+        o, _ = _dense.FLASH_CPU(q[0, h0:h1].unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
+                                attn_mask=None if mask is None else mask[h0:h1].unsqueeze(1), scale=scale)
+        out[0, h0:h1] = o.view(h1 - h0, bs, dv)
+    return out
 
 
 def _cat(parts: list, dim: int = -2) -> torch.Tensor:

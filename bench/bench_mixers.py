@@ -7,8 +7,9 @@ SDPA and into each mixer; time ratio exact/mixer and extra peak resident memory 
 in a process of its own. At 16k a mixer whose run would take over ``LIMIT_S`` seconds or ``LIMIT_MIB`` MiB
 (extrapolated from its 1k and 4k runs) gets a row saying so instead of a run, and a run that fails, runs out
 of memory or time gets a row saying why. ``--part ratio``: exact and each mixer timed alternately in one process at N = 1k and 4k, the median time
-ratio beside the cost model's FLOPs ratio (issue 14's speed rule). Run:
-``python bench/bench_mixers.py [--part accuracy|speed|ratio] [--mixers BlockRouting,...]``.
+ratio beside the cost model's FLOPs ratio (issue 14's speed rule). ``--part profile``: where each mixer's time goes
+(the fused attention kernel against routing, gathers and the rest). Run:
+``python bench/bench_mixers.py [--part accuracy|speed|ratio|profile] [--mixers BlockRouting,...]``.
 """
 from __future__ import annotations
 
@@ -258,9 +259,41 @@ def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "", threads: int 
                   f"| {ratio:.2f}x | {fr:.2f}x | {rule} |", flush=True)
 
 
+#: the fused CPU attention kernel: the share of a mixer's time spent in it is the attention, the rest routing,
+#: gathers, feature maps and merges
+KERNEL_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
+
+
+def profile(lengths=(1024, 4096), only: str = "", threads: int = 1, repeats: int = 3) -> None:
+    """Where each mixer's time goes (torch.profiler, self time per op, ``repeats`` calls after warm-up): the
+    share in the fused attention kernel against the rest, and the three most expensive other ops."""
+    from torch.profiler import profile as torch_profile
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1, H=12, d=64, fp32, CPU")
+    print("| N | action | fused kernel | everything else | top other ops (share of the total) |\n|---|---|---|---|---|")
+    actions = [rewrite.action_types()[m](**s) for m, ss in SETTINGS.items() for s in ss[:1]]
+    if only:
+        names = only.split(",")
+        actions = [a for a in actions if type(a).__name__ in names] + \
+            [rewrite.action_types()["BlockRouting"](**s) for s in SETTINGS["BlockRouting"][1:] if "BlockRouting" in names]
+    for n in lengths:
+        qkv = torch.randn(3, 1, 12, n, 64)
+        for action in actions:
+            model = _optimized(action, n)
+            with torch.no_grad(), torch_profile() as prof:
+                for _ in range(repeats):
+                    model(qkv)
+            ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+            total = sum(t for _, t in ops) or 1.0
+            kernel = sum(t for k, t in ops if k in KERNEL_OPS)
+            others = sorted(((t, k) for k, t in ops if k not in KERNEL_OPS), reverse=True)[:3]
+            top = ", ".join(f"{k.replace('aten::', '')} {t / total:.0%}" for t, k in others)
+            print(f"| {n} | {action.describe()} | {kernel / total:.0%} | {1 - kernel / total:.0%} | {top} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["accuracy", "speed", "ratio", "all"], default="all")
+    ap.add_argument("--part", choices=["accuracy", "speed", "ratio", "profile", "all"], default="all")
     ap.add_argument("--mixers", default="", help="accuracy (or ratio) rows of these mixers only, e.g. BlockRouting")
     ap.add_argument("--threads", type=int, default=0, help="--part ratio: CPU threads (0: every core)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -269,6 +302,8 @@ def main() -> None:
         return one_run(int(args.one[0]), args.one[1])
     if args.part == "ratio":
         return ratios(only=args.mixers, threads=args.threads)
+    if args.part == "profile":
+        return profile(only=args.mixers, threads=args.threads or 1)
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("accuracy", "all"):

@@ -26,10 +26,13 @@ mass and partial output give the routed output at every count by a cumulative su
 cost does not grow with the number of counts (``fit_errors``; a few exact calls at N = 1500). The counts
 are a buffer (``head_topk``), saved and restored with the model.
 
-On CPU (the PyTorch path) every query block is one "head" of a single fused SDPA call whose keys are its
-chosen key blocks, gathered by one index op into a per-thread scratch buffer (``_layout.index_rows``: a
-fresh buffer that large would be page-faulted memory on every call), then the pooled blocks and the sinks;
-the mask is built only for what hides keys (padding slots, causal, the site's mask, the pooled log-sizes).
+On CPU (the PyTorch path) every query block is one "head" of fused SDPA calls whose keys are its chosen key
+blocks, then the pooled blocks and the sinks; the mask is built only for what hides keys (padding slots,
+causal, the site's mask, the pooled log-sizes). Without gradients the query blocks go in chunks, each chunk's
+keys gathered into a small per-thread buffer that is still in cache when the kernel reads it
+(``routed_blocks_attention``; a fresh buffer that large would be page-faulted memory on every call). The kernel
+runs 64-query heads at about two thirds of its speed on long heads (its query tile shrinks to 32 rows), which
+bounds the speed-up at long N (BENCHMARKS.md, "Cheap mixers on the clock").
 
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
 ``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs
@@ -239,7 +242,7 @@ class BlockRoutingAttention(_base.SDPAMixer):
         return c.finish(out)
 
     @staticmethod
-    def _block_affinity(qb: torch.Tensor, kb: torch.Tensor, valid, causal: bool) -> torch.Tensor:
+    def _block_affinity(qb: torch.Tensor, kb: torch.Tensor, valid, causal: bool, zero_padding: bool = False) -> torch.Tensor:
         """Routing scores ``[Bf, Hkv, G, nb, nb]`` of mean-pooled query blocks ``qb [Bf, Hkv, G, nb, bs, D]``
         against mean-pooled key blocks ``kb [Bf, Hkv, nb, bs, D]`` (padding slots, ``~valid [nb, bs]``, left
         out; ``valid`` None: no padding): a block's own block scores +inf (always kept) and, causally, later
@@ -247,6 +250,10 @@ class BlockRoutingAttention(_base.SDPAMixer):
         nb, bs = qb.shape[-3], qb.shape[-2]
         if valid is None:   # sums rank blocks as means do (every score is scaled by bs²), and are cheaper
             qr, kr = qb.sum(-2), kb.sum(-2)                                    # [.., nb, D]
+        elif zero_padding:  # padding slots hold zeros (1-D blocks): sums over the valid count (a [1, bs]
+            # product per block is several times slower on CPU)
+            count = valid.sum(-1, keepdim=True).clamp(min=1).to(qb.dtype)       # [nb, 1]
+            qr, kr = qb.sum(-2).div_(count), kb.sum(-2).div_(count)
         else:                                                                  # a weighted mean: one matmul
             w = valid.to(qb.dtype)
             w = (w / w.sum(-1, keepdim=True).clamp(min=1)).view(nb, 1, bs)
@@ -319,7 +326,7 @@ class BlockRoutingAttention(_base.SDPAMixer):
                       blocks.gather(c.k, bf, hkv, slot="block_routing.pad.k"),
                       blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
         t = min(topk, nb)
-        idx = self._block_affinity(qb, kb, blocks.valid, causal).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
+        idx = self._block_affinity(qb, kb, blocks.valid, causal, blocks.line).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
         extra_k, extra_v, masks = [], [], [blocks.routed_mask(c, idx, causal)]
         if self.summary and nb > 1:
             k_mean, v_mean, pooled_mask = self._pooled(c, qb, kb, vb, blocks, idx, causal)
@@ -429,29 +436,35 @@ def routed_blocks_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
     """Fused CPU attention of query blocks ``q [1, F, bs, D]`` (``F = Bf·Hkv·G·nb``) over their chosen key blocks
     ``idx [Bf, Hkv, G, nb, t]`` of ``kb, vb [Bf·Hkv·nb, bs, D]``, followed by their head's ``extras`` (keys and
     values ``[Bf·Hkv·G|1, E, D]``, or None), with the mask ``[Bf·Hkv·G|1, nb, bs|1, t·bs + E]`` (or None):
-    ``[1, F, bs, Dv]``. Query blocks go in chunks, each chunk's keys gathered into a reused buffer."""
+    ``[1, F, bs, Dv]``. Query blocks go in chunks, each chunk's keys gathered by one index op into a reused
+    buffer: whole blocks, or with extras single rows of the blocks and the extras laid end to end."""
     bf, hkv, g, nb, t = idx.shape
     heads, bs, dd, dv = q.shape[1], q.shape[2], q.shape[3], vb.shape[-1]
-    rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
+    dev = idx.device
+    rows = (torch.arange(bf * hkv, device=dev).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(heads, t)
     width = t * bs + (0 if extras is None else extras[0].shape[-2])
     if mask is not None:
         mask = mask.expand(bf * hkv * g, nb, mask.shape[-2], width).reshape(heads, mask.shape[-2], width)
-    per = nb * (g if extras is not None and extras[0].shape[0] != bf * hkv * g else 1)   # query blocks per extras row
+    if extras is None:
+        src_k, src_v, index, per_block = kb, vb, rows.reshape(-1), t
+    else:
+        ek, ev = extras
+        src_k = _layout.cat_rows([kb.reshape(-1, dd), ek.reshape(-1, dd)], 0, "block_routing.src.k")
+        src_v = _layout.cat_rows([vb.reshape(-1, dv), ev.reshape(-1, dv)], 0, "block_routing.src.v")
+        per = nb * (g if ek.shape[0] != bf * hkv * g else 1)              # query blocks per extras row
+        e = torch.arange(ek.shape[-2], device=dev)
+        tokens = (rows.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).reshape(heads, t * bs)
+        extra = kb.shape[0] * bs + (torch.arange(heads, device=dev) // per).unsqueeze(-1) * e.numel() + e
+        index, per_block = torch.cat([tokens, extra], -1).reshape(-1), width
     out = q.new_empty(1, heads, bs, dv)
     step = max(1, ROUTED_CHUNK_ELEMENTS // (width * (dd + dv)))
-    bounds = sorted(set(range(0, heads, step)) | (set(range(0, heads, per)) if extras is not None else set()))
-    for h0, h1 in zip(bounds, bounds[1:] + [heads]):                    # chunks never straddle a head's extras
-        chunk = rows[h0 * t:h1 * t]
-        keys = _layout.index_rows(kb, chunk, "block_routing.k").view(h1 - h0, t * bs, dd)
-        values = _layout.index_rows(vb, chunk, "block_routing.v").view(h1 - h0, t * bs, dv)
-        if extras is not None:   # the head's extras: a broadcast view when the chunk is within one head
-            first, last = h0 // per, (h1 - 1) // per
-            ek, ev = (x[first].expand(h1 - h0, *x.shape[1:]) if first == last else
-                      x.index_select(0, torch.arange(h0, h1, device=q.device) // per) for x in extras)
-            keys = _layout.cat_rows([keys, ek], 1, "block_routing.keys")
-            values = _layout.cat_rows([values, ev], 1, "block_routing.values")
+    for h0 in range(0, heads, step):
+        h1 = min(heads, h0 + step)
+        chunk = index[h0 * per_block:h1 * per_block]
+        keys = _layout.index_rows(src_k, chunk, "block_routing.k").view(h1 - h0, 1, width, dd)
+        values = _layout.index_rows(src_v, chunk, "block_routing.v").view(h1 - h0, 1, width, dv)
         # the blocks as the kernel's batch, not its heads: its output is then [B, T, H, D] = [B, T, D], in place
-        o, _ = _dense.FLASH_CPU(q[0, h0:h1].unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
+        o, _ = _dense.FLASH_CPU(q[0, h0:h1].unsqueeze(1), keys, values,
                                 attn_mask=None if mask is None else mask[h0:h1].unsqueeze(1), scale=scale)
         out[0, h0:h1] = o.view(h1 - h0, bs, dv)
     return out
@@ -570,7 +583,7 @@ def fit_errors(module: BlockRoutingAttention, c: _layout.Canon, causal: bool) ->
     blocks = _Blocks(c, order_list, p, slots, line=module.grid is None)
     nb, bs = blocks.nb, blocks.bs
     qb, kb, vb = blocks.gather(c.q, bf, hkv, g), blocks.gather(c.k, bf, hkv), blocks.gather(c.v, bf, hkv)
-    rank = module._block_affinity(qb, kb, blocks.valid, causal).argsort(-1, descending=True)  # [.., nb, nb]
+    rank = module._block_affinity(qb, kb, blocks.valid, causal, blocks.line).argsort(-1, descending=True)
     valid = blocks.valid if blocks.valid is not None else torch.ones(nb, bs, dtype=torch.bool, device=c.q.device)
     per = min(bs, max(2, FIT_ROWS_PER_BLOCK * bs // 64))
     picks = torch.linspace(0, bs - 1, per, device=c.q.device).round().long().unique()

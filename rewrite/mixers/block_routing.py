@@ -31,8 +31,9 @@ blocks, then the pooled blocks and the sinks; the mask is built only for what hi
 causal, the site's mask, the pooled log-sizes). Without gradients the query blocks go in chunks, each chunk's
 keys gathered into a small per-thread buffer that is still in cache when the kernel reads it
 (``routed_blocks_attention``; a fresh buffer that large would be page-faulted memory on every call). The kernel
-runs 64-query heads at about two thirds of its speed on long heads (its query tile shrinks to 32 rows), which
-bounds the speed-up at long N (BENCHMARKS.md, "Cheap mixers on the clock").
+runs 64-query heads at half to two thirds of its speed on long heads (its query tile shrinks to 32 rows:
+``bench/bench_mixers.py --part tiles``), which bounds the speed-up at long N (BENCHMARKS.md, "Cheap mixers on
+the clock").
 
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
 ``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs

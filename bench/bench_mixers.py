@@ -7,8 +7,10 @@ SDPA and into each mixer; time ratio exact/mixer and extra peak resident memory 
 in a process of its own. At 16k a mixer whose run would take over ``LIMIT_S`` seconds or ``LIMIT_MIB`` MiB
 (extrapolated from its 1k and 4k runs) gets a row saying so instead of a run, and a run that fails, runs out
 of memory or time gets a row saying why. ``--part ratio``: exact and each mixer timed alternately in one process at N = 1k and 4k, the median time
-ratio beside the cost model's FLOPs ratio (issue 14's speed rule). Run:
-``python bench/bench_mixers.py [--part accuracy|speed|ratio] [--mixers BlockRouting,...]``.
+ratio beside the cost model's FLOPs ratio (issue 14's speed rule). ``--part profile``: where each mixer's time goes
+(the fused attention kernel against routing, gathers and the rest); ``--part tiles``: the fused kernel's speed
+against the query length of its heads. Run:
+``python bench/bench_mixers.py [--part accuracy|speed|ratio|profile|tiles] [--mixers BlockRouting,...]``.
 """
 from __future__ import annotations
 
@@ -258,9 +260,65 @@ def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "", threads: int 
                   f"| {ratio:.2f}x | {fr:.2f}x | {rule} |", flush=True)
 
 
+#: the fused CPU attention kernel: the share of a mixer's time spent in it is the attention, the rest routing,
+#: gathers, feature maps and merges
+KERNEL_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
+
+
+def profile(lengths=(1024, 4096), only: str = "", threads: int = 1, repeats: int = 3) -> None:
+    """Where each mixer's time goes (torch.profiler, wall-clock self time per op, ``repeats`` calls after
+    warm-up): the share in the fused attention kernel against the rest, and the three most expensive other ops."""
+    from torch.profiler import profile as torch_profile
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1, H=12, d=64, fp32, CPU")
+    print("| N | action | fused kernel | everything else | top other ops (share of the total) |\n|---|---|---|---|---|")
+    actions = [rewrite.action_types()[m](**s) for m, ss in SETTINGS.items() for s in ss[:1]]
+    if only:
+        names = only.split(",")
+        actions = [a for a in actions if type(a).__name__ in names] + \
+            [rewrite.action_types()["BlockRouting"](**s) for s in SETTINGS["BlockRouting"][1:] if "BlockRouting" in names]
+    for n in lengths:
+        qkv = torch.randn(3, 1, 12, n, 64)
+        for action in actions:
+            model = _optimized(action, n)
+            with torch.no_grad(), torch_profile() as prof:
+                for _ in range(repeats):
+                    model(qkv)
+            # a compiled region's own time is the Python between its ops (the mixer's code, guards)
+            ops = [("between ops (Python)" if e.key.startswith("Torch-Compiled Region") else e.key,
+                    e.self_cpu_time_total) for e in prof.key_averages()]
+            total = sum(t for _, t in ops) or 1.0
+            kernel = sum(t for k, t in ops if k in KERNEL_OPS)
+            others = sorted(((t, k) for k, t in ops if k not in KERNEL_OPS), reverse=True)[:3]
+            top = ", ".join(f"{k.replace('aten::', '')} {t / total:.0%}" for t, k in others)
+            print(f"| {n} | {action.describe()} | {kernel / total:.0%} | {1 - kernel / total:.0%} | {top} |", flush=True)
+
+
+def kernel_tiles(threads: int = 1, repeats: int = 5) -> None:
+    """The fused CPU kernel's speed against the query length of its heads, at a fixed amount of work (49,152
+    queries of d = 64 against 256 keys each; thread CPU time, median): why 64-token routed blocks (each block a
+    "head" of 64 queries) cannot run as fast per FLOP as exact attention, whose heads are N queries long."""
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; kernel "
+          "aten::_scaled_dot_product_flash_attention_for_cpu, 49152 queries x 256 keys, d=64")
+    print("| queries per head | heads | CPU ms | relative to 2048 |\n|---|---|---|---|")
+    rows = {}
+    for nq in (64, 128, 192, 256, 2048):
+        q, k, v = (torch.randn(1, 49152 // nq, t, 64) for t in (nq, 256, 256))
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+            ts.append(time.process_time() - t0)
+        rows[nq] = statistics.median(ts)
+    for nq, t in rows.items():
+        print(f"| {nq} | {49152 // nq} | {t * 1e3:.1f} | {rows[2048] / t:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["accuracy", "speed", "ratio", "all"], default="all")
+    ap.add_argument("--part", choices=["accuracy", "speed", "ratio", "profile", "tiles", "all"], default="all")
     ap.add_argument("--mixers", default="", help="accuracy (or ratio) rows of these mixers only, e.g. BlockRouting")
     ap.add_argument("--threads", type=int, default=0, help="--part ratio: CPU threads (0: every core)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -269,6 +327,10 @@ def main() -> None:
         return one_run(int(args.one[0]), args.one[1])
     if args.part == "ratio":
         return ratios(only=args.mixers, threads=args.threads)
+    if args.part == "tiles":
+        return kernel_tiles(threads=args.threads or 1)
+    if args.part == "profile":
+        return profile(only=args.mixers, threads=args.threads or 1)
     if args.part in ("speed", "all"):
         speed()
     if args.part in ("accuracy", "all"):

@@ -136,3 +136,18 @@ def test_flops_fall_with_window():
 @pytest.mark.parametrize("clusters, window, exact", [(2, 5, False), (1, 16, True)])
 def test_bert_end_to_end(clusters, window, exact):
     bert_end_to_end(rewrite.KMeansRouting(clusters=clusters, window=window), exact_expected=exact)
+
+
+def test_fused_cpu_form_equals_the_slot_form(monkeypatch):
+    """The CPU form (queries sorted by cluster, one kernel call per head and cluster) gives the slot form's
+    output, with GQA, batches, empty clusters and windows wider than the keys."""
+    from rewrite.mixers import _dense
+    gen = torch.Generator().manual_seed(1)
+    for b, hq, hkv, n, nc, w in [(2, 4, 2, 100, 3, 32), (3, 2, 1, 50, 2, 80), (2, 8, 2, 33, 8, 5)]:
+        q, k, v = (torch.randn(b, h, n, 16, generator=gen) for h in (hq, hkv, hkv))
+        module = KMeansRoutingAttention(nc, w)
+        fused = module(q, k, v)
+        with monkeypatch.context() as m:
+            m.setattr(_dense, "flash_cpu_serves", lambda *args: False)
+            slots = module(q, k, v)
+        assert_close(fused, slots)

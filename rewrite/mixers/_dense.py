@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from ._layout import NEG_INF, Canon, expand_kv, resolve_scale
+from ._layout import NEG_INF, Canon, expand_kv, has_no_data, resolve_scale
 from ._masks import causal_allowed, to_additive
 
 #: per (batch·head) row chunk, scores kept at most this many elements at once by the dense mixers
@@ -150,3 +150,18 @@ def exact_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     scale = None if scale is None else resolve_scale(scale, q.shape[-1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=float(dropout_p or 0.0),
                                           is_causal=bool(is_causal), scale=scale)
+
+
+#: the CPU fused kernel that also returns each row's log-sum-exp: the routed mixers run their kept keys on it
+#: and merge other keys (sinks, pooled blocks, a query's own key) in through that log-sum-exp
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def flash_cpu_serves(c: Canon, dropout_p) -> bool:
+    """Whether ``FLASH_CPU`` with a log-sum-exp merge serves this call: CPU, real fp32 tensors, no dropout,
+    nothing to differentiate (the kernel's log-sum-exp has no gradient), no compiler tracing, equal q/v head
+    dims (the kernel's). Elsewhere the mixers keep their differentiable, traceable path."""
+    return (FLASH_CPU is not None and c.q.device.type == "cpu" and not dropout_p and c.q.dtype == torch.float32
+            and c.q.shape[-1] == c.v.shape[-1] and not has_no_data(c.q) and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v))))
+

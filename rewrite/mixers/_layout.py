@@ -242,3 +242,22 @@ def cat_rows(parts: list, dim: int, slot: str) -> torch.Tensor:
     shape[dim] = sum(p.shape[dim] for p in parts)
     buf = _scratch(slot, tuple(shape), parts[0], _grad_needed(*parts))
     return torch.cat(parts, dim) if buf is None else torch.cat(parts, dim, out=buf)
+
+
+def padded_rows(t: torch.Tensor, start: int, rows: int, slot: str) -> torch.Tensor:
+    """``t[..., start:, :]`` zero-padded at the end to ``rows`` rows, written into the scratch buffer ``slot``
+    where it can be (see ``index_rows``; ``F.pad`` would fill the whole fresh output, then copy into it)."""
+    body = t[..., start:, :]
+    buf = _scratch(slot, (*t.shape[:-2], rows, t.shape[-1]), t, _grad_needed(t))
+    if buf is None:
+        return torch.nn.functional.pad(body, (0, 0, 0, rows - body.shape[-2]))
+    buf[..., :body.shape[-2], :].copy_(body)
+    buf[..., body.shape[-2]:, :].zero_()
+    return buf
+
+
+def scratch_or_empty(slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``shape`` for a temporary that dies within the call: the scratch buffer ``slot`` where it can
+    be (see ``_SCRATCH``), else a fresh one. Its contents are garbage."""
+    buf = _scratch(slot, tuple(shape), like, _grad_needed(like))
+    return like.new_empty(shape) if buf is None else buf

@@ -26,10 +26,14 @@ mass and partial output give the routed output at every count by a cumulative su
 cost does not grow with the number of counts (``fit_errors``; a few exact calls at N = 1500). The counts
 are a buffer (``head_topk``), saved and restored with the model.
 
-On CPU (the PyTorch path) every query block is one "head" of a single fused SDPA call whose keys are its
-chosen key blocks, gathered by one index op into a per-thread scratch buffer (``_layout.index_rows``: a
-fresh buffer that large would be page-faulted memory on every call), then the pooled blocks and the sinks;
-the mask is built only for what hides keys (padding slots, causal, the site's mask, the pooled log-sizes).
+On CPU (the PyTorch path) every query block is one "head" of fused SDPA calls whose keys are its chosen key
+blocks, then the pooled blocks and the sinks; the mask is built only for what hides keys (padding slots,
+causal, the site's mask, the pooled log-sizes). Without gradients the query blocks go in chunks, each chunk's
+keys gathered into a small per-thread buffer that is still in cache when the kernel reads it
+(``routed_blocks_attention``; a fresh buffer that large would be page-faulted memory on every call). The kernel
+runs 64-query heads at half to two thirds of its speed on long heads (its query tile shrinks to 32 rows:
+``bench/bench_mixers.py --part tiles``), which bounds the speed-up at long N (BENCHMARKS.md, "Cheap mixers on
+the clock").
 
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
 ``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs
@@ -239,14 +243,18 @@ class BlockRoutingAttention(_base.SDPAMixer):
         return c.finish(out)
 
     @staticmethod
-    def _block_affinity(qb: torch.Tensor, kb: torch.Tensor, valid, causal: bool) -> torch.Tensor:
+    def _block_affinity(qb: torch.Tensor, kb: torch.Tensor, valid, causal: bool, zero_padding: bool = False) -> torch.Tensor:
         """Routing scores ``[Bf, Hkv, G, nb, nb]`` of mean-pooled query blocks ``qb [Bf, Hkv, G, nb, bs, D]``
         against mean-pooled key blocks ``kb [Bf, Hkv, nb, bs, D]`` (padding slots, ``~valid [nb, bs]``, left
         out; ``valid`` None: no padding): a block's own block scores +inf (always kept) and, causally, later
         blocks -inf."""
         nb, bs = qb.shape[-3], qb.shape[-2]
-        if valid is None:
-            qr, kr = qb.mean(-2), kb.mean(-2)                                  # [.., nb, D]
+        if valid is None:   # sums rank blocks as means do (every score is scaled by bs²), and are cheaper
+            qr, kr = qb.sum(-2), kb.sum(-2)                                    # [.., nb, D]
+        elif zero_padding:  # padding slots hold zeros (1-D blocks): sums over the valid count (a [1, bs]
+            # product per block is several times slower on CPU)
+            count = valid.sum(-1, keepdim=True).clamp(min=1).to(qb.dtype)       # [nb, 1]
+            qr, kr = qb.sum(-2).div_(count), kb.sum(-2).div_(count)
         else:                                                                  # a weighted mean: one matmul
             w = valid.to(qb.dtype)
             w = (w / w.sum(-1, keepdim=True).clamp(min=1)).view(nb, 1, bs)
@@ -304,41 +312,41 @@ class BlockRoutingAttention(_base.SDPAMixer):
     def _attend(self, c: _layout.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
         """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``.
 
-        Every query block is one "head" of a single fused SDPA call on ``[Bf·Hkv·G, nb, bs, D]`` queries whose
-        keys are its ``topk`` chosen key blocks, gathered with one index op (``[.., nb, topk·bs, D]``), followed
-        by the pooled blocks (``summary``) and the sinks; the mask holds only what is not all-visible (padding
-        slots, the causal pattern, the site's mask, the pooled blocks' log-size bias), never N×N."""
+        Every query block is one "head" of fused SDPA calls on ``[Bf·Hkv·G·nb, bs, D]`` queries whose keys are
+        its ``topk`` chosen key blocks followed by the extra keys of its head: the pooled blocks (``summary``)
+        and the sinks. The mask holds only what is not all-visible (padding slots, the causal pattern, the
+        site's mask, the pooled blocks' log-size bias), never N×N. On CPU without gradients
+        (``_dense.flash_cpu_serves``) the query blocks go in chunks whose keys are gathered into a small
+        reused buffer, still in cache when the kernel reads it (``routed_blocks_attention``); elsewhere every
+        block's keys are gathered at once (differentiable, traceable)."""
         bf, hkv, g, n, _, dd, dv = c.dims
         order_list, p, slots = self._layout(n)
         nb, bs = len(order_list), len(order_list[0])
         blocks = _Blocks(c, order_list, p, slots, line=self.grid is None)
-        qb, kb, vb = blocks.gather(c.q, bf, hkv, g), blocks.gather(c.k, bf, hkv), blocks.gather(c.v, bf, hkv)
+        qb, kb, vb = (blocks.gather(c.q, bf, hkv, g, "block_routing.pad.q"),
+                      blocks.gather(c.k, bf, hkv, slot="block_routing.pad.k"),
+                      blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
         t = min(topk, nb)
-        idx = self._block_affinity(qb, kb, blocks.valid, causal).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
-        # the chosen key blocks of every query block, by one index_select over [Bf·Hkv·nb] blocks
-        rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
-        keys = [_layout.index_rows(kb.reshape(bf * hkv * nb, bs, dd), rows, "block_routing.k")
-                .view(bf, hkv, g, nb, t * bs, dd)]
-        values = [_layout.index_rows(vb.reshape(bf * hkv * nb, bs, dv), rows, "block_routing.v")
-                  .view(bf, hkv, g, nb, t * bs, dv)]
-        masks = [blocks.routed_mask(c, idx, causal)]
+        idx = self._block_affinity(qb, kb, blocks.valid, causal, blocks.line).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
+        extra_k, extra_v, masks = [], [], [blocks.routed_mask(c, idx, causal)]
         if self.summary and nb > 1:
             k_mean, v_mean, pooled_mask = self._pooled(c, qb, kb, vb, blocks, idx, causal)
-            keys.append(k_mean.unsqueeze(-3).expand(bf, hkv, g, nb, nb, dd))
-            values.append(v_mean.unsqueeze(-3).expand(bf, hkv, g, nb, nb, dv))
+            extra_k.append(k_mean)
+            extra_v.append(v_mean)
             masks.append(pooled_mask)
         if p:
-            keys.append(c.k[:, :, None, None, :p].expand(bf, hkv, g, nb, p, dd))
-            values.append(c.v[:, :, None, None, :p].expand(bf, hkv, g, nb, p, dv))
+            extra_k.append(c.k[:, :, None, :p])
+            extra_v.append(c.v[:, :, None, :p])
             masks.append(None if c.bias is None else _dense.gather_bias(
                 c.bias, (bf, hkv, g), blocks.query_pos().view(1, 1, 1, nb, bs, 1),
                 torch.arange(p, device=c.q.device).view(1, 1, 1, 1, 1, p)))
-        widths = [x.shape[-2] for x in keys]
-        keys = _layout.cat_rows(keys, -2, "block_routing.keys").view(bf * hkv * g, nb, -1, dd)
-        values = _layout.cat_rows(values, -2, "block_routing.values").view(bf * hkv * g, nb, -1, dv)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qb.reshape(bf * hkv * g, nb, bs, dd), keys, values, attn_mask=_join_masks(masks, widths, c.q),
-            dropout_p=float(dropout_p or 0.0), scale=c.scale)
+        mask = _join_masks(masks, [t * bs] + [x.shape[-2] for x in extra_k], c.q)   # [Bf·Hkv·G|1, nb, bs|1, S]
+        extras = _extra_keys(extra_k, extra_v, bf, hkv) if extra_k else None
+        if _dense.flash_cpu_serves(c, dropout_p):
+            out = routed_blocks_attention(qb.reshape(1, -1, bs, dd), kb.reshape(bf * hkv * nb, bs, dd),
+                                          vb.reshape(bf * hkv * nb, bs, dv), idx, mask, c.scale, extras)
+        else:
+            out = _routed_sdpa(qb, kb, vb, idx, mask, extras, c.scale, dropout_p)
         out = blocks.body(out.view(bf, hkv, g, nb * bs, dv))
         if not p:
             return out
@@ -375,9 +383,13 @@ class BlockRoutingAttention(_base.SDPAMixer):
                 b = b.view(*c.bias.shape[:3], 1, 1, nb, bs)
             log_bias = b
         count = member.sum(-1, keepdim=True)
-        weight = (member / count.clamp(min=1)).unsqueeze(-2)                 # [.., nb, 1, bs]
-        k_mean = (weight @ kb.unsqueeze(2)).squeeze(-2)                      # [Bf, Hkv, G|1, nb, D]
-        v_mean = (weight @ vb.unsqueeze(2)).squeeze(-2)
+        if c.bias is None and blocks.line:   # 1-D padding slots hold zeros: plain sums (a [1, bs] @ [bs, D]
+            # product per block is several times slower on CPU)
+            k_mean, v_mean = (x.sum(-2).div_(count.clamp(min=1).view(nb, 1)).unsqueeze(2) for x in (kb, vb))
+        else:
+            weight = (member / count.clamp(min=1)).unsqueeze(-2)             # [.., nb, 1, bs]
+            k_mean = (weight @ kb.unsqueeze(2)).squeeze(-2)                  # [Bf, Hkv, G|1, nb, D]
+            v_mean = (weight @ vb.unsqueeze(2)).squeeze(-2)
         lse = torch.logsumexp(log_bias, dim=-1)                               # [.., nb|1, bs|1, nb]
         if c.bias is not None:                                                # no visible member: -inf
             lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), _layout.NEG_INF)
@@ -385,6 +397,78 @@ class BlockRoutingAttention(_base.SDPAMixer):
         if causal:  # blocks that do not end before the query block: never pooled
             chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu()
         return k_mean, v_mean, lse.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF)
+
+
+#: elements of the key and value blocks one chunk of query blocks gathers (4 MiB in fp32): small enough to be
+#: in cache when the fused kernel reads them, large enough that the chunks' own calls cost little
+ROUTED_CHUNK_ELEMENTS = 1 << 20
+
+
+def _extra_keys(keys: list, values: list, bf: int, hkv: int) -> tuple:
+    """The extra keys and values of each head (``[Bf, Hkv, G|1, E_i, D]`` parts) joined: ``[Bf·Hkv·G|1, E, D]``."""
+    gk = max(x.shape[2] for x in keys)
+    k = _cat([x.expand(bf, hkv, gk, *x.shape[-2:]) for x in keys])
+    v = _cat([x.expand(bf, hkv, gk, *x.shape[-2:]) for x in values])
+    return k.reshape(bf * hkv * gk, *k.shape[-2:]), v.reshape(bf * hkv * gk, *v.shape[-2:])
+
+
+def _routed_sdpa(qb, kb, vb, idx, mask, extras, scale: float, dropout_p) -> torch.Tensor:
+    """Every query block's chosen key blocks (and its head's extra keys) gathered at once, then one SDPA call:
+    ``[Bf·Hkv·G, nb, bs, Dv]`` (differentiable and traceable, unlike ``routed_blocks_attention``)."""
+    bf, hkv, g, nb, t = idx.shape
+    bs, dd, dv = kb.shape[-2], kb.shape[-1], vb.shape[-1]
+    rows = (torch.arange(bf * hkv, device=idx.device).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(-1)
+    keys = [_layout.index_rows(kb.reshape(bf * hkv * nb, bs, dd), rows, "block_routing.k")
+            .view(bf * hkv * g, nb, t * bs, dd)]
+    values = [_layout.index_rows(vb.reshape(bf * hkv * nb, bs, dv), rows, "block_routing.v")
+              .view(bf * hkv * g, nb, t * bs, dv)]
+    for part, parts in zip(extras or (), (keys, values)):     # [Bf·Hkv·G|1, E, D] -> every query block's
+        e = part.view(bf * hkv, -1, 1, *part.shape[-2:]).expand(bf * hkv, g, nb, *part.shape[-2:])
+        parts.append(e.reshape(bf * hkv * g, nb, *part.shape[-2:]))
+    keys = _layout.cat_rows(keys, -2, "block_routing.keys")
+    values = _layout.cat_rows(values, -2, "block_routing.values")
+    return torch.nn.functional.scaled_dot_product_attention(
+        qb.reshape(bf * hkv * g, nb, bs, dd), keys, values, attn_mask=mask, dropout_p=float(dropout_p or 0.0),
+        scale=scale)
+
+
+def routed_blocks_attention(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, mask,
+                            scale: float, extras=None) -> torch.Tensor:
+    """Fused CPU attention of query blocks ``q [1, F, bs, D]`` (``F = Bf·Hkv·G·nb``) over their chosen key blocks
+    ``idx [Bf, Hkv, G, nb, t]`` of ``kb, vb [Bf·Hkv·nb, bs, D]``, followed by their head's ``extras`` (keys and
+    values ``[Bf·Hkv·G|1, E, D]``, or None), with the mask ``[Bf·Hkv·G|1, nb, bs|1, t·bs + E]`` (or None):
+    ``[1, F, bs, Dv]``. Query blocks go in chunks, each chunk's keys gathered by one index op into a reused
+    buffer: whole blocks, or with extras single rows of the blocks and the extras laid end to end."""
+    bf, hkv, g, nb, t = idx.shape
+    heads, bs, dd, dv = q.shape[1], q.shape[2], q.shape[3], vb.shape[-1]
+    dev = idx.device
+    rows = (torch.arange(bf * hkv, device=dev).view(bf, hkv, 1, 1, 1) * nb + idx).reshape(heads, t)
+    width = t * bs + (0 if extras is None else extras[0].shape[-2])
+    if mask is not None:
+        mask = mask.expand(bf * hkv * g, nb, mask.shape[-2], width).reshape(heads, mask.shape[-2], width)
+    if extras is None:
+        src_k, src_v, index, per_block = kb, vb, rows.reshape(-1), t
+    else:
+        ek, ev = extras
+        src_k = _layout.cat_rows([kb.reshape(-1, dd), ek.reshape(-1, dd)], 0, "block_routing.src.k")
+        src_v = _layout.cat_rows([vb.reshape(-1, dv), ev.reshape(-1, dv)], 0, "block_routing.src.v")
+        per = nb * (g if ek.shape[0] != bf * hkv * g else 1)              # query blocks per extras row
+        e = torch.arange(ek.shape[-2], device=dev)
+        tokens = (rows.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).reshape(heads, t * bs)
+        extra = kb.shape[0] * bs + (torch.arange(heads, device=dev) // per).unsqueeze(-1) * e.numel() + e
+        index, per_block = torch.cat([tokens, extra], -1).reshape(-1), width
+    out = q.new_empty(1, heads, bs, dv)
+    step = max(1, ROUTED_CHUNK_ELEMENTS // (width * (dd + dv)))
+    for h0 in range(0, heads, step):
+        h1 = min(heads, h0 + step)
+        chunk = index[h0 * per_block:h1 * per_block]
+        keys = _layout.index_rows(src_k, chunk, "block_routing.k").view(h1 - h0, 1, width, dd)
+        values = _layout.index_rows(src_v, chunk, "block_routing.v").view(h1 - h0, 1, width, dv)
+        # the blocks as the kernel's batch, not its heads: its output is then [B, T, H, D] = [B, T, D], in place
+        o, _ = _dense.FLASH_CPU(q[0, h0:h1].unsqueeze(1), keys, values,
+                                attn_mask=None if mask is None else mask[h0:h1].unsqueeze(1), scale=scale)
+        out[0, h0:h1] = o.view(h1 - h0, bs, dv)
+    return out
 
 
 def _cat(parts: list, dim: int = -2) -> torch.Tensor:
@@ -421,13 +505,15 @@ class _Blocks:
         self.valid = None if slots is None else valid
         self.flat = torch.where(valid, order + p, torch.zeros_like(order)).reshape(-1)  # token of each slot
 
-    def gather(self, t: torch.Tensor, bf: int, hkv: int, g: int = 0) -> torch.Tensor:
-        """``t [Bf, Hkv, (G,) N, D]`` as blocks ``[Bf, Hkv, (G,) nb, bs, D]``."""
+    def gather(self, t: torch.Tensor, bf: int, hkv: int, g: int = 0, slot: str = "block_routing.pad") -> torch.Tensor:
+        """``t [Bf, Hkv, (G,) N, D]`` as blocks ``[Bf, Hkv, (G,) nb, bs, D]`` (a padded copy in the scratch
+        buffer ``slot`` when the body does not fill its last block: one slot per tensor of a call)."""
         lead = (bf, hkv, g) if g else (bf, hkv)
         if self.line:
-            body = t[..., self.p:, :] if self.p else t
             if self.pad:
-                body = torch.nn.functional.pad(body, (0, 0, 0, self.pad))
+                body = _layout.padded_rows(t, self.p, self.nb * self.bs, slot)
+            else:
+                body = t[..., self.p:, :] if self.p else t
             return body.reshape(*lead, self.nb, self.bs, t.shape[-1])
         return t.index_select(-2, self.flat).view(*lead, self.nb, self.bs, t.shape[-1])
 
@@ -498,7 +584,7 @@ def fit_errors(module: BlockRoutingAttention, c: _layout.Canon, causal: bool) ->
     blocks = _Blocks(c, order_list, p, slots, line=module.grid is None)
     nb, bs = blocks.nb, blocks.bs
     qb, kb, vb = blocks.gather(c.q, bf, hkv, g), blocks.gather(c.k, bf, hkv), blocks.gather(c.v, bf, hkv)
-    rank = module._block_affinity(qb, kb, blocks.valid, causal).argsort(-1, descending=True)  # [.., nb, nb]
+    rank = module._block_affinity(qb, kb, blocks.valid, causal, blocks.line).argsort(-1, descending=True)
     valid = blocks.valid if blocks.valid is not None else torch.ones(nb, bs, dtype=torch.bool, device=c.q.device)
     per = min(bs, max(2, FIT_ROWS_PER_BLOCK * bs // 64))
     picks = torch.linspace(0, bs - 1, per, device=c.q.device).round().long().unique()

@@ -50,7 +50,10 @@ def orthogonal_gaussian(rows: int, dim: int, seed: int | None = None,
 def favor_log(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     """Log of FAVOR+ positive features: ``φ(x)_r = exp(ω_r·x - |x|²/2) / √m``, so E[φ(q)·φ(k)] = exp(q·k)."""
     m = proj.shape[0]
-    return x @ proj.to(x.dtype).T - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(m)
+    # one pass over the [N, m] product (in place: a product's backward needs only its inputs), and |x|² without
+    # an [N, D] temporary
+    half_sq = 0.5 * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
+    return (x @ proj.to(x.dtype).T).sub_(half_sq + 0.5 * math.log(m))
 
 
 def favor_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool) -> torch.Tensor:

@@ -33,20 +33,115 @@ SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "num_hidden_layers":
          "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "d_ff": 128, "d_kv": 16, "head_dim": 16}
 
 
+#: counts whose per-layer (or per-stage) lists are cut with them
+COUNTS = ("num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers", "num_stages", "depth")
+
+
 def shrink(cfg, depth: int = 0):
-    """``cfg`` with its sizes set small, sub-configs (text, vision, encoder…) included."""
+    """``cfg`` with its sizes set small, sub-configs (text, vision, encoder…) included, kept consistent."""
+    before = {name: getattr(cfg, name, None) for name in COUNTS}
+    widths = _widths(cfg)
+    kv = getattr(cfg, "num_key_value_heads", None)
+    grouped = kv is not None and kv != getattr(cfg, "num_attention_heads", None)
     for name, value in SMALL.items():
         current = getattr(cfg, name, None)
         if isinstance(current, int) and not isinstance(current, bool) and current > value:
-            try:
-                setattr(cfg, name, value)
-            except Exception:  # noqa: BLE001 - a read-only attribute stays
-                pass
+            _set(cfg, name, value)
+    if not grouped and isinstance(getattr(cfg, "num_attention_heads", None), int) and kv is not None:
+        _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # multi-head (or latent) attention stays so
+    _cut_layer_lists(cfg, before)
+    _follow_widths(cfg, widths)
+    _agree(cfg)
     if depth < 2:
         for sub in vars(cfg).values():
             if hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
                 shrink(sub, depth + 1)
     return cfg
+
+
+def _widths(cfg) -> dict:
+    """The config's hidden width and per-head width before the shrink."""
+    hidden = next((getattr(cfg, n) for n in ("hidden_size", "d_model", "embed_dim") if isinstance(getattr(cfg, n, None), int)), None)
+    heads = next((getattr(cfg, n) for n in ("num_attention_heads", "num_heads") if isinstance(getattr(cfg, n, None), int)), None)
+    return {"hidden": hidden, "head": hidden // heads if hidden and heads else None}
+
+
+#: names of sizes that are not widths, even when they equal one
+NOT_WIDTHS = ("position", "vocab", "token", "image", "length", "sampling", "layers", "heads", "window", "codebook_size")
+
+
+def _follow_widths(cfg, before: dict) -> None:
+    """Sizes that equalled the hidden width or the head width (a conv's groups, a per-head projection) follow
+    them; sizes named after another tower's hidden width (BLIP-2's ``encoder_hidden_size``) take the shrunk one."""
+    now = _widths(cfg)
+    for name, value in list(vars(cfg).items()):
+        if not isinstance(value, int) or isinstance(value, bool) or name in SMALL or name.startswith("_") \
+                or any(w in name for w in NOT_WIDTHS) or name.startswith("qk_"):
+            continue
+        if name.endswith("hidden_size") and value > SMALL["hidden_size"]:
+            _set(cfg, name, SMALL["hidden_size"])
+        elif before["hidden"] and now["hidden"] and value == before["hidden"] and value > now["hidden"]:
+            _set(cfg, name, now["hidden"])
+        elif before["head"] and now["head"] and value == before["head"] and value > now["head"] and "dim" in name:
+            _set(cfg, name, now["head"])
+
+
+def _set(cfg, name, value) -> None:
+    try:
+        setattr(cfg, name, value)
+    except Exception:  # noqa: BLE001 - a read-only attribute stays
+        pass
+
+
+def _cut_layer_lists(cfg, before: dict) -> None:
+    """Per-layer lists (layer types, stage widths and depths) follow their shrunk count. A list of layer kinds
+    keeps one layer of each kind (a hybrid model keeps an attention layer), the count grown to hold them."""
+    for count, old in before.items():
+        new = getattr(cfg, count, None)
+        if not isinstance(old, int) or not isinstance(new, int) or new >= old:
+            continue
+        for name, value in list(vars(cfg).items()):
+            if not isinstance(value, (list, tuple)) or len(value) != old or name.startswith("_"):
+                continue
+            if all(isinstance(v, str) for v in value):
+                kinds = list(dict.fromkeys(value))
+                kept = kinds + [v for v in value if v not in kinds][: max(0, new - len(kinds))]
+                kept = (kept + list(value))[: max(new, len(kinds))]
+                if len(kept) > new:
+                    _set(cfg, count, len(kept))
+            else:
+                kept = value[:new]
+            _set(cfg, name, type(value)(kept))
+        for name in ("attn_layer_indices", "full_attn_idxs", "global_attn_indexes"):
+            idx = getattr(cfg, name, None)
+            if isinstance(idx, (list, tuple)) and idx and all(isinstance(i, int) for i in idx):
+                _set(cfg, name, type(idx)(sorted({i % getattr(cfg, count) for i in idx})))
+
+
+def _agree(cfg) -> None:
+    """Sizes that must agree after the shrink: rotary dims within a head, MLA heads' rope part, no timm backbone."""
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    head = getattr(cfg, "head_dim", None) or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
+                                              and heads else None)
+    rotary = getattr(cfg, "rotary_dim", None)
+    if isinstance(rotary, int) and isinstance(head, int) and rotary > head:
+        _set(cfg, "rotary_dim", head)
+    rope = getattr(cfg, "qk_rope_head_dim", None)
+    if isinstance(rope, int) and getattr(cfg, "head_dim", None) is not None:
+        _set(cfg, "head_dim", rope)  # multi-head latent attention: the rotary embedding spans the rope part
+    if getattr(cfg, "use_timm_backbone", False):
+        _set(cfg, "use_timm_backbone", False)
+        _set(cfg, "use_pretrained_backbone", False)
+    backbone = getattr(cfg, "backbone_config", None)
+    if getattr(backbone, "model_type", None) == "timm_backbone":  # timm is optional here: transformers' ResNet
+        import transformers as tf
+        stages = [f"stage{i}" for i in (getattr(backbone, "out_indices", None) or [1, 2, 3, 4]) if 1 <= i <= 4]
+        _set(cfg, "backbone_config", tf.ResNetConfig(out_features=stages))
+    size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+    patch = patch if isinstance(patch, int) and patch > 0 else 16
+    small = patch * max(2, -(-64 // patch))
+    if isinstance(size, int) and size > small:
+        _set(cfg, "image_size", small)  # fewer patches: a faster sweep; position tables are built for it
 
 
 def sdpa_calls(model, batch) -> int:

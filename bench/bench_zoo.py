@@ -43,9 +43,10 @@ def shrink(cfg, depth: int = 0):
     widths = _widths(cfg)
     kv = getattr(cfg, "num_key_value_heads", None)
     grouped = kv is not None and kv != getattr(cfg, "num_attention_heads", None)
+    staged = _stage_widths(cfg)
     for name, value in SMALL.items():
         current = getattr(cfg, name, None)
-        if isinstance(current, int) and not isinstance(current, bool) and current > value:
+        if name not in staged and isinstance(current, int) and not isinstance(current, bool) and current > value:
             _set(cfg, name, value)
     if not grouped and isinstance(getattr(cfg, "num_attention_heads", None), int) and kv is not None:
         _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # multi-head (or latent) attention stays so
@@ -84,6 +85,22 @@ def _follow_widths(cfg, before: dict) -> None:
             _set(cfg, name, now["hidden"])
         elif before["head"] and now["head"] and value == before["head"] and value > now["head"] and "dim" in name:
             _set(cfg, name, now["head"])
+
+
+def _stage_widths(cfg) -> set:
+    """Hierarchical models (Swin): heads per stage, the first stage's width a multiple of its heads, the final
+    width (``hidden_size``) the first one doubled per stage, at most two blocks per stage."""
+    heads, embed, depths = getattr(cfg, "num_heads", None), getattr(cfg, "embed_dim", None), getattr(cfg, "depths", None)
+    if not isinstance(heads, (list, tuple)) or not heads or not isinstance(embed, int):
+        return set()
+    hidden = getattr(cfg, "hidden_size", None)
+    ratio = hidden // embed if isinstance(hidden, int) and hidden > embed and hidden % embed == 0 else None
+    _set(cfg, "embed_dim", min(embed, 16 * heads[0]))
+    if ratio:
+        _set(cfg, "hidden_size", cfg.embed_dim * ratio)
+    if isinstance(depths, (list, tuple)):
+        _set(cfg, "depths", type(depths)(min(d, 2) for d in depths))
+    return {"embed_dim", "hidden_size"}
 
 
 def _set(cfg, name, value) -> None:

@@ -150,7 +150,11 @@ def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:
 
 
 def _waveform_inputs(model, cfg, batch: int, length: int, gen) -> dict:
-    """One second of 16 kHz audio, or a spectrogram for models that read ``input_values`` as mel frames."""
+    """One second of 16 kHz audio (with a channel axis for codecs that name ``audio_channels``), or a spectrogram
+    for models that read ``input_values`` as mel frames."""
+    channels = getattr(cfg, "audio_channels", None)
+    if isinstance(channels, int) and channels > 0:
+        return {"input_values": torch.randn(batch, channels, 16000, generator=gen)}
     mels = getattr(cfg, "num_mel_bins", None)
     frames = getattr(cfg, "max_length", None)
     if isinstance(mels, int) and isinstance(frames, int):

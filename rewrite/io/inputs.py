@@ -194,9 +194,11 @@ def _add_companion_inputs(out: dict, model, params, batch: int, length: int, gen
     ids = out.get("input_ids")
     if "bbox" in params and ids is not None:
         out["bbox"] = _layout_boxes(ids.shape, gen)
-    if "query_embeds" in required:
-        queries = getattr(cfg, "num_query_tokens", None) or 8
-        out["query_embeds"] = torch.randn(batch, queries, getattr(cfg, "hidden_size", 64), generator=gen)
+    if "query_embeds" in required:  # a query transformer (BLIP-2's Q-Former): one query per token of the mask
+        out["query_embeds"] = torch.randn(batch, length, getattr(cfg, "hidden_size", 64), generator=gen)
+        width = getattr(cfg, "encoder_hidden_size", None)
+        if isinstance(width, int) and "encoder_hidden_states" in params:  # it cross-attends to an image encoder
+            out["encoder_hidden_states"] = torch.randn(batch, length, width, generator=gen)
     return _add_decoder_inputs(out, model, params, batch, max(2, length // 2), gen)
 
 

@@ -30,21 +30,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "num_hidden_layers": 2, "num_layers": 2,
          "encoder_layers": 2, "decoder_layers": 2, "num_attention_heads": 4, "encoder_attention_heads": 4,
          "decoder_attention_heads": 4, "num_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
-         "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "d_ff": 128, "d_kv": 16, "head_dim": 16}
+         "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "d_ff": 128, "d_kv": 16, "head_dim": 16,
+         "depth": 2}
 
 
 #: counts whose per-layer (or per-stage) lists are cut with them
 COUNTS = ("num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers", "num_stages", "depth")
 
 
-def shrink(cfg, depth: int = 0):
-    """``cfg`` with its sizes set small, sub-configs (text, vision, encoder…) included, kept consistent."""
+def shrink(cfg, depth: int = 0, keep_head_width: bool = False):
+    """``cfg`` with its sizes set small, sub-configs (text, vision, encoder…) included, kept consistent.
+
+    ``keep_head_width``: the fallback for models whose code assumes their head width (rotary sections written
+    for it): four heads of the original width instead of four heads of 16."""
     before = {name: getattr(cfg, name, None) for name in COUNTS}
     widths = _widths(cfg)
     kv = getattr(cfg, "num_key_value_heads", None)
     grouped = kv is not None and kv != getattr(cfg, "num_attention_heads", None)
     staged = _stage_widths(cfg)
-    for name, value in SMALL.items():
+    small = dict(SMALL)
+    if keep_head_width and widths["head"]:
+        small.update({n: 4 * widths["head"] for n in ("hidden_size", "d_model", "embed_dim")})
+        small.update({n: widths["head"] for n in ("head_dim", "d_kv")})
+    for name, value in small.items():
         current = getattr(cfg, name, None)
         if name not in staged and isinstance(current, int) and not isinstance(current, bool) and current > value:
             _set(cfg, name, value)
@@ -56,7 +64,7 @@ def shrink(cfg, depth: int = 0):
     if depth < 2:
         for sub in vars(cfg).values():
             if hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
-                shrink(sub, depth + 1)
+                shrink(sub, depth + 1, keep_head_width)
     return cfg
 
 
@@ -129,9 +137,9 @@ def _cut_layer_lists(cfg, before: dict) -> None:
             else:
                 kept = value[:new]
             _set(cfg, name, type(value)(kept))
-        for name in ("attn_layer_indices", "full_attn_idxs", "global_attn_indexes"):
-            idx = getattr(cfg, name, None)
-            if isinstance(idx, (list, tuple)) and idx and all(isinstance(i, int) for i in idx):
+        for name, idx in list(vars(cfg).items()):  # lists of layer indices (attention layers of a hybrid)
+            if ("ind" in name or "idx" in name) and isinstance(idx, (list, tuple)) and idx \
+                    and all(isinstance(i, int) and 0 <= i < old for i in idx):
                 _set(cfg, name, type(idx)(sorted({i % getattr(cfg, count) for i in idx})))
 
 
@@ -143,6 +151,13 @@ def _agree(cfg) -> None:
     rotary = getattr(cfg, "rotary_dim", None)
     if isinstance(rotary, int) and isinstance(head, int) and rotary > head:
         _set(cfg, "rotary_dim", head)
+    for params in (getattr(cfg, "rope_parameters", None), getattr(cfg, "rope_scaling", None)):
+        sections = params.get("mrope_section") if isinstance(params, dict) else None
+        if isinstance(head, int) and isinstance(sections, list) and sum(sections) > head // 2:
+            # multimodal rotary sections (time, rows, columns) split half a head: scaled with it
+            scaled = [max(1, x * (head // 2) // sum(sections)) for x in sections]
+            scaled[-1] += head // 2 - sum(scaled)
+            params["mrope_section"] = scaled
     rope = getattr(cfg, "qk_rope_head_dim", None)
     if isinstance(rope, int) and getattr(cfg, "head_dim", None) is not None:
         _set(cfg, "head_dim", rope)  # multi-head latent attention: the rotary embedding spans the rope part
@@ -202,15 +217,20 @@ def one(model_type: str) -> dict:
     import transformers as tf
     import rewrite
     from rewrite.io.inputs import example_kwargs
-    torch.manual_seed(0)
-    try:
-        cfg = shrink(tf.AutoConfig.for_model(model_type))
-        eager = tf.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
-        batches = [example_kwargs(eager, batch=2, length=n) for n in (16, 24)]
-        with torch.no_grad():
-            refs = [eager(**b) for b in batches]
-    except Exception as err:  # noqa: BLE001 - what cannot be built or run here is skipped, with the reason
-        return {"type": model_type, "status": "SKIPPED", "why": f"{type(err).__name__}: {str(err)[:160]}"}
+    failure = None
+    for keep_head_width in (False, True):
+        torch.manual_seed(0)
+        try:
+            cfg = shrink(tf.AutoConfig.for_model(model_type), keep_head_width=keep_head_width)
+            eager = tf.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+            batches = [example_kwargs(eager, batch=2, length=n) for n in (16, 24)]
+            with torch.no_grad():
+                refs = [eager(**b) for b in batches]
+            break
+        except Exception as err:  # noqa: BLE001 - what cannot be built or run here is skipped, with the reason
+            failure = failure or err
+    else:
+        return {"type": model_type, "status": "SKIPPED", "why": f"{type(failure).__name__}: {str(failure)[:160]}"}
     try:
         oracle = sdpa_calls(tf.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval(), batches[0])
     except Exception:  # noqa: BLE001 - no SDPA path: count unknown

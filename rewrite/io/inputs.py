@@ -98,6 +98,8 @@ def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2
     if cfg is None:
         raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: it has no Hugging Face config. "
                            "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
+    if "grid_thw" in _required_params(model):
+        return _flat_patch_inputs(model, cfg, batch, gen)
     builders = {"input_ids": _token_inputs, "pixel_values": _pixel_inputs, "input_features": _feature_inputs,
                 "input_values": _waveform_inputs}
     if main not in builders:
@@ -137,6 +139,18 @@ def _pixel_inputs(model, cfg, batch: int, length: int, gen) -> dict:
     return {"pixel_values": torch.randn(batch, chans, height, width, generator=gen)}
 
 
+def _flat_patch_inputs(model, cfg, batch: int, gen) -> dict:
+    """A Qwen-VL-style vision tower's input: every image's patches flattened into one sequence, with each image's
+    (frames, rows, columns) grid in ``grid_thw``; each image here is 2 x 2 merged patches."""
+    patch = getattr(cfg, "patch_size", None) or 14
+    frames = getattr(cfg, "temporal_patch_size", None) or 1
+    chans = getattr(cfg, "in_channels", None) or getattr(cfg, "num_channels", None) or 3
+    side = 2 * (getattr(cfg, "spatial_merge_size", None) or 1)
+    name = next(n for n in _required_params(model) if n != "grid_thw")
+    patches = torch.randn(batch * side * side, chans * frames * patch * patch, generator=gen)
+    return {name: patches, "grid_thw": torch.tensor([[1, side, side]] * batch)}
+
+
 def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:
     """Log-mel features: Whisper-style encoders (a fixed ``max_source_positions``) read (batch, mels, 2·positions)
     frames; other speech encoders read (batch, frames, features)."""
@@ -145,8 +159,12 @@ def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:
                                                              "n_mels")) if isinstance(v, int) and v > 0), 80)
     positions = getattr(ac, "max_source_positions", None)
     if isinstance(positions, int) and positions > 0:
-        return {"input_features": torch.randn(batch, mels, 2 * positions, generator=gen)}
-    return {"input_features": torch.randn(batch, 8 * length, mels, generator=gen)}
+        features = torch.randn(batch, mels, 2 * positions, generator=gen)
+    else:
+        features = torch.randn(batch, 8 * length, mels, generator=gen)
+    frames = features.shape[2] if features.shape[1] == mels else features.shape[1]
+    # (the caller keeps the mask only where forward takes one)
+    return {"input_features": features, "input_features_mask": torch.ones(batch, frames, dtype=torch.long)}
 
 
 def _waveform_inputs(model, cfg, batch: int, length: int, gen) -> dict:

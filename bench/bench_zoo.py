@@ -97,8 +97,8 @@ def _follow_widths(cfg, before: dict) -> None:
 
 def _stage_widths(cfg) -> set:
     """Hierarchical models (Swin): heads per stage, the first stage's width a multiple of its heads, the final
-    width (``hidden_size``) the first one doubled per stage, at most two blocks per stage."""
-    heads, embed, depths = getattr(cfg, "num_heads", None), getattr(cfg, "embed_dim", None), getattr(cfg, "depths", None)
+    width (``hidden_size``) the first one doubled per stage."""
+    heads, embed = getattr(cfg, "num_heads", None), getattr(cfg, "embed_dim", None)
     if not isinstance(heads, (list, tuple)) or not heads or not isinstance(embed, int):
         return set()
     hidden = getattr(cfg, "hidden_size", None)
@@ -106,8 +106,6 @@ def _stage_widths(cfg) -> set:
     _set(cfg, "embed_dim", min(embed, 16 * heads[0]))
     if ratio:
         _set(cfg, "hidden_size", cfg.embed_dim * ratio)
-    if isinstance(depths, (list, tuple)):
-        _set(cfg, "depths", type(depths)(min(d, 2) for d in depths))
     return {"embed_dim", "hidden_size"}
 
 
@@ -161,6 +159,9 @@ def _agree(cfg) -> None:
     rope = getattr(cfg, "qk_rope_head_dim", None)
     if isinstance(rope, int) and getattr(cfg, "head_dim", None) is not None:
         _set(cfg, "head_dim", rope)  # multi-head latent attention: the rotary embedding spans the rope part
+    depths = getattr(cfg, "depths", None)
+    if isinstance(depths, (list, tuple)) and all(isinstance(d, int) for d in depths):  # stages of a backbone
+        _set(cfg, "depths", type(depths)(min(d, 2) for d in depths))
     if "vocab_size" in vars(cfg) and cfg.vocab_size is None:  # (ESM's default config leaves it to the checkpoint)
         _set(cfg, "vocab_size", 64)
     if getattr(cfg, "use_timm_backbone", False):

@@ -43,6 +43,7 @@ def shrink(cfg, depth: int = 0, keep_head_width: bool = False):
 
     ``keep_head_width``: the fallback for models whose code assumes their head width (rotary sections written
     for it): four heads of the original width instead of four heads of 16."""
+    overrides, overridden = _take_per_layer_overrides(cfg)
     before = {name: getattr(cfg, name, None) for name in COUNTS}
     widths = _widths(cfg)
     kv = getattr(cfg, "num_key_value_heads", None)
@@ -58,9 +59,10 @@ def shrink(cfg, depth: int = 0, keep_head_width: bool = False):
             _set(cfg, name, value)
     if not grouped and isinstance(getattr(cfg, "num_attention_heads", None), int) and kv is not None:
         _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # multi-head (or latent) attention stays so
-    _cut_layer_lists(cfg, before)
+    kept = _cut_layer_lists(cfg, before)
     _follow_widths(cfg, widths)
     _agree(cfg)
+    _put_per_layer_overrides(cfg, overrides, overridden, kept)
     if depth < 2:
         for sub in vars(cfg).values():
             if hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
@@ -116,29 +118,62 @@ def _set(cfg, name, value) -> None:
         pass
 
 
-def _cut_layer_lists(cfg, before: dict) -> None:
+def _cut_layer_lists(cfg, before: dict) -> list:
     """Per-layer lists (layer types, stage widths and depths) follow their shrunk count. A list of layer kinds
-    keeps one layer of each kind (a hybrid model keeps an attention layer), the count grown to hold them."""
+    keeps one layer of each kind (a hybrid model keeps an attention layer), the count grown to hold them.
+    Returns the original indices of the layers kept."""
+    kept = None
     for count, old in before.items():
         new = getattr(cfg, count, None)
         if not isinstance(old, int) or not isinstance(new, int) or new >= old:
             continue
-        for name, value in list(vars(cfg).items()):
-            if not isinstance(value, (list, tuple)) or len(value) != old or name.startswith("_"):
-                continue
-            if all(isinstance(v, str) for v in value):
-                kinds = list(dict.fromkeys(value))
-                kept = kinds + [v for v in value if v not in kinds][: max(0, new - len(kinds))]
-                kept = (kept + list(value))[: max(new, len(kinds))]
-                if len(kept) > new:
-                    _set(cfg, count, len(kept))
-            else:
-                kept = value[:new]
-            _set(cfg, name, type(value)(kept))
+        lists = {n: v for n, v in vars(cfg).items() if isinstance(v, (list, tuple)) and len(v) == old
+                 and not n.startswith("_")}
+        kinds = [v for v in lists.values() if all(isinstance(x, str) for x in v)]
+        firsts = {kind.index(k) for kind in kinds for k in kind}
+        kept = sorted(firsts | set([i for i in range(old) if i not in firsts][: max(0, new - len(firsts))]))
+        if len(kept) > new:
+            _set(cfg, count, len(kept))
+        for name, value in lists.items():
+            _set(cfg, name, type(value)(value[i] for i in kept))
         for name, idx in list(vars(cfg).items()):  # lists of layer indices (attention layers of a hybrid)
             if ("ind" in name or "idx" in name) and isinstance(idx, (list, tuple)) and idx \
                     and all(isinstance(i, int) and 0 <= i < old for i in idx):
                 _set(cfg, name, type(idx)(sorted({i % getattr(cfg, count) for i in idx})))
+    return kept
+
+
+def _take_per_layer_overrides(cfg) -> tuple:
+    """A heterogeneous config's per-layer overrides and the global values they override, removed from ``cfg``
+    (so the shrink can read and set those attributes); :func:`_put_per_layer_overrides` puts them back."""
+    spec = cfg.__dict__.get("_heterogeneity_spec")
+    if spec is None:
+        return {}, {}
+    overrides = {i: dict(o) for i, o in spec.per_layer_overrides.items()}
+    cfg.allow_global_per_layer_attribute_access = True
+    globals_ = {a: getattr(cfg, a, None) for o in overrides.values() for a in o}
+    cfg.per_layer_config = None
+    cfg.allow_global_per_layer_attribute_access = False
+    return overrides, globals_
+
+
+def _put_per_layer_overrides(cfg, overrides: dict, globals_: dict, kept) -> None:
+    """The overrides of the layers kept, renumbered, each size scaled as its global value was."""
+    if not overrides:
+        return
+    kept = kept if kept is not None else list(range(len(overrides) + 1))
+    renumbered = {}
+    for new, old in enumerate(kept):
+        layer = {}
+        for attr, value in overrides.get(old, {}).items():
+            was, now = globals_.get(attr), getattr(cfg, attr, None)
+            if isinstance(value, int) and isinstance(was, int) and isinstance(now, int) and was and now != was:
+                value = max(1, value * now // was)
+            layer[attr] = value
+        if layer:
+            renumbered[new] = layer
+    if renumbered:
+        cfg.per_layer_config = renumbered
 
 
 def _agree(cfg) -> None:

@@ -788,3 +788,48 @@ def test_a_slice_update_that_is_not_additive_stays():
     assert model.rewrite_report.rejected, model.rewrite_report.table()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x))
+
+
+# --- a finite fill in the split batch layout (DeBERTa-v2: (b·h, n, n) scores viewed as (b, h, n, n)) --------
+class SplitLayoutFill(nn.Module):
+    """DeBERTa-v2's spelling: ``bmm`` scores in the ``(b·h, n, n)`` layout, viewed as ``(b, h, n, n)`` for a
+    fill with the dtype's finite minimum where the outer product of the padding masks is 0 (so a padded query
+    row is filled whole, and the original gives it the mean of the values), then merged back for ``bmm``.
+    ``fill_in`` / ``softmax_in``: the layout ("split" or "merged") each step happens in."""
+
+    def __init__(self, fill_in="split", softmax_in="split", heads=2, d=8):
+        super().__init__()
+        self.fill_in, self.softmax_in, self.h, self.d = fill_in, softmax_in, heads, d
+        self.qkv = nn.Linear(heads * d, 3 * heads * d)
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        h = self.h
+        q, k, v = self.qkv(x).view(b, n, 3, h, self.d).permute(2, 0, 3, 1, 4).reshape(3, b * h, n, self.d)
+        s = torch.bmm(q, k.transpose(1, 2)) / self.d ** 0.5
+        keep = (padding[:, None, :, None] * padding[:, None, None, :]).bool()
+        low = torch.finfo(s.dtype).min
+        if self.fill_in == "split":
+            s = s.view(b, h, n, n).masked_fill(~keep, low)
+        else:
+            s = s.masked_fill(~keep.expand(b, h, n, n).reshape(b * h, n, n), low).view(b, h, n, n)
+        if self.softmax_in == "merged":
+            s = s.view(b * h, n, n)
+        p = s.softmax(-1)
+        out = torch.bmm(p.view(b * h, n, n), v)
+        return out.view(b, h, n, self.d).transpose(1, 2).reshape(b, n, h * self.d)
+
+
+@pytest.mark.parametrize("fill_in,softmax_in,heads,dtype", [
+    ("split", "split", 2, torch.float32), ("split", "merged", 3, torch.bfloat16),
+    ("merged", "split", 1, torch.float32), ("merged", "merged", 2, torch.bfloat16)])
+def test_a_finite_fill_in_a_split_batch_layout_restores_empty_rows(fill_in, softmax_in, heads, dtype):
+    torch.manual_seed(0)
+    model = SplitLayoutFill(fill_in, softmax_in, heads=heads).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, heads * 8, dtype=dtype), _padding(2, 6, gen)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x, padding = torch.randn(3, 9, heads * 8, generator=gen).to(dtype), _padding(3, 9, gen)
+        _close(model(x, padding), ref(x, padding), dtype)

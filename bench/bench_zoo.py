@@ -248,6 +248,16 @@ def same(a, b) -> bool:
     return bool(finite.all()) and (a - b).nan_to_num().abs().max().item() / scale < 1e-3
 
 
+def flipped(batch: dict, flip: bool) -> dict:
+    """``batch`` with its speech features' last two axes swapped (frames-first vs mels-first is not in the config):
+    the second try when the first layout does not run."""
+    if flip and getattr(batch.get("input_features"), "dim", lambda: 0)() == 3:
+        return {**batch, "input_features": batch["input_features"].transpose(1, 2).contiguous()}
+    if flip:
+        raise ValueError("nothing to flip")
+    return batch
+
+
 def one(model_type: str) -> dict:
     """The row of one model type (run in its own process)."""
     import copy
@@ -256,12 +266,12 @@ def one(model_type: str) -> dict:
     import rewrite
     from rewrite.io.inputs import example_kwargs
     failure = None
-    for keep_head_width in (False, True):
+    for keep_head_width, flip in ((False, False), (False, True), (True, False)):
         torch.manual_seed(0)
         try:
             cfg = shrink(tf.AutoConfig.for_model(model_type), keep_head_width=keep_head_width)
             eager = tf.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
-            batches = [example_kwargs(eager, batch=2, length=n) for n in (16, 24)]
+            batches = [flipped(example_kwargs(eager, batch=2, length=n), flip) for n in (16, 24)]
             with torch.no_grad():
                 refs = [eager(**b) for b in batches]
             break
@@ -292,6 +302,46 @@ def one(model_type: str) -> dict:
             "optimize_s": optimize_s}
 
 
+STATUSES = ("FULL", "PARTIAL", "WRONG", "ERROR", "SKIPPED", "NONE", "TIMEOUT")
+
+
+def table(paths: list) -> str:
+    """The markdown summary of sweep rows read from ``paths`` (JSON lines; a type's row in a later file replaces
+    an earlier one): counts per status, FULL listed, every other row with its reason, grouped by reason."""
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row["type"]] = row
+    counts = {s: sum(r["status"] == s for r in rows.values()) for s in STATUSES}
+    out = ["| " + " | ".join(STATUSES) + " | types |", "|" + "---|" * (len(STATUSES) + 1),
+           "| " + " | ".join(f"**{v}**" if k == "WRONG" else str(v) for k, v in counts.items()) + f" | {len(rows)} |", ""]
+    for status in STATUSES:
+        chosen = sorted((r for r in rows.values() if r["status"] == status), key=lambda r: r["type"])
+        if not chosen:
+            continue
+        if status == "FULL":
+            out.append(f"FULL ({len(chosen)}): " + ", ".join(r["type"] for r in chosen) + ".\n")
+            continue
+        out.append(f"{status} ({len(chosen)}):\n")
+        groups = {}
+        for r in chosen:
+            groups.setdefault(_reason(r), []).append(r["type"])
+        out += [f"- {why or '(no reason given)'}: {', '.join(types)}" for why, types in sorted(groups.items())]
+        out.append("")
+    slow = sorted((r for r in rows.values() if r.get("optimize_s") is not None), key=lambda r: -r["optimize_s"])[:8]
+    if slow:
+        out.append("Slowest `optimize` calls: " + ", ".join(f"{r['type']} {r['optimize_s']} s" for r in slow) + ".")
+    return "\n".join(out)
+
+
+def _reason(row: dict) -> str:
+    """A row's reason with its variable parts (sizes, class names) kept, first line only."""
+    return (row.get("why") or "").splitlines()[0][:140] if row.get("why") else ""
+
+
 def model_types() -> list:
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
     return sorted(MODEL_MAPPING_NAMES)
@@ -304,7 +354,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=180)
     ap.add_argument("--jsonl", default="")
+    ap.add_argument("--table", nargs="+", metavar="JSONL", help="print the markdown summary of these sweep files")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     if args.one:
         print("ZOO " + json.dumps(one(args.one)), flush=True)
         return

@@ -152,15 +152,18 @@ def _flat_patch_inputs(model, cfg, batch: int, gen) -> dict:
 
 
 def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:
-    """Log-mel features: Whisper-style encoders (a fixed ``max_source_positions``) read (batch, mels, 2·positions)
-    frames; other speech encoders read (batch, frames, features)."""
+    """Log-mel features: encoders whose first 1-D convolution reads the mel bins as channels (Whisper) get
+    (batch, mels, frames), 2·``max_source_positions`` frames where the config fixes them; other speech encoders
+    (batch, frames, features)."""
     ac = _sub_config(cfg, "audio_config", "encoder_config") or cfg
     mels = next((v for v in (getattr(ac, n, None) for n in ("num_mel_bins", "feature_size", "input_feat_per_channel",
                                                              "n_mels")) if isinstance(v, int) and v > 0), 80)
     positions = getattr(ac, "max_source_positions", None)
-    if isinstance(positions, int) and positions > 0:
-        features = torch.randn(batch, mels, 2 * positions, generator=gen)
-    else:
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv1d)), None)
+    if first_conv is not None and first_conv.in_channels == mels:  # the mel bins are its channels (Whisper)
+        frames = 2 * positions if isinstance(positions, int) and positions > 0 else 8 * length
+        features = torch.randn(batch, mels, frames, generator=gen)
+    else:  # frames first (a 2-D subsampling convolution, a conformer)
         features = torch.randn(batch, 8 * length, mels, generator=gen)
     frames = features.shape[2] if features.shape[1] == mels else features.shape[1]
     # (the caller keeps the mask only where forward takes one)

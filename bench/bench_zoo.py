@@ -13,7 +13,16 @@ longer one, both with a padded row). Each type gets one row:
 * NONE — no attention found and the oracle counts none (not an attention model, or none at these shapes);
 * TIMEOUT — the process did not finish within ``--timeout`` seconds.
 
-Run: ``python bench/bench_zoo.py [--types bert,gpt2] [--limit N] [--timeout 180] [--jsonl out.jsonl]``.
+The shrink keeps a config consistent (:func:`shrink`): per-layer lists (layer kinds, stage widths, per-layer
+overrides of heterogeneous configs) are cut with their count keeping one layer of each kind, multi-head models
+keep as many key/value heads as heads, sizes that equalled the hidden or head width follow it, rotary and
+multimodal-rotary sections fit the head, images shrink to a few patches, a timm backbone becomes transformers'
+ResNet. Inputs come from the product's own generator (``rewrite.io.inputs.example_kwargs``: the other modality
+of a dual encoder, layout boxes, flattened patches with ``grid_thw``, speech features...). What does not run is
+tried again with the speech features' axes swapped, then with four heads of the original head width.
+
+Run: ``python bench/bench_zoo.py [--types bert,gpt2] [--limit N] [--timeout 180] [--jsonl out.jsonl]``;
+``python bench/bench_zoo.py --table a.jsonl b.jsonl`` prints the markdown summary (later files win per type).
 """
 from __future__ import annotations
 

@@ -496,3 +496,16 @@ def test_spectrogram_input_values_and_codec_channels():
     assert batch["input_values"].shape == (2, 32, 32)
     with torch.no_grad():
         model(**batch)
+
+
+def test_vision_tower_with_a_patch_grid_gets_flattened_patches():
+    """Qwen-VL-style towers read every image's patches as one sequence, with each image's grid beside it."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    model = _tiny(Qwen2VLVisionConfig, Qwen2VisionTransformerPretrainedModel, depth=1, embed_dim=32, hidden_size=32,
+                  num_heads=4, patch_size=4, mlp_ratio=2)
+    batch = rio.example_kwargs(model, batch=2)
+    grid = batch["grid_thw"]
+    assert grid.shape == (2, 3) and int(grid.prod(-1).sum()) == batch["hidden_states"].shape[0]
+    with torch.no_grad():
+        model(**batch)

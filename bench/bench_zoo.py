@@ -19,7 +19,8 @@ keep as many key/value heads as heads, sizes that equalled the hidden or head wi
 multimodal-rotary sections fit the head, images shrink to a few patches, a timm backbone becomes transformers'
 ResNet. Inputs come from the product's own generator (``rewrite.io.inputs.example_kwargs``: the other modality
 of a dual encoder, layout boxes, flattened patches with ``grid_thw``, speech features...). What does not run is
-tried again with the speech features' axes swapped, then with four heads of the original head width.
+tried again with the speech features' axes swapped, then with four heads of the original head width, then
+with only the layer counts shrunk.
 
 Run: ``python bench/bench_zoo.py [--types bert,gpt2] [--limit N] [--timeout 180] [--jsonl out.jsonl]``;
 ``python bench/bench_zoo.py --table a.jsonl b.jsonl`` prints the markdown summary (later files win per type).
@@ -47,18 +48,20 @@ SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "num_hidden_layers":
 COUNTS = ("num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers", "num_stages", "depth")
 
 
-def shrink(cfg, depth: int = 0, keep_head_width: bool = False):
+def shrink(cfg, depth: int = 0, keep_head_width: bool = False, keep_widths: bool = False):
     """``cfg`` with its sizes set small, sub-configs (text, vision, encoder…) included, kept consistent.
 
     ``keep_head_width``: the fallback for models whose code assumes their head width (rotary sections written
-    for it): four heads of the original width instead of four heads of 16."""
+    for it): four heads of the original width instead of four heads of 16. ``keep_widths``: the last fallback,
+    for widths tied by rules the config does not state (LiLT's six box embeddings, Reformer's axial factors):
+    only the layer counts shrink."""
     overrides, overridden = _take_per_layer_overrides(cfg)
     before = {name: getattr(cfg, name, None) for name in COUNTS}
     widths = _widths(cfg)
     kv = getattr(cfg, "num_key_value_heads", None)
     grouped = kv is not None and kv != getattr(cfg, "num_attention_heads", None)
-    staged = _stage_widths(cfg)
-    small = dict(SMALL)
+    staged = _stage_widths(cfg) if not keep_widths else set()
+    small = {k: v for k, v in SMALL.items() if not keep_widths or k in COUNTS}
     if keep_head_width and widths["head"]:
         small.update({n: 4 * widths["head"] for n in ("hidden_size", "d_model", "embed_dim")})
         small.update({n: widths["head"] for n in ("head_dim", "d_kv")})
@@ -75,7 +78,7 @@ def shrink(cfg, depth: int = 0, keep_head_width: bool = False):
     if depth < 2:
         for sub in vars(cfg).values():
             if hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
-                shrink(sub, depth + 1, keep_head_width)
+                shrink(sub, depth + 1, keep_head_width, keep_widths)
     return cfg
 
 
@@ -275,10 +278,13 @@ def one(model_type: str) -> dict:
     import rewrite
     from rewrite.io.inputs import example_kwargs
     failure = None
-    for keep_head_width, flip in ((False, False), (False, True), (True, False)):
+    tries = ({}, {"flip": True}, {"keep_head_width": True}, {"keep_widths": True})
+    for attempt in tries:
         torch.manual_seed(0)
+        flip = attempt.get("flip", False)
         try:
-            cfg = shrink(tf.AutoConfig.for_model(model_type), keep_head_width=keep_head_width)
+            cfg = shrink(tf.AutoConfig.for_model(model_type), keep_head_width=attempt.get("keep_head_width", False),
+                         keep_widths=attempt.get("keep_widths", False))
             eager = tf.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
             batches = [flipped(example_kwargs(eager, batch=2, length=n), flip) for n in (16, 24)]
             with torch.no_grad():

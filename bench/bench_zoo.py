@@ -296,6 +296,9 @@ def one(model_type: str) -> dict:
         try:
             cfg = shrink(tf.AutoConfig.for_model(model_type), keep_head_width=attempt.get("keep_head_width", False),
                          keep_widths=attempt.get("keep_widths", False))
+            named = auto_classes().get(model_type)
+            if getattr(cfg, "architectures", None) is None and isinstance(named, (tuple, list)):
+                cfg.architectures = [named[0]]  # a type with several AutoModel classes (Funnel): the first
             eager = tf.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
             batches = [flipped(example_kwargs(eager, batch=2, length=n), flip) for n in (16, 24)]
             with torch.no_grad():
@@ -368,9 +371,14 @@ def _reason(row: dict) -> str:
     return (row.get("why") or "").splitlines()[0][:140] if row.get("why") else ""
 
 
-def model_types() -> list:
+def auto_classes() -> dict:
+    """Model type -> its AutoModel class name(s) (read late: transformers imports slowly)."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-    return sorted(MODEL_MAPPING_NAMES)
+    return MODEL_MAPPING_NAMES
+
+
+def model_types() -> list:
+    return sorted(auto_classes())
 
 
 def main() -> None:

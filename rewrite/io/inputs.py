@@ -101,7 +101,7 @@ def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2
     if "grid_thw" in _required_params(model):
         return _flat_patch_inputs(model, cfg, batch, gen)
     builders = {"input_ids": _token_inputs, "pixel_values": _pixel_inputs, "input_features": _feature_inputs,
-                "input_values": _waveform_inputs, "inputs_embeds": _embedding_inputs}
+                "input_values": _waveform_inputs, "inputs_embeds": _embedding_inputs, "inputs": _embedding_inputs}
     if main not in builders:
         raise RewriteError(f"Cannot make example inputs for {type(model).__name__} (its main input is {main!r}). "
                            "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
@@ -124,13 +124,16 @@ def _token_inputs(model, cfg, batch: int, length: int, gen) -> dict:
 
 
 def _embedding_inputs(model, cfg, batch: int, length: int, gen) -> dict:
-    """Embeddings of the config's hidden width, for a model whose main input is ``inputs_embeds``."""
-    width = getattr(cfg, "hidden_size", None) or getattr(getattr(cfg, "text_config", None), "hidden_size", None)
-    if not isinstance(width, int):
-        raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: its main input is inputs_embeds "
-                           "and its config names no hidden_size. Give a batch with --calibration.")
+    """Embeddings of the config's hidden width, for a model whose main input is already embedded
+    (``inputs_embeds``; Perceiver's ``inputs`` of ``d_model`` features)."""
+    main = getattr(model, "main_input_name", "inputs_embeds")
+    width = next((w for w in (getattr(cfg, "hidden_size", None), getattr(cfg, "d_model", None),
+                              getattr(getattr(cfg, "text_config", None), "hidden_size", None)) if isinstance(w, int)), None)
+    if width is None:
+        raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: its main input is {main} and "
+                           "its config names no hidden_size. Give a batch with --calibration.")
     out = _token_inputs(model, cfg, batch, length, gen)
-    return {"inputs_embeds": torch.randn(batch, length, width, generator=gen), "attention_mask": out["attention_mask"]}
+    return {main: torch.randn(batch, length, width, generator=gen), "attention_mask": out["attention_mask"]}
 
 
 def _sub_config(cfg, *names: str):

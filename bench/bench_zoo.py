@@ -281,10 +281,13 @@ def widest(cfg, depth: int = 0) -> int:
 
 
 def flipped(batch: dict, flip: bool) -> dict:
-    """``batch`` with its speech features' last two axes swapped (frames-first vs mels-first is not in the config):
-    the second try when the first layout does not run."""
+    """``batch`` in the other audio layout the config does not decide: speech features' last two axes swapped
+    (frames-first vs mels-first), a waveform given a channel axis (codecs: (batch, 1, samples)). The second try
+    when the first layout does not run."""
     if flip and getattr(batch.get("input_features"), "dim", lambda: 0)() == 3:
         return {**batch, "input_features": batch["input_features"].transpose(1, 2).contiguous()}
+    if flip and getattr(batch.get("input_values"), "dim", lambda: 0)() == 2:
+        return {**batch, "input_values": batch["input_values"][:, None]}
     if flip:
         raise ValueError("nothing to flip")
     return batch

@@ -21,8 +21,8 @@ keep as many key/value heads as heads, sizes that equalled the hidden or head wi
 multimodal-rotary sections fit the head, images shrink to a few patches, a timm backbone becomes transformers'
 ResNet. Inputs come from the product's own generator (``rewrite.io.inputs.example_kwargs``: the other modality
 of a dual encoder, layout boxes, flattened patches with ``grid_thw``, speech features...). What does not run is
-tried again with the other audio layout, then without a cache, then with four heads of the original head width, then
-with only the layer counts shrunk.
+tried again with the other audio layout, then without a cache, then with four heads of the original head
+width, then with only the layer counts shrunk.
 
 Run: ``python bench/bench_zoo.py [--types bert,gpt2] [--limit N] [--timeout 180] [--jsonl out.jsonl]``;
 ``python bench/bench_zoo.py --table a.jsonl b.jsonl`` prints the markdown summary (later files win per type).

@@ -4,16 +4,8 @@ For each model type: build it from its default config shrunk to a few layers of 
 ``attn_implementation="eager"``), count its attention computations with an oracle (the same config built with
 ``attn_implementation="sdpa"``, counting ``scaled_dot_product_attention`` calls in one forward), optimize the
 eager model with ``"exact"``, and compare outputs with the original at two shapes (the example batch and a
-longer one, both with a padded row). Each type gets one row:
-
-* FULL — every attention the oracle counts is rewritten (as many fused calls per forward), no attention-like
-  region is rejected, and the outputs are equal;
-* PARTIAL — outputs equal, fewer sites rewritten than the oracle counts or a region rejected (the report's
-  reasons are listed);
-* WRONG — an output differs from the original (a bug: this must never happen);
-* ERROR — ``optimize`` raised; SKIPPED — the model cannot be built or run from a config here (the reason);
-* NONE — no attention found and the oracle counts none (not an attention model, or none at these shapes);
-* TIMEOUT — the process did not finish within ``--timeout`` seconds.
+longer one, both with a padded row). Each type gets one row, with the statuses of ``bench/zoo_common.py``
+(FULL / PARTIAL / WRONG / ERROR / SKIPPED / NONE / TIMEOUT).
 
 The shrink keeps a config consistent (:func:`shrink`): per-layer lists (layer kinds, stage widths, per-layer
 overrides of heterogeneous configs) are cut with their count keeping one layer of each kind, multi-head models
@@ -32,12 +24,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from zoo_common import STATUSES, fused_calls, judged, print_row, same, sdpa_calls, sweep
 
 #: config attributes shrunk on every (sub-)config that has them
 SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "num_hidden_layers": 2, "num_layers": 2,
@@ -229,49 +218,6 @@ def _agree(cfg) -> None:
         _set(cfg, "image_size", small)  # fewer patches: a faster sweep; position tables are built for it
 
 
-def sdpa_calls(model, batch) -> int:
-    """How many ``scaled_dot_product_attention`` calls one forward makes (the oracle)."""
-    import torch
-    import torch.nn.functional as F
-    count = [0]
-    original = F.scaled_dot_product_attention
-
-    def counting(*a, **k):
-        count[0] += 1
-        return original(*a, **k)
-    F.scaled_dot_product_attention = counting
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        F.scaled_dot_product_attention = original
-    return count[0]
-
-
-def fused_calls(model, batch) -> int:
-    """How many SDPA ops one forward of the optimized model runs, its compiled graphs included (the profiler's
-    count: a graph that runs once per image counts once per image)."""
-    import torch
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(**batch)
-    return sum(e.name == "aten::scaled_dot_product_attention" for e in prof.events())
-
-
-def same(a, b) -> bool:
-    import torch
-    if isinstance(a, (tuple, list)):
-        return all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return all(same(a[k], b[k]) for k in a if k in b)
-    if hasattr(a, "to_tuple"):
-        return same(a.to_tuple(), b.to_tuple())
-    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
-        return True
-    scale = max(a.detach().abs().nan_to_num().max().item(), 1e-6)
-    finite = torch.isfinite(a) == torch.isfinite(b)
-    return bool(finite.all()) and (a - b).nan_to_num().abs().max().item() / scale < 1e-3
-
-
 def widest(cfg, depth: int = 0) -> int:
     """The largest hidden width among ``cfg`` and its sub-configs."""
     own = max([v for v in (getattr(cfg, n, None) for n in ("hidden_size", "d_model", "embed_dim"))
@@ -340,21 +286,9 @@ def one(model_type: str) -> dict:
     except Exception as err:  # noqa: BLE001
         return {"type": model_type, "status": "ERROR", "why": f"{type(err).__name__}: {str(err)[:160]}"}
     rep = rewrite.report(eager)
-    rows, regions = rep.sites, rep.rejected
-    # a site the model already computes with SDPA is already fused: covered
-    done = sum(r.status == "rewritten" or "already scaled_dot_product_attention" in (r.reason or "") for r in rows)
-    reasons = sorted({r.reason[:90] for r in list(rows) + list(regions) if getattr(r, "status", "") != "rewritten"
-                      and r.reason})
-    expected = oracle if oracle is not None else len(rows)  # no SDPA path: every site the report lists
-    # one site of a graph that runs several times per forward (a loop over images) is several SDPA calls
-    calls = fused_calls(eager, batches[0]) if rows and done == len(rows) and done < expected else done
-    covered = rows and done == len(rows) and not regions and max(done, calls) >= expected
-    status = "WRONG" if not equal else ("FULL" if covered else "PARTIAL" if rows or regions or expected else "NONE")
-    return {"type": model_type, "status": status, "rewritten": done, "oracle": oracle, "calls": calls,
-            "why": "; ".join(reasons), "optimize_s": optimize_s}
-
-
-STATUSES = ("FULL", "PARTIAL", "WRONG", "ERROR", "SKIPPED", "NONE", "TIMEOUT")
+    row = judged(model_type, equal, rep, oracle, calls=lambda: fused_calls(eager, batches[0]))
+    row["optimize_s"] = optimize_s
+    return row
 
 
 def table(paths: list) -> str:
@@ -376,6 +310,10 @@ def table(paths: list) -> str:
             continue
         if status == "FULL":
             out.append(f"FULL ({len(chosen)}): " + ", ".join(r["type"] for r in chosen) + ".\n")
+            beside = [f"{r['type']} ({_reason(r)})" for r in chosen if r.get("why")]
+            if beside:
+                out.append("FULL with a reason beside (a rejected region, or sites SDPA already computes): "
+                           + "; ".join(beside) + ".\n")
             continue
         out.append(f"{status} ({len(chosen)}):\n")
         groups = {}
@@ -417,33 +355,11 @@ def main() -> None:
         print(table(args.table))
         return
     if args.one:
-        print("ZOO " + json.dumps(one(args.one)), flush=True)
+        print_row(one(args.one))
         return
     types = args.types.split(",") if args.types else model_types()
     types = types[: args.limit] if args.limit else types
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    rows = []
-    for t in types:
-        start = time.perf_counter()
-        try:
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", t], capture_output=True,
-                                  text=True, timeout=args.timeout, env=env)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("ZOO ")), None)
-            row = json.loads(line[4:]) if line else {"type": t, "status": "ERROR",
-                                                     "why": (done.stderr.strip().splitlines() or ["no output"])[-1][:160]}
-        except subprocess.TimeoutExpired:
-            row = {"type": t, "status": "TIMEOUT", "why": f"over {args.timeout} s"}
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
-        print(f"{row['status']:8s} {t:28s} {row.get('rewritten', '')!s:>3}/{row.get('oracle', '')!s:<3} "
-              f"{row['seconds']:6.1f}s  {row.get('why', '')}", flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(row) + "\n")
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("FULL", "PARTIAL", "WRONG", "ERROR", "SKIPPED", "NONE", "TIMEOUT")}
-    print("\n" + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(rows)}")
-
+    sweep(__file__, types, args.timeout, args.jsonl, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 if __name__ == "__main__":
     main()

@@ -55,6 +55,9 @@ def build_target(action, call, site):
     """The replacement for one site: the action's declared ``requires`` checked first (as torch.fx's
     ``PassBase.requires``), then its handler. Returns the handler's target, or a :class:`Decline` saying
     which requirement the site does not meet (or that the handler declined)."""
+    unserved = action.unserved(site)
+    if unserved:
+        return Decline(unserved)
     for requirement in getattr(action, "requires", ()):
         unmet = requirement.unmet(action, call, site)
         if unmet:
@@ -86,6 +89,19 @@ class Action:
     #: lowers the site itself, and the pipeline's ``_block_level`` step then rewrites the graph around it
     block_level = False
 
+    def unserved(self, site) -> str:
+        """Why this action cannot compute what ``site`` computes beyond ``softmax(q kᵀ s + mask) v`` (``""``: it
+        can). Checked for every action before its ``requires``, so a new mixer never has to remember these: a
+        soft-cap of the scores only the flash kernel expresses; sink keys (gpt-oss) only exact attention keeps."""
+        cap = getattr(site, "softcap", None)
+        if cap is not None:
+            return softcap_unserved(self.describe(), cap)
+        sinks = getattr(site, "sinks", 0)
+        if sinks and not self.exact:
+            return (f"the site has {sinks} attention sink key{'s' * (sinks > 1)} (a learned logit every query sees, "
+                    f"value 0), which {type(self).__name__} does not model; keep the site Exact")
+        return ""
+
     def to_json(self) -> dict[str, Any]:
         return {"action": type(self).__name__, "args": dataclasses.asdict(self)}
 
@@ -106,9 +122,20 @@ class Exact(Action):
         from .cost import exact_flops
         return exact_flops()
 
+    def unserved(self, site) -> str:
+        cap = getattr(site, "softcap", None)
+        if cap is not None and self.kernel != "triton":
+            return softcap_unserved("SDPA", cap)
+        return ""
+
     def __post_init__(self):
         if self.kernel not in ("sdpa", "triton"):
             raise RewriteError(f"Exact(kernel={self.kernel!r}) is not a known kernel; use 'sdpa' or 'triton'.")
+
+
+def softcap_unserved(target: str, cap: float) -> str:
+    """The report's reason for leaving a soft-capped site as it was: ``target`` cannot express the cap."""
+    return f"soft-capping tanh(s/{cap!r})·{cap!r}: {target} cannot express it; use Exact(kernel='triton')"
 
 
 def action_from_json(obj: Any) -> Optional[Action]:

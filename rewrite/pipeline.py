@@ -26,7 +26,6 @@ from .passes.find_sites import SiteMatch, find_sites
 from .passes.mask_semantics import empty_row_problem, read_fill_values
 from .passes.lower import SiteCall, unrepeat, build_call
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
-from .passes.softcap import serves_softcap, softcap_declined
 from .passes.verify import differing_output, record, relative_error, tolerance
 from .policy import Policy
 from .report import RewriteReport, SiteRow
@@ -218,8 +217,9 @@ def _lower(run: GraphRun, s: Lowered) -> None:
     if m.kind == "mha":  # left opaque by expand_mha: the note says why
         s.note = f"nn.MultiheadAttention kept as one call: {m.output.meta.get(MHA_NOTE, 'not expandable')}"
         return
-    if m.softcap is not None and (session.calibration is not None or not (action is None or serves_softcap(action))):
-        s.action, s.note = action, _with_note(softcap_declined(action, m.softcap), m)   # left as it was
+    kept = _beyond_sdpa(session, action, s.site)
+    if kept:
+        s.action, s.note = action, _with_note(kept, m)   # left as it was
         return
     if session.calibration is not None:
         s.action, s.call, s.new, s.note = _switch_site(session, run.gm.graph, m, s.site, s.causal_ops)
@@ -242,6 +242,15 @@ def _lower(run: GraphRun, s: Lowered) -> None:
         target = build_target(action, call, s.site)
     s.action, s.call, s.new = action, call, _insert_target(run.gm, m, target, call)
     s.note = _with_note(note, m)
+
+
+def _beyond_sdpa(session: "Session", action, site: AttentionSite) -> str:
+    """Why a site that computes more than SDPA expresses (a soft-cap) stays as it was: a calibration switch holds
+    SDPA, and an action that cannot serve it has no exact fallback (``""``: the site is lowered as usual)."""
+    gap = Exact().unserved(site)
+    if not gap or (action is None and session.calibration is None):
+        return ""
+    return gap if session.calibration is not None else action.unserved(site)
 
 
 @dataclasses.dataclass
@@ -314,7 +323,7 @@ def _commit_or_reject(run: GraphRun, s: Lowered, checked: Checked) -> None:
         remove_dead(graph, [m.output] + list(m.region) + list(m.dead_users))  # dead users go first
         row.status, row.reason = "rewritten", s.note
         row.flops_after, row.flops_after_expr = _action_flops(action, vals, m, row)
-        row.bytes_after = _bytes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), materialized=False)
+        row.bytes_after = _bytes(vals, m, materialized=False)
     run.session.report.plan[site.name] = action.to_json()
     run.session.report.record_site(row)
 
@@ -631,6 +640,7 @@ def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=
     site.dtype = str(q.dtype).replace("torch.", "") if isinstance(q, torch.Tensor) else None
     site.mask = _mask_kind(m, causal_ops, is_causal, is_state)
     site.softcap = m.softcap
+    site.sinks = (_int((shape(m.extra_columns) or (1,))[-1]) or 1) if m.extra_columns is not None else 0
     site.grid, site.prefix_tokens = _vision_grid(model, _int(qs[-2]) if qs else None)
     return site
 
@@ -743,7 +753,7 @@ def _scale_value(m: SiteMatch, vals: dict) -> Optional[float]:
 
 def _action_flops(action: Action, vals: dict, m: SiteMatch, row: SiteRow) -> tuple:
     """The action's attention FLOPs at the captured shape (and its expression)."""
-    sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind)
+    sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind, m.values_left)
     flops = getattr(action, "flops", None)
     if sizes is None or flops is None:
         return row.flops_before, row.flops_before_expr
@@ -754,30 +764,31 @@ def _action_flops(action: Action, vals: dict, m: SiteMatch, row: SiteRow) -> tup
         return None, ""
 
 
-def _core_sizes(q, kt, v, kind: str) -> Optional[dict]:
+def _core_sizes(q, kt, v, kind: str, values_left: bool = False) -> Optional[dict]:
+    """The cost sizes (B, H, N, Nk, d, dv) of the captured q, kᵀ and v; ``values_left``: ``v @ pᵀ``, v is [.., dv, Nk]."""
     if not all(isinstance(t, torch.Tensor) for t in (q, kt, v)) or kind == "mha":
         return None
     nk = kt.shape[-1] if kind != "sdpa" else kt.shape[-2]
     bh = math.prod(q.shape[:-2])
-    return {"B": bh, "H": 1, "N": q.shape[-2], "Nk": nk, "d": q.shape[-1], "dv": v.shape[-1]}
+    return {"B": bh, "H": 1, "N": q.shape[-2], "Nk": nk, "d": q.shape[-1], "dv": v.shape[-2 if values_left else -1]}
 
 
-def _bytes(q, kt, v, materialized: bool, kind: str = "eager") -> Optional[float]:
-    sizes = _core_sizes(q, kt, v, kind)
+def _bytes(vals: dict, m: SiteMatch, materialized: bool) -> Optional[float]:
+    sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind, m.values_left)
     if sizes is None:
         return None
-    return cost.evaluate(cost.exact_bytes(q.element_size(), materialized), **sizes)
+    return cost.evaluate(cost.exact_bytes(vals[m.q].element_size(), materialized), **sizes)
 
 
 def _row(m: SiteMatch, site: AttentionSite, vals: dict) -> SiteRow:
     q, kt, v = vals.get(m.q), vals.get(m.kt), vals.get(m.v)
-    sizes = _core_sizes(q, kt, v, m.kind)
+    sizes = _core_sizes(q, kt, v, m.kind, m.values_left)
     row = SiteRow(name=site.name, index=site.index, status="kept", ordinal=site.ordinal, is_causal=site.is_causal,
                   mask=site.mask, heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim)
     if sizes is not None:
         expr = cost.exact_flops()
         row.flops_before = cost.evaluate(expr, **sizes)
         row.flops_before_expr = str(expr)
-        row.bytes_before = _bytes(q, kt, v, materialized=m.kind != "sdpa", kind=m.kind)
+        row.bytes_before = _bytes(vals, m, materialized=m.kind != "sdpa")
         row.shape = f"q{tuple(q.shape)} k·v Nk={sizes['Nk']}"
     return row

@@ -44,6 +44,7 @@ class AttentionSite:
     dtype: Optional[str] = None
     ordinal: int = 0                   # order among the sites of the same module
     softcap: Optional[float] = None    # scores soft-capped to softcap * tanh(s / softcap) before the mask (Gemma 2)
+    sinks: int = 0                     # extra keys every query sees, their logits learned, their values 0 (gpt-oss)
     #: the site's mask on the example batch, as lowered for SDPA (None: no mask), when ``example_mask_known``;
     #: set by the pipeline before a handler runs, so handlers never evaluate the graph themselves
     example_mask: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -69,8 +70,9 @@ class SiteTable(list):
 
     def table(self) -> str:
         rows = []
-        # the soft-cap column only where a site has one (Gemma 2): other tables read as before
-        columns = self.COLUMNS + (("softcap",) if any(s.softcap is not None for s in self) else ())
+        # the soft-cap and sink columns only where a site has one (Gemma 2, gpt-oss): other tables read as before
+        columns = self.COLUMNS + (("softcap",) if any(s.softcap is not None for s in self) else ()) \
+            + (("sinks",) if any(s.sinks for s in self) else ())
         for s in self:
             row = []
             for c in columns:

@@ -12,3 +12,12 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 $PY -m pip install -e ".[test]"
+# timm (test-only) needs torchvision, whose PyPI wheel would pull a CUDA torch and whose C++ operators are built
+# against CUDA: both go, without dependencies, into .deps/timm apart from site-packages (a torchvision that fails
+# to import on the default path breaks transformers), with the torchvision release that matches this torch.
+# bench/zoo_common.import_timm() loads them from there; without them the timm tests skip, so a failure is no error.
+TORCHVISION=$($PY -c "import torch; major, minor = map(int, torch.__version__.split('+')[0].split('.')[:2]); print(f'0.{minor + 15}.*' if major == 2 else '')")
+if [ -n "$TORCHVISION" ]; then
+  $PY -m pip install --no-deps --upgrade --target .deps/timm "timm==1.0.31" "torchvision==$TORCHVISION" \
+    || echo "setup: timm not installed (its tests and bench/bench_timm.py will skip)" >&2
+fi

@@ -11,6 +11,8 @@
 
 A new action must be added to ``SETTINGS`` (end to end, N = 64) and ``SMALL`` (unit columns, N = 10–17).
 """
+import copy
+
 import pytest
 import sympy
 import torch
@@ -192,3 +194,28 @@ def test_block_routing_per_head_counts_under_inductor():
             torch.testing.assert_close(models["inductor"](x), models["eager"](x), rtol=2e-4, atol=2e-4)
             assert (models["inductor"](x) - models["uniform"](x)).abs().max() > 1e-3
     assert len(models["inductor"].rewrite_report.recaptures) == 2
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_sink_keys_are_kept_exact_by_every_approximation(name):
+    """A site with attention sinks (gpt-oss: extra keys of learned logits and zero values) is served only by exact
+    attention: every other action declines with the reason, before its own requirements, and the site falls
+    back to Exact with outputs equal to the original."""
+    from test_wild_spellings import Sinks
+    torch.manual_seed(0)
+    model, x = Sinks(count=2).eval(), torch.randn(2, 12, 16)
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[1, 9:] = 0
+    ref = copy.deepcopy(model)
+    action = SETTINGS[name]
+    rewrite.optimize(model, {"_default": action}, example_inputs=(x, padding))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rewritten", model.rewrite_report.table()
+    if action.exact:
+        assert "sink" not in (row.reason or "")
+        assert [s.sinks for s in rewrite.find_attention(copy.deepcopy(ref), example_inputs=(x, padding))] == [2]
+    else:
+        assert f"the site has 2 attention sink keys (a learned logit every query sees, value 0), which {name} does " \
+               "not model" in row.reason, row.reason
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)

@@ -160,6 +160,22 @@ def test_fully_masked_rows_give_zero(device):
     assert dq[:, :, 5:9].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finfo_min_fills_match_eager_on_fully_masked_rows(device, dtype):
+    """Hugging Face masks fill with ``finfo(dtype).min``: a row whose every key is filled is uniform in eager
+    softmax (and SDPA), not zero. In the kernel's log2 domain the fill once overflowed to -inf and zeroed it."""
+    q, k, v = _qkv(device, 1, 2, 2, 16, 24, 16, dtype=dtype)
+    visible = _rand(device, 1, 1, 16, 24) > 0
+    visible[..., 3, :] = False
+    mask = torch.zeros(1, 1, 16, 24, device=device, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    out = kernels.flash_attention(q, k, v, attn_mask=mask)
+    want = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / 4.0 + mask.float(), -1) @ v.float()
+    _assert_close(out.float(), want, 2e-5 if dtype == torch.float32 else 2e-2, "finfo.min fills vs eager")
+    assert out[:, :, 3].abs().max().item() > 0     # the uniform row, not a zeroed one
+    dq, dk, dv = _grads(out, (q, k, v), torch.ones_like(out))
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+
+
 # ----------------------------------------------------------------------------------------------- learned bias
 
 BIAS_CASES = [

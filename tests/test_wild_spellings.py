@@ -376,6 +376,47 @@ def test_sinks_are_an_extra_key_with_zero_value(cfg, dtype):
                 assert torch.equal(out[0], torch.zeros_like(out[0]))  # no real key: all mass on the sink
 
 
+class SplitSinks(nn.Module):
+    """Sinks in the ``(b·h, n, d)`` bmm layout: the scores split to ``[B, H, N, N]`` for the mask, then either merged
+    back before the concatenation and softmax (``where="merged"``) or concatenated and soft-maxed in the split
+    layout, the probabilities merged back for ``bmm`` (``where="split"``)."""
+
+    def __init__(self, heads=2, d=8, where="merged", fill="finfo"):
+        super().__init__()
+        self.h, self.d, self.where, self.fill = heads, d, where, fill
+        self.qkv = nn.Linear(16, 3 * heads * d)
+        self.sinks = nn.Parameter(torch.randn(heads))
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4).reshape(3, b * self.h, n, self.d)
+        s = (torch.bmm(q, k.transpose(1, 2)) * self.d ** -0.5).view(b, self.h, n, n)
+        hide = padding[:, None, None, :] == 0
+        s = s.masked_fill(hide, float("-inf")) if self.fill == "inf" else s + hide.to(s.dtype) * torch.finfo(s.dtype).min
+        col = self.sinks.view(1, self.h, 1, 1).expand(b, self.h, n, 1)
+        if self.where == "merged":
+            p = torch.cat([s.view(b * self.h, n, n), col.reshape(b * self.h, n, 1)], -1).softmax(-1)[..., :-1]
+        else:
+            p = torch.cat([s, col], -1).softmax(-1)[..., :-1].reshape(b * self.h, n, n)
+        return torch.bmm(p, v).view(b, self.h, n, self.d).transpose(1, 2).reshape(b, n, -1)
+
+
+@_PROPERTY
+@given(heads=st.sampled_from([1, 2, 4]), where=st.sampled_from(["merged", "split"]),
+       fill=st.sampled_from(["finfo", "inf"]), dtype=st.sampled_from(DTYPES))
+def test_sinks_in_the_split_batch_layout(heads, where, fill, dtype):
+    torch.manual_seed(0)
+    model = SplitSinks(heads=heads, where=where, fill=fill).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16, dtype=dtype), _padding(2, 6, gen)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        for n in (5, 11):
+            x, padding = torch.randn(3, n, 16, generator=gen).to(dtype), _padding(3, n, gen)
+            _close(model(x, padding), ref(x, padding), dtype)
+
+
 def test_probabilities_of_the_extra_columns_reaching_the_values_are_not_sinks():
     class Leaky(nn.Module):
         def forward(self, q, k, v, sink):
@@ -454,6 +495,22 @@ def test_values_on_the_left_of_the_transposed_probabilities(heads, bias, spellin
     with torch.no_grad():
         x = torch.randn(3, 16, 4, 4, dtype=dtype)
         _close(model(x), ref(x), dtype)
+
+
+def test_values_on_the_left_count_their_value_width_in_the_flops():
+    """``v @ pᵀ`` with v ``[B, h, dv, N]``: the report's FLOPs use dv = v's second-last axis, not its tokens."""
+    class WideValues(nn.Module):   # EfficientViT-M: values wider than queries and keys
+        def forward(self, q, k, v):
+            return v @ (q.transpose(-2, -1) @ k * 0.5).softmax(-1).transpose(-2, -1)
+
+    q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 4, 16), torch.randn(2, 3, 12, 16)
+    model = WideValues()
+    rewrite.optimize(model, "exact", example_inputs=(q, k, v))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rewritten", model.rewrite_report.table()
+    want = rewrite.cost.evaluate(rewrite.cost.exact_flops(), B=6, H=1, N=16, Nk=16, d=4, dv=12)
+    assert row.flops_before == pytest.approx(want), (row.flops_before, want)
+    torch.testing.assert_close(model(q, k, v), WideValues()(q, k, v))
 
 
 def test_values_times_untransposed_probabilities_sum_over_queries_and_stay():

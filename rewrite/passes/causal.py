@@ -69,7 +69,7 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
         if _captured_length(sub, leaf_nodes, captured) < 2:
             return False, "a 1x1 mask proves nothing about causality"
         return True, "static length"
-    varying = [leaf for leaf in leaves if _expr(meta_value(leaf)) == length_sym]
+    varying = [leaf for leaf in leaves if _at_length(meta_value(leaf), captured[leaf], length_sym, 0) != captured[leaf]]
     if not varying:
         return True, "the mask does not depend on the length symbol"
     lengths = _probe_lengths(cone, leaves, values)
@@ -78,7 +78,7 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
     for n in lengths:
         trial = dict(captured)
         for leaf in varying:
-            trial[leaf] = n
+            trial[leaf] = _at_length(meta_value(leaf), captured[leaf], length_sym, n)
         ok, why = _check(sub, leaf_nodes, trial, op, n)
         if not ok:
             return False, f"at length {n}: {why}"
@@ -181,15 +181,37 @@ def _cone(root: fx.Node) -> tuple[set, list]:
     return input_cone(root, is_leaf=lambda n: n.op in ("placeholder", "get_attr") or _is_size_read(n))
 
 
+def _at_length(meta: Any, captured: Any, length_sym, n: int) -> Any:
+    """A size leaf's value at length ``n``: the leaf itself when it is the length symbol, each entry that is when
+    it is a whole size tuple (``scores.size()``); other leaves keep their captured value."""
+    if length_sym is not None and _expr(meta) == length_sym:
+        return n
+    if isinstance(meta, (tuple, list)) and isinstance(captured, (tuple, list)) and len(meta) == len(captured):
+        return type(captured)(_at_length(m, c, length_sym, n) for m, c in zip(meta, captured))
+    return captured
+
+
 def _leaf_value(leaf: fx.Node, values: dict) -> Any:
     if leaf in values:
         return values[leaf]
     if _is_size_read(leaf):
+        dim = leaf.args[1] if len(leaf.args) > 1 else leaf.kwargs.get("dim")
         src = values.get(leaf.args[0])
         if isinstance(src, torch.Tensor):
-            dim = leaf.args[1] if len(leaf.args) > 1 else leaf.kwargs.get("dim")
             return src.size(dim) if dim is not None else src.size()
+        # a size read of an intermediate tensor (``scores.size()``): its recorded size at the captured shapes
+        return _hinted(meta_value(leaf))
     return None
+
+
+def _hinted(v: Any) -> Any:
+    """``v`` with each symbolic size replaced by its value at the captured shapes (None when one has none)."""
+    if isinstance(v, torch.SymInt):
+        return v.node.hint if v.node.has_hint() else None
+    if isinstance(v, (tuple, list)):
+        out = [_hinted(x) for x in v]
+        return None if any(x is None for x in out) else tuple(out)
+    return v
 
 
 def _extract(gm: fx.GraphModule, cone: set, leaves: list, root: fx.Node):

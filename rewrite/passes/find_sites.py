@@ -789,8 +789,6 @@ def _check_extra_keys(m: SiteMatch) -> None:
     node, side = m.kept_columns
     if (side == "tail") != m.extra_first or not same_size(shape(node)[-1], shape(m.qk)[-1]):
         raise _Reject("the probabilities kept after the softmax are not those of the real keys")
-    if m.merge is not None or any(o.kind in ("split", "merge") for o in m.ops) or m.zeroed_rows is not None:
-        raise _Reject("extra key columns with a split batch layout or zeroed probabilities")
 
 
 def _stream_fits(m: SiteMatch, stream: tuple) -> bool:

@@ -20,7 +20,6 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ..actions import Exact
 from ..graph import factory_number
 
 _TANH_FUNCTIONS = {torch.tanh, torch.nn.functional.tanh, torch.Tensor.tanh}
@@ -53,19 +52,3 @@ def cap_problem(factor: Optional[float]) -> Optional[str]:
     if factor == 0 or not math.isfinite(factor):
         return f"the scores are soft-capped by {factor!r}, which is not a finite non-zero cap"
     return None
-
-
-def spelled(cap: float) -> str:
-    """The cap as the report writes it: ``tanh(s/30.0)·30.0``."""
-    return f"tanh(s/{cap!r})·{cap!r}"
-
-
-def serves_softcap(action: Any) -> bool:
-    """Whether the action's target can soft-cap the scores: the flash kernel, ``Exact(kernel="triton")``."""
-    return isinstance(action, Exact) and action.kernel == "triton"
-
-
-def softcap_declined(action: Any, cap: float) -> str:
-    """The report's reason for leaving a soft-capped site as it was under ``action``."""
-    target = "SDPA" if isinstance(action, Exact) else (action.describe() if action is not None else "calibration")
-    return f"soft-capping {spelled(cap)}: {target} cannot express it; use Exact(kernel='triton')"

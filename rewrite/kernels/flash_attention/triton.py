@@ -139,7 +139,11 @@ def _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale,
         b_ptrs = bias_ptr + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :].to(tl.int64) * stride_bn
         bias = tl.load(b_ptrs, mask=valid, other=0)
         if BIAS_KIND == 1:  # additive float mask
-            s += bias.to(tl.float32) * 1.4426950408889634
+            # finfo.min fills would overflow to -inf in the log2 domain and zero rows eager softmax makes uniform:
+            # finite fills are clamped to -1e38 (still exp2(.) == 0 beside any real score); -inf stays -inf
+            bias = bias.to(tl.float32)
+            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -1.0e38))
+            s += bias * 1.4426950408889634
         else:  # boolean mask (as uint8): keep where != 0
             valid = valid & (bias != 0)
     if HAS_ALIBI:

@@ -9,7 +9,7 @@ line per row, appends rows to a JSONL file and prints the counts. Statuses (ever
 * PARTIAL — outputs equal, fewer sites rewritten than the oracle counts (the report's reasons are listed);
 * WRONG — an output differs from the original (a bug: this must never happen);
 * ERROR — ``optimize`` raised; SKIPPED — the case cannot be built or run here (the reason);
-* NONE — no attention found and the oracle counts none;
+* NONE — no attention found (no site, no rejected attention-like region) and the oracle counts none;
 * TIMEOUT — the process did not finish within the timeout.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def judged(name: str, equal: bool, report, oracle, calls=None) -> dict:
     expected = oracle if oracle is not None else len(rows)  # no SDPA path: every site the report lists
     fused = calls() if calls is not None and rows and done == len(rows) and done < expected else done
     status = "WRONG" if not equal else ("FULL" if rows and max(done, fused) >= expected and done == len(rows) else
-                                        "PARTIAL" if rows or expected else "NONE")
+                                        "PARTIAL" if rows or report.rejected or expected else "NONE")
     return {"type": name, "status": status, "rewritten": done, "oracle": oracle, "calls": fused,
             "why": "; ".join(reasons)}
 

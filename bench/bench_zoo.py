@@ -190,11 +190,17 @@ def _agree(cfg) -> None:
         _set(cfg, "rotary_dim", head)
     for params in (getattr(cfg, "rope_parameters", None), getattr(cfg, "rope_scaling", None)):
         sections = params.get("mrope_section") if isinstance(params, dict) else None
-        if isinstance(head, int) and isinstance(sections, list) and sum(sections) > head // 2:
-            # multimodal rotary sections (time, rows, columns) split half a head: scaled with it
-            scaled = [max(1, x * (head // 2) // sum(sections)) for x in sections]
-            scaled[-1] += head // 2 - sum(scaled)
+        partial = getattr(cfg, "partial_rotary_factor", None) or params.get("partial_rotary_factor") or 1.0 \
+            if isinstance(params, dict) else 1.0
+        half = int(head * partial) // 2 if isinstance(head, int) else None
+        if half and isinstance(sections, list) and sum(sections) > half:
+            # multimodal rotary sections (time, rows, columns) split half the rotary part of a head: scaled with it
+            scaled = [max(1, x * half // sum(sections)) for x in sections]
+            scaled[-1] += half - sum(scaled)
             params["mrope_section"] = scaled
+    layers, offset = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "attn_layer_offset", None)
+    if isinstance(layers, int) and isinstance(offset, int) and offset >= layers:
+        _set(cfg, "attn_layer_offset", layers - 1)  # a hybrid (Jamba) keeps an attention layer
     rope = getattr(cfg, "qk_rope_head_dim", None)
     if isinstance(rope, int) and getattr(cfg, "head_dim", None) is not None:
         _set(cfg, "head_dim", rope)  # multi-head latent attention: the rotary embedding spans the rope part

@@ -98,7 +98,7 @@ def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2
     if cfg is None:
         raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: it has no Hugging Face config. "
                            "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
-    if "grid_thw" in _required_params(model):
+    if any(n.endswith("grid_thw") for n in _required_params(model)):
         return _flat_patch_inputs(model, cfg, batch, gen)
     builders = {"input_ids": _token_inputs, "pixel_values": _pixel_inputs, "input_features": _feature_inputs,
                 "input_values": _waveform_inputs, "inputs_embeds": _embedding_inputs, "inputs": _embedding_inputs}
@@ -159,9 +159,10 @@ def _flat_patch_inputs(model, cfg, batch: int, gen) -> dict:
     frames = getattr(cfg, "temporal_patch_size", None) or 1
     chans = getattr(cfg, "in_channels", None) or getattr(cfg, "num_channels", None) or 3
     side = 2 * (getattr(cfg, "spatial_merge_size", None) or 1)
-    name = next(n for n in _required_params(model) if n != "grid_thw")
+    grid = next(n for n in _required_params(model) if n.endswith("grid_thw"))
+    name = next(n for n in _required_params(model) if n != grid)
     patches = torch.randn(batch * side * side, chans * frames * patch * patch, generator=gen)
-    return {name: patches, "grid_thw": torch.tensor([[1, side, side]] * batch)}
+    return {name: patches, grid: torch.tensor([[1, side, side]] * batch)}
 
 
 def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:
@@ -226,6 +227,9 @@ def _add_companion_inputs(out: dict, model, params, batch: int, length: int, gen
         if name in params and name not in out and wanted:
             out.update({k: v for k, v in build(model, cfg, batch, length, gen).items() if k in params})
     ids = out.get("input_ids")
+    for name in required - set(out):  # another tower's token ids (InstructBLIP's qformer_input_ids)
+        if name.endswith("input_ids") and ids is not None:
+            out[name] = ids.clone()
     if "bbox" in params and ids is not None:
         out["bbox"] = _layout_boxes(ids.shape, gen)
     if "query_embeds" in required:  # a query transformer (BLIP-2's Q-Former): one query per token of the mask

@@ -198,6 +198,9 @@ def _agree(cfg) -> None:
             scaled = [max(1, x * half // sum(sections)) for x in sections]
             scaled[-1] += half - sum(scaled)
             params["mrope_section"] = scaled
+    for name in ("depth_coefficient", "width_coefficient"):  # compound-scaled convnets (EfficientNet-B7)
+        if isinstance(getattr(cfg, name, None), float) and getattr(cfg, name) > 1.0:
+            _set(cfg, name, 1.0)
     layers, offset = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "attn_layer_offset", None)
     if isinstance(layers, int) and isinstance(offset, int) and offset >= layers:
         _set(cfg, "attn_layer_offset", layers - 1)  # a hybrid (Jamba) keeps an attention layer

@@ -4,11 +4,12 @@ A sweep script defines ``one(name) -> dict`` (the row of one case, run in its ow
 :func:`sweep` with the case names; :func:`sweep` runs ``script --one NAME`` per case under a timeout, prints a
 line per row, appends rows to a JSONL file and prints the counts. Statuses (every sweep uses the same):
 
-* FULL — every attention the oracle counts is rewritten, every site the report lists is rewritten, outputs equal;
+* FULL — every attention the oracle counts is rewritten (as many fused calls per forward), every site the report
+  lists is rewritten, outputs equal (a rejected attention-like region beside them is listed in the reasons);
 * PARTIAL — outputs equal, fewer sites rewritten than the oracle counts (the report's reasons are listed);
 * WRONG — an output differs from the original (a bug: this must never happen);
 * ERROR — ``optimize`` raised; SKIPPED — the case cannot be built or run here (the reason);
-* NONE — no attention found and the oracle counts none;
+* NONE — no attention found (no site, no rejected attention-like region) and the oracle counts none;
 * TIMEOUT — the process did not finish within the timeout.
 """
 from __future__ import annotations
@@ -68,8 +69,12 @@ def same(a, b) -> bool:
     return bool(finite.all()) and (a - b).nan_to_num().abs().max().item() / scale < 1e-3
 
 
-def judged(name: str, equal: bool, report, oracle) -> dict:
-    """The row of one optimized case: its status from the outputs, the report's sites and the oracle's count."""
+def judged(name: str, equal: bool, report, oracle, calls=None) -> dict:
+    """The row of one optimized case: its status from the outputs, the report's sites and the oracle's count.
+
+    ``calls``: a function giving how many fused calls one forward of the optimized model makes, asked when every
+    site is rewritten but there are fewer sites than the oracle counts calls (one site of a graph that runs once
+    per image is several calls)."""
     rows = report.sites
     # a site the model already computes with SDPA is already fused: covered
     done = sum(r.status == "rewritten" or "already scaled_dot_product_attention" in (r.reason or "") for r in rows)
@@ -77,9 +82,20 @@ def judged(name: str, equal: bool, report, oracle) -> dict:
     kept.update(f"region: {r.reason[:90]}" for r in report.rejected)
     reasons = sorted(f"{n}x {why}" for why, n in kept.items())
     expected = oracle if oracle is not None else len(rows)  # no SDPA path: every site the report lists
-    status = "WRONG" if not equal else ("FULL" if rows and done >= expected and done == len(rows) else
-                                        "PARTIAL" if rows or expected else "NONE")
-    return {"type": name, "status": status, "rewritten": done, "oracle": oracle, "why": "; ".join(reasons)}
+    fused = calls() if calls is not None and rows and done == len(rows) and done < expected else done
+    status = "WRONG" if not equal else ("FULL" if rows and max(done, fused) >= expected and done == len(rows) else
+                                        "PARTIAL" if rows or report.rejected or expected else "NONE")
+    return {"type": name, "status": status, "rewritten": done, "oracle": oracle, "calls": fused,
+            "why": "; ".join(reasons)}
+
+
+def fused_calls(model, batch) -> int:
+    """How many SDPA ops one forward of an optimized model runs, its compiled graphs included (the profiler's
+    count: a graph that runs once per image counts once per image)."""
+    import torch
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call(model, batch)
+    return sum(e.name == "aten::scaled_dot_product_attention" for e in prof.events())
 
 
 def failed(name: str, status: str, err: BaseException) -> dict:

@@ -203,6 +203,9 @@ def _describe_site(run: GraphRun, m: SiteMatch) -> Lowered:
     unreadable_fill = read_fill_values(run.gm, m, run.values, run.is_state_read)
     causal_ops, is_causal = _prove(run.gm, m, run.values, run.is_state, run.reads)
     problem = unreadable_fill or empty_row_problem(m, causal_ops)
+    if problem and not unreadable_fill:  # a static fill that never empties a row (a causal band) empties none
+        problem = empty_row_problem(m, causal_ops | _fills_keeping_rows(run.gm, m, causal_ops, run.values,
+                                                                         run.is_state, run.reads))
     if problem:
         m.status, m.reason = "rejected", problem
     site = _describe(m, run.values, is_causal, causal_ops, run.is_state, run.session.model)
@@ -605,6 +608,31 @@ def _prove(gm, m: SiteMatch, values: dict, is_state, reads: list) -> tuple[set, 
             causal.add(i)
             reads.extend(read)
     return causal, bool(causal)
+
+
+def _fills_keeping_rows(gm, m: SiteMatch, causal_ops: set, values: dict, is_state, reads: list) -> set:
+    """Indices of the finite fills of ``m`` (not the causal mask) proven to leave every query row a key, so the
+    rows a finite fill would empty (where SDPA differs from the original) do not occur. The state a proof read
+    goes to ``reads``."""
+    kept = set()
+    for i, op in enumerate(m.ops):
+        if op.kind != "fill" or i in causal_ops or not math.isfinite(getattr(op, "fill_value", -math.inf)):
+            continue
+        read: list = []
+
+        def is_state_read(node: fx.Node) -> bool:
+            if is_state(node):
+                read.append(node)
+                return True
+            return False
+        try:
+            ok, _why = prove_causal(gm, m, op, values, is_state_read, keeps_rows=True)
+        except Exception:  # noqa: BLE001 - anything the prover cannot evaluate is simply not proven
+            ok = False
+        if ok:
+            kept.add(i)
+            reads.extend(read)
+    return kept
 
 
 def _causal_for_sdpa(m: SiteMatch, causal_ops: set) -> tuple[set, bool]:

@@ -443,3 +443,69 @@ def test_state_fitted_on_calibration_data_is_saved_and_restored(tiny, tmp_path):
     x = ids_batch(3, 12, seed=9)
     with torch.no_grad():
         assert torch.allclose(again(**x).last_hidden_state, src.model(**x).last_hidden_state, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# example inputs generated from a config: every input the model needs, from its family's conventions
+# --------------------------------------------------------------------------------------------
+
+def _tiny(config_cls, model_cls, **sizes):
+    torch.manual_seed(0)
+    return model_cls(config_cls(**sizes)).eval()
+
+
+def test_dual_encoder_gets_pixels_beside_its_text():
+    """CLIP's text carries no image placeholder, so its forward needs pixels too; a LLaVA-style model would not."""
+    from transformers import CLIPConfig, CLIPModel
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = _tiny(lambda **k: CLIPConfig(text_config=dict(tower, vocab_size=64),
+                                         vision_config=dict(tower, image_size=32, patch_size=16), **k), CLIPModel)
+    batch = rio.example_kwargs(model, batch=2, length=8)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["input_ids"].shape == (2, 8)
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_layout_model_gets_ordered_boxes():
+    from transformers import LayoutLMConfig, LayoutLMModel
+    model = _tiny(LayoutLMConfig, LayoutLMModel, vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=4, intermediate_size=64)
+    batch = rio.example_kwargs(model, batch=2, length=8)
+    box = batch["bbox"]
+    assert box.shape == (2, 8, 4) and (box[..., 2] >= box[..., 0]).all() and (box[..., 3] >= box[..., 1]).all()
+    assert int(box.max()) <= 1000
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_character_model_without_vocab_gets_byte_ids():
+    from transformers import CanineConfig, CanineModel
+    model = _tiny(CanineConfig, CanineModel, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=64, num_hash_buckets=64)
+    batch = rio.example_kwargs(model, batch=2, length=8)
+    assert int(batch["input_ids"].max()) < 256
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_spectrogram_input_values_and_codec_channels():
+    from transformers import ASTConfig, ASTModel
+    model = _tiny(ASTConfig, ASTModel, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=64, max_length=32, num_mel_bins=32)
+    batch = rio.example_kwargs(model, batch=2)
+    assert batch["input_values"].shape == (2, 32, 32)
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_vision_tower_with_a_patch_grid_gets_flattened_patches():
+    """Qwen-VL-style towers read every image's patches as one sequence, with each image's grid beside it."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    model = _tiny(Qwen2VLVisionConfig, Qwen2VisionTransformerPretrainedModel, depth=1, embed_dim=32, hidden_size=32,
+                  num_heads=4, patch_size=4, mlp_ratio=2)
+    batch = rio.example_kwargs(model, batch=2)
+    grid = batch["grid_thw"]
+    assert grid.shape == (2, 3) and int(grid.prod(-1).sum()) == batch["hidden_states"].shape[0]
+    with torch.no_grad():
+        model(**batch)

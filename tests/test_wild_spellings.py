@@ -845,3 +845,97 @@ def test_a_slice_update_that_is_not_additive_stays():
     assert model.rewrite_report.rejected, model.rewrite_report.table()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x))
+
+
+# --- a finite fill in the split batch layout (DeBERTa-v2: (b·h, n, n) scores viewed as (b, h, n, n)) --------
+class SplitLayoutFill(nn.Module):
+    """DeBERTa-v2's spelling: ``bmm`` scores in the ``(b·h, n, n)`` layout, viewed as ``(b, h, n, n)`` for a
+    fill with the dtype's finite minimum where the outer product of the padding masks is 0 (so a padded query
+    row is filled whole, and the original gives it the mean of the values), then merged back for ``bmm``.
+    ``fill_in`` / ``softmax_in``: the layout ("split" or "merged") each step happens in."""
+
+    def __init__(self, fill_in="split", softmax_in="split", heads=2, d=8):
+        super().__init__()
+        self.fill_in, self.softmax_in, self.h, self.d = fill_in, softmax_in, heads, d
+        self.qkv = nn.Linear(heads * d, 3 * heads * d)
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        h = self.h
+        q, k, v = self.qkv(x).view(b, n, 3, h, self.d).permute(2, 0, 3, 1, 4).reshape(3, b * h, n, self.d)
+        s = torch.bmm(q, k.transpose(1, 2)) / self.d ** 0.5
+        keep = (padding[:, None, :, None] * padding[:, None, None, :]).bool()
+        low = torch.finfo(s.dtype).min
+        if self.fill_in == "split":
+            s = s.view(b, h, n, n).masked_fill(~keep, low)
+        else:
+            s = s.masked_fill(~keep.expand(b, h, n, n).reshape(b * h, n, n), low).view(b, h, n, n)
+        if self.softmax_in == "merged":
+            s = s.view(b * h, n, n)
+        p = s.softmax(-1)
+        out = torch.bmm(p.view(b * h, n, n), v)
+        return out.view(b, h, n, self.d).transpose(1, 2).reshape(b, n, h * self.d)
+
+
+@pytest.mark.parametrize("fill_in,softmax_in,heads,dtype", [
+    ("split", "split", 2, torch.float32), ("split", "merged", 3, torch.bfloat16),
+    ("merged", "split", 1, torch.float32), ("merged", "merged", 2, torch.bfloat16)])
+def test_a_finite_fill_in_a_split_batch_layout_restores_empty_rows(fill_in, softmax_in, heads, dtype):
+    torch.manual_seed(0)
+    model = SplitLayoutFill(fill_in, softmax_in, heads=heads).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, heads * 8, dtype=dtype), _padding(2, 6, gen)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x, padding = torch.randn(3, 9, heads * 8, generator=gen).to(dtype), _padding(3, 9, gen)
+        _close(model(x, padding), ref(x, padding), dtype)
+
+
+# --- a finite fill that never empties a row, followed by a padding term (GPT-Neo's local attention) -----------
+class BandThenPadding(nn.Module):
+    """GPT-Neo: ``where(bias, scores, finfo.min)`` with a causal band buffer (``window`` keys back, the diagonal
+    always kept), then the additive padding mask. The band is not the causal mask, but it leaves every row a key,
+    so no row is emptied by the fill and the site is SDPA with the band and the padding in one mask."""
+
+    def __init__(self, window=3, heads=2, d=8, max_len=32):
+        super().__init__()
+        self.h, self.d = heads, d
+        self.qkv = nn.Linear(heads * d, 3 * heads * d)
+        full = torch.ones(max_len, max_len, dtype=torch.bool).tril()
+        self.register_buffer("bias", (full ^ full.tril(-window))[None, None], persistent=False)
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2)
+        s = torch.where(self.bias[:, :, :n, :n], s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype))
+        s = s + (1.0 - padding[:, None, None, :].to(s.dtype)) * torch.finfo(s.dtype).min
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, self.h * self.d)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_a_fill_that_keeps_every_row_a_key_may_be_followed_by_a_mask_term(window):
+    torch.manual_seed(0)
+    model = BandThenPadding(window).eval()
+    ref = copy.deepcopy(model)
+    padding = torch.ones(2, 7, dtype=torch.long)
+    padding[1, :2] = 0  # left padding, as generate() pads
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 7, 16), padding))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x, padding = torch.randn(3, 11, 16), torch.ones(3, 11, dtype=torch.long)
+        padding[0, :4] = 0
+        torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fill_that_can_empty_a_row_before_a_mask_term_stays():
+    class Emptying(BandThenPadding):
+        def __init__(self):
+            super().__init__()
+            self.bias[..., 0, :] = False  # the first query sees no key: the fill empties its row
+
+    model = Emptying().eval()
+    padding = torch.ones(2, 7, dtype=torch.long)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 7, 16), padding))
+    assert [r.status for r in model.rewrite_report.sites] != ["rewritten"]

@@ -90,7 +90,7 @@ def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2
                 ids = torch.tensor([r[:n] for r in rows])
                 enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             out = keep({k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)})
-            out = _add_decoder_inputs(out, model, params, batch, max(2, length // 2), gen)
+            out = _add_companion_inputs(out, model, params, batch, length, gen)
             if "input_ids" in out:
                 return out
         except Exception:
@@ -98,35 +98,153 @@ def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2
     if cfg is None:
         raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: it has no Hugging Face config. "
                            "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
-    if main == "input_ids":
-        vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
-        if not isinstance(vocab, int) or vocab < 2:
-            raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: its config has no vocab_size. "
-                               "Give a batch with --calibration.")
-        low = min(5, vocab - 1)
-        ids = torch.randint(low, vocab, (batch, length), generator=gen)
-        out = {"input_ids": ids}
-        if params is None or "attention_mask" in params:
-            mask = torch.ones(batch, length, dtype=torch.long)
-            if batch > 1 and length > 2 and not getattr(cfg, "is_decoder", False) and "CausalLM" not in type(model).__name__:
-                mask[-1, length - max(1, length // 4):] = 0
-            out["attention_mask"] = mask
-        return _add_decoder_inputs(keep(out), model, params, batch, max(2, length // 2), gen)
-    if main == "pixel_values":
-        vc = getattr(cfg, "vision_config", None) or cfg
-        size = getattr(vc, "image_size", 224)
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        chans = getattr(vc, "num_channels", 3)
-        return keep({"pixel_values": torch.randn(batch, chans, size, size, generator=gen)})
-    if main == "input_features":
-        mels = getattr(cfg, "num_mel_bins", 80)
-        frames = 2 * getattr(cfg, "max_source_positions", 1500)
-        out = {"input_features": torch.randn(batch, mels, frames, generator=gen)}
-        return _add_decoder_inputs(keep(out), model, params, batch, 4, gen)
-    if main == "input_values":
-        return keep({"input_values": torch.randn(batch, 16000, generator=gen)})
-    raise RewriteError(f"Cannot make example inputs for {type(model).__name__} (its main input is {main!r}). "
-                       "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
+    if any(n.endswith("grid_thw") for n in _required_params(model)):
+        return _flat_patch_inputs(model, cfg, batch, gen)
+    builders = {"input_ids": _token_inputs, "pixel_values": _pixel_inputs, "input_features": _feature_inputs,
+                "input_values": _waveform_inputs, "inputs_embeds": _embedding_inputs, "inputs": _embedding_inputs}
+    if main not in builders:
+        raise RewriteError(f"Cannot make example inputs for {type(model).__name__} (its main input is {main!r}). "
+                           "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
+    out = keep(builders[main](model, cfg, batch, length, gen))
+    return _add_companion_inputs(out, model, params, batch, length, gen)
+
+
+def _token_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """Random token ids and a padding mask whose last row is right-padded (decoders: no padding)."""
+    vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 2:
+        # no vocabulary in the config: a byte- or character-level model (CANINE reads code points); ids below
+        # 256 are valid for every such model
+        vocab = 256
+    ids = torch.randint(min(5, vocab - 1), vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1 and length > 2 and not getattr(cfg, "is_decoder", False) and "CausalLM" not in type(model).__name__:
+        mask[-1, length - max(1, length // 4):] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _embedding_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """Embeddings of the config's hidden width, for a model whose main input is already embedded
+    (``inputs_embeds``; Perceiver's ``inputs`` of ``d_model`` features)."""
+    main = getattr(model, "main_input_name", "inputs_embeds")
+    width = next((w for w in (getattr(cfg, "hidden_size", None), getattr(cfg, "d_model", None),
+                              getattr(getattr(cfg, "text_config", None), "hidden_size", None)) if isinstance(w, int)), None)
+    if width is None:
+        raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: its main input is {main} and "
+                           "its config names no hidden_size. Give a batch with --calibration.")
+    out = _token_inputs(model, cfg, batch, length, gen)
+    return {main: torch.randn(batch, length, width, generator=gen), "attention_mask": out["attention_mask"]}
+
+
+def _sub_config(cfg, *names: str):
+    """The first of ``cfg``'s sub-configs called ``names`` (a multimodal model's vision or audio tower), or None."""
+    return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
+
+
+def _pixel_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """Images of the size and channel count the (vision) config names."""
+    vc = _sub_config(cfg, "vision_config", "backbone_config") or cfg
+    size = getattr(vc, "image_size", None) or getattr(cfg, "image_size", None) or 224
+    if isinstance(size, dict):
+        size = (size.get("height", 224), size.get("width", 224))
+    height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
+    chans = getattr(vc, "num_channels", None) or getattr(cfg, "num_channels", None) or 3
+    return {"pixel_values": torch.randn(batch, chans, height, width, generator=gen)}
+
+
+def _flat_patch_inputs(model, cfg, batch: int, gen) -> dict:
+    """A Qwen-VL-style vision tower's input: every image's patches flattened into one sequence, with each image's
+    (frames, rows, columns) grid in ``grid_thw``; each image here is 2 x 2 merged patches."""
+    patch = getattr(cfg, "patch_size", None) or 14
+    frames = getattr(cfg, "temporal_patch_size", None) or 1
+    chans = getattr(cfg, "in_channels", None) or getattr(cfg, "num_channels", None) or 3
+    side = 2 * (getattr(cfg, "spatial_merge_size", None) or 1)
+    grid = next(n for n in _required_params(model) if n.endswith("grid_thw"))
+    name = next(n for n in _required_params(model) if n != grid)
+    patches = torch.randn(batch * side * side, chans * frames * patch * patch, generator=gen)
+    return {name: patches, grid: torch.tensor([[1, side, side]] * batch)}
+
+
+def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """Log-mel features: encoders whose first 1-D convolution reads the mel bins as channels (Whisper) get
+    (batch, mels, frames), 2·``max_source_positions`` frames where the config fixes them; other speech encoders
+    (batch, frames, features)."""
+    ac = _sub_config(cfg, "audio_config", "encoder_config") or cfg
+    mels = next((v for v in (getattr(ac, n, None) for n in ("num_mel_bins", "feature_size", "input_feat_per_channel",
+                                                             "n_mels")) if isinstance(v, int) and v > 0), 80)
+    positions = getattr(ac, "max_source_positions", None)
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv1d)), None)
+    if first_conv is not None and first_conv.in_channels == mels:  # the mel bins are its channels (Whisper)
+        frames = 2 * positions if isinstance(positions, int) and positions > 0 else 8 * length
+        features = torch.randn(batch, mels, frames, generator=gen)
+    else:  # frames first (a 2-D subsampling convolution, a conformer)
+        features = torch.randn(batch, 8 * length, mels, generator=gen)
+    frames = features.shape[2] if features.shape[1] == mels else features.shape[1]
+    # (the caller keeps the mask only where forward takes one)
+    return {"input_features": features, "input_features_mask": torch.ones(batch, frames, dtype=torch.long)}
+
+
+def _waveform_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """One second of 16 kHz audio (with a channel axis for codecs that name ``audio_channels``), or a spectrogram
+    for models that read ``input_values`` as mel frames."""
+    channels = getattr(cfg, "audio_channels", None)
+    if isinstance(channels, int) and channels > 0:
+        return {"input_values": torch.randn(batch, channels, 16000, generator=gen)}
+    mels = getattr(cfg, "num_mel_bins", None)
+    frames = getattr(cfg, "max_length", None)
+    if isinstance(mels, int) and isinstance(frames, int):
+        return {"input_values": torch.randn(batch, frames, mels, generator=gen)}
+    return {"input_values": torch.randn(batch, 16000, generator=gen)}
+
+
+def _has_placeholder_token(cfg, modality: str) -> bool:
+    """Whether the text carries a placeholder token for ``modality`` (LLaVA-style models run on text alone)."""
+    return any(modality + "_token" in name and value is not None for name, value in vars(cfg).items())
+
+
+def _required_params(model) -> set:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return set()
+    return {p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _add_companion_inputs(out: dict, model, params, batch: int, length: int, gen) -> dict:
+    """The inputs a model reads beside its main one: the other modality of a dual encoder (CLIP's pixels, CLAP's
+    audio: a config with that tower and no placeholder token for it in the text), layout boxes, query embeddings
+    and token ids when forward requires them, and decoder ids of an encoder-decoder."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or params is None:
+        return out
+    required = _required_params(model)
+    towers = {"pixel_values": (_pixel_inputs, "vision_config", "image"),
+              "input_features": (_feature_inputs, "audio_config", "audio"),
+              "input_ids": (_token_inputs, "text_config", "text")}
+    for name, (build, tower, modality) in towers.items():
+        wanted = name in required or (getattr(cfg, tower, None) is not None and not _has_placeholder_token(cfg, modality))
+        if name in params and name not in out and wanted:
+            out.update({k: v for k, v in build(model, cfg, batch, length, gen).items() if k in params})
+    ids = out.get("input_ids")
+    for name in required - set(out):  # another tower's token ids (InstructBLIP's qformer_input_ids)
+        if name.endswith("input_ids") and ids is not None:
+            out[name] = ids.clone()
+    if "bbox" in params and ids is not None:
+        out["bbox"] = _layout_boxes(ids.shape, gen)
+    if "query_embeds" in required:  # a query transformer (BLIP-2's Q-Former): one query per token of the mask
+        out["query_embeds"] = torch.randn(batch, length, getattr(cfg, "hidden_size", 64), generator=gen)
+        width = getattr(cfg, "encoder_hidden_size", None)
+        if isinstance(width, int) and "encoder_hidden_states" in params:  # it cross-attends to an image encoder
+            out["encoder_hidden_states"] = torch.randn(batch, length, width, generator=gen)
+    return _add_decoder_inputs(out, model, params, batch, max(2, length // 2), gen)
+
+
+def _layout_boxes(shape, gen) -> torch.Tensor:
+    """One box per token in the 0..1000 page coordinates layout models use, each with x0 <= x1 and y0 <= y1."""
+    corner = torch.randint(0, 500, (*shape, 2), generator=gen)
+    extent = torch.randint(0, 500, (*shape, 2), generator=gen)
+    return torch.cat([corner, corner + extent], dim=-1)
 
 
 def _add_decoder_inputs(out: dict, model, params, batch: int, length: int, gen) -> dict:

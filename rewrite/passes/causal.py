@@ -42,9 +42,11 @@ def _is_size_read(node: fx.Node) -> bool:
     return False
 
 
-def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is_state: Callable[[fx.Node], bool]
-                 ) -> tuple[bool, str]:
-    """Whether ``op`` (an additive term or a fill of ``m``'s scores) is exactly the causal mask."""
+def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is_state: Callable[[fx.Node], bool],
+                 keeps_rows: bool = False) -> tuple[bool, str]:
+    """Whether ``op`` (an additive term or a fill of ``m``'s scores) is exactly the causal mask. ``keeps_rows``:
+    whether the fill ``op`` leaves every query row at least one key instead (a band of GPT-Neo's local attention:
+    the diagonal stays), proven the same way, at the captured length and the probed ones."""
     qs, ks = shape(m.q), shape(m.kt)
     if qs is None or ks is None or not same_size(qs[-2], ks[-1]):
         return False, "query and key lengths differ (cross-attention or a KV cache)"
@@ -62,7 +64,7 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
     sub, leaf_nodes = _extract(gm, cone, leaves, root)
     length_sym = _length_symbol(qs[-2])
     captured = {leaf: _leaf_value(leaf, values) for leaf in leaves}
-    ok, why = _check(sub, leaf_nodes, captured, op, None)
+    ok, why = _check(sub, leaf_nodes, captured, op, None, keeps_rows)
     if not ok:
         return False, why
     if length_sym is None:
@@ -79,7 +81,7 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
         trial = dict(captured)
         for leaf in varying:
             trial[leaf] = _at_length(meta_value(leaf), captured[leaf], length_sym, n)
-        ok, why = _check(sub, leaf_nodes, trial, op, n)
+        ok, why = _check(sub, leaf_nodes, trial, op, n, keeps_rows)
         if not ok:
             return False, f"at length {n}: {why}"
     return True, "proven at the captured length and at lengths " + ", ".join(map(str, lengths))
@@ -231,7 +233,8 @@ def _extract(gm: fx.GraphModule, cone: set, leaves: list, root: fx.Node):
     return fx.GraphModule(gm, graph), leaf_nodes
 
 
-def _check(sub: fx.GraphModule, leaf_nodes: dict, leaf_values: dict, op: ScoreOp, n: Optional[int]) -> tuple[bool, str]:
+def _check(sub: fx.GraphModule, leaf_nodes: dict, leaf_values: dict, op: ScoreOp, n: Optional[int],
+           keeps_rows: bool = False) -> tuple[bool, str]:
     try:
         with torch.no_grad():
             mask = sub(*[leaf_values[leaf] for leaf in leaf_nodes])
@@ -243,6 +246,11 @@ def _check(sub: fx.GraphModule, leaf_nodes: dict, leaf_values: dict, op: ScoreOp
     if rows != cols or (n is not None and rows != n):
         return False, f"the mask is {rows}x{cols}, not square at the score shape"
     visible = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril()
+    if keeps_rows:
+        if op.kind != "fill" or (mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all()):
+            return False, "not a boolean fill"
+        filled = mask.bool() if op.fill_where_true else ~mask.bool()
+        return (True, "") if bool((~filled).any(-1).all()) else (False, "a row has every key filled")
     if op.kind == "fill":
         filled = mask.bool() if op.fill_where_true else ~mask.bool()
         if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():

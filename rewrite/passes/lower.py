@@ -231,10 +231,35 @@ def _row_fixes(b: "_Builder", m: SiteMatch, causal_ops: set, beta: Optional[fx.N
         fixes.append((_nan_rows, (dead if dead is not None else b.call(_rows_all_neg_inf, beta),)))
     for i, op in enumerate(m.ops):
         if op.kind == "fill" and i not in causal_ops and op.fill_value is not None and math.isfinite(op.fill_value):
-            fixes.append((_uniform_rows, (b.call(_rows_all, op.cond, op.fill_where_true), v)))
+            cond = _in_final_layout(b, m, i, op.cond)
+            fixes.append((_uniform_rows, (b.call(_rows_all, cond, op.fill_where_true), v)))
     if m.zeroed_rows is not None:  # zeroed after the softmax: those rows are 0, whatever the fill made them
         fixes.append((_zero_rows, (b.call(_rows_all, m.zeroed_rows, True),)))
     return fixes
+
+
+def _layout_before(m: SiteMatch, i: int) -> tuple:
+    """(the split dims, whether the scores are split) where the ``i``-th score op of ``m`` applies."""
+    split, in_split = None, False
+    for op in m.ops[:i]:
+        if op.kind == "split":
+            split, in_split = op.value, True
+        elif op.kind == "merge":
+            in_split = False
+    return split, in_split
+
+
+def _in_final_layout(b: "_Builder", m: SiteMatch, i: int, cond: fx.Node) -> fx.Node:
+    """A fill condition of the ``i``-th score op seen in the layout the SDPA call runs in (the same view of the
+    batch the scores went through from there: split into ``(b, h)`` or merged into ``b·h``)."""
+    split, in_split = _layout_before(m, i)
+    final_split, final_in_split = _layout_before(m, len(m.ops))
+    if in_split and not final_in_split:
+        full = b.call(_expand_leading, cond, tuple(split))
+        return b.call(torch.flatten, full, 0, len(split) - 1)
+    if final_in_split and not in_split:
+        return _split_leading(b, cond, final_split)
+    return cond
 
 
 def _zero_rows(out: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ Two facts decide whether SDPA (scores + mask) computes what the original compute
 * An additive term from the model's inputs may hold −∞ in a whole row: the original gives NaN, SDPA 0.
 
 A fill whose value cannot be read (computed at run time), a fill above ``MASKED_BELOW``, or a finite fill
-whose rows cannot be restored exactly (another term added after it, a split batch layout) rejects the site.
+whose rows cannot be restored exactly (another term added after it) rejects the site. A fill in a split batch
+layout (``(b·h, n, n)`` scores viewed as ``(b, h, n, n)``) is restored in the layout the SDPA call runs in.
 """
 from __future__ import annotations
 
@@ -88,9 +89,6 @@ def empty_row_problem(m: SiteMatch, causal_ops: set) -> Optional[str]:
     if m.extra_columns is not None:
         return ("a finite fill beside extra key columns (sinks): rows whose every real key is masked would differ "
                 "from the original")
-    if any(op.kind in ("split", "merge") for op in m.ops):
-        return ("a finite fill in a split batch layout: rows whose every key is masked would differ from the "
-                "original")
     if any(op.kind in ("add", "fill", "stream") and j not in causal_ops for j, op in enumerate(m.ops) if j > i):
         return ("a mask term follows a finite fill: rows whose every key is masked would differ from the "
                 "original")

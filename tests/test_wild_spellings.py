@@ -845,3 +845,42 @@ def test_a_slice_update_that_is_not_additive_stays():
     assert model.rewrite_report.rejected, model.rewrite_report.table()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x))
+
+
+class WindowAttention(nn.Module):
+    """Swin's window attention (timm, fused attention off): a relative-position bias gathered from a table, then
+    for shifted windows a per-window mask added in a ``[B, nW, H, N, N]`` view of the ``[B·nW, H, N, N]`` scores
+    and viewed back. ``bias_rank`` 3 leaves the bias ``[H, N, N]`` (broadcast from the right)."""
+
+    def __init__(self, heads=2, side=3, windows=4, shifted=True, bias_rank=4):
+        super().__init__()
+        n, self.h, self.bias_rank = side * side, heads, bias_rank
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.table = nn.Parameter(torch.randn((2 * side - 1) ** 2, heads))
+        self.register_buffer("index", torch.randint(0, (2 * side - 1) ** 2, (n, n)))
+        hidden = torch.rand(windows, n, n) > 0.7
+        self.register_buffer("mask", hidden * -100.0 if shifted else None)
+
+    def forward(self, x):
+        b_, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b_, n, 3, self.h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * (c // self.h) ** -0.5) @ k.transpose(-2, -1)
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+        attn = attn + (bias.unsqueeze(0) if self.bias_rank == 4 else bias)
+        if self.mask is not None:
+            windows = self.mask.shape[0]
+            attn = attn.view(-1, windows, self.h, n, n) + self.mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.h, n, n)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b_, n, -1))
+
+
+@pytest.mark.parametrize("heads,windows,shifted,bias_rank", [(2, 4, True, 4), (2, 2, True, 3), (4, 2, False, 4)])
+def test_swin_window_attention_with_a_mask_added_in_a_window_view(heads, windows, shifted, bias_rank):
+    torch.manual_seed(0)
+    model = WindowAttention(heads=heads, windows=windows, shifted=shifted, bias_rank=bias_rank).eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2 * windows, 9, 16),))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3 * windows, 9, 16)
+        _close(model(x), ref(x), torch.float32)

@@ -112,15 +112,12 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
     for i, op in enumerate(m.ops):
         if op.kind in ("cast", "shift") or i in causal_ops:
             continue  # casts, and the row maximum subtracted: softmax does not see it
-        if op.kind == "split":  # from here on the scores are in the split layout: bring beta along
-            f.split, f.in_split = op.value, True
+        if op.kind in ("split", "merge"):  # the scores change layout from here on: bring beta along
+            if op.kind == "split":
+                f.split = op.value
+            f.in_split = op.kind == "split"
             if f.beta is not None:
-                f.beta = _split_leading(b, f.beta, f.split)
-        elif op.kind == "merge":  # back to the merged layout: broadcast beta over the split dims, then merge
-            f.in_split = False
-            if f.beta is not None:
-                full = b.call(_expand_leading, f.beta, tuple(f.split))
-                f.beta = b.call(torch.flatten, full, 0, len(f.split) - 1)
+                f.beta = b.call(_relayout, f.beta, m.q, m.kt, tuple(f.split), f.in_split)
         elif op.kind == "scale":
             _fold_scale(b, f, op)
         elif op.kind == "stream":
@@ -300,19 +297,27 @@ def _uniform_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor) -> tor
 ROW_FIXES = (_nan_rows, _uniform_rows, _zero_rows)
 
 
-def _split_leading(b: "_Builder", term: fx.Node, split: tuple) -> fx.Node:
-    """A term in the merged layout ``[X, ...]`` seen in the split layout ``[*split, ...]``."""
-    s = shape(term)
-    if s is None or len(s) < 3:
-        return term  # broadcasts over every batch dim as it is
-    if static_int(s[0]) == 1:
-        return b.call(torch.unsqueeze, term, 0)
-    return b.call(torch.unflatten, term, 0, tuple(split))
+def _relayout(term: torch.Tensor, q: torch.Tensor, kt: torch.Tensor, split: tuple, to_split: bool) -> torch.Tensor:
+    """A score term (broadcastable to the scores) moved between the scores' merged layout (the product's,
+    ``[*merged, Nq, Nk]``) and the split layout ``[*split, Nq, Nk]`` of a view that regroups the leading dims.
 
-
-def _expand_leading(x: torch.Tensor, lead: tuple) -> torch.Tensor:
-    """Broadcast ``x`` to ``[*lead, *x.shape[-2:]]`` (its last two dims as they are)."""
-    return x.expand(*lead, *x.shape[-2:])
+    The leading dims both layouts end with stay; the rest regroup (``[B·nW, H]`` <-> ``[B, nW, H]``; ``[B·H]`` <->
+    ``[B, H]``). A term that is 1 on every regrouped dim is only re-viewed (it broadcasts as it did), otherwise it
+    is broadcast over them first, as the original's add did."""
+    merged = tuple(torch.broadcast_shapes(q.shape[:-2], kt.shape[:-2]))
+    src, dst = (merged, tuple(split)) if to_split else (tuple(split), merged)
+    if term.dim() <= 2:
+        return term  # it broadcasts over every leading dim of either layout
+    if term.dim() > len(src) + 2:
+        raise ValueError(f"a score term of shape {tuple(term.shape)} has more dims than the scores {src}")
+    term = term.reshape((1,) * (len(src) + 2 - term.dim()) + tuple(term.shape))
+    kept = 0  # trailing leading dims the regrouping leaves alone
+    while kept < min(len(src), len(dst)) - 1 and src[-1 - kept] == dst[-1 - kept]:
+        kept += 1
+    cut, rest = len(src) - kept, tuple(term.shape[len(src) - kept:])
+    if all(size == 1 for size in term.shape[:cut]):
+        return term.reshape((1,) * (len(dst) - kept) + rest)
+    return term.expand(*src[:cut], *rest).reshape(*dst[:len(dst) - kept], *rest)
 
 
 def _to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -884,3 +884,65 @@ def test_swin_window_attention_with_a_mask_added_in_a_window_view(heads, windows
     with torch.no_grad():
         x = torch.randn(3 * windows, 9, 16)
         _close(model(x), ref(x), torch.float32)
+
+
+class RowFactor(nn.Module):
+    """Scores multiplied (or divided) by a factor constant along the keys: XCiT's learned per-head temperature
+    ``[H, 1, 1]``, a per-query-row factor computed from q, a per-batch factor, a ``[N, 1]`` table or a one-element
+    tensor; ``split`` applies it in a ``[B, H, N, N]`` view of ``[B·H, N, N]`` scores."""
+
+    def __init__(self, factor="head", divide=False, split=False, heads=2, n=6):
+        super().__init__()
+        self.factor, self.divide, self.split, self.h = factor, divide, split, heads
+        self.qkv = nn.Linear(16, 48)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.rows = nn.Parameter(torch.rand(n, 1) + 0.5)
+        self.one = nn.Parameter(torch.rand(1) + 0.5)
+
+    def _factor(self, q):
+        if self.factor == "head":
+            return self.temperature
+        if self.factor == "row":
+            return q.norm(dim=-1, keepdim=True) + 0.5
+        if self.factor == "batch":
+            return q.mean(dim=(1, 2, 3), keepdim=True).abs() + 0.5
+        return self.rows if self.factor == "table" else self.one
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        t = self._factor(q)
+        s = q @ k.transpose(-2, -1)
+        if self.split:
+            s = s.reshape(b * self.h, n, n).view(b, self.h, n, n)
+        s = s / t if self.divide else t * s
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+@_PROPERTY
+@given(factor=st.sampled_from(["head", "row", "batch", "table", "one"]), divide=st.booleans(),
+       split=st.booleans())
+def test_a_factor_constant_along_the_keys_is_folded_into_q(factor, divide, split):
+    torch.manual_seed(0)
+    model = RowFactor(factor=factor, divide=divide, split=split).eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16),))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3, 6, 16)
+        _close(model(x), ref(x), torch.float32)
+
+
+@pytest.mark.parametrize("spelling", ["per_key", "from_scores"])
+def test_a_factor_that_varies_along_the_keys_stays(spelling):
+    class KeyFactor(nn.Module):
+        def forward(self, q, k, v):
+            s = q @ k.transpose(-2, -1)
+            t = k.norm(dim=-1)[:, :, None, :] if spelling == "per_key" else s.amax(-1, keepdim=True).abs() + 1
+            return (s * t).softmax(-1) @ v
+
+    model = KeyFactor()
+    q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)
+    rewrite.optimize(model, "exact", example_inputs=(q, k, v))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites), model.rewrite_report.table()
+    torch.testing.assert_close(model(q, k, v), KeyFactor()(q, k, v))

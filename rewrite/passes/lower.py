@@ -100,7 +100,7 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
 class _Folded:
     """A site's score ops folded into ``scale_num * scale_tensor * (q @ kᵀ) + Σ streams + beta``."""
     scale_num: Any = 1.0                     # Python-level factor (number, SymFloat, or a node of one)
-    scale_tensor: Optional[fx.Node] = None   # a one-element tensor factor: folded into q
+    scale_tensor: Optional[fx.Node] = None   # a tensor factor constant along the keys: folded into q
     beta: Optional[fx.Node] = None
     split: Optional[tuple] = None
     in_split: bool = False
@@ -119,7 +119,7 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
             if f.beta is not None:
                 f.beta = b.call(_relayout, f.beta, m.q, m.kt, tuple(f.split), f.in_split)
         elif op.kind == "scale":
-            _fold_scale(b, f, op)
+            _fold_scale(b, f, op, m, qdtype)
         elif op.kind == "stream":
             q2, kt2, factors = op.stream
             f.streams.append([q2, kt2, list(factors)])
@@ -145,15 +145,22 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
     return f
 
 
-def _fold_scale(b: "_Builder", f: _Folded, op) -> None:
-    """A scale of everything inside it: the product, the streams added so far and the mask so far."""
+def _fold_scale(b: "_Builder", f: _Folded, op, m: SiteMatch, qdtype: torch.dtype) -> None:
+    """A scale of everything inside it: the product, the streams added so far and the mask so far. A tensor
+    factor (one element, or constant along the keys: see find_sites._row_factor) multiplies q, in q's layout
+    and dtype."""
     factor = op.value
     if is_tensor_scalar(factor):
+        on_q = factor
+        if f.in_split and rank(factor) > 2:
+            on_q = b.call(_relayout, factor, m.q, m.kt, tuple(f.split), False)
+        if meta_value(factor).dtype != qdtype:
+            on_q = b.call(_to_dtype, on_q, qdtype)
         if op.power == 1:
-            f.scale_tensor = factor if f.scale_tensor is None else b.call(MUL, f.scale_tensor, factor)
+            f.scale_tensor = on_q if f.scale_tensor is None else b.call(MUL, f.scale_tensor, on_q)
         else:
-            f.scale_tensor = (b.call(torch.reciprocal, factor) if f.scale_tensor is None
-                              else b.call(DIV, f.scale_tensor, factor))
+            f.scale_tensor = (b.call(torch.reciprocal, on_q) if f.scale_tensor is None
+                              else b.call(DIV, f.scale_tensor, on_q))
     else:
         f.scale_num = _pymul(b, f.scale_num, factor, op.power)
     for stream in f.streams:

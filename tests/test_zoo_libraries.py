@@ -57,6 +57,16 @@ def test_x_transformers_mqa_with_memory_and_zero_key_values():
     assert [r.status for r in rep.sites] == ["rewritten"], [r.reason for r in rep.sites]
 
 
+def test_x_transformers_decoder_with_learned_sinks():
+    """gpt-oss-style learned sinks (``repeat(sink, 'h -> b h i 1', b=sim.shape[0], ...)`` concatenated before the
+    softmax) beside a padding and a causal fill of ``-finfo.max``: extra keys with zero values, rewritten also
+    after the recapture with symbolic sizes (where the column reads the scores' shape)."""
+    model = _xt("Decoder", attn_head_learned_sink=True)
+    rep = _optimized_and_equal(model, _tokens(12), _tokens(17))
+    assert not rep.rejected, [r.reason for r in rep.rejected]
+    assert rep.sites and all(r.status == "rewritten" for r in rep.sites), [r.reason for r in rep.sites]
+
+
 def test_x_transformers_talking_heads_are_not_attention_and_stay():
     model = _xt("Encoder", attn_pre_talking_heads=True)
     rep = _optimized_and_equal(model, _tokens(12), _tokens(17))

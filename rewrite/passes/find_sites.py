@@ -196,7 +196,9 @@ def _describe(node: fx.Node) -> str:
 
 
 def _produces_matmul(node: Any, depth: int = 6) -> bool:
-    """Whether a product (matmul) is among the inputs of ``node`` within ``depth`` steps."""
+    """Whether a product (matmul) is among the inputs of ``node`` within ``depth`` steps. Reading a product's
+    shape is no dependence on it: a column built from a parameter to the scores' size (``repeat(sink, 'h -> b h
+    i 1', b=s.shape[0])``) is not a product."""
     frontier, seen = [node], set()
     for _ in range(depth + 1):
         nxt = []
@@ -206,7 +208,7 @@ def _produces_matmul(node: Any, depth: int = 6) -> bool:
             seen.add(n)
             if n.op == "call_function" and n.target is MATMUL:
                 return True
-            nxt.extend(n.all_input_nodes)
+            nxt.extend(i for i in n.all_input_nodes if not reads_only_shape(n, i))
         frontier = nxt
     return False
 

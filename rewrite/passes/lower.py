@@ -235,7 +235,11 @@ def _row_fixes(b: "_Builder", m: SiteMatch, causal_ops: set, beta: Optional[fx.N
         fixes.append((_nan_rows, (dead if dead is not None else b.call(_rows_all_neg_inf, beta),)))
     for i, op in enumerate(m.ops):
         if op.kind == "fill" and i not in causal_ops and op.fill_value is not None and math.isfinite(op.fill_value):
-            fixes.append((_uniform_rows, (b.call(_rows_all, op.cond, op.fill_where_true), v)))
+            dead = b.call(_rows_all, op.cond, op.fill_where_true)
+            if m.extra_columns is None:
+                fixes.append((_uniform_rows, (dead, v)))
+            else:
+                fixes.append((_sink_rows, (dead, v, m.extra_columns, op.fill_value, m.extra_first)))
     if m.zeroed_rows is not None:  # zeroed after the softmax: those rows are 0, whatever the fill made them
         fixes.append((_zero_rows, (b.call(_rows_all, m.zeroed_rows, True),)))
     return fixes
@@ -300,8 +304,26 @@ def _uniform_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor) -> tor
     return torch.where(dead, mean.to(out.dtype), out)
 
 
+def _sink_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, fill: float,
+               first: bool) -> torch.Tensor:
+    """Rows whose every real key holds the (finite) fill, beside extra key columns (sinks, zero values): the
+    original gives each real key ``e^fill / Z`` with ``Z = n e^fill + Σ e^col``, so the row is the values' mean
+    times ``n e^fill / Z = sigmoid(fill + log n - logsumexp(col))``; SDPA would add the fill to the scores
+    instead. ``v`` holds the extra keys' zero rows (before, ``first``, or after the real ones)."""
+    if _none_on_cpu(dead):
+        return out
+    count = columns.shape[-1]
+    real = v[..., count:, :] if first else v[..., :v.shape[-2] - count, :]
+    mean = real.float().mean(-2, keepdim=True)
+    if mean.dim() >= 3 and out.dim() >= 3 and mean.shape[-3] != out.shape[-3]:
+        mean = mean.repeat_interleave(out.shape[-3] // mean.shape[-3], dim=-3)  # grouped (GQA) values
+    # the sinks' distance above the fill first: both are large (-1e4, finfo.min), their difference is not
+    weight = torch.sigmoid(math.log(real.shape[-2]) - (columns.float().logsumexp(-1, keepdim=True) - fill))
+    return torch.where(dead, (weight * mean).to(out.dtype), out)
+
+
 #: the functions a lowering applies to a site's output (``SiteCall.row_fixes``): ``fix(out, *per_row_args)``
-ROW_FIXES = (_nan_rows, _uniform_rows, _zero_rows)
+ROW_FIXES = (_nan_rows, _uniform_rows, _zero_rows, _sink_rows)
 
 
 def _relayout(term: torch.Tensor, q: torch.Tensor, kt: torch.Tensor, split: tuple, to_split: bool) -> torch.Tensor:

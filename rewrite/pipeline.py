@@ -587,8 +587,6 @@ def _prove(gm, m: SiteMatch, values: dict, is_state, reads: list) -> tuple[set, 
     successful proof read goes to ``reads`` (it holds only while that state does)."""
     if m.kind == "sdpa":
         return set(), bool(m.sdpa_kwargs.get("is_causal"))
-    if m.extra_columns is not None:
-        return set(), False  # extra keys (sinks) are seen by every query: the mask stays a mask, never is_causal
     masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
     causal = set()
     for i in masks:
@@ -607,7 +605,9 @@ def _prove(gm, m: SiteMatch, values: dict, is_state, reads: list) -> tuple[set, 
         if ok:
             causal.add(i)
             reads.extend(read)
-    return causal, bool(causal)
+    # extra keys (sinks) are seen by every query: a causal fill there stays in the mask, never is_causal (it still
+    # never empties a row)
+    return causal, bool(causal) and m.extra_columns is None
 
 
 def _fills_keeping_rows(gm, m: SiteMatch, causal_ops: set, values: dict, is_state, reads: list) -> set:
@@ -638,7 +638,7 @@ def _fills_keeping_rows(gm, m: SiteMatch, causal_ops: set, values: dict, is_stat
 def _causal_for_sdpa(m: SiteMatch, causal_ops: set) -> tuple[set, bool]:
     """SDPA takes ``is_causal`` only without another mask: otherwise the causal term stays in the mask."""
     masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
-    if causal_ops and len(causal_ops) == len(masks):
+    if causal_ops and len(causal_ops) == len(masks) and m.extra_columns is None:
         return causal_ops, True
     return set(), False
 
@@ -709,7 +709,7 @@ def _mask_kind(m: SiteMatch, causal_ops, is_causal: bool, is_state) -> str:
             mask = meta_value(m.sdpa_kwargs["attn_mask"])
             kinds.append("boolean" if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool else "additive")
         return "+".join(kinds) or "none"
-    kinds = ["causal"] if is_causal else []
+    kinds = ["causal"] if is_causal or causal_ops else []
     for i, op in enumerate(m.ops):
         if op.kind not in ("add", "fill") or i in causal_ops:
             continue

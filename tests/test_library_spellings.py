@@ -32,3 +32,18 @@ def test_a_causal_mask_built_from_the_size_of_the_scores_is_proven_at_every_leng
         torch.testing.assert_close(model(**batch), ref(**batch), rtol=1e-5, atol=1e-5)
     rep = rewrite.report(model)
     assert [r.status for r in rep.sites] == ["rewritten"], [r.reason for r in rep.sites]
+
+
+def test_a_tiny_x_transformers_encoder_is_rewritten():
+    """The default suite's x-transformers case (issue 15): one layer, two heads of 8, a padded key mask, one
+    capture at one length (the sweeps in bench/ and the slow tests cover lengths, options and timm)."""
+    xt = pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    model = xt.TransformerWrapper(num_tokens=50, max_seq_len=16,
+                                  attn_layers=xt.Encoder(dim=16, depth=1, heads=2, attn_dim_head=8)).eval()
+    ref = copy.deepcopy(model)
+    batch = _ids_and_mask(8)
+    rewrite.optimize(model, "exact", example_kwargs=batch)
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch), ref(**batch), rtol=1e-5, atol=1e-5)

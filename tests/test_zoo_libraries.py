@@ -13,8 +13,8 @@ import rewrite
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import zoo_common  # noqa: E402 - the sweeps' shared helpers live in bench/
 
-# each case captures and verifies a whole model twice: 20-80 s on this loaded 2-core machine, so not default
-pytestmark = pytest.mark.slow
+# each slow case captures and verifies a whole model twice: 20-80 s on this loaded 2-core machine
+slow = pytest.mark.slow
 
 
 def _timm():
@@ -49,6 +49,7 @@ def _optimized_and_equal(model, first: dict, second: dict):
     return rewrite.report(model)
 
 
+@slow
 def test_x_transformers_mqa_with_memory_and_zero_key_values():
     """One key/value head (``einsum('b h i d, b j d')``), learned memory key/values and a zero key/value
     concatenated to the keys, rotary positions: softmax(q kᵀ s + mask) v, so rewritten."""
@@ -57,12 +58,25 @@ def test_x_transformers_mqa_with_memory_and_zero_key_values():
     assert [r.status for r in rep.sites] == ["rewritten"], [r.reason for r in rep.sites]
 
 
+@slow
+def test_x_transformers_decoder_with_learned_sinks():
+    """gpt-oss-style learned sinks (``repeat(sink, 'h -> b h i 1', b=sim.shape[0], ...)`` concatenated before the
+    softmax) beside a padding and a causal fill of ``-finfo.max``: extra keys with zero values, rewritten also
+    after the recapture with symbolic sizes (where the column reads the scores' shape)."""
+    model = _xt("Decoder", attn_head_learned_sink=True)
+    rep = _optimized_and_equal(model, _tokens(12), _tokens(17))
+    assert not rep.rejected, [r.reason for r in rep.rejected]
+    assert rep.sites and all(r.status == "rewritten" for r in rep.sites), [r.reason for r in rep.sites]
+
+
+@slow
 def test_x_transformers_talking_heads_are_not_attention_and_stay():
     model = _xt("Encoder", attn_pre_talking_heads=True)
     rep = _optimized_and_equal(model, _tokens(12), _tokens(17))
     assert not any(r.status == "rewritten" for r in rep.sites)
 
 
+@slow
 def test_timm_vision_transformer_with_fused_attention_off():
     timm = _timm()
     fused = timm.layers.use_fused_attn()
@@ -80,3 +94,22 @@ def test_timm_vision_transformer_with_fused_attention_off():
         assert zoo_common.same(ref(x), model(x))
     rows = rewrite.report(model).sites
     assert rows and all(r.status == "rewritten" for r in rows), [r.reason for r in rows]
+
+
+def test_a_tiny_timm_vision_transformer():
+    """The default suite's timm case (issue 15): one block of width 16 on a 32-pixel image (~1 s CPU here)."""
+    timm = _timm()
+    fused = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(False)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
+                                  embed_dim=16, num_heads=2).eval()
+    finally:
+        timm.layers.set_fused_attn(fused)
+    x = torch.randn(1, 3, 32, 32)
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert [r.status for r in rewrite.report(model).sites] == ["rewritten"], rewrite.report(model).table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -196,7 +196,9 @@ def _describe(node: fx.Node) -> str:
 
 
 def _produces_matmul(node: Any, depth: int = 6) -> bool:
-    """Whether a product (matmul) is among the inputs of ``node`` within ``depth`` steps."""
+    """Whether a product (matmul) is among the inputs of ``node`` within ``depth`` steps. Reading a product's
+    shape is no dependence on it: a column built from a parameter to the scores' size (``repeat(sink, 'h -> b h
+    i 1', b=s.shape[0])``) is not a product."""
     frontier, seen = [node], set()
     for _ in range(depth + 1):
         nxt = []
@@ -206,7 +208,7 @@ def _produces_matmul(node: Any, depth: int = 6) -> bool:
             seen.add(n)
             if n.op == "call_function" and n.target is MATMUL:
                 return True
-            nxt.extend(n.all_input_nodes)
+            nxt.extend(i for i in n.all_input_nodes if not reads_only_shape(n, i))
         frontier = nxt
     return False
 
@@ -503,12 +505,13 @@ def _score_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
         return node.args[0]
     if node.op == "call_function" and node.target in (torch.mul, torch.div):
         a, b = node.args
-        if _on_chain(a, full) and is_scalar_like(b):
+        if _on_chain(a, full) and _row_factor(b, a, full):
             chain, factor = a, b
-        elif node.target is torch.mul and _on_chain(b, full) and is_scalar_like(a):
+        elif node.target is torch.mul and _on_chain(b, full) and _row_factor(a, b, full):
             chain, factor = b, a
         else:
-            raise _Reject(f"the scores are multiplied by a non-scalar ({_describe(node)} of two tensors)")
+            raise _Reject(f"the scores are multiplied by a factor that varies along the keys ({_describe(node)} "
+                          "of two tensors)")
         ops.append(ScoreOp("scale", value=factor, power=1 if node.target is torch.mul else -1, node=node))
         return chain
     if node.op == "call_function" and node.target in (torch.add, torch.sub):
@@ -712,6 +715,21 @@ def _check_fill(value: Any) -> None:
     if isinstance(value, (int, float)) and not value <= MASKED_BELOW:
         raise _Reject(f"the scores are replaced by {value!r} where a condition holds; a value above "
                       f"{MASKED_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
+
+
+def _row_factor(factor: Any, chain: fx.Node, full: Optional[tuple]) -> bool:
+    """A factor of the scores that lowering folds into q: a number or a one-element tensor, or a tensor constant
+    along the keys (size 1 in the last dim, broadcasting into the scores: per head, per query row, per batch) not
+    computed from the scores themselves, since ``(q @ kᵀ) * t == (q * t) @ kᵀ`` row by row (XCiT's per-head
+    temperature)."""
+    if is_scalar_like(factor):
+        return True
+    size = shape(factor) if isinstance(factor, fx.Node) else None
+    if not size or full is None or len(size) > len(full) or static_int(size[-1]) != 1:
+        return False
+    if not all(static_int(x) == 1 or same_size(x, y) for x, y in zip(reversed(size), reversed(full))):
+        return False
+    return not _depends_on(factor, chain)
 
 
 def _on_chain(node: Any, full: Optional[tuple]) -> bool:

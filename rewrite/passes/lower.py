@@ -100,7 +100,7 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
 class _Folded:
     """A site's score ops folded into ``scale_num * scale_tensor * (q @ kᵀ) + Σ streams + beta``."""
     scale_num: Any = 1.0                     # Python-level factor (number, SymFloat, or a node of one)
-    scale_tensor: Optional[fx.Node] = None   # a one-element tensor factor: folded into q
+    scale_tensor: Optional[fx.Node] = None   # a tensor factor constant along the keys: folded into q
     beta: Optional[fx.Node] = None
     split: Optional[tuple] = None
     in_split: bool = False
@@ -112,17 +112,14 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
     for i, op in enumerate(m.ops):
         if op.kind in ("cast", "shift") or i in causal_ops:
             continue  # casts, and the row maximum subtracted: softmax does not see it
-        if op.kind == "split":  # from here on the scores are in the split layout: bring beta along
-            f.split, f.in_split = op.value, True
+        if op.kind in ("split", "merge"):  # the scores change layout from here on: bring beta along
+            if op.kind == "split":
+                f.split = op.value
+            f.in_split = op.kind == "split"
             if f.beta is not None:
-                f.beta = _split_leading(b, f.beta, f.split)
-        elif op.kind == "merge":  # back to the merged layout: broadcast beta over the split dims, then merge
-            f.in_split = False
-            if f.beta is not None:
-                full = b.call(_expand_leading, f.beta, tuple(f.split))
-                f.beta = b.call(torch.flatten, full, 0, len(f.split) - 1)
+                f.beta = b.call(_relayout, f.beta, m.q, m.kt, tuple(f.split), f.in_split)
         elif op.kind == "scale":
-            _fold_scale(b, f, op)
+            _fold_scale(b, f, op, m, qdtype)
         elif op.kind == "stream":
             q2, kt2, factors = op.stream
             f.streams.append([q2, kt2, list(factors)])
@@ -148,15 +145,22 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
     return f
 
 
-def _fold_scale(b: "_Builder", f: _Folded, op) -> None:
-    """A scale of everything inside it: the product, the streams added so far and the mask so far."""
+def _fold_scale(b: "_Builder", f: _Folded, op, m: SiteMatch, qdtype: torch.dtype) -> None:
+    """A scale of everything inside it: the product, the streams added so far and the mask so far. A tensor
+    factor (one element, or constant along the keys: see find_sites._row_factor) multiplies q, in q's layout
+    and dtype."""
     factor = op.value
     if is_tensor_scalar(factor):
+        on_q = factor
+        if f.in_split and rank(factor) > 2:
+            on_q = b.call(_relayout, factor, m.q, m.kt, tuple(f.split), False)
+        if meta_value(factor).dtype != qdtype:
+            on_q = b.call(_to_dtype, on_q, qdtype)
         if op.power == 1:
-            f.scale_tensor = factor if f.scale_tensor is None else b.call(MUL, f.scale_tensor, factor)
+            f.scale_tensor = on_q if f.scale_tensor is None else b.call(MUL, f.scale_tensor, on_q)
         else:
-            f.scale_tensor = (b.call(torch.reciprocal, factor) if f.scale_tensor is None
-                              else b.call(DIV, f.scale_tensor, factor))
+            f.scale_tensor = (b.call(torch.reciprocal, on_q) if f.scale_tensor is None
+                              else b.call(DIV, f.scale_tensor, on_q))
     else:
         f.scale_num = _pymul(b, f.scale_num, factor, op.power)
     for stream in f.streams:
@@ -231,8 +235,11 @@ def _row_fixes(b: "_Builder", m: SiteMatch, causal_ops: set, beta: Optional[fx.N
         fixes.append((_nan_rows, (dead if dead is not None else b.call(_rows_all_neg_inf, beta),)))
     for i, op in enumerate(m.ops):
         if op.kind == "fill" and i not in causal_ops and op.fill_value is not None and math.isfinite(op.fill_value):
-            cond = _in_final_layout(b, m, i, op.cond)
-            fixes.append((_uniform_rows, (b.call(_rows_all, cond, op.fill_where_true), v)))
+            dead = b.call(_rows_all, _in_final_layout(b, m, i, op.cond), op.fill_where_true)
+            if m.extra_columns is None:
+                fixes.append((_uniform_rows, (dead, v)))
+            else:
+                fixes.append((_sink_rows, (dead, v, m.extra_columns, op.fill_value, m.extra_first)))
     if m.zeroed_rows is not None:  # zeroed after the softmax: those rows are 0, whatever the fill made them
         fixes.append((_zero_rows, (b.call(_rows_all, m.zeroed_rows, True),)))
     return fixes
@@ -321,23 +328,49 @@ def _uniform_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor) -> tor
     return torch.where(dead, mean.to(out.dtype), out)
 
 
+def _sink_rows(out: torch.Tensor, dead: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, fill: float,
+               first: bool) -> torch.Tensor:
+    """Rows whose every real key holds the (finite) fill, beside extra key columns (sinks, zero values): the
+    original gives each real key ``e^fill / Z`` with ``Z = n e^fill + Σ e^col``, so the row is the values' mean
+    times ``n e^fill / Z = sigmoid(fill + log n - logsumexp(col))``; SDPA would add the fill to the scores
+    instead. ``v`` holds the extra keys' zero rows (before, ``first``, or after the real ones)."""
+    if _none_on_cpu(dead):
+        return out
+    count = columns.shape[-1]
+    real = v[..., count:, :] if first else v[..., :v.shape[-2] - count, :]
+    mean = real.float().mean(-2, keepdim=True)
+    if mean.dim() >= 3 and out.dim() >= 3 and mean.shape[-3] != out.shape[-3]:
+        mean = mean.repeat_interleave(out.shape[-3] // mean.shape[-3], dim=-3)  # grouped (GQA) values
+    # the sinks' distance above the fill first: both are large (-1e4, finfo.min), their difference is not
+    weight = torch.sigmoid(math.log(real.shape[-2]) - (columns.float().logsumexp(-1, keepdim=True) - fill))
+    return torch.where(dead, (weight * mean).to(out.dtype), out)
+
+
 #: the functions a lowering applies to a site's output (``SiteCall.row_fixes``): ``fix(out, *per_row_args)``
-ROW_FIXES = (_nan_rows, _uniform_rows, _zero_rows)
+ROW_FIXES = (_nan_rows, _uniform_rows, _zero_rows, _sink_rows)
 
 
-def _split_leading(b: "_Builder", term: fx.Node, split: tuple) -> fx.Node:
-    """A term in the merged layout ``[X, ...]`` seen in the split layout ``[*split, ...]``."""
-    s = shape(term)
-    if s is None or len(s) < 3:
-        return term  # broadcasts over every batch dim as it is
-    if static_int(s[0]) == 1:
-        return b.call(torch.unsqueeze, term, 0)
-    return b.call(torch.unflatten, term, 0, tuple(split))
+def _relayout(term: torch.Tensor, q: torch.Tensor, kt: torch.Tensor, split: tuple, to_split: bool) -> torch.Tensor:
+    """A score term (broadcastable to the scores) moved between the scores' merged layout (the product's,
+    ``[*merged, Nq, Nk]``) and the split layout ``[*split, Nq, Nk]`` of a view that regroups the leading dims.
 
-
-def _expand_leading(x: torch.Tensor, lead: tuple) -> torch.Tensor:
-    """Broadcast ``x`` to ``[*lead, *x.shape[-2:]]`` (its last two dims as they are)."""
-    return x.expand(*lead, *x.shape[-2:])
+    The leading dims both layouts end with stay; the rest regroup (``[B·nW, H]`` <-> ``[B, nW, H]``; ``[B·H]`` <->
+    ``[B, H]``). A term that is 1 on every regrouped dim is only re-viewed (it broadcasts as it did), otherwise it
+    is broadcast over them first, as the original's add did."""
+    merged = tuple(torch.broadcast_shapes(q.shape[:-2], kt.shape[:-2]))
+    src, dst = (merged, tuple(split)) if to_split else (tuple(split), merged)
+    if term.dim() <= 2:
+        return term  # it broadcasts over every leading dim of either layout
+    if term.dim() > len(src) + 2:
+        raise ValueError(f"a score term of shape {tuple(term.shape)} has more dims than the scores {src}")
+    term = term.reshape((1,) * (len(src) + 2 - term.dim()) + tuple(term.shape))
+    kept = 0  # trailing leading dims the regrouping leaves alone
+    while kept < min(len(src), len(dst)) - 1 and src[-1 - kept] == dst[-1 - kept]:
+        kept += 1
+    cut, rest = len(src) - kept, tuple(term.shape[len(src) - kept:])
+    if all(size == 1 for size in term.shape[:cut]):
+        return term.reshape((1,) * (len(dst) - kept) + rest)
+    return term.expand(*src[:cut], *rest).reshape(*dst[:len(dst) - kept], *rest)
 
 
 def _to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -86,9 +86,10 @@ def empty_row_problem(m: SiteMatch, causal_ops: set) -> Optional[str]:
     if len(finite) > 1:
         return "two finite fills on the scores: rows whose every key is masked would differ from the original"
     i = finite[0]
-    if m.extra_columns is not None:
-        return ("a finite fill beside extra key columns (sinks): rows whose every real key is masked would differ "
-                "from the original")
+    if m.extra_columns is not None and any(op.kind == "scale" or (op.kind == "fill" and op.fill_value != m.ops[i]
+                                           .fill_value) for op in m.ops[i + 1:]):
+        return ("a finite fill beside extra key columns (sinks), then scaled or filled again: rows whose every "
+                "real key is masked would differ from the original")
     if any(op.kind in ("add", "fill", "stream") and j not in causal_ops for j, op in enumerate(m.ops) if j > i):
         return ("a mask term follows a finite fill: rows whose every key is masked would differ from the "
                 "original")

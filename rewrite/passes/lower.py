@@ -262,10 +262,9 @@ def _in_final_layout(b: "_Builder", m: SiteMatch, i: int, cond: fx.Node) -> fx.N
     split, in_split = _layout_before(m, i)
     final_split, final_in_split = _layout_before(m, len(m.ops))
     if in_split and not final_in_split:
-        full = b.call(_expand_leading, cond, tuple(split))
-        return b.call(torch.flatten, full, 0, len(split) - 1)
+        return b.call(_relayout, cond, m.q, m.kt, tuple(split), False)
     if final_in_split and not in_split:
-        return _split_leading(b, cond, final_split)
+        return b.call(_relayout, cond, m.q, m.kt, tuple(final_split), True)
     return cond
 
 

@@ -587,24 +587,8 @@ def _prove(gm, m: SiteMatch, values: dict, is_state, reads: list) -> tuple[set, 
     successful proof read goes to ``reads`` (it holds only while that state does)."""
     if m.kind == "sdpa":
         return set(), bool(m.sdpa_kwargs.get("is_causal"))
-    masks = [i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")]
-    causal = set()
-    for i in masks:
-        read: list = []
-
-        def is_state_read(node: fx.Node) -> bool:
-            if is_state(node):
-                read.append(node)
-                return True
-            return False
-
-        try:
-            ok, _why = prove_causal(gm, m, m.ops[i], values, is_state_read)
-        except Exception:  # noqa: BLE001 - anything the prover cannot evaluate is simply not proven
-            ok = False
-        if ok:
-            causal.add(i)
-            reads.extend(read)
+    causal = {i for i, op in enumerate(m.ops) if op.kind in ("add", "fill")
+              and _proven(gm, m, op, values, is_state, reads)}
     # extra keys (sinks) are seen by every query: a causal fill there stays in the mask, never is_causal (it still
     # never empties a row)
     return causal, bool(causal) and m.extra_columns is None
@@ -614,25 +598,28 @@ def _fills_keeping_rows(gm, m: SiteMatch, causal_ops: set, values: dict, is_stat
     """Indices of the finite fills of ``m`` (not the causal mask) proven to leave every query row a key, so the
     rows a finite fill would empty (where SDPA differs from the original) do not occur. The state a proof read
     goes to ``reads``."""
-    kept = set()
-    for i, op in enumerate(m.ops):
-        if op.kind != "fill" or i in causal_ops or not math.isfinite(getattr(op, "fill_value", -math.inf)):
-            continue
-        read: list = []
+    return {i for i, op in enumerate(m.ops) if op.kind == "fill" and i not in causal_ops
+            and math.isfinite(getattr(op, "fill_value", -math.inf))
+            and _proven(gm, m, op, values, is_state, reads, keeps_rows=True)}
 
-        def is_state_read(node: fx.Node) -> bool:
-            if is_state(node):
-                read.append(node)
-                return True
-            return False
-        try:
-            ok, _why = prove_causal(gm, m, op, values, is_state_read, keeps_rows=True)
-        except Exception:  # noqa: BLE001 - anything the prover cannot evaluate is simply not proven
-            ok = False
-        if ok:
-            kept.add(i)
-            reads.extend(read)
-    return kept
+
+def _proven(gm, m: SiteMatch, op, values: dict, is_state, reads: list, **how) -> bool:
+    """Whether ``prove_causal`` proves ``op`` (``how``: what it proves); the model state a successful proof read
+    goes to ``reads``. Anything the prover cannot evaluate is simply not proven."""
+    read: list = []
+
+    def is_state_read(node: fx.Node) -> bool:
+        if is_state(node):
+            read.append(node)
+            return True
+        return False
+    try:
+        ok, _why = prove_causal(gm, m, op, values, is_state_read, **how)
+    except Exception:  # noqa: BLE001 - not proven
+        ok = False
+    if ok:
+        reads.extend(read)
+    return ok
 
 
 def _causal_for_sdpa(m: SiteMatch, causal_ops: set) -> tuple[set, bool]:

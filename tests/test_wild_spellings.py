@@ -1074,3 +1074,23 @@ def test_a_factor_that_varies_along_the_keys_stays(spelling):
     rewrite.optimize(model, "exact", example_inputs=(q, k, v))
     assert not any(r.status == "rewritten" for r in model.rewrite_report.sites), model.rewrite_report.table()
     torch.testing.assert_close(model(q, k, v), KeyFactor()(q, k, v))
+
+
+def test_bool_and_integer_graph_outputs_are_compared_by_equality():
+    """A graph that also returns a bool or integer tensor (higgs_audio_v2 returns masks beside its states) is
+    verified: such outputs are equal or not; taking |a - b| of them raised inside the pipeline."""
+    from rewrite.passes.verify import relative_error
+
+    class WithMasks(nn.Module):
+        def forward(self, q, k, v):
+            out = (q @ k.transpose(-1, -2) * 0.5).softmax(-1) @ v
+            return out, out > 0, (out > 0).sum(-1)
+
+    q = torch.randn(2, 2, 5, 4)
+    model = WithMasks()
+    rewrite.optimize(model, "exact", example_inputs=(q, q, q))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    assert not model.rewrite_report.errors
+    mask = torch.tensor([True, False])
+    assert relative_error(mask, mask.clone()) == 0.0 and relative_error(mask, ~mask) == float("inf")
+    assert relative_error(torch.tensor([1, 2]), torch.tensor([1, 3])) == float("inf")

@@ -90,6 +90,8 @@ def relative_error(ref: Any, out: Any) -> float:
     if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor) or ref.shape != out.shape:
         return float("inf")
     r, o = ref.detach(), out.detach()
+    if not r.is_floating_point() and not o.is_floating_point() and not r.is_complex() and not o.is_complex():
+        return 0.0 if torch.equal(r, o) else float("inf")   # bool and integer values (masks, ids) are equal or not
     if r.dtype != o.dtype:
         r, o = r.float(), o.float()
     r_fin = torch.isfinite(r)

@@ -65,11 +65,11 @@ class KMeansRouting(Action):
         _base.check_int(self, "iterations", self.iterations, 1, "Give the k-means iterations used by fit, e.g. 20.")
 
     def flops(self) -> sympy.Expr:
-        """Similarities of q and k to the centroids, then attention over ``window`` keys + the own key."""
+        """Similarities of q and k to the centroids, then attention over ``window`` keys + the own key, for each
+        of the N queries (the CPU path sorts queries by cluster: no padding slots)."""
         kept = sympy.Min(self.window, Nk) + 1
-        slots = N + self.clusters * _slot_block(N, self.clusters)
         routing = 2 * B * H * (N + Nk) * self.clusters * d
-        return _layout.attention_flops(slots, kept) + routing
+        return _layout.attention_flops(N, kept) + routing
 
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]

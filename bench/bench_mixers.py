@@ -221,6 +221,17 @@ def _optimized(action, n: int):
     return model
 
 
+def _chosen_actions(only: str) -> list:
+    """The first setting of each mixer (``only``: comma-separated mixer names), and with BlockRouting its other
+    settings too (the table's sinks/summary/per-head rows)."""
+    actions = [rewrite.action_types()[m](**s) for m, ss in SETTINGS.items() for s in ss[:1]]
+    if not only:
+        return actions
+    names = only.split(",")
+    return [a for a in actions if type(a).__name__ in names] + \
+        [rewrite.action_types()["BlockRouting"](**s) for s in SETTINGS["BlockRouting"][1:] if "BlockRouting" in names]
+
+
 def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "", threads: int = 0) -> None:
     """In one process, exact and each mixer timed alternately (exact, mixer, exact, mixer, ...) at each length:
     the median of the per-pair ratios exact/mixer, beside the FLOPs ratio exact/mixer of the cost model. The
@@ -230,11 +241,7 @@ def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "", threads: int 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1, H=12, d=64, fp32, CPU")
     print("| N | action | exact ms | action ms | exact / action (median of pairs) | FLOPs exact / action | rule |")
     print("|---|---|---|---|---|---|---|")
-    actions = [rewrite.action_types()[m](**s) for m, ss in SETTINGS.items() for s in ss[:1]]
-    if only:
-        names = only.split(",")
-        actions = [a for a in actions if type(a).__name__ in names] + \
-            [rewrite.action_types()["BlockRouting"](**s) for s in SETTINGS["BlockRouting"][1:] if "BlockRouting" in names]
+    actions = _chosen_actions(only)
     for n in lengths:
         torch.manual_seed(0)
         qkv = torch.randn(3, 1, 12, n, 64)
@@ -272,11 +279,7 @@ def profile(lengths=(1024, 4096), only: str = "", threads: int = 1, repeats: int
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1, H=12, d=64, fp32, CPU")
     print("| N | action | fused kernel | everything else | top other ops (share of the total) |\n|---|---|---|---|---|")
-    actions = [rewrite.action_types()[m](**s) for m, ss in SETTINGS.items() for s in ss[:1]]
-    if only:
-        names = only.split(",")
-        actions = [a for a in actions if type(a).__name__ in names] + \
-            [rewrite.action_types()["BlockRouting"](**s) for s in SETTINGS["BlockRouting"][1:] if "BlockRouting" in names]
+    actions = _chosen_actions(only)
     for n in lengths:
         qkv = torch.randn(3, 1, 12, n, 64)
         for action in actions:

@@ -411,6 +411,78 @@ def test_rows_with_every_real_key_filled_beside_a_sink_keep_their_share():
     assert {r.status for r in model.rewrite_report.sites} == {"rewritten"}, model.rewrite_report.table()
 
 
+class SinkScaling(nn.Module):
+    """GraniteSWA's spelling of a sink: plain attention, its output scaled by ``sigmoid(logsumexp(s) - sink)``
+    (the share of the mass the sink would leave to the real keys), with its variations: the scaling and the
+    log-sum-exp in float32 or not, ``keepdim`` or an ``unsqueeze``, the masks of :class:`Sinks`."""
+
+    def __init__(self, heads=2, mask="float", causal=False, keepdim=False, fp32=True, returned=False):
+        super().__init__()
+        self.h, self.mask, self.causal, self.keepdim, self.fp32 = heads, mask, causal, keepdim, fp32
+        self.returned = returned
+        self.qkv = nn.Linear(16, 3 * heads * 8)
+        self.sinks = nn.Parameter(torch.randn(heads))
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, 8).permute(2, 0, 3, 1, 4)
+        s = torch.matmul(q, k.transpose(2, 3)) * 8 ** -0.5
+        visible = padding[:, None, None, :].bool()
+        if self.causal:
+            visible = visible & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        if self.mask == "float":
+            s = s + torch.zeros(visible.shape, dtype=s.dtype).masked_fill(~visible, torch.finfo(s.dtype).min)
+        elif self.mask == "fill_finite":
+            s = s.masked_fill(~visible, -1e9)
+        lse = torch.logsumexp(s.float() if self.fp32 else s, dim=-1, keepdim=self.keepdim)
+        sink = self.sinks.view(1, -1, 1, 1) if self.keepdim else self.sinks.view(1, -1, 1)
+        scale = (lse - sink).sigmoid()
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(p, v) * (scale if self.keepdim else scale.unsqueeze(-1)).to(q.dtype)
+        out = out.transpose(1, 2).reshape(b, n, self.h * 8)
+        return (out, p) if self.returned else out
+
+
+@_PROPERTY
+@given(heads=st.sampled_from([1, 3]), mask=st.sampled_from(["none", "float", "fill_finite"]),
+       causal=st.booleans(), keepdim=st.booleans(), fp32=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_a_sink_applied_after_the_value_product_is_an_extra_key(heads, mask, causal, keepdim, fp32, dtype):
+    """``(softmax(s) @ v) * sigmoid(logsumexp(s) - t)`` is attention with one more key of score ``t`` and value 0:
+    exact under random padding, and a row with no visible key gives 0 (all the mass on the sink) as before."""
+    torch.manual_seed(0)
+    model = SinkScaling(heads, mask, causal, keepdim, fp32).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16, dtype=dtype),
+                                                     _padding(2, 6, gen, all_visible=True)))
+    rows = model.rewrite_report.sites
+    assert [r.status for r in rows] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        for n in (5, 11):
+            x, padding = torch.randn(3, n, 16, generator=gen).to(dtype), _padding(3, n, gen)
+            out, want = model(x, padding), ref(x, padding)
+            _close(out, want, dtype)
+            if mask != "none":
+                assert torch.equal(out[0], torch.zeros_like(out[0])) and want[0].abs().max() < 1e-6
+    assert {r.status for r in model.rewrite_report.sites} == {"rewritten"}, model.rewrite_report.table()
+
+
+def test_sink_scaling_whose_probabilities_are_returned_keeps_them():
+    """The probabilities a caller reads are the real keys' softmax, without the sink: returned, they are a real
+    user, so the site is kept with that reason (as any site whose probabilities are returned) and both outputs are
+    unchanged."""
+    model = SinkScaling(returned=True).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(2)
+    x, padding = torch.randn(2, 6, 16), _padding(2, 6, gen)
+    rewrite.optimize(model, "exact", example_inputs=(x, padding))
+    rows = model.rewrite_report.rejected
+    assert len(rows) == 1 and "used elsewhere" in rows[0].reason, model.rewrite_report.table()
+    with torch.no_grad():
+        for got, want in zip(model(x, padding), ref(x, padding)):
+            torch.testing.assert_close(got, want)
+
+
 class SplitSinks(nn.Module):
     """Sinks in the ``(b·h, n, d)`` bmm layout: the scores split to ``[B, H, N, N]`` for the mask, then either merged
     back before the concatenation and softmax (``where="merged"``) or concatenated and soft-maxed in the split

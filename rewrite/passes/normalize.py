@@ -18,6 +18,9 @@ torch.where        ``Tensor.where`` and ATen forms
 F.dropout          ``torch.dropout``, ``aten.dropout``; keywords ``p`` and ``training``
 x + bias           ``x[idx] = f(x[idx])`` with ``f`` views and additions of terms free of ``x`` (MViTv2), where
                    ``x`` is fresh and read after the update alone; equal up to the order of the additions
+sink key column    ``(softmax(s) @ v) * sigmoid(logsumexp(s) - t)`` (GraniteSWA: a sink applied after the
+                   value product) becomes ``softmax(cat([s, t], -1))[..., :-1] @ v``, the spelling of an
+                   extra key with a zero value that ``find_sites`` reads as an attention sink
 =================  ==========================================================================
 
 Every rewrite here computes the same values as the spelling it replaces (the slice update up to the rounding of
@@ -33,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import insert_call, is_reshape, meta_value, rank, reads_only_shape, remove_dead
+from ..graph import infer_meta, insert_call, is_reshape, meta_value, rank, reads_only_shape, remove_dead, shape
 
 aten = torch.ops.aten
 
@@ -135,6 +138,9 @@ def normalize(gm: fx.GraphModule) -> int:
             changed += 1
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is operator.setitem and _slice_update_as_bias(graph, node):
+            changed += 1
+    for node in list(graph.nodes):
+        if _is_logsumexp(node) and _sink_scaling_as_extra_key(graph, node):
             changed += 1
     if changed:
         graph.lint()
@@ -487,3 +493,140 @@ def scatter_into_zeros(size: torch.Size, index: Any, values: torch.Tensor, dtype
     out = values.new_zeros(size, dtype=dtype)
     out[index] = values
     return out
+
+
+# --- a sink applied after the value product: (softmax(s) @ v) * sigmoid(logsumexp(s) - t) ---------------------
+#
+# softmax over the keys plus one key of score t and value 0 gives Σ e^s v / (Z + e^t) with Z = Σ e^s, and
+# Z / (Z + e^t) = sigmoid(log Z - t): the scaling is that sink, exactly. The extra key is spelled as find_sites
+# reads sinks (a column concatenated to the scores, its probability dropped), so every rule about sinks (which
+# targets serve them, how masks and fully masked rows behave) applies unchanged.
+
+_VALUE_PRESERVING = {"to", "float", "half", "bfloat16", "double", "type", "contiguous"}
+
+
+def _is_logsumexp(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in {torch.logsumexp} | _aten("logsumexp", ("default",))) \
+        or (node.op == "call_method" and node.target == "logsumexp")
+
+
+def _through_casts(node: fx.Node) -> fx.Node:
+    """``node`` with dtype casts and copies in front of it stepped over (towards its inputs)."""
+    while node.op == "call_method" and node.target in _VALUE_PRESERVING and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _forward_casts(node: fx.Node) -> tuple[fx.Node, list]:
+    """Follow ``node``'s single users while they are casts (or ``unsqueeze(-1)``); returns the last one and the
+    casts/unsqueezes stepped over."""
+    steps = []
+    while True:
+        user = _only_user(node)
+        if user is None or user.op != "call_method" or user.args[0] is not node:
+            return node, steps
+        if user.target in _VALUE_PRESERVING or (user.target == "unsqueeze" and tuple(user.args[1:]) in ((-1,),)):
+            steps.append(user)
+            node = user
+            continue
+        return node, steps
+
+
+def _sink_scaling_as_extra_key(graph: fx.Graph, lse: fx.Node) -> bool:
+    """Rewrite ``o = (softmax(s) @ v) * sigmoid(logsumexp(s) - t)`` into the extra-key spelling; False if the
+    graph around ``lse`` is not exactly that (any other user, another dim, a sign flipped)."""
+    scores = _through_casts(lse.args[0]) if isinstance(lse.args[0], fx.Node) else None
+    r = rank(scores)
+    dim = _arg(lse, 1, "dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    keepdim = _arg(lse, 2, "keepdim", False)
+    if scores is None or r is None or not isinstance(dim, int) or dim % r != r - 1 or keepdim not in (True, False):
+        return False
+    sub = _only_user(lse)
+    if sub is None or op_kind(sub) != "sub" or sub.args[0] is not lse or not isinstance(sub.args[1], fx.Node) \
+            or shape(sub) != shape(lse):
+        return False
+    sink = sub.args[1]
+    last, _ = _forward_casts(sub)
+    gate = _only_user(last)
+    if gate is None or not ((gate.op == "call_function" and gate.target in (torch.sigmoid, torch.special.expit,
+                                                                         F.sigmoid))
+                            or (gate.op == "call_method" and gate.target == "sigmoid")):
+        return False
+    last, steps = _forward_casts(gate)
+    if sum(s.target == "unsqueeze" for s in steps) != (0 if keepdim else 1):
+        return False
+    mul = _only_user(last)
+    if mul is None or op_kind(mul) != "mul" or len(mul.args) != 2 or last not in mul.args:
+        return False
+    product = _through_casts(mul.args[1] if mul.args[0] is last else mul.args[0])
+    softmaxes = [u for u in scores.users if u.op == "call_function" and u.target is SOFTMAX
+                 and u.kwargs.get("dim") == r - 1]
+    if product.op != "call_function" or product.target is not MATMUL or len(softmaxes) != 1:
+        return False
+    path = _value_side_path(softmaxes[0], product)
+    if path is None or len(product.users) != 1 or any(len(n.users) != 1 for n in [softmaxes[0], *path]):
+        return False  # probabilities read elsewhere (returned): they exclude the sink, so the site is kept
+    softmax = softmaxes[0]
+    with graph.inserting_before(product):
+        sizes = graph.call_method("size", (scores,))
+        dims = [graph.call_function(operator.getitem, (sizes, i)) for i in range(r - 1)]
+        column = graph.call_method("expand", (graph.call_method("unsqueeze", (sink, -1)) if not keepdim
+                                              else graph.call_method("contiguous", (sink,)), *dims, 1))
+        column = graph.call_method("to", (column, meta_value(scores).dtype))
+        joined = graph.call_function(torch.cat, ([scores, column], -1))
+        probs = graph.call_function(SOFTMAX, (joined,), dict(softmax.kwargs))
+        kept = graph.call_function(operator.getitem, (probs, (Ellipsis, slice(None, -1, None))))
+        for node in [sizes, *dims, column.args[0].args[0], column.args[0], column, joined, probs, kept]:
+            for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
+                if key in softmax.meta:
+                    node.meta[key] = softmax.meta[key]
+            infer_meta(node)
+        current = kept
+        for step in path:  # the casts and dropout between the probabilities and the value product, again
+            current = graph.node_copy(step, lambda n: current if n is (step.args[0]) else n)
+            infer_meta(current)
+        args = tuple(current if a is product.args[0] else a for a in product.args)
+        new_product = graph.call_function(MATMUL, args)
+        infer_meta(new_product)
+    result = new_product
+    between = _through_casts_chain(mul.args[1] if mul.args[0] is last else mul.args[0], product)
+    with graph.inserting_before(mul):
+        for step in between:
+            result = graph.node_copy(step, lambda n, prev=result, s=step: prev if n is s.args[0] else n)
+            infer_meta(result)
+    if meta_value(result).dtype != meta_value(mul).dtype:
+        with graph.inserting_before(mul):
+            result = graph.call_method("to", (result, meta_value(mul).dtype))
+            infer_meta(result)
+    mul.replace_all_uses_with(result)
+    remove_dead(graph, [mul])
+    return True
+
+
+def _value_side_path(softmax: fx.Node, product: fx.Node) -> Optional[list]:
+    """The casts and dropouts leading from ``softmax`` to the left operand of ``product``, first first; None
+    when the probabilities reach it any other way."""
+    node, path = product.args[0], []
+    while node is not softmax:
+        if not isinstance(node, fx.Node) or not (
+                (node.op == "call_method" and node.target in _VALUE_PRESERVING)
+                or (node.op == "call_function" and node.target is DROPOUT)):
+            return None
+        path.append(node)
+        node = node.args[0]
+    return path[::-1]
+
+
+def _through_casts_chain(node: fx.Node, product: fx.Node) -> list:
+    """The casts from ``product`` up to ``node`` (which is ``product`` or casts of it), first first."""
+    chain = []
+    while node is not product:
+        chain.append(node)
+        node = node.args[0]
+    return chain[::-1]

@@ -23,7 +23,7 @@ from .passes.adversarial import adversarial_inputs
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
 from .passes.find_sites import SiteMatch, find_sites
-from .passes.mask_semantics import empty_row_problem, read_fill_values
+from .passes.mask_semantics import empty_row_problem, holds_only_zero_one, read_fill_values
 from .passes.lower import SiteCall, unrepeat, build_call
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
 from .passes.verify import differing_output, record, relative_error, tolerance
@@ -131,11 +131,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     session.report.graphs += 1
     expand_mha(gm)
     captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # as captured: normalize must compute the same
-    normalized = normalize(gm)
+    run = GraphRun(gm, example_inputs, session)
+    normalized = normalize(gm, binary=lambda node: holds_only_zero_one(gm, node, run.values, run.is_state_read))
     matches = _find(gm, session)
     if not matches:
         return _as_captured(gm, captured) if normalized else gm
-    run = GraphRun(gm, example_inputs, session)
     sites = [_describe_site(run, m) for m in matches]
     session.guard_reads(run.reads, run.values)
     _ask_policy(session.policy.prepare, [s.site for s in sites])

@@ -1166,3 +1166,97 @@ def test_bool_and_integer_graph_outputs_are_compared_by_equality():
     mask = torch.tensor([True, False])
     assert relative_error(mask, mask.clone()) == 0.0 and relative_error(mask, ~mask) == float("inf")
     assert relative_error(torch.tensor([1, 2]), torch.tensor([1, 3])) == float("inf")
+
+
+# --- a 0/1 gate on the scores: s * b + c * (1 - b) (GPT-1) ----------------------------------------------------
+
+class GatedScores(nn.Module):
+    """GPT-1's causal mask: the scores times a registered 0/1 buffer sliced to the length, plus ``c`` where it is
+    0; ``pattern`` picks the buffer (``tril``, a fixed random 0/1 pattern, one with a 0.5 in it) and ``mask``
+    whether a padding mask is added after the gate."""
+
+    def __init__(self, pattern="tril", c=-1e4, mask=True, subtract=False, size=32):
+        super().__init__()
+        self.c, self.mask, self.subtract = c, mask, subtract
+        self.qkv = nn.Linear(16, 48)
+        gen = torch.Generator().manual_seed(3)
+        gate = {"tril": torch.ones(size, size).tril(),
+                "random": (torch.rand(size, size, generator=gen) > 0.3).float(),
+                "half": torch.ones(size, size).tril() * 0.5 + torch.ones(size, size).tril(-1) * 0.5}[pattern]
+        self.register_buffer("gate", gate.view(1, 1, size, size))
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        w = q @ k.transpose(-1, -2) / 8 ** 0.5
+        g = self.gate[:, :, : w.size(-2), : w.size(-1)]
+        w = w * g - abs(self.c) * (1 - g) if self.subtract else w * g + self.c * (1 - g)
+        if self.mask:
+            w = w + (1.0 - padding[:, None, None, :].float()) * -1e4
+        return (w.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+@pytest.mark.parametrize("subtract", [False, True])
+def test_a_causal_gate_buffer_is_a_causal_fill_at_every_length(subtract):
+    """``s * b + c * (1 - b)`` with ``b`` a registered ``tril`` of ones: a causal fill, proven for every length
+    (the recompile for a new length makes the sizes symbolic; the buffer is checked whole)."""
+    torch.manual_seed(0)
+    model = GatedScores(subtract=subtract).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(4)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16), _padding(2, 6, gen, all_visible=True)))
+    with torch.no_grad():
+        for n in (9, 13, 32):
+            x, padding = torch.randn(3, n, 16, generator=gen), _padding(3, n, gen)
+            torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+    rows = model.rewrite_report.sites
+    assert {r.status for r in rows} == {"rewritten"} and all(r.is_causal for r in rows), model.rewrite_report.table()
+
+
+def test_a_gate_that_is_not_zero_one_is_kept_and_a_changed_buffer_is_seen():
+    """A gate holding 0.5 is no mask: the site is kept with the reason. A 0/1 gate that is not causal (a fixed
+    pattern, rows with no key included) is a fill; overwriting its buffer afterwards with 0.5 makes the model
+    recapture, and the outputs follow the new buffer."""
+    gen = torch.Generator().manual_seed(5)
+    half = GatedScores(pattern="half", mask=False).eval()
+    ref = copy.deepcopy(half)
+    x, padding = torch.randn(2, 7, 16, generator=gen), _padding(2, 7, gen)
+    rewrite.optimize(half, "exact", example_inputs=(x, padding))
+    rows = half.rewrite_report.rejected
+    assert not half.rewrite_report.sites and "multiplied" in rows[0].reason, half.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(half(x, padding), ref(x, padding))
+
+    fixed = GatedScores(pattern="random", mask=False).eval()
+    ref = copy.deepcopy(fixed)
+    rewrite.optimize(fixed, "exact", example_inputs=(x, padding))
+    assert [r.status for r in fixed.rewrite_report.sites] == ["rewritten"], fixed.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+        for m in (fixed, ref):
+            m.gate[..., 1::3] = 0.5
+        torch.testing.assert_close(fixed(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gate_from_the_inputs_is_not_proven():
+    """A 0/1 gate the caller passes could hold anything on another call: never taken as a mask."""
+    class InputGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x, g):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            w = q @ k.transpose(-1, -2)
+            w = w * g + -1e4 * (1 - g)
+            return w.softmax(-1) @ v
+
+    model = InputGate().eval()
+    ref = copy.deepcopy(model)
+    x, g = torch.randn(2, 5, 16), torch.ones(5, 5).tril()
+    rewrite.optimize(model, "exact", example_inputs=(x, g))
+    assert [r.status for r in model.rewrite_report.sites] != ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        g2 = torch.full((5, 5), 0.5)
+        torch.testing.assert_close(model(x, g2), ref(x, g2))

@@ -71,7 +71,8 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
         if _captured_length(sub, leaf_nodes, captured) < 2:
             return False, "a 1x1 mask proves nothing about causality"
         return True, "static length"
-    varying = [leaf for leaf in leaves if _at_length(meta_value(leaf), captured[leaf], length_sym, 0) != captured[leaf]]
+    varying = [leaf for leaf in leaves
+               if _changes(_at_length(meta_value(leaf), captured[leaf], length_sym, 0), captured[leaf])]
     if not varying:
         return True, "the mask does not depend on the length symbol"
     lengths = _probe_lengths(cone, leaves, values)
@@ -191,6 +192,14 @@ def _at_length(meta: Any, captured: Any, length_sym, n: int) -> Any:
     if isinstance(meta, (tuple, list)) and isinstance(captured, (tuple, list)) and len(meta) == len(captured):
         return type(captured)(_at_length(m, c, length_sym, n) for m, c in zip(meta, captured))
     return captured
+
+
+def _changes(at_length: Any, captured: Any) -> bool:
+    """Whether a leaf's value at another length differs from the captured one (a tensor leaf, a buffer, never
+    does: ``_at_length`` hands it back as it is)."""
+    if isinstance(captured, torch.Tensor) or isinstance(at_length, torch.Tensor):
+        return at_length is not captured
+    return at_length != captured
 
 
 def _leaf_value(leaf: fx.Node, values: dict) -> Any:

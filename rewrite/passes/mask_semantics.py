@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import factory_number
+from ..graph import factory_number, input_cone, meta_value, reads_only_shape
 from ..sites import MASKED_BELOW
 from .causal import evaluate_constant
 from .find_sites import SiteMatch
@@ -44,6 +44,42 @@ def read_fill_values(gm: fx.GraphModule, m: SiteMatch, values: dict,
                     f"{MASKED_BELOW:g} still takes part in the softmax, so it is not a mask SDPA can take")
         op.fill_value = value
     return None
+
+
+#: ops that pick, repeat or reshape values without computing new ones (a 0/1 tensor stays 0/1 through them)
+_SELECTING = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "contiguous", "to", "type", "float",
+              "half", "bfloat16", "double", "bool", "long", "int", "clone", "detach", "permute", "transpose",
+              "flatten", "index_select", "gather", "narrow", "repeat", "__getitem__"}
+
+
+def holds_only_zero_one(gm: fx.GraphModule, gate: fx.Node, values: dict, is_state: Callable[[fx.Node], bool]) -> bool:
+    """Whether ``gate`` holds only 0 and 1 for every input: it only selects or reshapes values of the model's
+    state (a registered 0/1 buffer sliced to the length, indexed by anything), and that state holds only 0
+    and 1. What ``is_state`` reads is guarded, so a later change of the buffer is a recapture."""
+    cone = input_cone(gate, limit=64, skip_input=lambda node, i: reads_only_shape(node, i))
+    if cone is None:
+        return False
+    nodes, leaves = cone
+    for node in nodes:
+        value = values.get(node) if node.op == "placeholder" else meta_value(node)
+        if node in leaves:
+            if not isinstance(value, torch.Tensor) and node.op != "get_attr":
+                continue  # a size
+            tensor = _attribute(gm, node) if node.op == "get_attr" else (value if is_state(node) else None)
+            if not isinstance(tensor, torch.Tensor) or not bool(((tensor == 0) | (tensor == 1)).all()):
+                return False
+        elif isinstance(value, torch.Tensor):  # size arithmetic only indexes
+            name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+            if name not in _SELECTING and name != "getitem":
+                return False
+    return True
+
+
+def _attribute(gm: fx.GraphModule, node: fx.Node) -> Any:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def static_value(gm: fx.GraphModule, arg: Any, values: dict, is_state: Callable[[fx.Node], bool]) -> Optional[float]:

@@ -18,6 +18,8 @@ torch.where        ``Tensor.where`` and ATen forms
 F.dropout          ``torch.dropout``, ``aten.dropout``; keywords ``p`` and ``training``
 x + bias           ``x[idx] = f(x[idx])`` with ``f`` views and additions of terms free of ``x`` (MViTv2), where
                    ``x`` is fresh and read after the update alone; equal up to the order of the additions
+masked_fill        ``s * b + c * (1 - b)`` (GPT-1's causal buffer), as ``s.masked_fill(b == 0, c)``: only where ``b``
+                   is proven to hold only 0 and 1 for every input (a 0/1 buffer of the model, sliced or indexed)
 sink key column    ``(softmax(s) @ v) * sigmoid(logsumexp(s) - t)`` (GraniteSWA: a sink applied after the
                    value product) becomes ``softmax(cat([s, t], -1))[..., :-1] @ v``, the spelling of an
                    extra key with a zero value that ``find_sites`` reads as an attention sink
@@ -30,13 +32,13 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import infer_meta, insert_call, is_reshape, meta_value, rank, reads_only_shape, remove_dead, shape
+from ..graph import infer_meta, insert_call, is_reshape, meta_value, rank, reads_only_shape, remove_dead, same_shape, shape
 
 aten = torch.ops.aten
 
@@ -122,8 +124,10 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def normalize(gm: fx.GraphModule) -> int:
-    """Rewrite ``gm`` in place into the canonical spelling; returns how many nodes changed."""
+def normalize(gm: fx.GraphModule, binary: Callable[[fx.Node], bool] = lambda node: False) -> int:
+    """Rewrite ``gm`` in place into the canonical spelling; returns how many nodes changed. ``binary(node)``:
+    whether ``node`` is proven to hold only 0 and 1 for every input (``mask_semantics.holds_only_zero_one``),
+    which a 0/1 gate on the scores needs before it is a fill."""
     graph = gm.graph
     changed = 0
     for node in list(graph.nodes):
@@ -141,6 +145,8 @@ def normalize(gm: fx.GraphModule) -> int:
             changed += 1
     for node in list(graph.nodes):
         if _is_logsumexp(node) and _sink_scaling_as_extra_key(graph, node):
+            changed += 1
+        elif node.op == "call_function" and node.target in (ADD, SUB) and _gate_as_fill(graph, node, binary):
             changed += 1
     if changed:
         graph.lint()
@@ -549,7 +555,7 @@ def _sink_scaling_as_extra_key(graph: fx.Graph, lse: fx.Node) -> bool:
         return False
     sub = _only_user(lse)
     if sub is None or op_kind(sub) != "sub" or sub.args[0] is not lse or not isinstance(sub.args[1], fx.Node) \
-            or shape(sub) != shape(lse):
+            or not same_shape(shape(sub), shape(lse)):
         return False
     sink = sub.args[1]
     last, _ = _forward_casts(sub)
@@ -630,3 +636,49 @@ def _through_casts_chain(node: fx.Node, product: fx.Node) -> list:
         chain.append(node)
         node = node.args[0]
     return chain[::-1]
+
+
+# --- a 0/1 gate: s * b + c * (1 - b) ---------------------------------------------------------------------------
+
+def _gate_as_fill(graph: fx.Graph, node: fx.Node, binary: Callable[[fx.Node], bool]) -> bool:
+    """Rewrite ``s * b + c * (1 - b)`` (or ``s * b - c * (1 - b)``, any operand order) into
+    ``s.masked_fill(b == 0, ±c)``: the two agree exactly where ``b`` is 0 or 1, so only a ``b`` that
+    ``binary`` proves to hold nothing else is taken."""
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    for kept, other in (node.args, node.args[::-1]):
+        if other is node.args[0] and node.target is SUB:
+            continue  # c * (1 - b) - s * b: the scores negated, not a gate
+        gated, fill = _product(kept), _product(other)
+        if gated is None or fill is None:
+            continue
+        for scores, gate in (gated, gated[::-1]):
+            for factor, rest in (fill, fill[::-1]):
+                value = _number(factor)
+                if value is None or not _is_one_minus(rest, gate) or not isinstance(scores, fx.Node) \
+                        or meta_value(scores) is None or not same_shape(shape(scores), shape(node)) \
+                        or not binary(gate):
+                    continue
+                value = -value if node.target is SUB else value
+                cond = insert_call(graph, node, torch.eq, (gate, 0), like=node)
+                new = insert_call(graph, node, MASKED_FILL, (scores, cond, value), like=node)
+                if meta_value(new) is None or meta_value(new).dtype != meta_value(node).dtype:
+                    new = insert_call(graph, node, "to", (new, meta_value(node).dtype), like=node, method=True)
+                new.meta.setdefault("normalized_from", node.name)
+                node.replace_all_uses_with(new)
+                remove_dead(graph, [node])
+                return True
+    return False
+
+
+def _product(node: fx.Node) -> Optional[tuple]:
+    return tuple(node.args) if node.op == "call_function" and node.target is MUL and len(node.args) == 2 else None
+
+
+def _number(x: Any) -> Optional[float]:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _is_one_minus(node: Any, gate: fx.Node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is SUB \
+        and len(node.args) == 2 and _number(node.args[0]) == 1.0 and node.args[1] is gate

@@ -1260,3 +1260,45 @@ def test_a_gate_from_the_inputs_is_not_proven():
     with torch.no_grad():
         g2 = torch.full((5, 5), 0.5)
         torch.testing.assert_close(model(x, g2), ref(x, g2))
+
+
+class MergedScoresSplitValues(nn.Module):
+    """GPT-NeoX-Japanese: q and k flattened to ``(b·h, n, d)`` for ``baddbmm``, the scores viewed back to
+    ``(b, h, n, n)`` for the mask, the probabilities multiplied with values that never left ``(b, h, n, d)``."""
+
+    def __init__(self, heads=2, mask="float", causal=False):
+        super().__init__()
+        self.h, self.mask, self.causal = heads, mask, causal
+        self.qkv = nn.Linear(16, 3 * heads * 8)
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, 8).permute(2, 0, 3, 1, 4)
+        q3, k3 = q.reshape(b * self.h, n, 8), k.reshape(b * self.h, n, 8)
+        s = torch.baddbmm(torch.zeros(b * self.h, n, n, dtype=q.dtype), q3, k3.transpose(1, 2), beta=1.0,
+                          alpha=8 ** -0.5)
+        s = s.view(b, self.h, n, -1)
+        visible = padding[:, None, None, :].bool()
+        if self.causal:
+            visible = visible & torch.ones(n, n, dtype=torch.bool).tril()
+        if self.mask == "float":
+            s = s + torch.zeros(visible.shape, dtype=s.dtype).masked_fill(~visible, torch.finfo(s.dtype).min)
+        elif self.mask == "fill":
+            s = s.masked_fill(~visible, -1e9)
+        p = torch.softmax(s, dim=-1).to(v.dtype)
+        return (p @ v).transpose(1, 2).reshape(b, n, self.h * 8)
+
+
+@pytest.mark.parametrize("mask,causal", [("none", False), ("float", True), ("fill", False)])
+def test_scores_split_for_the_mask_beside_values_already_split(mask, causal):
+    torch.manual_seed(0)
+    model = MergedScoresSplitValues(mask=mask, causal=causal).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(6)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16), _padding(2, 6, gen, all_visible=True)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        for n in (5, 11):
+            x, padding = torch.randn(3, n, 16, generator=gen), _padding(3, n, gen)
+            torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+    assert {r.status for r in model.rewrite_report.sites} == {"rewritten"}, model.rewrite_report.table()

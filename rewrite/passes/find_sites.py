@@ -778,7 +778,9 @@ def _check_shapes(m: SiteMatch) -> None:
         depth += 1 if o.kind == "split" else -1 if o.kind == "merge" else 0
         if depth not in (0, 1):
             raise _Reject("the scores are reshaped in a way other than splitting and merging the batch dims")
-    if depth or m.merge is not None:
+    if depth and m.merge is None and _values_split(m):
+        pass  # (b·h) scores split to (b, h) for the mask, the values already (b, h, n, d): the call runs split
+    elif depth or m.merge is not None:
         if not depth or m.merge is None:
             raise _Reject("the scores and the probabilities are reshaped differently")
         if len(shape(m.qk)) != 3 or len(shape(m.softmax)) <= 3 or not same_shape(shape(m.merge), shape(m.qk)):
@@ -794,6 +796,15 @@ def _check_shapes(m: SiteMatch) -> None:
     for o in m.ops:
         if o.kind == "stream" and not _stream_fits(m, o.stream):
             o.kind, o.power = "add", 1  # features that cannot be laid beside q's and k's: an additive bias
+
+
+def _values_split(m: SiteMatch) -> bool:
+    """Whether the scores end split into ``(b, h)`` while ``q`` and ``kᵀ`` are in the merged ``(b·h)`` layout and
+    the values already in the split one (GPT-NeoX-Japanese: ``baddbmm`` on merged heads, ``matmul`` with split
+    values)."""
+    qs, kts, vs, ps = shape(m.q), shape(m.kt), shape(m.v), shape(m.softmax)
+    return None not in (qs, kts, vs, ps) and len(qs) == len(kts) == 3 and len(vs) == len(ps) > 3 \
+        and not m.values_left and same_shape(tuple(vs[:-2]), tuple(ps[:-2]))
 
 
 def _check_extra_keys(m: SiteMatch) -> None:

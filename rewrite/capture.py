@@ -45,7 +45,7 @@ _ISOLATES = "isolate_recompiles" in _COMPILE_PARAMS and "recompile_limit" in _CO
 class _CaptureSettings:
     """Switches a capture needs while it runs: the fused MHA fast path off (it hides attention in one C++ op);
     Dynamo guarding on module hooks (so hooks registered after ``optimize`` fire: a recompile); Dynamo's
-    accumulated compile cap raised. Reference-counted under a lock: nested calls and threads share one setting,
+    accumulated compile cap raised; data-dependent output shapes and scalars traced rather than broken on. Reference-counted under a lock: nested calls and threads share one setting,
     and the user's own values come back when the last one leaves."""
 
     def __init__(self):
@@ -61,7 +61,10 @@ class _CaptureSettings:
             torch.backends.mha.set_fastpath_enabled(False)
         config = torch._dynamo.config
         wanted = {"skip_nnmodule_hook_guards": False,
-                  "accumulated_recompile_limit": max(config.accumulated_recompile_limit, _ACCUMULATED_LIMIT)}
+                  "accumulated_recompile_limit": max(config.accumulated_recompile_limit, _ACCUMULATED_LIMIT),
+                  # data-dependent shapes (a mixture of experts' nonzero, a routing .item()) traced, not broken
+                  # on: a break after an attention makes its probabilities a graph output the rewrite must keep
+                  "capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
         if limit is not None and not _ISOLATES:
             wanted["recompile_limit"] = max(config.recompile_limit, limit)
         for key, value in wanted.items():

@@ -430,3 +430,42 @@ def test_generate_exact_gives_the_same_tokens(kind):
         got = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, want)
     assert not model.rewrite_report.fallbacks
+
+
+def test_a_data_dependent_shape_after_attention_does_not_break_the_graph():
+    """A mixture of experts picks tokens with ``nonzero`` after the attention, whose layer returns its
+    probabilities to a caller that drops them. Broken there, the probabilities would cross into the next graph
+    as an output and the site would have to stay; traced, the layer is one graph and the site is rewritten. The
+    user's own Dynamo settings are back afterwards."""
+    import torch._dynamo.config as dynamo_config
+
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.expert = nn.Linear(32, 96), nn.Linear(32, 32)
+
+        def attention(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            p = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+            return (p @ v).transpose(1, 2).reshape(b, n, 32), p
+
+        def forward(self, x):
+            h, _ = self.attention(x)
+            rows = (h.sum(-1) > 0).nonzero()
+            routed = torch.zeros_like(h)
+            routed[rows[:, 0], rows[:, 1]] = self.expert(h[rows[:, 0], rows[:, 1]])
+            return h + routed
+
+    before = dynamo_config.capture_dynamic_output_shape_ops
+    model = Routed().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 7, 32)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    rep = model.rewrite_report
+    assert [r.status for r in rep.sites] == ["rewritten"] and not rep.breaks, rep.table()
+    with torch.no_grad():
+        for n in (7, 12):
+            y = torch.randn(3, n, 32)
+            torch.testing.assert_close(model(y), ref(y), rtol=1e-5, atol=1e-5)
+    assert dynamo_config.capture_dynamic_output_shape_ops == before

@@ -943,6 +943,20 @@ def test_an_additive_slice_update_of_the_scores_is_a_bias(sp, grid, dtype):
         _close(model(x), ref(x), dtype)
 
 
+def test_slice_updates_deep_in_a_stack_are_all_biases():
+    """Twelve blocks in one graph: each block's relative-position terms are computed from everything before it
+    (a deep cone of earlier layers), yet none of them reads the block's own scores, and every block is a bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[SliceUpdate() for _ in range(12)]).eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 10, 16),))
+    statuses = [r.status for r in model.rewrite_report.sites]
+    assert statuses == ["rewritten"] * 12, model.rewrite_report.table()
+    with torch.no_grad():
+        x = torch.randn(3, 10, 16)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
 def test_a_slice_update_that_is_not_additive_stays():
     model = SliceUpdate(additive=False).eval()
     ref = copy.deepcopy(model)

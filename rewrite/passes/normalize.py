@@ -476,11 +476,15 @@ def _additive_chain(val: fx.Node, x: fx.Node, idx: Any) -> tuple:
     return [], None
 
 
-def _reads(arg: Any, x: fx.Node, limit: int = 200) -> bool:
+def _reads(arg: Any, x: fx.Node, limit: int = 2000) -> bool:
+    """Whether ``arg`` is computed from ``x``. Nodes placed before ``x`` cannot be (the graph is in topological
+    order), so the walk stops there: a term built from a deep model's earlier layers is cheap to clear."""
+    position = {n: i for i, n in enumerate(x.graph.nodes)}
+    start = position[x]
     seen, work = set(), [arg]
     while work and len(seen) < limit:
         n = work.pop()
-        if not isinstance(n, fx.Node) or n in seen:
+        if not isinstance(n, fx.Node) or n in seen or position.get(n, start) < start:
             continue
         if n is x:
             return True

@@ -1316,3 +1316,65 @@ def test_scores_split_for_the_mask_beside_values_already_split(mask, causal):
             x, padding = torch.randn(3, n, 16, generator=gen), _padding(3, n, gen)
             torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
     assert {r.status for r in model.rewrite_report.sites} == {"rewritten"}, model.rewrite_report.table()
+
+
+# --- differential attention: head slices of one softmax combined before the value product -------------------
+class Differential(nn.Module):
+    """timm's DiffAttention: ``2h`` heads of scores, the probabilities viewed as ``(b, h, 2, n, n)`` and combined
+    as ``p[:, :, 0] - λ p[:, :, 1]`` (``λ`` a learned scalar, or one per head and query with ``per_row``) before
+    one product with ``h`` heads of values; ``mask`` adds a padding mask."""
+
+    def __init__(self, heads=2, per_row=False, mask=True):
+        super().__init__()
+        self.h, self.per_row, self.mask = heads, per_row, mask
+        self.qk, self.v = nn.Linear(16, 2 * 2 * heads * 4), nn.Linear(16, heads * 8)
+        self.lam = nn.Parameter(torch.tensor(0.3))
+        self.row = nn.Linear(16, heads)
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k = self.qk(x).view(b, n, 2, 2 * self.h, 4).permute(2, 0, 3, 1, 4)
+        v = self.v(x).view(b, n, self.h, 8).transpose(1, 2)
+        s = q @ k.transpose(-1, -2) * 0.5
+        if self.mask:
+            s = s.masked_fill(padding[:, None, None, :] == 0, float("-inf"))
+        p = s.softmax(dim=-1).view(b, self.h, 2, n, n)
+        lam = self.row(x).transpose(1, 2)[..., None] if self.per_row else torch.exp(self.lam)
+        out = (p[:, :, 0] - lam * p[:, :, 1]) @ v
+        return out.transpose(1, 2).reshape(b, n, self.h * 8)
+
+
+@pytest.mark.parametrize("per_row,mask", [(False, True), (True, False), (True, True)])
+def test_differential_attention_is_one_value_product(per_row, mask):
+    torch.manual_seed(0)
+    model = Differential(per_row=per_row, mask=mask).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(7)
+    x, padding = torch.randn(2, 6, 16), _padding(2, 6, gen, all_visible=True)
+    rewrite.optimize(model, "exact", example_inputs=(x, padding))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        for n in (6, 9):
+            x, padding = torch.randn(3, n, 16, generator=gen), _padding(3, n, gen)
+            padding[0] = 1  # -inf fills: a row with no key is NaN in the original
+            torch.testing.assert_close(model(x, padding), ref(x, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_a_combination_weighted_along_the_keys_is_not_distributed():
+    """A weight that varies along the keys does not commute with the value product: left as it was."""
+    class KeyWeighted(Differential):
+        def forward(self, x, padding):
+            b, n, _ = x.shape
+            q, k = self.qk(x).view(b, n, 2, 2 * self.h, 4).permute(2, 0, 3, 1, 4)
+            v = self.v(x).view(b, n, self.h, 8).transpose(1, 2)
+            p = (q @ k.transpose(-1, -2)).softmax(dim=-1).view(b, self.h, 2, n, n)
+            keys = torch.linspace(0, 1, n)
+            return ((p[:, :, 0] - keys * p[:, :, 1]) @ v).transpose(1, 2).reshape(b, n, self.h * 8)
+
+    model = KeyWeighted().eval()
+    ref = copy.deepcopy(model)
+    x, padding = torch.randn(2, 6, 16), torch.ones(2, 6)
+    rewrite.optimize(model, "exact", example_inputs=(x, padding))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites), model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, padding), ref(x, padding))

@@ -20,6 +20,9 @@ x + bias           ``x[idx] = f(x[idx])`` with ``f`` views and additions of term
                    ``x`` is fresh and read after the update alone; equal up to the order of the additions
 masked_fill        ``s * b + c * (1 - b)`` (GPT-1's causal buffer), as ``s.masked_fill(b == 0, c)``: only where ``b``
                    is proven to hold only 0 and 1 for every input (a 0/1 buffer of the model, sliced or indexed)
+one value product ``(p.view(b, h, 2, n, n)[:, :, 0] - λ p.view(...)[:, :, 1]) @ v`` (differential attention: a
+                   combination of head slices of one softmax, weights constant along the keys) as
+                   ``(p @ v')`` sliced and combined the same way, ``v'`` the values repeated for each slice
 sink key column    ``(softmax(s) @ v) * sigmoid(logsumexp(s) - t)`` (GraniteSWA: a sink applied after the
                    value product) becomes ``softmax(cat([s, t], -1))[..., :-1] @ v``, the spelling of an
                    extra key with a zero value that ``find_sites`` reads as an attention sink
@@ -147,6 +150,9 @@ def normalize(gm: fx.GraphModule, binary: Callable[[fx.Node], bool] = lambda nod
         if _is_logsumexp(node) and _sink_scaling_as_extra_key(graph, node):
             changed += 1
         elif node.op == "call_function" and node.target in (ADD, SUB) and _gate_as_fill(graph, node, binary):
+            changed += 1
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is MATMUL and _slices_after_the_product(graph, node):
             changed += 1
     if changed:
         graph.lint()
@@ -686,3 +692,126 @@ def _number(x: Any) -> Optional[float]:
 def _is_one_minus(node: Any, gate: fx.Node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is SUB \
         and len(node.args) == 2 and _number(node.args[0]) == 1.0 and node.args[1] is gate
+
+
+# --- a combination of head slices of the probabilities times v (differential attention) ------------------------
+#
+# (Σ c_i W[idx_i]) @ v, with W a view of the probabilities that splits their leading dims, idx_i integers on
+# those dims, and each c_i constant along the keys, is Σ c_i ((W @ v_W)[idx_i]) where v_W repeats v along the
+# integer-indexed dims: matrix products are linear and act on each leading index alone. Written as the
+# probabilities (before the view) times v_W viewed the same way, it is one ordinary value product.
+
+def _slices_after_the_product(graph: fx.Graph, product: fx.Node) -> bool:
+    combination, v = product.args[0], product.args[1]
+    if not isinstance(combination, fx.Node) or not isinstance(v, fx.Node) or rank(v) is None \
+            or combination.op != "call_function" or combination.target is operator.getitem:
+        return False
+    leaves, inner = [], set()
+    if not _linear_in_slices(combination, leaves, inner, top=True) or not leaves:
+        return False
+    split = leaves[0].args[0]
+    if any(leaf.args[0] is not split for leaf in leaves) or len(split.users) != len(leaves):
+        return False
+    probs, lead_w = split.args[0], shape(split)[:-2]
+    if rank(probs) is None or not same_shape(shape(probs)[-2:], shape(split)[-2:]):
+        return False
+    indices = [_index(leaf) for leaf in leaves]
+    if any(idx is None for idx in indices):
+        return False
+    indexed = sorted({i for idx in indices for i, x in enumerate(idx) if isinstance(x, int)})
+    kept = [lead_w[i] for i in range(len(lead_w)) if i not in indexed]
+    if not indexed or rank(v) != len(kept) + 2 or not same_shape(tuple(shape(v)[:-2]), tuple(kept)) \
+            or any(sum(isinstance(x, int) for x in idx) != len(indexed) for idx in indices):
+        return False
+
+    def call(target, *args, method=False):
+        return insert_call(graph, product, target, args, like=product, method=method)
+
+    def sizes(node, dims):
+        every = call("size", node, method=True)
+        return [call(operator.getitem, every, i) for i in dims]
+
+    lead_sizes = _lead_sizes(split, len(lead_w))  # from the view's arguments: a size() of it would keep it alive
+    if lead_sizes is None:
+        return False
+    v_w = v
+    for axis in indexed:
+        v_w = call("unsqueeze", v_w, axis, method=True)
+    v_w = call("expand", v_w, *[lead_sizes[i] if i in indexed else -1 for i in range(len(lead_w))], -1, -1,
+               method=True)
+    v_p = call("reshape", v_w, *sizes(probs, range(rank(probs) - 2)), *sizes(v, (-2, -1)), method=True)
+    values = call(MATMUL, probs, v_p)
+    per_slice = call("view", values, *lead_sizes, *sizes(values, (-2, -1)), method=True)
+    env = {leaf: call(operator.getitem, per_slice, leaf.args[1]) for leaf in leaves}
+    result = _rebuild(combination, env, inner, call)
+    if not same_shape(shape(result), shape(product)):
+        return False  # pragma: no cover - the checks above make the shapes agree
+    product.replace_all_uses_with(result)
+    remove_dead(graph, [product])
+    return True
+
+
+def _lead_sizes(view: fx.Node, count: int) -> Optional[list]:
+    """The first ``count`` sizes a ``view``/``reshape`` call names, when it names them all explicitly."""
+    if view.op != "call_method" or view.target not in ("view", "reshape"):
+        return None
+    named = view.args[1:]
+    if len(named) == 1 and isinstance(named[0], (list, tuple)):
+        named = tuple(named[0])
+    lead = list(named[:count])
+    if len(lead) != count or any(isinstance(x, int) and x < 0 for x in lead):
+        return None
+    return lead
+
+
+def _index(leaf: fx.Node) -> Optional[tuple]:
+    """A slice's index when it picks whole leading positions (integers or full slices) and keeps the last two
+    dims whole; None otherwise."""
+    idx = leaf.args[1] if isinstance(leaf.args[1], tuple) else (leaf.args[1],)
+    r = rank(leaf.args[0])
+    if r is None or len(idx) > r - 2 or not all(isinstance(x, int) or x == slice(None) for x in idx):
+        return None
+    return idx
+
+
+def _linear_in_slices(node: Any, leaves: list, inner: set, top: bool = False, depth: int = 8) -> bool:
+    """Whether ``node`` is a sum of slices ``W[idx]`` of a reshape ``W`` (collected in ``leaves``) times weights
+    constant along the keys, each intermediate used only here (collected in ``inner``)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or depth == 0 or (not top and len(node.users) != 1):
+        return False
+    if node.target is operator.getitem:
+        if isinstance(node.args[0], fx.Node) and is_reshape(node.args[0]):
+            leaves.append(node)
+            return True
+        return False
+    inner.add(node)
+    if node.target in (ADD, SUB) and len(node.args) == 2:
+        return all(_linear_in_slices(a, leaves, inner, depth=depth - 1) for a in node.args)
+    if node.target in (MUL, DIV) and len(node.args) == 2:
+        for term, weight in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            if term is node.args[1] and node.target is DIV:
+                break
+            found: list = []
+            if _linear_in_slices(term, found, inner, depth=depth - 1) and _constant_along_keys(weight):
+                leaves.extend(found)
+                return True
+        return False
+    if node.target in (torch.neg, operator.neg) and len(node.args) == 1:
+        return _linear_in_slices(node.args[0], leaves, inner, depth=depth - 1)
+    return False
+
+
+def _constant_along_keys(weight: Any) -> bool:
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        return True
+    value = meta_value(weight)
+    return isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[-1] == 1)
+
+
+def _rebuild(node: fx.Node, env: dict, inner: set, call: Callable) -> fx.Node:
+    """``node``'s expression with its slices replaced by ``env`` (the combination applied to the products)."""
+    if node in env:
+        return env[node]
+    args = tuple(_rebuild(a, env, inner, call) if isinstance(a, fx.Node) and (a in env or a in inner) else a
+                 for a in node.args)
+    return call(node.target, *args)

@@ -45,7 +45,7 @@ _ISOLATES = "isolate_recompiles" in _COMPILE_PARAMS and "recompile_limit" in _CO
 class _CaptureSettings:
     """Switches a capture needs while it runs: the fused MHA fast path off (it hides attention in one C++ op);
     Dynamo guarding on module hooks (so hooks registered after ``optimize`` fire: a recompile); Dynamo's
-    accumulated compile cap raised; data-dependent output shapes and scalars traced rather than broken on. Reference-counted under a lock: nested calls and threads share one setting,
+    accumulated compile cap raised. Reference-counted under a lock: nested calls and threads share one setting,
     and the user's own values come back when the last one leaves."""
 
     def __init__(self):
@@ -61,10 +61,7 @@ class _CaptureSettings:
             torch.backends.mha.set_fastpath_enabled(False)
         config = torch._dynamo.config
         wanted = {"skip_nnmodule_hook_guards": False,
-                  "accumulated_recompile_limit": max(config.accumulated_recompile_limit, _ACCUMULATED_LIMIT),
-                  # data-dependent shapes (a mixture of experts' nonzero, a routing .item()) traced, not broken
-                  # on: a break after an attention makes its probabilities a graph output the rewrite must keep
-                  "capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+                  "accumulated_recompile_limit": max(config.accumulated_recompile_limit, _ACCUMULATED_LIMIT)}
         if limit is not None and not _ISOLATES:
             wanted["recompile_limit"] = max(config.recompile_limit, limit)
         for key, value in wanted.items():
@@ -96,6 +93,16 @@ class _CaptureSettings:
 
 
 capture_settings = _CaptureSettings()
+
+
+def data_dependent_tracing(on: bool):
+    """Dynamo tracing data-dependent output shapes and scalars (a mixture of experts' ``nonzero``, a routing
+    ``.item()``) instead of breaking the graph there: a break after an attention would make its probabilities a
+    graph output that the rewrite must keep. A model whose Python code branches on such a size cannot be traced
+    so; its capture turns this off (``ModelCapture.trace_data_dependent``) and breaks there instead."""
+    if not on:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 
 
 def mha_fastpath_off():
@@ -238,6 +245,8 @@ class ModelCapture:
         self.recipe, self.rebuild = recipe, rebuild
         self.entries: dict[str, torch.nn.Module] = {}
         self._eager_signatures: dict[tuple, str] = {}
+        #: whether Dynamo traces data-dependent shapes (see ``data_dependent_tracing``); off for good after a failure
+        self.trace_data_dependent = True
         self._warned: set = set()
         self._sites_seen = 0
         self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
@@ -329,12 +338,15 @@ class ModelCapture:
         runs = _CALL.graph_runs
         _CALL.active.append(self)
         try:
-            with capture_settings(self.recompile_limit):
+            with capture_settings(self.recompile_limit), data_dependent_tracing(self.trace_data_dependent):
                 out = compiled(module, *args, **kwargs)
         except Exception as err:
             inner = inner_rewrite_error(err)
             if inner is not None:
                 raise inner from None
+            if self.trace_data_dependent:  # code that branches on a data-dependent size: break there instead
+                self.trace_data_dependent = False
+                return self._run(path, module, args, kwargs, compiled)
             if not _is_dynamo_failure(err):
                 raise
             return self._fall_back(path, module, args, kwargs, err)

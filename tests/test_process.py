@@ -81,6 +81,7 @@ def test_the_reproducer_optimizes_every_model():
         assert sdpa_calls(m, x, x, x) == (1, 0)
 
 
+@pytest.mark.slow
 def test_two_hundred_models_in_one_process():
     x = torch.randn(1, 2, 8, 16)
     for i in range(200):
@@ -89,6 +90,7 @@ def test_two_hundred_models_in_one_process():
     assert sdpa_calls(m, x, x, x) == (1, 0)
 
 
+@pytest.mark.slow
 def test_find_attention_on_fifty_instances_of_one_class():
     x = torch.randn(2, 6, 32)
     for i in range(50):
@@ -395,7 +397,8 @@ def _seq2seq(kind):
     return model.eval(), inputs
 
 
-@pytest.mark.parametrize("kind", ["whisper", "bart", "t5"])
+@pytest.mark.parametrize("kind", [pytest.param("whisper", marks=pytest.mark.slow), "bart",
+                                  pytest.param("t5", marks=pytest.mark.slow)])
 def test_generate_runs_the_rewritten_encoder(kind):
     """generate() calls model.get_encoder()(...) directly, outside the model's forward: that call is rewritten
     too (the encoder has an entry point of its own), and the report's claim holds for what generate ran."""
@@ -419,7 +422,8 @@ def test_generate_runs_the_rewritten_encoder(kind):
         torch.testing.assert_close(out.encoder_hidden_states[-1], direct, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["whisper", "bart", "t5"])
+@pytest.mark.parametrize("kind", [pytest.param("whisper", marks=pytest.mark.slow),
+                                  pytest.param("bart", marks=pytest.mark.slow), "t5"])
 def test_generate_exact_gives_the_same_tokens(kind):
     model, inputs = _seq2seq(kind)
     ref = copy.deepcopy(model)
@@ -469,3 +473,59 @@ def test_a_data_dependent_shape_after_attention_does_not_break_the_graph():
             y = torch.randn(3, n, 32)
             torch.testing.assert_close(model(y), ref(y), rtol=1e-5, atol=1e-5)
     assert dynamo_config.capture_dynamic_output_shape_ops == before
+
+
+def test_code_that_branches_on_a_data_dependent_size_is_still_captured():
+    """Python that branches on the size of a ``nonzero`` cannot be traced with data-dependent shapes; the
+    capture then breaks the graph there (as Dynamo does by default), and the attention is still rewritten."""
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(32, 96)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            out = ((q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(b, n, 32)
+            picked = (out.sum(-1) > 0).nonzero()
+            if picked.shape[0] == 0:
+                return out
+            return out * (1 + picked.shape[0] / out.numel())
+
+    model = Branching().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 7, 32)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        for n in (7, 12):
+            y = torch.randn(3, n, 32)
+            torch.testing.assert_close(model(y), ref(y), rtol=1e-5, atol=1e-5)
+    assert not model.rewrite_report.fallbacks
+
+
+def test_a_capture_that_fails_with_data_dependent_tracing_retries_without_it(monkeypatch):
+    """Some models' code cannot be traced with data-dependent shapes at all (HF's Mimi: an internal Dynamo
+    error; LFM's vision tower: a guard on an unbacked size): the capture retries the call with that tracing off,
+    for good, instead of failing ``optimize``."""
+    import contextlib
+
+    from rewrite import capture as capture_module
+    seen = []
+
+    def failing_when_on(on):
+        seen.append(on)
+        if on:
+            raise torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode("Eq(u0, 0)")
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(capture_module, "data_dependent_tracing", failing_when_on)
+    model = Block().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 7, 32)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert seen[:2] == [True, False] and set(seen[2:]) <= {False}, seen
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+

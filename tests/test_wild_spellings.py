@@ -237,7 +237,7 @@ class _Bound(nn.Module):
         return self.model(x, self.mask)
 
 
-@pytest.mark.parametrize("family", ["XLM", "Flaubert"])
+@pytest.mark.parametrize("family", [pytest.param("XLM", marks=pytest.mark.slow), "Flaubert"])
 def test_xlm_and_flaubert(family):
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)

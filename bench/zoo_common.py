@@ -85,6 +85,8 @@ def judged(name: str, equal: bool, report, oracle, calls=None) -> dict:
     fused = calls() if calls is not None and rows and done == len(rows) and done < expected else done
     status = "WRONG" if not equal else ("FULL" if rows and max(done, fused) >= expected and done == len(rows) else
                                         "PARTIAL" if rows or report.rejected or expected else "NONE")
+    if status == "NONE":
+        reasons = [f"no softmax over a score product in the {report.graphs} captured graph(s): no attention site"]
     return {"type": name, "status": status, "rewritten": done, "oracle": oracle, "calls": fused,
             "why": "; ".join(reasons)}
 

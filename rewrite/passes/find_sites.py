@@ -134,8 +134,11 @@ def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours
     if ours is not None and ours in live:
         live = [ours] + [u for u in live if u is not ours and not _only_scores_of_softmax(u) and not _a_record(u)]
     if len(live) != 1:
+        returned = any(u.op == "output" for u in live)
         raise _Reject(f"{what} are used elsewhere ({len(live)} users: "
-                      f"{', '.join(_describe(u) for u in live[:3])}), so rewriting would change them")
+                      f"{', '.join(_describe(u) for u in live[:3])}), so rewriting would change them"
+                      + ("; the captured graph returns them: the model returns them, or a graph break separates "
+                         "them from code that drops them (see the report's graph breaks)" if returned else ""))
     if m is not None:
         for u in users:
             if u is not live[0] and _is_dead(u):

@@ -32,6 +32,8 @@ from .actions import RewriteError
 
 #: Recompiles one model may make per entry point before a frame falls back (reported) to the original code.
 DEFAULT_RECOMPILE_LIMIT = 64
+#: Image sizes a model compiles static graphs for before its image dims are left to Dynamo's dynamic shapes.
+STATIC_IMAGE_SIZES = 4
 #: Dynamo's process-wide cap on compiles of one code object; models of one class that break their graphs inside
 #: the same method all count against it, so it is raised while a capture runs.
 _ACCUMULATED_LIMIT = 1 << 16
@@ -247,6 +249,7 @@ class ModelCapture:
         self._eager_signatures: dict[tuple, str] = {}
         #: whether Dynamo traces data-dependent shapes (see ``data_dependent_tracing``); off for good after a failure
         self.trace_data_dependent = True
+        self._image_shapes: set = set()  # the shapes of image-like inputs seen (see _keep_image_sizes_static)
         self._warned: set = set()
         self._sites_seen = 0
         self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
@@ -335,6 +338,8 @@ class ModelCapture:
             if why is not None:
                 self.record_fallback(path or "(model)", why, calls=1)
                 return module._call_impl(*args, **kwargs)
+        if self.dynamic is None:
+            self._keep_image_sizes_static(args, kwargs)
         runs = _CALL.graph_runs
         _CALL.active.append(self)
         try:
@@ -359,6 +364,23 @@ class ModelCapture:
             self._sites_seen = self.report.site_count()
             self.add_entries(row.name for row in self.report.sites)
         return out
+
+    def _keep_image_sizes_static(self, args: tuple, kwargs: dict) -> None:
+        """Mark the non-batch dims of image-like inputs (floating point, 4-D or more) static while the model has
+        seen at most ``STATIC_IMAGE_SIZES`` of their shapes. Dynamo would otherwise recompile the second image size
+        with symbolic height and width, and window partitioning (Swin, DaViT, Hiera) makes its shape reasoning
+        take minutes (timm davit_tiny: 14 s at one size, over 10 minutes for the second); a static graph per size
+        takes seconds. Past that many sizes, the dims are left to Dynamo (one dynamic graph)."""
+        images = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4]
+        if not images:
+            return
+        self._image_shapes.add(tuple(tuple(t.shape[1:]) for t in images))
+        if len(self._image_shapes) > STATIC_IMAGE_SIZES:
+            return
+        for t in images:
+            for dim in range(1, t.dim()):
+                torch._dynamo.mark_static(t, dim)
 
     def _fall_back(self, path: str, module: torch.nn.Module, args: tuple, kwargs: dict, err: BaseException) -> Any:
         """Dynamo could not trace this call: run the original code, as the model did before ``optimize``."""

@@ -529,3 +529,38 @@ def test_a_capture_that_fails_with_data_dependent_tracing_retries_without_it(mon
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
+
+
+def test_a_few_image_sizes_compile_static_graphs_then_dynamic():
+    """Window attention over an image: each of the first image sizes gets a static graph (Dynamo's symbolic
+    height and width make window partitioning take minutes to trace); past ``STATIC_IMAGE_SIZES`` sizes the
+    model gets one dynamic graph instead of a recompile per size. Outputs equal the original's at every size."""
+    from rewrite.capture import STATIC_IMAGE_SIZES
+
+    class Windows(nn.Module):
+        def __init__(self, window=4):
+            super().__init__()
+            self.window, self.embed, self.qkv = window, nn.Conv2d(3, 16, 2, 2), nn.Linear(16, 48)
+
+        def forward(self, image):
+            x = self.embed(image).permute(0, 2, 3, 1)                       # [B, H, W, C]
+            b, h, w, c = x.shape
+            s = self.window
+            x = x.view(b, h // s, s, w // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, c)
+            q, k, v = self.qkv(x).view(x.shape[0], s * s, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            out = ((q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(-1, s * s, c)
+            return out.view(b, h // s, w // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+    model = Windows().eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(1, 3, 16, 16),))
+    sizes = [16, 24, 32, 40, 48, 56, 64][: STATIC_IMAGE_SIZES + 3]
+    with torch.no_grad():
+        for side in sizes:
+            image = torch.randn(2, 3, side, side)
+            torch.testing.assert_close(model(image), ref(image), rtol=1e-5, atol=1e-5)
+    rep = model.rewrite_report
+    assert not rep.fallbacks and {r.status for r in rep.sites} == {"rewritten"}, rep.table()
+    # a static graph for each of the first sizes (the batch of 2 after the example's 1 is one more), then one
+    # dynamic graph covers the rest
+    assert STATIC_IMAGE_SIZES <= rep.recompiles <= STATIC_IMAGE_SIZES + 2, rep.recompiles

@@ -377,8 +377,9 @@ def _detach_shape_users(graph: fx.Graph, m: SiteMatch) -> None:
         if user.graph is not graph or not same_shape(shape(node), shape(m.qk)):
             continue
         size = insert_call(graph, user, scores_shape, (m.q, m.kt), {})
-        if user.op == "call_method" and user.target == "expand_as":
-            new = insert_call(graph, user, expand_to, (user.args[0], size), {}, like=user)
+        if user.op == "call_method" and user.target in ("expand_as", "reshape_as", "view_as"):
+            how = {"expand_as": "expand", "reshape_as": "reshape", "view_as": "view"}[user.target]
+            new = insert_call(graph, user, how, (user.args[0], size), {}, like=user, method=True)
         elif user.op == "call_function" and user.target is getattr:
             new = size if user.args[1] == "shape" else insert_call(graph, user, len, (size,), {})
         elif user.op == "call_method" and user.target == "dim":
@@ -395,8 +396,6 @@ def scores_shape(q: torch.Tensor, kt: torch.Tensor) -> torch.Size:
     return torch.Size(torch.broadcast_shapes(q.shape[:-2], kt.shape[:-2]) + (q.shape[-2], kt.shape[-1]))
 
 
-def expand_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    return x.expand(size)
 
 
 def _finish(run: GraphRun, sites: list) -> None:

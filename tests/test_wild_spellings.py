@@ -1378,3 +1378,34 @@ def test_a_combination_weighted_along_the_keys_is_not_distributed():
     assert not any(r.status == "rewritten" for r in model.rewrite_report.sites), model.rewrite_report.table()
     with torch.no_grad():
         torch.testing.assert_close(model(x, padding), ref(x, padding))
+
+
+@pytest.mark.parametrize("how", ["reshape_as", "view_as", "expand_as"])
+def test_a_bias_shaped_like_the_scores_reads_only_their_shape(how):
+    """SAM's decomposed relative position: a bias computed apart, ``reshape_as(scores)`` (or ``view_as``,
+    ``expand_as``), then added to the scores. Taking the scores' shape is not using them: the site is rewritten
+    and the bias is shaped from q and k, so the N x N scores are not computed for it."""
+    class ShapedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.rel = nn.Linear(16, 48), nn.Linear(16, 2)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-1, -2) * 8 ** -0.5
+            rel = self.rel(x).transpose(1, 2)[..., None]                    # [B, H, N, 1]
+            rel = rel * torch.ones(1, 1, 1, n) if how != "expand_as" else rel
+            scores = scores + getattr(rel.contiguous(), how)(scores)
+            return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+    model = ShapedBias().eval()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16),))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        for n in (6, 9):
+            x = torch.randn(3, n, 16)
+            torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    ops = _ops(model, torch.randn(3, 9, 16))
+    assert not any(op.startswith(("aten::bmm<", "aten::matmul<")) and "linear" not in op for op in ops), ops

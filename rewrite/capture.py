@@ -97,14 +97,45 @@ class _CaptureSettings:
 capture_settings = _CaptureSettings()
 
 
-def data_dependent_tracing(on: bool):
+class _DataDependentTracing:
     """Dynamo tracing data-dependent output shapes and scalars (a mixture of experts' ``nonzero``, a routing
     ``.item()``) instead of breaking the graph there: a break after an attention would make its probabilities a
-    graph output that the rewrite must keep. A model whose Python code branches on such a size cannot be traced
-    so; its capture turns this off (``ModelCapture.trace_data_dependent``) and breaks there instead."""
-    if not on:
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+    graph output that the rewrite must keep. Reference-counted under a lock like :class:`_CaptureSettings`, so
+    threads leave the user's values behind in any order."""
+
+    KEYS = ("capture_dynamic_output_shape_ops", "capture_scalar_outputs")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved: dict = {}
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self.lock:
+            if self.depth == 0:
+                self.saved = {key: getattr(torch._dynamo.config, key) for key in self.KEYS}
+                for key in self.KEYS:
+                    setattr(torch._dynamo.config, key, True)
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0:
+                    for key, value in self.saved.items():
+                        setattr(torch._dynamo.config, key, value)
+
+
+_data_dependent = _DataDependentTracing()
+
+
+def data_dependent_tracing(on: bool):
+    """The settings of :class:`_DataDependentTracing` while a call runs, where ``on``. A model whose code cannot
+    be traced so (it branches on such a size in a way Dynamo cannot guard) has its capture turn this off
+    (``ModelCapture.trace_data_dependent``) and breaks there instead."""
+    return _data_dependent() if on else contextlib.nullcontext()
 
 
 def mha_fastpath_off():

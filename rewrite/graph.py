@@ -153,6 +153,13 @@ def insert_call(graph: fx.Graph, before: fx.Node, target, args=(), kwargs=None, 
 _MUTATING_METHODS = {"copy_", "fill_", "zero_", "set_", "resize_", "index_put_", "scatter_", "masked_scatter_"}
 
 
+def is_dead(node: fx.Node, depth: int = 8) -> bool:
+    """A node whose value reaches no graph output and no side effect (bounded: deeper chains count as used)."""
+    if node.op in ("output", "placeholder", "call_module") or is_mutating(node) or depth == 0:
+        return False
+    return all(is_dead(u, depth - 1) for u in node.users)
+
+
 def is_mutating(node: fx.Node) -> bool:
     """In-place and side-effecting calls must never be removed as dead code."""
     if node.op == "call_method":

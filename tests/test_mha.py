@@ -20,16 +20,19 @@ class Block(nn.Module):
     """One MHA call, spelled the ways models call it."""
 
     def __init__(self, need_weights=False, return_weights=False, batch_first=True, kdim=None, cross=False,
-                 causal=False, dropout=0.0, **mha_kw):
+                 causal=False, dropout=0.0, reshape_weights=False, **mha_kw):
         super().__init__()
         self.attn = nn.MultiheadAttention(E, H, batch_first=batch_first, kdim=kdim, vdim=kdim, dropout=dropout,
                                           **mha_kw)
         self.need_weights, self.return_weights, self.cross, self.causal = need_weights, return_weights, cross, causal
+        self.reshape_weights = reshape_weights  # WavLM: the averaged weights broadcast to every head, then dropped
 
     def forward(self, x, memory=None, key_padding_mask=None, attn_mask=None):
         kv = memory if self.cross else x
         out, w = self.attn(x, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                            need_weights=self.need_weights, is_causal=self.causal)
+        if self.reshape_weights:
+            w = w[:, None].broadcast_to(w.shape[:1] + (H,) + w.shape[1:])
         return (out, w) if self.return_weights else out
 
 
@@ -84,6 +87,7 @@ CASES = {
     "cross_separate_weights": (dict(cross=True, kdim=16), lambda: dict(x=_x(2, T, E), memory=_x(2, 9, 16, seed=2))),
     "no_bias": (dict(bias=False), lambda: dict(x=_x(2, T, E))),
     "weights_unused": (dict(need_weights=True), lambda: dict(x=_x(2, T, E), key_padding_mask=_padding())),
+    "weights_reshaped_unused": (dict(need_weights=True, reshape_weights=True), lambda: dict(x=_x(2, T, E))),
 }
 
 

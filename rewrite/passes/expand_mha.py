@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import insert_call, meta_value
+from ..graph import insert_call, is_dead, meta_value
 
 MHA_FORWARD = F.multi_head_attention_forward
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -110,9 +110,16 @@ def _why_opaque(node: fx.Node, a: dict) -> Optional[str]:
     return None
 
 
+def _erase_with_dead_users(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` and the chain of users whose results go nowhere (the weights reshaped, then dropped)."""
+    for user in list(node.users):
+        _erase_with_dead_users(graph, user)
+    graph.erase_node(node)
+
+
 def _weights_read(node: fx.Node) -> bool:
-    return any(not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) and
-               not (u.op == "call_function" and u.target is operator.getitem and not u.users)
+    """Whether the weights output reaches a graph output or a side effect (WavLM reshapes them, then drops them)."""
+    return any(not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) and not is_dead(u)
                for u in node.users)
 
 
@@ -159,7 +166,7 @@ def expand_mha(gm: fx.GraphModule) -> dict:
         for user in list(node.users):
             if user.args[1] == 0:
                 user.replace_all_uses_with(out)
-            graph.erase_node(user)
+            _erase_with_dead_users(graph, user)
         graph.erase_node(node)
         expanded += 1
     if expanded:

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import (factory_number, input_cone, with_descendants, is_mutating, is_reshape, is_scalar_like, owner_path, rank, reads_only_shape,
+from ..graph import (factory_number, input_cone, with_descendants, is_dead, is_reshape, is_scalar_like, owner_path, rank, reads_only_shape,
                      same_shape, same_size, shape,
                      static_int)
 from ..sites import MASKED_BELOW
@@ -130,7 +130,7 @@ def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours
     users = [u for u in node.users if not reads_only_shape(u, node) and (m is None or u not in m.internal)]
     if m is not None:
         m.shape_users.extend((u, node) for u in node.users if reads_only_shape(u, node))
-    live = [u for u in users if not _is_dead(u)]
+    live = [u for u in users if not is_dead(u)]
     if ours is not None and ours in live:
         live = [ours] + [u for u in live if u is not ours and not _only_scores_of_softmax(u) and not _a_record(u)]
     if len(live) != 1:
@@ -141,7 +141,7 @@ def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours
                          "them from code that drops them (see the report's graph breaks)" if returned else ""))
     if m is not None:
         for u in users:
-            if u is not live[0] and _is_dead(u):
+            if u is not live[0] and is_dead(u):
                 m.dead_users.extend(_with_descendants(u))
     return live[0]
 
@@ -149,13 +149,6 @@ def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours
 def _with_descendants(node: fx.Node) -> list:
     """``node`` and every node fed by it, parents before children (``remove_dead`` pops leaves first)."""
     return with_descendants(node)
-
-
-def _is_dead(node: fx.Node, depth: int = 8) -> bool:
-    """A node whose value reaches no graph output and no side effect (bounded: deeper chains count as used)."""
-    if node.op in ("output", "placeholder", "call_module") or is_mutating(node) or depth == 0:
-        return False
-    return all(_is_dead(u, depth - 1) for u in node.users)
 
 
 #: elementwise steps a score chain takes on its way to a softmax
@@ -169,7 +162,7 @@ def _only_scores_of_softmax(node: fx.Node, depth: int = 6) -> bool:
         return node.kwargs.get("dim") == (rank(node) or 0) - 1
     if depth == 0 or not (is_cast(node) or (node.op == "call_function" and node.target in _SCORE_STEPS)):
         return False
-    live = [u for u in node.users if not reads_only_shape(u, node) and not _is_dead(u)]
+    live = [u for u in node.users if not reads_only_shape(u, node) and not is_dead(u)]
     return bool(live) and all(_only_scores_of_softmax(u, depth - 1) for u in live)
 
 
@@ -378,7 +371,7 @@ def _match_probabilities(m: SiteMatch) -> None:
 def _value_products(p: fx.Node) -> list:
     """``[(p @ v1, v1), (p @ v2, v2), ...]`` when the probabilities feed several value products and nothing else,
     with values that can lie side by side (the same batch and key dims, a known width); else []."""
-    live = [u for u in p.users if not reads_only_shape(u, p) and not _is_dead(u)]
+    live = [u for u in p.users if not reads_only_shape(u, p) and not is_dead(u)]
     if len(live) < 2 or not all(u.op == "call_function" and u.target is MATMUL and u.args[0] is p
                                 and u.args[1] is not p for u in live):
         return []
@@ -395,7 +388,7 @@ def _probability_views(m: SiteMatch, p: fx.Node, first: fx.Node) -> fx.Node:
     N)``), and one that ends in another grouping of the batch dims only merges a split of the scores back."""
     run = [first]
     while True:
-        live = [u for u in run[-1].users if not reads_only_shape(u, run[-1]) and not _is_dead(u)]
+        live = [u for u in run[-1].users if not reads_only_shape(u, run[-1]) and not is_dead(u)]
         if len(live) != 1 or not is_reshape(live[0]):
             break
         run.append(_single_user(run[-1], "the attention probabilities", m))
@@ -588,7 +581,7 @@ def _identity_views(m: SiteMatch, node: fx.Node) -> Optional[fx.Node]:
     """The input of the longest run of reshapes ending in ``node`` that gives back the shape it started from
     (the identity: reshapes keep the row-major order); None when there is no such run."""
     run, x = [node], node.args[0]
-    while isinstance(x, fx.Node) and is_reshape(x) and len([u for u in x.users if not _is_dead(u)]) == 1:
+    while isinstance(x, fx.Node) and is_reshape(x) and len([u for u in x.users if not is_dead(u)]) == 1:
         run.append(x)
         x = x.args[0]
     for j in range(len(run), 1, -1):

@@ -281,6 +281,7 @@ class ModelCapture:
         #: whether Dynamo traces data-dependent shapes (see ``data_dependent_tracing``); off for good after a failure
         self.trace_data_dependent = True
         self._image_shapes: set = set()  # the shapes of image-like inputs seen (see _keep_image_sizes_static)
+        self._first_shapes: dict = {}    # input place -> the first shape a floating 4-D+ input had there
         self._warned: set = set()
         self._sites_seen = 0
         self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
@@ -397,13 +398,21 @@ class ModelCapture:
         return out
 
     def _keep_image_sizes_static(self, args: tuple, kwargs: dict) -> None:
-        """Mark the non-batch dims of image-like inputs (floating point, 4-D or more) static while the model has
-        seen at most ``STATIC_IMAGE_SIZES`` of their shapes. Dynamo would otherwise recompile the second image size
-        with symbolic height and width, and window partitioning (Swin, DaViT, Hiera) makes its shape reasoning
-        take minutes (timm davit_tiny: 14 s at one size, over 10 minutes for the second); a static graph per size
-        takes seconds. Past that many sizes, the dims are left to Dynamo (one dynamic graph)."""
-        images = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4]
+        """Mark image-like inputs static while the model has seen at most ``STATIC_IMAGE_SIZES`` of their shapes.
+        Image-like: floating point, 4-D or more, and at least two of its non-batch dims differ from the first
+        shape seen at its place (a height and a width; a sequence changes one length). Dynamo would otherwise
+        recompile the second image size with symbolic height and width, and window partitioning (Swin, DaViT,
+        Hiera) makes its shape reasoning take minutes (timm davit_tiny: 14 s at one size, over 10 minutes for the
+        second); a static graph per size takes seconds. Past that many sizes the dims are left to Dynamo (one
+        dynamic graph)."""
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        images = []
+        for place, t in enumerate(leaves):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4):
+                continue
+            first = self._first_shapes.setdefault(place, tuple(t.shape))
+            if len(first) == t.dim() and sum(a != b for a, b in zip(first[1:], t.shape[1:])) >= 2:
+                images.append(t)
         if not images:
             return
         self._image_shapes.add(tuple(tuple(t.shape[1:]) for t in images))

@@ -44,45 +44,28 @@ _ISOLATES = "isolate_recompiles" in _COMPILE_PARAMS and "recompile_limit" in _CO
 
 # --- process-wide switches, applied by the first capture that runs and restored by the last ----------------
 
-class _CaptureSettings:
-    """Switches a capture needs while it runs: the fused MHA fast path off (it hides attention in one C++ op);
-    Dynamo guarding on module hooks (so hooks registered after ``optimize`` fire: a recompile); Dynamo's
-    accumulated compile cap raised. Reference-counted under a lock: nested calls and threads share one setting,
-    and the user's own values come back when the last one leaves."""
+class _SharedSettings:
+    """Process-wide switches, reference-counted under a lock: the first entry applies them (``_apply``, which
+    returns the values it replaced), nested calls and threads share them, and the user's own values come back
+    when the last one leaves (``_restore``), in whatever order threads leave."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.depth = 0
         self.saved: dict = {}
 
-    def _apply(self, limit: Optional[int]) -> dict:
-        saved = {}
-        getter = getattr(getattr(torch.backends, "mha", None), "get_fastpath_enabled", None)
-        if getter is not None:
-            saved["fastpath"] = getter()
-            torch.backends.mha.set_fastpath_enabled(False)
-        config = torch._dynamo.config
-        wanted = {"skip_nnmodule_hook_guards": False,
-                  "accumulated_recompile_limit": max(config.accumulated_recompile_limit, _ACCUMULATED_LIMIT)}
-        if limit is not None and not _ISOLATES:
-            wanted["recompile_limit"] = max(config.recompile_limit, limit)
-        for key, value in wanted.items():
-            if hasattr(config, key):
-                saved[key] = getattr(config, key)
-                setattr(config, key, value)
-        return saved
+    def _apply(self, *args) -> dict:
+        raise NotImplementedError
 
     def _restore(self, saved: dict) -> None:
-        if "fastpath" in saved:
-            torch.backends.mha.set_fastpath_enabled(saved.pop("fastpath"))
         for key, value in saved.items():
             setattr(torch._dynamo.config, key, value)
 
     @contextlib.contextmanager
-    def __call__(self, limit: Optional[int] = None):
+    def __call__(self, *args):
         with self.lock:
             if self.depth == 0:
-                self.saved = self._apply(limit)
+                self.saved = self._apply(*args)
             self.depth += 1
         try:
             yield
@@ -94,38 +77,51 @@ class _CaptureSettings:
                     self.saved = {}
 
 
+def _set_dynamo(wanted: dict) -> dict:
+    """Set Dynamo config values that this torch has; returns the values they replaced."""
+    config, saved = torch._dynamo.config, {}
+    for key, value in wanted.items():
+        if hasattr(config, key):
+            saved[key] = getattr(config, key)
+            setattr(config, key, value)
+    return saved
+
+
+class _CaptureSettings(_SharedSettings):
+    """Switches a capture needs while it runs: the fused MHA fast path off (it hides attention in one C++ op);
+    Dynamo guarding on module hooks (so hooks registered after ``optimize`` fire: a recompile); Dynamo's
+    accumulated compile cap raised."""
+
+    def _apply(self, limit: Optional[int] = None) -> dict:
+        saved = {}
+        getter = getattr(getattr(torch.backends, "mha", None), "get_fastpath_enabled", None)
+        if getter is not None:
+            saved["fastpath"] = getter()
+            torch.backends.mha.set_fastpath_enabled(False)
+        config = torch._dynamo.config
+        wanted = {"skip_nnmodule_hook_guards": False,
+                  "accumulated_recompile_limit": max(config.accumulated_recompile_limit, _ACCUMULATED_LIMIT)}
+        if limit is not None and not _ISOLATES:
+            wanted["recompile_limit"] = max(config.recompile_limit, limit)
+        return {**saved, **_set_dynamo(wanted)}
+
+    def _restore(self, saved: dict) -> None:
+        saved = dict(saved)
+        if "fastpath" in saved:
+            torch.backends.mha.set_fastpath_enabled(saved.pop("fastpath"))
+        super()._restore(saved)
+
+
 capture_settings = _CaptureSettings()
 
 
-class _DataDependentTracing:
+class _DataDependentTracing(_SharedSettings):
     """Dynamo tracing data-dependent output shapes and scalars (a mixture of experts' ``nonzero``, a routing
     ``.item()``) instead of breaking the graph there: a break after an attention would make its probabilities a
-    graph output that the rewrite must keep. Reference-counted under a lock like :class:`_CaptureSettings`, so
-    threads leave the user's values behind in any order."""
+    graph output that the rewrite must keep."""
 
-    KEYS = ("capture_dynamic_output_shape_ops", "capture_scalar_outputs")
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.depth = 0
-        self.saved: dict = {}
-
-    @contextlib.contextmanager
-    def __call__(self):
-        with self.lock:
-            if self.depth == 0:
-                self.saved = {key: getattr(torch._dynamo.config, key) for key in self.KEYS}
-                for key in self.KEYS:
-                    setattr(torch._dynamo.config, key, True)
-            self.depth += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.depth -= 1
-                if self.depth == 0:
-                    for key, value in self.saved.items():
-                        setattr(torch._dynamo.config, key, value)
+    def _apply(self) -> dict:
+        return _set_dynamo({"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True})
 
 
 _data_dependent = _DataDependentTracing()

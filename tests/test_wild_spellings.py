@@ -1409,3 +1409,70 @@ def test_a_bias_shaped_like_the_scores_reads_only_their_shape(how):
             torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     ops = _ops(model, torch.randn(3, 9, 16))
     assert not any(op.startswith(("aten::bmm<", "aten::matmul<")) and "linear" not in op for op in ops), ops
+
+
+# --- a floor under the masked scores: max(s, finfo.min) (XGLM) -------------------------------------------------
+class FlooredScores(nn.Module):
+    """XGLM: the masked scores floored at the dtype's minimum, ``torch.max(s, torch.full((), finfo.min))``, so a
+    row with every key masked by −∞ is uniform rather than NaN; ``mask`` picks how the padding is applied, ``how``
+    the floor's spelling, ``split`` XGLM's ``(b·h)`` layout around it."""
+
+    def __init__(self, mask="finite", how="max", split=True):
+        super().__init__()
+        self.mask, self.how, self.split = mask, how, split
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) * 8 ** -0.5
+        hidden = padding[:, None, None, :] == 0
+        lowest = torch.finfo(s.dtype).min
+        if self.mask == "finite":
+            s = s + torch.zeros(hidden.shape, dtype=s.dtype).masked_fill(hidden, lowest)
+        elif self.mask == "inf":
+            s = s + torch.zeros(hidden.shape, dtype=s.dtype).masked_fill(hidden, float("-inf"))
+        elif self.mask == "fill":
+            s = s.masked_fill(hidden, float("-inf"))
+        if self.split:
+            s = s.reshape(b * 2, n, n).view(b, 2, n, n)
+        s = torch.max(s, torch.full((), lowest)) if self.how == "max" else s.clamp(min=lowest)
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+@pytest.mark.parametrize("mask,how,dtype", [("finite", "max", torch.float32), ("inf", "max", torch.float32),
+                                            ("fill", "clamp", torch.float32), ("finite", "max", torch.bfloat16)])
+def test_a_floor_under_the_masked_scores_is_a_floored_mask(mask, how, dtype):
+    """Exact under random padding, a sequence with no visible key included (uniform there, as the original)."""
+    torch.manual_seed(0)
+    model = FlooredScores(mask, how).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(8)
+    rewrite.optimize(model, "exact", example_inputs=(torch.randn(2, 6, 16, dtype=dtype),
+                                                     _padding(2, 6, gen, all_visible=True)))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"], model.rewrite_report.table()
+    with torch.no_grad():
+        for n in (5, 11):
+            x, padding = torch.randn(3, n, 16, generator=gen).to(dtype), _padding(3, n, gen)
+            out, want = model(x, padding), ref(x, padding)
+            assert not want.isnan().any()
+            _close(out, want, dtype)
+    assert {r.status for r in model.rewrite_report.sites} == {"rewritten"}, model.rewrite_report.table()
+
+
+def test_a_floor_above_the_masks_is_not_a_mask():
+    """``max(s, -5)`` changes unmasked scores too: left as it was."""
+    class Clipped(FlooredScores):
+        def forward(self, x, padding):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            s = torch.max(q @ k.transpose(-1, -2), torch.full((), -5.0))
+            return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+    model = Clipped().eval()
+    x, padding = torch.randn(2, 6, 16) * 4, torch.ones(2, 6)
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_inputs=(x, padding))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites), model.rewrite_report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, padding), ref(x, padding))

@@ -64,7 +64,7 @@ def is_cast(node: fx.Node) -> bool:
 @dataclasses.dataclass
 class ScoreOp:
     """One step of the score chain, applied outward from ``q @ kt``."""
-    kind: str                      # "scale" | "add" | "fill" | "cast" | "softcap" (value: the cap)
+    kind: str                      # "scale" | "add" | "fill" | "cast" | "softcap" (value: the cap) | "floor"
     value: Any = None              # scale factor / additive term / fill value
     power: int = 1                 # scale: +1 multiply, -1 divide; add: +1 add, -1 subtract
     cond: Optional[fx.Node] = None  # fill: where the fill applies
@@ -542,10 +542,40 @@ def _score_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
         raise _Reject("torch.where on the scores with a non-scalar replacement")
     if is_tanh(node):
         return _match_softcap(m, ops, node)
+    floored = _floor_of(node, full)
+    if floored is not None:
+        if any(op.kind not in ("cast", "split", "merge") for op in ops):
+            raise _Reject("the floored scores are scaled, masked or biased again before the softmax")
+        ops.append(ScoreOp("floor", value=floored[1], node=node))
+        return floored[0]
     name = _describe(node)
     if "tanh" in name:
         raise _Reject("the scores pass through tanh (soft-capping), which SDPA cannot express")
     raise _Reject(f"the scores pass through {name}, which is not a scale, mask or bias")
+
+
+def _floor_of(node: fx.Node, full: Optional[tuple]) -> Optional[tuple]:
+    """``(scores, c)`` for ``max(scores, c)`` / ``clamp_min(scores, c)`` with a constant ``c`` at or below
+    ``MASKED_BELOW`` (XGLM floors its masked scores at the dtype's minimum): it changes only scores below ``c``,
+    which a mask put there, so lowering floors the mask instead."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_function" and node.target not in (torch.max, torch.maximum, torch.clamp, torch.clamp_min):
+        return None
+    if name in ("max", "maximum") and len(node.args) == 2 and not node.kwargs:
+        pairs = (node.args, node.args[::-1])
+    elif name in ("clamp", "clamp_min") and set(node.kwargs) <= {"min", "max"} and node.kwargs.get("max") is None \
+            and len(node.args) <= 2:
+        pairs = ((node.args[0], node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)),)
+    else:
+        return None
+    for x, c in pairs:
+        value = c if isinstance(c, (int, float)) and not isinstance(c, bool) else factory_number(c)
+        if isinstance(x, fx.Node) and value is not None and value <= MASKED_BELOW and same_shape(shape(x), full) \
+                and (not isinstance(c, fx.Node) or not shape(c)):
+            return x, float(value)
+    return None
 
 
 def _additive_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:

@@ -136,6 +136,12 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
                 f.beta = term if op.power == 1 else b.call(torch.neg, term)
             else:
                 f.beta = b.call(ADD if op.power == 1 else SUB, f.beta, term)
+        elif op.kind == "floor":  # max(s, c): q·kᵀ is finite, so only a mask reaches below c; floor the mask
+            if f.beta is not None:
+                if meta_value(f.beta) is not None and meta_value(f.beta).dtype == torch.bool:
+                    f.beta = b.call(WHERE, f.beta, b.call(_zero_like_scores, m.q, qdtype), op.value)
+                else:
+                    f.beta = b.call(torch.clamp_min, f.beta, op.value)
         elif op.kind == "fill":
             cond = op.cond
             if f.beta is None and float_value(op.value) == _NEG_INF and _only_op(m, i, causal_ops):
@@ -145,6 +151,10 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
             base = f.beta if f.beta is not None else 0.0
             f.beta = b.call(WHERE, cond, op.value, base) if op.fill_where_true else b.call(WHERE, cond, base, op.value)
     return f
+
+
+def _zero_like_scores(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype, device=q.device)
 
 
 def _fold_scale(b: "_Builder", f: _Folded, op, m: SiteMatch, qdtype: torch.dtype) -> None:

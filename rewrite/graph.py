@@ -153,6 +153,14 @@ def insert_call(graph: fx.Graph, before: fx.Node, target, args=(), kwargs=None, 
 _MUTATING_METHODS = {"copy_", "fill_", "zero_", "set_", "resize_", "index_put_", "scatter_", "masked_scatter_"}
 
 
+def attribute_value(node: fx.Node) -> Any:
+    """The object a ``get_attr`` node reads from its graph's module (None when the path does not resolve)."""
+    obj: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def is_dead(node: fx.Node, depth: int = 8) -> bool:
     """A node whose value reaches no graph output and no side effect (bounded: deeper chains count as used)."""
     if node.op in ("output", "placeholder", "call_module") or is_mutating(node) or depth == 0:

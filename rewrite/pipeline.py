@@ -132,7 +132,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     expand_mha(gm)
     captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # as captured: normalize must compute the same
     run = GraphRun(gm, example_inputs, session)
-    normalized = normalize(gm, binary=lambda node: holds_only_zero_one(gm, node, run.values, run.is_state_read))
+    normalized = normalize(gm, binary=lambda node: holds_only_zero_one(node, run.values, run.is_state_read))
     matches = _find(gm, session)
     if not matches:
         return _as_captured(gm, captured) if normalized else gm
@@ -394,8 +394,6 @@ def _detach_shape_users(graph: fx.Graph, m: SiteMatch) -> None:
 def scores_shape(q: torch.Tensor, kt: torch.Tensor) -> torch.Size:
     """The shape of ``q @ kt``."""
     return torch.Size(torch.broadcast_shapes(q.shape[:-2], kt.shape[:-2]) + (q.shape[-2], kt.shape[-1]))
-
-
 
 
 def _finish(run: GraphRun, sites: list) -> None:

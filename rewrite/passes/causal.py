@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import input_cone, meta_value, same_size, shape
+from ..graph import attribute_value, input_cone, meta_value, same_size, shape
 from ..sites import MASKED_BELOW
 from .find_sites import ScoreOp, SiteMatch
 
@@ -114,7 +114,7 @@ def _probe_lengths(cone: set, leaves: list, values: dict) -> Optional[list]:
             ints(n.args)
             ints(n.kwargs)
     for leaf in leaves:
-        value = values.get(leaf) if leaf.op != "get_attr" else _attr(leaf)
+        value = values.get(leaf) if leaf.op != "get_attr" else attribute_value(leaf)
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             buffer_dims.update(int(d) for d in value.shape)
     if buffer_dims and max(buffer_dims) > MAX_PROBE:
@@ -128,13 +128,6 @@ def _probe_lengths(cone: set, leaves: list, values: dict) -> Optional[list]:
             continue
         lengths.update(n for n in (c, c + 1, c + 2, 2 * c + 1) if n <= limit)
     return sorted(lengths)
-
-
-def _attr(node: fx.Node) -> Any:
-    obj: Any = node.graph.owning_module
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def evaluate_constant(gm: fx.GraphModule, node: fx.Node, values: dict, is_state) -> Optional[float]:

@@ -111,6 +111,7 @@ class SiteMatch:
     extra_first: bool = False
     kept_columns: Optional[tuple] = None      # (slice node, "head" | "tail"): the probabilities of the real keys
     values_left: bool = False                 # ``v @ pᵀ`` (channels first): ``v`` is ``[.., d, Nk]``
+    values_split: bool = False                # scores split (b·h) -> (b, h) for the mask, ``v`` already (b, h, n, d)
     #: ``(product, v)`` of further value products reading the same probabilities (``p @ v1``, ``p @ v2``): one
     #: call over the values side by side, its output split after
     more_outputs: list = dataclasses.field(default_factory=list)
@@ -804,9 +805,9 @@ def _check_shapes(m: SiteMatch) -> None:
         depth += 1 if o.kind == "split" else -1 if o.kind == "merge" else 0
         if depth not in (0, 1):
             raise _Reject("the scores are reshaped in a way other than splitting and merging the batch dims")
-    if depth and m.merge is None and _values_split(m):
-        pass  # (b·h) scores split to (b, h) for the mask, the values already (b, h, n, d): the call runs split
-    elif depth or m.merge is not None:
+    # (b·h) scores split to (b, h) for the mask beside values already (b, h, n, d): the call runs split, no merge
+    m.values_split = bool(depth) and m.merge is None and _values_split(m)
+    if (depth or m.merge is not None) and not m.values_split:
         if not depth or m.merge is None:
             raise _Reject("the scores and the probabilities are reshaped differently")
         if len(shape(m.qk)) != 3 or len(shape(m.softmax)) <= 3 or not same_shape(shape(m.merge), shape(m.qk)):

@@ -84,16 +84,15 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
         q = b.call(MUL, q, f.scale_tensor)
     if f.streams:
         q, k, scale = _join_streams(b, q, k, scale, f.streams)
-    values_split = f.in_split and rank(v) == rank(m.softmax) > rank(q)  # values already (b, h, n, d)
     if f.in_split:
         q, k = (b.call(torch.unflatten, t, 0, tuple(f.split)) for t in (q, k))
-        v = v if values_split else b.call(torch.unflatten, v, 0, tuple(f.split))
+        v = v if m.values_split else b.call(torch.unflatten, v, 0, tuple(f.split))
     k, v, enable_gqa = _grouped_kv(q, k, v)
     if m.extra_columns is not None:
         k, v, beta = _with_extra_keys(b, m, q, k, v, beta)
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
                     scale=scale, enable_gqa=enable_gqa, new_nodes=b.new,
-                    flatten_output=len(f.split) if f.in_split and not values_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v),
+                    flatten_output=len(f.split) if f.in_split and not m.values_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v),
                     transpose_output=m.values_left, softcap=m.softcap)
     return call
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..graph import factory_number, input_cone, meta_value, reads_only_shape
+from ..graph import attribute_value, factory_number, input_cone, meta_value, reads_only_shape
 from ..sites import MASKED_BELOW
 from .causal import evaluate_constant
 from .find_sites import SiteMatch
@@ -52,7 +52,7 @@ _SELECTING = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", 
               "flatten", "index_select", "gather", "narrow", "repeat", "__getitem__"}
 
 
-def holds_only_zero_one(gm: fx.GraphModule, gate: fx.Node, values: dict, is_state: Callable[[fx.Node], bool]) -> bool:
+def holds_only_zero_one(gate: fx.Node, values: dict, is_state: Callable[[fx.Node], bool]) -> bool:
     """Whether ``gate`` holds only 0 and 1 for every input: it only selects or reshapes values of the model's
     state (a registered 0/1 buffer sliced to the length, indexed by anything), and that state holds only 0
     and 1. What ``is_state`` reads is guarded, so a later change of the buffer is a recapture."""
@@ -65,7 +65,7 @@ def holds_only_zero_one(gm: fx.GraphModule, gate: fx.Node, values: dict, is_stat
         if node in leaves:
             if not isinstance(value, torch.Tensor) and node.op != "get_attr":
                 continue  # a size
-            tensor = _attribute(gm, node) if node.op == "get_attr" else (value if is_state(node) else None)
+            tensor = attribute_value(node) if node.op == "get_attr" else (value if is_state(node) else None)
             if not isinstance(tensor, torch.Tensor) or not bool(((tensor == 0) | (tensor == 1)).all()):
                 return False
         elif isinstance(value, torch.Tensor):  # size arithmetic only indexes
@@ -73,13 +73,6 @@ def holds_only_zero_one(gm: fx.GraphModule, gate: fx.Node, values: dict, is_stat
             if name not in _SELECTING and name != "getitem":
                 return False
     return True
-
-
-def _attribute(gm: fx.GraphModule, node: fx.Node) -> Any:
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def static_value(gm: fx.GraphModule, arg: Any, values: dict, is_state: Callable[[fx.Node], bool]) -> Optional[float]:
@@ -91,10 +84,7 @@ def static_value(gm: fx.GraphModule, arg: Any, values: dict, is_state: Callable[
     if not isinstance(arg, fx.Node):
         return None
     if arg.op == "get_attr":
-        obj: Any = gm
-        for part in str(arg.target).split("."):
-            obj = getattr(obj, part, None)
-        return _one(obj)
+        return _one(attribute_value(arg))
     if arg.op == "placeholder":
         return _one(values.get(arg)) if is_state(arg) else None
     if arg.op == "call_function" and factory_number(arg) is not None:

@@ -436,10 +436,10 @@ def _slice_update_as_bias(graph: fx.Graph, setitem: fx.Node) -> bool:
     x, idx, val = setitem.args
     if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target in _FRESH and isinstance(val, fx.Node)):
         return False
-    chain, read = _additive_chain(val, x, idx)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    chain, read = _additive_chain(val, x, idx, order)
     if read is None or len(read.users) != 1:
         return False
-    order = {n: i for i, n in enumerate(graph.nodes)}
     if any(u is not setitem and u is not read and order[u] < order[setitem] for u in x.users):
         return False
     like = meta_value(x)
@@ -459,7 +459,7 @@ def _slice_update_as_bias(graph: fx.Graph, setitem: fx.Node) -> bool:
     return True
 
 
-def _additive_chain(val: fx.Node, x: fx.Node, idx: Any) -> tuple:
+def _additive_chain(val: fx.Node, x: fx.Node, idx: Any, order: dict) -> tuple:
     """``(nodes from val inward, the read x[idx])`` when ``val`` is views and additions of x-free terms applied to
     ``x[idx]``; ``([], None)`` otherwise."""
     chain, node = [], val
@@ -471,7 +471,7 @@ def _additive_chain(val: fx.Node, x: fx.Node, idx: Any) -> tuple:
             node = node.args[0]
         elif node.op == "call_function" and node.target is ADD and len(node.args) == 2:
             a, b = node.args
-            a_reads, b_reads = _reads(a, x), _reads(b, x)
+            a_reads, b_reads = _reads(a, x, order), _reads(b, x, order)
             if a_reads == b_reads:
                 return [], None
             node = a if a_reads else b
@@ -482,10 +482,10 @@ def _additive_chain(val: fx.Node, x: fx.Node, idx: Any) -> tuple:
     return [], None
 
 
-def _reads(arg: Any, x: fx.Node, limit: int = 2000) -> bool:
-    """Whether ``arg`` is computed from ``x``. Nodes placed before ``x`` cannot be (the graph is in topological
-    order), so the walk stops there: a term built from a deep model's earlier layers is cheap to clear."""
-    position = {n: i for i, n in enumerate(x.graph.nodes)}
+def _reads(arg: Any, x: fx.Node, position: dict, limit: int = 2000) -> bool:
+    """Whether ``arg`` is computed from ``x``. Nodes placed before ``x`` (``position``: each node's place in the
+    graph) cannot be, the graph being in topological order, so the walk stops there: a term built from a deep
+    model's earlier layers is cheap to clear."""
     start = position[x]
     seen, work = set(), [arg]
     while work and len(seen) < limit:
@@ -580,7 +580,8 @@ def _sink_scaling_as_extra_key(graph: fx.Graph, lse: fx.Node) -> bool:
     mul = _only_user(last)
     if mul is None or op_kind(mul) != "mul" or len(mul.args) != 2 or last not in mul.args:
         return False
-    product = _through_casts(mul.args[1] if mul.args[0] is last else mul.args[0])
+    operand = mul.args[1] if mul.args[0] is last else mul.args[0]
+    product = _through_casts(operand)
     softmaxes = [u for u in scores.users if u.op == "call_function" and u.target is SOFTMAX
                  and u.kwargs.get("dim") == r - 1]
     if product.op != "call_function" or product.target is not MATMUL or len(softmaxes) != 1:
@@ -589,37 +590,28 @@ def _sink_scaling_as_extra_key(graph: fx.Graph, lse: fx.Node) -> bool:
     if path is None or len(product.users) != 1 or any(len(n.users) != 1 for n in [softmaxes[0], *path]):
         return False  # probabilities read elsewhere (returned): they exclude the sink, so the site is kept
     softmax = softmaxes[0]
+
+    def call(before, target, *args, method=False, kwargs=None):
+        return insert_call(graph, before, target, args, kwargs, like=softmax, method=method)
+
+    sizes = call(product, "size", scores, method=True)
+    dims = [call(product, operator.getitem, sizes, i) for i in range(r - 1)]
+    column = sink if keepdim else call(product, "unsqueeze", sink, -1, method=True)
+    column = call(product, "to", call(product, "expand", column, *dims, 1, method=True), meta_value(scores).dtype,
+                  method=True)
+    probs = call(product, SOFTMAX, call(product, torch.cat, [scores, column], -1), kwargs=dict(softmax.kwargs))
+    current = call(product, operator.getitem, probs, (Ellipsis, slice(None, -1, None)))
     with graph.inserting_before(product):
-        sizes = graph.call_method("size", (scores,))
-        dims = [graph.call_function(operator.getitem, (sizes, i)) for i in range(r - 1)]
-        column = graph.call_method("expand", (graph.call_method("unsqueeze", (sink, -1)) if not keepdim
-                                              else graph.call_method("contiguous", (sink,)), *dims, 1))
-        column = graph.call_method("to", (column, meta_value(scores).dtype))
-        joined = graph.call_function(torch.cat, ([scores, column], -1))
-        probs = graph.call_function(SOFTMAX, (joined,), dict(softmax.kwargs))
-        kept = graph.call_function(operator.getitem, (probs, (Ellipsis, slice(None, -1, None))))
-        for node in [sizes, *dims, column.args[0].args[0], column.args[0], column, joined, probs, kept]:
-            for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
-                if key in softmax.meta:
-                    node.meta[key] = softmax.meta[key]
-            infer_meta(node)
-        current = kept
         for step in path:  # the casts and dropout between the probabilities and the value product, again
             current = graph.node_copy(step, lambda n: current if n is (step.args[0]) else n)
             infer_meta(current)
-        args = tuple(current if a is product.args[0] else a for a in product.args)
-        new_product = graph.call_function(MATMUL, args)
-        infer_meta(new_product)
-    result = new_product
-    between = _through_casts_chain(mul.args[1] if mul.args[0] is last else mul.args[0], product)
+    result = call(product, MATMUL, *(current if a is product.args[0] else a for a in product.args))
     with graph.inserting_before(mul):
-        for step in between:
+        for step in _through_casts_chain(operand, product):  # the casts between the product and the scaling
             result = graph.node_copy(step, lambda n, prev=result, s=step: prev if n is s.args[0] else n)
             infer_meta(result)
     if meta_value(result).dtype != meta_value(mul).dtype:
-        with graph.inserting_before(mul):
-            result = graph.call_method("to", (result, meta_value(mul).dtype))
-            infer_meta(result)
+        result = call(mul, "to", result, meta_value(mul).dtype, method=True)
     mul.replace_all_uses_with(result)
     remove_dead(graph, [mul])
     return True
@@ -744,8 +736,9 @@ def _slices_after_the_product(graph: fx.Graph, product: fx.Node) -> bool:
     per_slice = call("view", values, *lead_sizes, *sizes(values, (-2, -1)), method=True)
     env = {leaf: call(operator.getitem, per_slice, leaf.args[1]) for leaf in leaves}
     result = _rebuild(combination, env, inner, call)
-    if not same_shape(shape(result), shape(product)):
-        return False  # pragma: no cover - the checks above make the shapes agree
+    if not same_shape(shape(result), shape(product)):  # the checks above make the shapes agree
+        remove_dead(graph, [result])
+        return False
     product.replace_all_uses_with(result)
     remove_dead(graph, [product])
     return True

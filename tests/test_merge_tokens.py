@@ -12,6 +12,7 @@ import copy
 import math
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 import torch.nn as nn
 
@@ -90,6 +91,83 @@ def test_a_window_keeps_merges_local_and_positions_follow_members():
 def test_merged_count_bounds():
     assert merged_count(100, 10, 1) == 4 and merged_count(3, 10, 1) == 3 and merged_count(5, 1, 0) == 0
     assert TokenMerger(100, 1)(torch.randn(1, 10, 2), None, None, None, None, None, None)[0].shape == (1, 6, 2)
+
+
+def _reference_merge(x, size, visible, position, r, protect, window):
+    """ToMe's bipartite matching written plainly, token by token, for one sequence: ``(x, size, where)`` with
+    ``where[i]`` the new index of old token ``i``. The scores are cosine + visibility tags (padding pairs first,
+    padding with real tokens last), pairs farther apart than ``window`` below every near pair, protected tokens
+    never merged; ties go to the first candidate, as a stable sort and an argmax give them."""
+    from rewrite.mixers.merge_tokens import _FAR, _MASKED_TAG, _MASKED_WEIGHT, _VISIBLE_TAG
+    n = x.shape[0]
+    unit = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    tag = [_VISIBLE_TAG if bool(v) else _MASKED_TAG for v in visible]
+    a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
+    best, partner = [], []
+    for i, a in enumerate(a_idx):
+        row = []
+        for j, b in enumerate(b_idx):
+            s = float(unit[a] @ unit[b]) + tag[a][0] * tag[b][0] + tag[a][1] * tag[b][1]
+            if window is not None and abs(float(position[a] - position[b])) > window:
+                s = _FAR
+            if i < (protect + 1) // 2 or j < protect // 2:
+                s = -math.inf
+            row.append(s)
+        best.append(max(row))
+        partner.append(row.index(max(row)))
+    order = sorted(range(len(a_idx)), key=lambda i: -best[i])
+    src, kept = order[:r], sorted(order[r:])
+    groups = {j: [b] for j, b in enumerate(b_idx)}
+    for i in src:
+        groups[partner[i]].append(a_idx[i])
+    weight = [float(size[t]) * (1.0 if bool(visible[t]) else _MASKED_WEIGHT) for t in range(n)]
+    rows = [x[a_idx[i]].double() for i in kept]
+    sizes = [float(size[a_idx[i]]) for i in kept]
+    where = {a_idx[i]: k for k, i in enumerate(kept)}
+    for j in range(len(b_idx)):
+        members = groups[j]
+        total = sum(weight[t] for t in members)
+        rows.append(sum(weight[t] * x[t].double() for t in members) / total)
+        sizes.append(sum(float(size[t]) for t in members))
+        for t in members:
+            where[t] = len(kept) + j
+    return torch.stack(rows), torch.tensor(sizes), [where[t] for t in range(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 40), st.integers(1, 9), st.integers(0, 40), st.integers(0, 3),
+       st.sampled_from([None, 0, 3, 12]), st.booleans(), st.booleans(), st.integers(0, 2 ** 16))
+def test_merger_matches_a_plain_reference(b, n, c, r, protect, window, padded, duplicates, seed):
+    """Three merges in a row (sizes, owners and positions carried over) against the plain reference, under random
+    padding, duplicated tokens (ties), windows and protected tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, c, generator=gen)
+    if duplicates:
+        x[:, torch.randint(0, n, (n // 2,), generator=gen)] = x[:, :1].clone()
+    mask = None
+    if padded:
+        mask = torch.zeros(b, 1, 1, n).masked_fill(torch.rand(b, 1, 1, n, generator=gen) < 0.4, -math.inf)
+    merger = TokenMerger(r, protect_first=protect, window=window)
+    state, out = (None, None, None, None), x
+    size, owner = torch.ones(b, n), torch.arange(n).expand(b, n)
+    visible = torch.ones(b, n, dtype=torch.bool) if mask is None else mask[:, 0, 0] > -1e4
+    expected = x.double()
+    for _ in range(3):
+        position = token_positions(owner, size)
+        count = merged_count(r, expected.shape[1], protect)
+        out, *state = merger(out, None, mask if state[0] is None else None, *state)
+        if count == 0:  # nothing merged: the tokens stay as they are, in their order
+            torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+            continue
+        steps = [_reference_merge(expected[i], size[i], visible[i], position[i], count, protect, window)
+                 for i in range(b)]
+        expected = torch.stack([s[0] for s in steps])
+        size = torch.stack([s[1] for s in steps]).float()
+        owner = torch.stack([torch.tensor(s[2])[owner[i]] for i, s in enumerate(steps)])
+        visible = torch.stack([torch.zeros(expected.shape[1], dtype=torch.bool).index_put_(
+            (torch.tensor(s[2]),), visible[i], accumulate=True) for i, s in enumerate(steps)])
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(state[0], size) and torch.equal(state[1], owner) and torch.equal(state[3], visible)
 
 
 # --- hand-made encoders -----------------------------------------------------------------------------------

@@ -157,10 +157,13 @@ class TokenMerger(torch.nn.Module):
         """``(src, dst, unm)``: the A tokens merged away, their B partners, and the A tokens kept (in order).
         ``position [B, N]``: each token's position, for the window (None: no window)."""
         metric = metric.float().mean(dim=1) if metric.dim() == 4 else metric.float()  # keys: mean over heads
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        tags = torch.where(visible[..., None], metric.new_tensor(_VISIBLE_TAG), metric.new_tensor(_MASKED_TAG))
-        scores = torch.baddbmm(tags[:, ::2] @ tags[:, 1::2].transpose(1, 2), metric[:, ::2],
-                               metric[:, 1::2].transpose(1, 2))               # [B, Na, Nb] cosine + tags
+        b, n, c = metric.shape
+        # unit features with the visibility tags as two more columns: one product gives cosine + tags
+        features = metric.new_empty(b, n, c + 2)
+        torch.div(metric, metric.norm(dim=-1, keepdim=True).clamp_min(1e-12), out=features[..., :c])
+        features[..., c:] = torch.where(visible[..., None], metric.new_tensor(_VISIBLE_TAG),
+                                        metric.new_tensor(_MASKED_TAG))
+        scores = features[:, ::2] @ features[:, 1::2].transpose(1, 2)   # [B, Na, Nb] cosine + tags
         if position is not None:  # finite, so that a protected token (-inf) still never merges
             far = (position[:, ::2, None] - position[:, None, 1::2]).abs_() > self.window
             scores.masked_fill_(far, _FAR)
@@ -168,10 +171,11 @@ class TokenMerger(torch.nn.Module):
         if p:
             scores[:, :(p + 1) // 2, :] = -math.inf                      # protected A tokens are never merged away
             scores[:, :, :p // 2] = -math.inf                            # nor merged into
-        node_max, node_idx = scores.max(dim=-1)
-        order = node_max.argsort(dim=-1, descending=True, stable=True)
+        order = scores.amax(dim=-1).argsort(dim=-1, descending=True, stable=True)
         src, unm = order[:, :r], order[:, r:].sort(dim=-1).values
-        return src, node_idx.gather(-1, src), unm
+        # the partner of the r merged tokens only: an argmax over r rows, not all of A's
+        dst = scores.gather(1, src[..., None].expand(b, r, scores.shape[-1])).argmax(dim=-1)
+        return src, dst, unm
 
 
 def token_positions(owner: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -200,15 +204,20 @@ def merge_step(x, size, owner, rep, visible, src, dst, unm) -> tuple:
     Only the ``r`` merged rows are computed on: ``b' = b + sum_a w_a (a - b) / (w_b + sum_a w_a)``."""
     b, n, c = x.shape
     na, r = (n + 1) // 2, src.shape[-1]
-    kept = na - r
+    kept, nb = na - r, n - na
     weight = size * torch.where(visible, 1.0, _MASKED_WEIGHT)
     wa, wb = weight[:, ::2], weight[:, 1::2]
     ws = wa.gather(1, src)
     coef = (ws / wb.scatter_add(1, dst, ws).gather(1, dst)).to(x.dtype)   # w_a / (total weight of its group)
-    xa, xb = x[:, ::2], x[:, 1::2]
-    src_c, dst_c = src[..., None].expand(b, r, c), dst[..., None].expand(b, r, c)
-    delta = (xa.gather(1, src_c) - xb.gather(1, dst_c)) * coef[..., None]
-    x_new = torch.cat([xa.gather(1, unm[..., None].expand(b, kept, c)), xb.scatter_add(1, dst_c, delta)], dim=1)
+    # the new order as rows of x: kept A tokens (even rows), then every B token (odd rows); one gather builds it
+    b_rows = torch.arange(1, 2 * nb, 2, device=x.device).expand(b, nb)
+    batch_start = torch.arange(0, b * n, n, device=x.device)[:, None]
+    rows = torch.cat([2 * unm, b_rows], dim=1) + batch_start
+    flat = x.reshape(b * n, c)
+    x_new = flat.index_select(0, rows.reshape(-1)).view(b, kept + nb, c)
+    delta = (flat.index_select(0, (2 * src + batch_start).reshape(-1))
+             - flat.index_select(0, (2 * dst + 1 + batch_start).reshape(-1))).view(b, r, c) * coef[..., None]
+    x_new[:, kept:].scatter_add_(1, dst[..., None].expand(b, r, c), delta)
     size_new = torch.cat([size[:, ::2].gather(1, unm), size[:, 1::2].scatter_add(1, dst, size[:, ::2].gather(1, src))], 1)
     # a representative member of each merged token: a visible one where there is one (masks follow it)
     big = owner.shape[1] + 1
@@ -220,9 +229,9 @@ def merge_step(x, size, owner, rep, visible, src, dst, unm) -> tuple:
     pos_a = torch.empty(b, na, dtype=torch.long, device=x.device)
     pos_a.scatter_(1, unm, torch.arange(kept, device=x.device).expand(b, kept))
     pos_a.scatter_(1, src, kept + dst)
-    pos_b = (kept + torch.arange(n - na, device=x.device)).expand(b, n - na)
-    step = torch.stack([pos_a[:, :n - na], pos_b], dim=-1).reshape(b, 2 * (n - na))
-    if na > n - na:
+    pos_b = (kept + torch.arange(nb, device=x.device)).expand(b, nb)
+    step = torch.stack([pos_a[:, :nb], pos_b], dim=-1).reshape(b, 2 * nb)
+    if na > nb:
         step = torch.cat([step, pos_a[:, -1:]], dim=1)
     return x_new, size_new, step.gather(1, owner), rep_new, visible_new
 

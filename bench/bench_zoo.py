@@ -11,8 +11,13 @@ The shrink keeps a config consistent (:func:`shrink`): per-layer lists (layer ki
 overrides of heterogeneous configs) are cut with their count keeping one layer of each kind, multi-head models
 keep as many key/value heads as heads, sizes that equalled the hidden or head width follow it, rotary and
 multimodal-rotary sections fit the head, images shrink to a few patches, a timm backbone becomes transformers'
-ResNet. Inputs come from the product's own generator (``rewrite.io.inputs.example_kwargs``: the other modality
-of a dual encoder, layout boxes, flattened patches with ``grid_thw``, speech features...). What does not run is
+ResNet. Sizes a default config leaves unset (``UNSET``: head width, key/value heads, a mixture of experts' counts,
+a forecaster's ``prediction_length``) are set; layers sharing another's cache (Gemma 3n) keep a producer of each
+kind; a forecaster's label window fits its context. Types whose configuration names timm get timm (from
+``.deps/timm``, :func:`zoo_common.import_timm`) imported in their process before transformers, which decides on
+import whether timm is there. Inputs come from the product's own generator (``rewrite.io.inputs.example_kwargs``:
+the other modality of a dual encoder, layout boxes, flattened patches with ``grid_thw``, speech features, video
+clips, time-series histories, trajectories...). What does not run is
 tried again with the other audio layout, then without a cache, then with four heads of the original head
 width, then with only the layer counts shrunk.
 
@@ -22,11 +27,15 @@ Run: ``python bench/bench_zoo.py [--types bert,gpt2] [--limit N] [--timeout 180]
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import inspect
 import json
+import os
+import re
 import time
 
-from zoo_common import STATUSES, fused_calls, judged, print_row, same, sdpa_calls, sweep
+from zoo_common import STATUSES, fused_calls, import_timm, judged, print_row, same, sdpa_calls, sweep
 
 #: config attributes shrunk on every (sub-)config that has them
 SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "num_hidden_layers": 2, "num_layers": 2,
@@ -180,8 +189,42 @@ def _put_per_layer_overrides(cfg, overrides: dict, globals_: dict, kept) -> None
         cfg.per_layer_config = renumbered
 
 
+#: sizes a default config may leave unset (None) that the model's code reads as numbers, with what they become
+#: (a callable of the config): a head width of hidden / heads, as many key/value heads as heads, a small mixture
+#: of experts (only in a config that sets another of its sizes: an unset count can also mean no experts), a
+#: forecast window
+UNSET = {
+    "head_dim": lambda c: c.hidden_size // c.num_attention_heads if isinstance(getattr(c, "hidden_size", None), int)
+    and isinstance(getattr(c, "num_attention_heads", None), int) else None,
+    "num_key_value_heads": lambda c: getattr(c, "num_attention_heads", None),
+    "num_experts": lambda c: 4, "n_routed_experts": lambda c: 4, "num_experts_per_tok": lambda c: 2,
+    "top_k_experts": lambda c: 2, "n_shared_experts": lambda c: 1,
+    "moe_intermediate_size": lambda c: getattr(c, "intermediate_size", None),
+    "prediction_length": lambda c: 8, "context_length": lambda c: getattr(c, "prediction_length", None),
+}
+EXPERTS = ("num_experts", "n_routed_experts", "num_experts_per_tok", "top_k_experts", "n_shared_experts",
+           "moe_intermediate_size")
+
+
 def _agree(cfg) -> None:
-    """Sizes that must agree after the shrink: rotary dims within a head, MLA heads' rope part, no timm backbone."""
+    """Sizes that must agree after the shrink: rotary dims within a head, MLA heads' rope part, no timm backbone;
+    sizes the default config leaves unset (:data:`UNSET`) set."""
+    experts = any(isinstance(getattr(cfg, n, None), int) for n in EXPERTS)
+    for name, value in UNSET.items():
+        if name in vars(cfg) and getattr(cfg, name, None) is None and value(cfg) is not None \
+                and (experts or name not in EXPERTS):
+            _set(cfg, name, value(cfg))
+    label, context = getattr(cfg, "label_length", None), getattr(cfg, "context_length", None)
+    if isinstance(label, int) and isinstance(context, int) and label > context:
+        _set(cfg, "label_length", context)  # a forecaster's decoder starts from the last label_length steps
+    shared, kinds = getattr(cfg, "num_kv_shared_layers", None), getattr(cfg, "layer_types", None)
+    if isinstance(shared, int) and shared > 0 and isinstance(kinds, (list, tuple)) and kinds:
+        # layers reusing an earlier layer's cache (Gemma 3n) come after a producer of each kind
+        producers = max(kinds.index(k) for k in set(kinds)) + 1
+        _set(cfg, "num_kv_shared_layers", max(0, min(shared, len(kinds) - producers)))
+    moe = getattr(cfg, "moe_intermediate_size", None)
+    if isinstance(moe, int) and moe % 4:
+        _set(cfg, "moe_intermediate_size", moe + 4 - moe % 4)  # grouped expert matmuls need 16-byte strides
     hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
     head = getattr(cfg, "head_dim", None) or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
                                               and heads else None)
@@ -212,6 +255,8 @@ def _agree(cfg) -> None:
         _set(cfg, "depths", type(depths)(min(d, 2) for d in depths))
     if "vocab_size" in vars(cfg) and cfg.vocab_size is None:  # (ESM's default config leaves it to the checkpoint)
         _set(cfg, "vocab_size", 64)
+        if "pad_token_id" in vars(cfg) and cfg.pad_token_id is None:  # and its padding id with it
+            _set(cfg, "pad_token_id", 1)
     if getattr(cfg, "use_timm_backbone", False):
         _set(cfg, "use_timm_backbone", False)
         _set(cfg, "use_pretrained_backbone", False)
@@ -249,8 +294,36 @@ def flipped(batch: dict, flip: bool) -> dict:
     return batch
 
 
+def uses_timm(model_type: str) -> bool:
+    """Whether ``model_type`` builds a timm model: its configuration module, or that of a sub-config it names
+    (``model_type="..."``), mentions timm. Read from the sources, before transformers is imported: transformers
+    decides once, on import, whether timm and torchvision are there."""
+    models = os.path.join(importlib.util.find_spec("transformers").submodule_search_locations[0], "models")
+    sources = {}
+    for path in glob.glob(os.path.join(models, "*", "configuration_*.py")):
+        with open(path) as f:
+            text = f.read()
+        for name in re.findall(r'^\s*model_type\s*=\s*"([\w-]+)"', text, re.M):
+            sources[name] = text
+    todo, seen = [model_type], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sources:
+            continue
+        seen.add(name)
+        if "timm" in sources[name]:
+            return True
+        todo += re.findall(r'model_type="([\w-]+)"', sources[name])
+    return False
+
+
 def one(model_type: str) -> dict:
     """The row of one model type (run in its own process)."""
+    if model_type.startswith("timm") or uses_timm(model_type):
+        try:
+            import_timm()  # (from .deps/timm: scripts/setup.sh)
+        except ImportError:
+            pass  # the type is skipped with transformers' reason
     import copy
     import torch
     import transformers as tf

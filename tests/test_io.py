@@ -509,3 +509,72 @@ def test_vision_tower_with_a_patch_grid_gets_flattened_patches():
     assert grid.shape == (2, 3) and int(grid.prod(-1).sum()) == batch["hidden_states"].shape[0]
     with torch.no_grad():
         model(**batch)
+
+
+def test_time_series_models_get_a_history_with_its_masks():
+    """PatchTST reads (batch, context, channels) with an observed mask; a lagged encoder-decoder forecaster
+    (Time Series Transformer) reads the lags before the context and the prediction window after it."""
+    from transformers import PatchTSTConfig, PatchTSTModel, TimeSeriesTransformerConfig, TimeSeriesTransformerModel
+    model = _tiny(PatchTSTConfig, PatchTSTModel, num_input_channels=2, context_length=16, patch_length=4,
+                  patch_stride=4, d_model=32, num_attention_heads=4, num_hidden_layers=1, ffn_dim=64)
+    batch = rio.example_kwargs(model, batch=2)
+    assert batch["past_values"].shape == (2, 16, 2) and batch["past_observed_mask"].shape == (2, 16, 2)
+    assert not batch["past_observed_mask"][-1].all() and batch["past_observed_mask"][0].all()
+    with torch.no_grad():
+        model(**batch)
+    model = _tiny(TimeSeriesTransformerConfig, TimeSeriesTransformerModel, prediction_length=4, context_length=8,
+                  lags_sequence=[1, 2, 3], num_time_features=2, d_model=32, encoder_layers=1, decoder_layers=1,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    batch = rio.example_kwargs(model, batch=2)
+    assert batch["past_values"].shape == (2, 8 + 3) and batch["past_time_features"].shape == (2, 11, 2)
+    assert batch["future_values"].shape == (2, 4) and batch["future_time_features"].shape == (2, 4, 2)
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_patched_forecaster_without_a_window_gets_whole_patches_and_padding():
+    from transformers import TimesFmConfig, TimesFmModel
+    model = _tiny(TimesFmConfig, TimesFmModel, patch_length=8, context_length=4096, hidden_size=32,
+                  intermediate_size=64, head_dim=8, num_hidden_layers=1, num_attention_heads=4)
+    batch = rio.example_kwargs(model, batch=2, length=20)
+    assert batch["past_values"].shape == (2, 24) and batch["past_values_padding"].shape == (2, 24)
+    assert batch["past_values_padding"][-1].any() and not batch["past_values_padding"][0].any()
+    assert batch["freq"].shape == (2, 1)
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_video_model_gets_clips_of_its_frames():
+    from transformers import VideoMAEConfig, VideoMAEModel
+    model = _tiny(VideoMAEConfig, VideoMAEModel, image_size=32, patch_size=16, num_frames=4, tubelet_size=2,
+                  hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    batch = rio.example_kwargs(model, batch=2)
+    assert batch["pixel_values"].shape == (2, 4, 3, 32, 32)
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_trajectory_model_gets_states_and_actions_of_the_config_widths():
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+    model = _tiny(DecisionTransformerConfig, DecisionTransformerModel, state_dim=5, act_dim=3, hidden_size=32,
+                  n_layer=1, n_head=4, max_ep_len=100)
+    batch = rio.example_kwargs(model, batch=2, length=8)
+    assert batch["states"].shape == (2, 8, 5) and batch["actions"].shape == (2, 8, 3)
+    assert batch["returns_to_go"].shape == (2, 8, 1) and int(batch["timesteps"].max()) < 100
+    assert not batch["attention_mask"][-1].all()
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_unknown_main_input_names_it_the_other_inputs_and_the_fix():
+    class Model(torch.nn.Module):
+        main_input_name = "point_cloud"
+        config = BertConfig()
+
+        def forward(self, point_cloud, normals, scale=1.0):
+            return point_cloud
+
+    with pytest.raises(RewriteError) as err:
+        rio.example_kwargs(Model())
+    words = str(err.value)
+    assert "'point_cloud'" in words and "'normals'" in words and "--calibration" in words

@@ -100,11 +100,15 @@ def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2
                            "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
     if any(n.endswith("grid_thw") for n in _required_params(model)):
         return _flat_patch_inputs(model, cfg, batch, gen)
-    builders = {"input_ids": _token_inputs, "pixel_values": _pixel_inputs, "input_features": _feature_inputs,
-                "input_values": _waveform_inputs, "inputs_embeds": _embedding_inputs, "inputs": _embedding_inputs}
+    builders = {"input_ids": _token_inputs, "pixel_values": _pixel_inputs, "pixel_values_videos": _pixel_inputs,
+                "input_features": _feature_inputs, "input_values": _waveform_inputs, "inputs_embeds": _embedding_inputs,
+                "inputs": _embedding_inputs, "past_values": _series_inputs, "states": _trajectory_inputs}
     if main not in builders:
-        raise RewriteError(f"Cannot make example inputs for {type(model).__name__} (its main input is {main!r}). "
-                           "Give a batch with --calibration FILE.pt (a dict of tensors named like forward's arguments).")
+        required = sorted(_required_params(model) - {main})
+        needs = f"; forward also requires {', '.join(map(repr, required))}" if required else ""
+        raise RewriteError(f"Cannot make example inputs for {type(model).__name__}: its main input {main!r} is not "
+                           f"one this tool can generate{needs}. Give a batch with --calibration FILE.pt (a dict of "
+                           f"tensors named like forward's arguments: {main!r} and the others it needs).")
     out = keep(builders[main](model, cfg, batch, length, gen))
     return _add_companion_inputs(out, model, params, batch, length, gen)
 
@@ -141,15 +145,47 @@ def _sub_config(cfg, *names: str):
     return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
 
 
-def _pixel_inputs(model, cfg, batch: int, length: int, gen) -> dict:
-    """Images of the size and channel count the (vision) config names."""
-    vc = _sub_config(cfg, "vision_config", "backbone_config") or cfg
+def _video_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """Video clips (``pixel_values_videos``) of a model that reads them beside another input (PE-Video's text)."""
+    return _pixel_inputs(model, cfg, batch, length, gen, video=True)
+
+
+def _pixel_inputs(model, cfg, batch: int, length: int, gen, video: bool = False) -> dict:
+    """Images of the size and channel count the (vision) config names; for a video model, clips of
+    (batch, frames, channels, height, width) (:func:`_video_frames`)."""
+    vc = _sub_config(cfg, "video_config" if video else "vision_config", "vision_config", "backbone_config") or cfg
     size = getattr(vc, "image_size", None) or getattr(cfg, "image_size", None) or 224
     if isinstance(size, dict):
         size = (size.get("height", 224), size.get("width", 224))
     height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
     chans = getattr(vc, "num_channels", None) or getattr(cfg, "num_channels", None) or 3
+    frames = _video_frames(model, cfg, vc, video)
+    if frames:
+        name = "pixel_values_videos" if video or getattr(model, "main_input_name", None) == "pixel_values_videos" \
+            else "pixel_values"
+        return {name: torch.randn(batch, frames, chans, height, width, generator=gen)}
     return {"pixel_values": torch.randn(batch, chans, height, width, generator=gen)}
+
+
+def _first_int(*values) -> Optional[int]:
+    """The first of ``values`` that is a positive int (the first item of a list: a tubelet's (time, h, w))."""
+    for v in values:
+        v = v[0] if isinstance(v, (list, tuple)) and v else v
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _video_frames(model, cfg, vc, video: bool = False) -> Optional[int]:
+    """How many frames a video model reads, or None for an image model. A video model names ``num_frames`` (or
+    ``frames_per_clip``) in its config, or calls its main input or itself a video (InstructBLIP-Video); the frames
+    are the config's count, else two tubelets (the frames a 3-D patch spans), else 4."""
+    frames = _first_int(*(getattr(c, n, None) for c in (vc, cfg) for n in ("num_frames", "frames_per_clip")))
+    video = video or frames or "video" in str(getattr(model, "main_input_name", "")) or "Video" in type(model).__name__
+    if not video:
+        return None
+    tubelet = _first_int(getattr(vc, "tubelet_size", None), getattr(cfg, "tubelet_size", None))
+    return frames or (2 * tubelet if tubelet else 4)
 
 
 def _flat_patch_inputs(model, cfg, batch: int, gen) -> dict:
@@ -197,6 +233,66 @@ def _waveform_inputs(model, cfg, batch: int, length: int, gen) -> dict:
     return {"input_values": torch.randn(batch, 16000, generator=gen)}
 
 
+def _series_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """A time-series model's history (``past_values``) and what its forward reads beside it.
+
+    The history spans the config's ``context_length`` (plus the largest lag of a lagged forecaster: Autoformer,
+    Informer), else ``length`` rounded up to whole patches (TimesFM); one value per step, or ``num_input_channels``
+    (``input_size``) values. The last row's first quarter is padding: unobserved in an observed mask, 1 in a
+    padding indicator. Time features, static features, the frequency and, for an encoder-decoder forecaster (one
+    that reads ``future_time_features``), the ``prediction_length`` future window come where forward takes them."""
+    params = forward_params(model) or set()
+    patch = _first_int(getattr(cfg, "patch_length", None)) or 1
+    context = _first_int(getattr(cfg, "context_length", None))
+    if context is None or context > 1024:  # no fixed window (TimesFM's is a maximum): whole patches
+        context = patch * max(2, -(-length // patch))
+    lags = getattr(cfg, "lags_sequence", None)
+    steps = context + (max(lags) if isinstance(lags, (list, tuple)) and lags else 0)
+    chans = _first_int(getattr(cfg, "num_input_channels", None), getattr(cfg, "input_size", None)) or 1
+    shape = (batch, steps) if chans == 1 and "num_input_channels" not in vars(cfg) else (batch, steps, chans)
+    observed = torch.ones(shape)
+    if batch > 1:
+        observed[-1, : max(1, steps // 4)] = 0
+    out = {"past_values": torch.randn(shape, generator=gen) * observed}
+    for name in ("past_observed_mask", "observed_mask"):
+        out[name] = observed
+    out["past_values_padding"] = (1 - observed).long() if len(shape) == 2 else (1 - observed[..., 0]).long()
+    times = _first_int(getattr(cfg, "num_time_features", None)) or 0
+    out["past_time_features"] = torch.randn(batch, steps, times, generator=gen)
+    out["freq"] = torch.zeros(batch, 1, dtype=torch.long)
+    horizon = _first_int(getattr(cfg, "prediction_length", None))
+    if horizon and "future_time_features" in params:
+        out["future_values"] = torch.randn((batch, horizon, *shape[2:]), generator=gen)
+        out["future_time_features"] = torch.randn(batch, horizon, times, generator=gen)
+    cards = [c for c in (getattr(cfg, "cardinality", None) or []) if isinstance(c, int) and c > 0]
+    if cards and _first_int(getattr(cfg, "num_static_categorical_features", None)):
+        out["static_categorical_features"] = torch.stack([torch.randint(0, c, (batch,), generator=gen) for c in cards], 1)
+    reals = _first_int(getattr(cfg, "num_static_real_features", None))
+    if reals:
+        out["static_real_features"] = torch.randn(batch, reals, generator=gen)
+    return {k: v for k, v in out.items() if k == "past_values" or k in params}
+
+
+def _trajectory_inputs(model, cfg, batch: int, length: int, gen) -> dict:
+    """An offline-RL model's trajectory (Decision Transformer): per step a state and an action of the widths the
+    config names (``state_dim``, ``act_dim``), a reward and a return-to-go, the step's index below the episode
+    length, and a mask whose last row is left-padded (trajectories are padded at the start)."""
+    def width(name: str) -> int:
+        stem = name[:-1] if name.endswith("s") else name
+        return next((v for k, v in vars(cfg).items() if k.endswith("_dim") and isinstance(v, int) and v > 0
+                     and stem.startswith(k[:-4])), 1)
+    params = forward_params(model) or {"states"}
+    out = {name: torch.randn(batch, length, width(name), generator=gen)
+           for name in ("states", "actions", "rewards", "returns_to_go") if name in params}
+    episode = _first_int(getattr(cfg, "max_ep_len", None)) or length
+    out["timesteps"] = torch.randint(0, max(1, episode - length), (batch, 1), generator=gen) + torch.arange(length)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1 and length > 2:
+        mask[-1, : length // 4] = 0
+    out["attention_mask"] = mask
+    return out
+
+
 def _has_placeholder_token(cfg, modality: str) -> bool:
     """Whether the text carries a placeholder token for ``modality`` (LLaVA-style models run on text alone)."""
     return any(modality + "_token" in name and value is not None for name, value in vars(cfg).items())
@@ -221,7 +317,8 @@ def _add_companion_inputs(out: dict, model, params, batch: int, length: int, gen
     required = _required_params(model)
     towers = {"pixel_values": (_pixel_inputs, "vision_config", "image"),
               "input_features": (_feature_inputs, "audio_config", "audio"),
-              "input_ids": (_token_inputs, "text_config", "text")}
+              "input_ids": (_token_inputs, "text_config", "text"),
+              "pixel_values_videos": (_video_inputs, "video_config", "video")}
     for name, (build, tower, modality) in towers.items():
         wanted = name in required or (getattr(cfg, tower, None) is not None and not _has_placeholder_token(cfg, modality))
         if name in params and name not in out and wanted:

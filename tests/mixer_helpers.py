@@ -54,6 +54,18 @@ def assert_close(out, ref, atol=2e-5, rtol=2e-5):
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
 
 
+def assert_like_sdpa(mixer, dtype, dv: int = 16, contiguous: bool = False, **kwargs) -> torch.Tensor:
+    """``mixer`` on grouped-query inputs (4 query heads over 2 key/value heads, 12 tokens, values ``dv`` wide) gives
+    SDPA's shape and dtype, finite; ``kwargs`` go to both (``is_causal``). Returns the mixer's output."""
+    q, k = torch.randn(2, 4, 12, 16, dtype=dtype), torch.randn(2, 2, 12, 16, dtype=dtype)
+    v = torch.randn(2, 2, 12, dv, dtype=dtype)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    out = mixer(q, k, v, enable_gqa=True, **kwargs)
+    assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
+    assert out.is_contiguous() or not contiguous
+    return out
+
+
 class LargestAllocation:
     """Context manager recording the largest tensor storage (bytes) any op produced inside it: a test that a
     mixer never materialises an N×N tensor."""

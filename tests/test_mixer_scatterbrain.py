@@ -11,7 +11,7 @@ from rewrite.actions import Decline, RewriteError
 from rewrite.mixers.linear import LinearAttention
 from rewrite.mixers.scatterbrain import ScatterbrainAttention
 from rewrite.actions import build_target
-from mixer_helpers import make_call, make_site, padded_mask  # noqa: E402
+from mixer_helpers import assert_like_sdpa, bert_end_to_end, make_call, make_site, padded_mask  # noqa: E402
 
 MIN = torch.finfo(torch.float32).min
 
@@ -120,11 +120,7 @@ def test_general_mask_uses_dense_form():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_output_shape_and_dtype_match_sdpa(dtype, causal):
-    q, k, v = (torch.randn(2, 4, 12, 16, dtype=dtype), torch.randn(2, 2, 12, 16, dtype=dtype),
-               torch.randn(2, 2, 12, 16, dtype=dtype))
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    out = ScatterbrainAttention(4, 16, 16)(q, k, v, is_causal=causal, enable_gqa=True)
-    assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
+    assert_like_sdpa(ScatterbrainAttention(4, 16, 16), dtype, is_causal=causal)
 
 
 def test_json_validation_and_flops():
@@ -155,21 +151,9 @@ def test_handler():
 
 
 def test_pipeline_tiny_bert():
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    m = BertModel(BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
-                             attn_implementation="eager")).eval()
-    am = torch.ones(2, 16, dtype=torch.long)
-    am[1, -4:] = 0
-    batch = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": am}
-    rewrite.optimize(m, {"_default": rewrite.Scatterbrain(window=8, features=16)}, example_kwargs=batch)
-    rows = m.rewrite_report.sites
-    assert len(rows) == 2
-    for row in rows:
-        assert row.status == "rewritten" and row.exact is False and row.error is not None and row.error > 0
+    bert_end_to_end(rewrite.Scatterbrain(window=8, features=16), exact_expected=False)
     # a window covering the sequence is exact up to float error
-    rewrite.optimize(m, {"_default": rewrite.Scatterbrain(window=64, features=16)}, example_kwargs=batch)
-    assert all(r.status == "rewritten" and r.error < 1e-4 for r in m.rewrite_report.sites)
+    bert_end_to_end(rewrite.Scatterbrain(window=64, features=16), exact_expected=True)
 
 
 def test_kv_cache_decoding_matches_the_full_causal_forward():

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, build_target
@@ -246,7 +247,8 @@ def _lower(run: GraphRun, s: Lowered) -> None:
         note = f"{type(action).__name__} declined: {target}; fell back to Exact"
         action = Exact()
         target = build_target(action, call, s.site)
-    s.action, s.call, s.new = action, call, _insert_target(run.gm, m, target, call)
+    s.action, s.call, s.new = action, call, _insert_target(run.gm, m, target, call,
+                                                           block_level=getattr(action, "block_level", False))
     s.note = _with_note(note, m)
 
 
@@ -471,8 +473,10 @@ def _example_mask_onto(site: AttentionSite, call: SiteCall) -> None:
     site.example_mask, site.example_mask_known = value, value is not None
 
 
-def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall) -> fx.Node:
-    """Call the replacement with SDPA's signature before the site's output; modules become submodules."""
+def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall,
+                   block_level: bool = False) -> fx.Node:
+    """Call the replacement with SDPA's signature before the site's output; modules become submodules. SDPA on
+    3-D inputs runs as one 4-D batch, except for a block-level action (its pass reads the SDPA call's own inputs)."""
     graph = gm.graph
     args = (call.q, call.k, call.v)
     if isinstance(target, torch.nn.Module):
@@ -488,6 +492,8 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
             if key in m.output.meta:
                 new.meta[key] = m.output.meta[key]
         new.meta["rewrite_site"] = (m.name, m.ordinal)
+    elif target is F.scaled_dot_product_attention and _rank(call.q) == 3 and not block_level:
+        new = _sdpa_with_one_batch(graph, m.output, call)
     else:
         new = insert_call(graph, m.output, target, args, call.kwargs(), like=m.output)
     for fix, extra in call.row_fixes:
@@ -509,6 +515,26 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
             start += width
         new = call.more_new.pop(0)[1]
     return new
+
+
+def _rank(node) -> Optional[int]:
+    value = meta_value(node) if isinstance(node, fx.Node) else node
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _sdpa_with_one_batch(graph: fx.Graph, before: fx.Node, call: SiteCall) -> fx.Node:
+    """SDPA on ``(b·h) n d`` inputs, called as one batch of ``b·h`` heads: the fused kernels (CPU flash, CUDA flash
+    and memory-efficient) take 4-D inputs only, and 3-D ones run the math path, which forms the N x N scores."""
+    def lift(node):
+        call.new_nodes.append(insert_call(graph, before, torch.unsqueeze, (node, 0), {}, like=before))
+        return call.new_nodes[-1]
+    kwargs = call.kwargs()
+    if _rank(call.attn_mask) == 3:  # (b·h) nq nk: one per head; a 2-D mask broadcasts as it is
+        kwargs["attn_mask"] = lift(call.attn_mask)
+    out = insert_call(graph, before, F.scaled_dot_product_attention, (lift(call.q), lift(call.k), lift(call.v)),
+                      kwargs, like=before)
+    call.new_nodes.append(out)
+    return insert_call(graph, before, torch.squeeze, (out, 0), {}, like=before)
 
 
 def transposed_output(out: torch.Tensor) -> torch.Tensor:

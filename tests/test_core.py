@@ -69,6 +69,43 @@ def test_rewritten_graph_really_calls_sdpa(monkeypatch):
     assert real is torch.nn.functional.scaled_dot_product_attention and not calls
 
 
+class FoldedHeads(torch.nn.Module):
+    """Attention written on ``(b·h) n d`` tensors with ``bmm`` (fairseq, FSMT, many research models)."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.qkv = heads, torch.nn.Linear(d, 3 * d)
+
+    def forward(self, x, bias):
+        b, n, d = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2).reshape(b * self.heads, n, -1)
+                   for t in self.qkv(x).chunk(3, -1))
+        scores = torch.bmm(q, k.transpose(1, 2)) / (d // self.heads) ** 0.5 + bias
+        return torch.bmm(scores.softmax(-1), v).view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.mark.parametrize("bias_shape", ["per_head_keys", "per_head_full", "shared"])
+def test_folded_head_layout_runs_a_fused_kernel(bias_shape):
+    """SDPA on 3-D inputs takes the math path (it forms the N x N scores); the rewrite calls it as one 4-D batch of
+    b·h heads, so a fused kernel runs, with the mask per head kept."""
+    torch.manual_seed(0)
+    model, x = FoldedHeads().eval(), torch.randn(2, 24, 32)
+    pad = torch.zeros(2, 24).masked_fill(torch.arange(24) >= 17, float("-inf"))
+    bias = {"per_head_keys": pad.repeat_interleave(4, 0)[:, None, :],
+            "per_head_full": torch.randn(8, 24, 24),
+            "shared": torch.randn(24, 24)}[bias_shape]
+    with torch.no_grad():
+        ref = model(x, bias)
+    rewrite.optimize(model, "exact", example_inputs=(x, bias))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = model(x, bias)
+    names = {e.name for e in prof.events()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "scaled" in n)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_find_attention_dynamo_and_export_agree():
     model = tiny_bert()
     d = rewrite.find_attention(model, example_kwargs=bert_batch())

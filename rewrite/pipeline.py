@@ -492,8 +492,15 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
             if key in m.output.meta:
                 new.meta[key] = m.output.meta[key]
         new.meta["rewrite_site"] = (m.name, m.ordinal)
-    elif target is F.scaled_dot_product_attention and _rank(call.q) == 3 and not block_level:
-        new = _sdpa_with_one_batch(graph, m.output, call)
+    elif target is F.scaled_dot_product_attention and not block_level:
+        _last_dims_contiguous(graph, m.output, call)
+        if _rank(call.q) == 3:
+            new = _sdpa_with_one_batch(graph, m.output, call)
+        elif (_rank(call.q) or 0) > 4 and _rank(call.k) == _rank(call.v) == _rank(call.q):
+            new = insert_call(graph, m.output, sdpa_leading_dims_flattened, (call.q, call.k, call.v), call.kwargs(),
+                              like=m.output)
+        else:
+            new = insert_call(graph, m.output, target, (call.q, call.k, call.v), call.kwargs(), like=m.output)
     else:
         new = insert_call(graph, m.output, target, args, call.kwargs(), like=m.output)
     for fix, extra in call.row_fixes:
@@ -522,6 +529,18 @@ def _rank(node) -> Optional[int]:
     return value.dim() if isinstance(value, torch.Tensor) else None
 
 
+def _last_dims_contiguous(graph: fx.Graph, before: fx.Node, call: SiteCall) -> None:
+    """q, k and v whose feature dim is strided on the example (keys written transposed, ``[b, h, d, n]``, and
+    untransposed by the lowering) are copied contiguous first: SDPA's fused kernels need a unit stride there, and
+    otherwise run the math path, which forms the N x N scores (a copy of q, k or v costs N·d)."""
+    for name in ("q", "k", "v"):
+        value = meta_value(getattr(call, name))
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[-1] > 1 and value.stride(-1) != 1:
+            node = insert_call(graph, before, torch.Tensor.contiguous, (getattr(call, name),), {}, like=before)
+            call.new_nodes.append(node)
+            setattr(call, name, node)
+
+
 def _sdpa_with_one_batch(graph: fx.Graph, before: fx.Node, call: SiteCall) -> fx.Node:
     """SDPA on ``(b·h) n d`` inputs, called as one batch of ``b·h`` heads: the fused kernels (CPU flash, CUDA flash
     and memory-efficient) take 4-D inputs only, and 3-D ones run the math path, which forms the N x N scores."""
@@ -535,6 +554,20 @@ def _sdpa_with_one_batch(graph: fx.Graph, before: fx.Node, call: SiteCall) -> fx
                       kwargs, like=before)
     call.new_nodes.append(out)
     return insert_call(graph, before, torch.squeeze, (out, 0), {}, like=before)
+
+
+def sdpa_leading_dims_flattened(q, k, v, attn_mask=None, **kwargs) -> torch.Tensor:
+    """SDPA on inputs with several batch dims (``[b, blocks, h, n, d]``: block-local attention), run as one batch:
+    the fused kernels take 4-D inputs only, and more dims run the math path (N x N scores per block, slower)."""
+    lead = q.shape[:-3]
+    if k.shape[:-3] != lead or v.shape[:-3] != lead:  # batch dims that broadcast: as SDPA takes them
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+    if attn_mask is not None and attn_mask.dim() > 3:
+        mask = attn_mask.reshape((1,) * (q.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
+        attn_mask = mask.expand(*lead, *mask.shape[-3:]).flatten(0, len(lead) - 1)
+    out = F.scaled_dot_product_attention(q.flatten(0, len(lead) - 1), k.flatten(0, len(lead) - 1),
+                                         v.flatten(0, len(lead) - 1), attn_mask=attn_mask, **kwargs)
+    return out.unflatten(0, lead)
 
 
 def transposed_output(out: torch.Tensor) -> torch.Tensor:

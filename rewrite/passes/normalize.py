@@ -23,6 +23,9 @@ masked_fill        ``s * b + c * (1 - b)`` (GPT-1's causal buffer), as ``s.maske
 one value product ``(p.view(b, h, 2, n, n)[:, :, 0] - λ p.view(...)[:, :, 1]) @ v`` (differential attention: a
                    combination of head slices of one softmax, weights constant along the keys) as
                    ``(p @ v')`` sliced and combined the same way, ``v'`` the values repeated for each slice
+keys side by side  ``cat([q @ k1ᵀ, q @ k2ᵀ], -1)`` (one query against two key sets: Pegasus-X's global and block keys)
+                   as ``q @ cat([k1ᵀ, k2ᵀ], -1)``, and ``p[..., :g] @ v1 + p[..., g:] @ v2`` (the probabilities' column
+                   slices, each with its own values) as ``p @ cat([v1, v2], -2)``: one key set, one value product
 sink key column    ``(softmax(s) @ v) * sigmoid(logsumexp(s) - t)`` (GraniteSWA: a sink applied after the
                    value product) becomes ``softmax(cat([s, t], -1))[..., :-1] @ v``, the spelling of an
                    extra key with a zero value that ``find_sites`` reads as an attention sink
@@ -35,13 +38,15 @@ from __future__ import annotations
 
 import operator
 import re
+import string
 from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import infer_meta, insert_call, is_reshape, meta_value, rank, reads_only_shape, remove_dead, same_shape, shape
+from ..graph import (infer_meta, insert_call, is_reshape, meta_value, rank, reads_only_shape, remove_dead, same_shape,
+                     shape, static_int)
 
 aten = torch.ops.aten
 
@@ -153,6 +158,11 @@ def normalize(gm: fx.GraphModule, binary: Callable[[fx.Node], bool] = lambda nod
             changed += 1
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is MATMUL and _slices_after_the_product(graph, node):
+            changed += 1
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _CAT and _products_side_by_side(graph, node):
+            changed += 1
+        elif node.op == "call_function" and node.target is ADD and _slice_products_summed(graph, node):
             changed += 1
     if changed:
         graph.lint()
@@ -316,9 +326,12 @@ def _einsum(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
     operands = node.args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = operands[0]
-    if not isinstance(eq, str) or len(operands) != 2 or "->" not in eq or "." in eq:
+    if not isinstance(eq, str) or len(operands) != 2 or "->" not in eq:
         return None
-    lhs, out = eq.replace(" ", "").split("->")
+    eq = _without_ellipsis(eq.replace(" ", ""), operands)
+    if eq is None:
+        return None
+    lhs, out = eq.split("->")
     terms = lhs.split(",")
     if len(terms) != 2 or not all(_EINSUM_TERM.match(t) for t in terms + [out]):
         return None
@@ -345,6 +358,34 @@ def _einsum(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
     if mm_order == list(out):
         return mm
     return _permute_to(graph, node, mm, "".join(mm_order), list(out))
+
+
+def _without_ellipsis(eq: str, operands) -> Optional[str]:
+    """``eq`` with each ``...`` spelled as letters of its own (``...qhd,...khd->...hqk`` on 5-D operands:
+    ``ABqhd,ABkhd->ABhqk``): the ellipsis dims of the two operands align on the right, as einsum broadcasts them.
+    None when an operand's rank is unknown or the equation is not one this pass reads."""
+    if "..." not in eq:
+        return eq
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or any(t.count("...") > 1 for t in terms + [out]) or eq.count(".") != 3 * eq.count("..."):
+        return None
+    spans = []
+    for term, operand in zip(terms, operands):
+        value = meta_value(operand)
+        if not isinstance(value, torch.Tensor):
+            return None
+        spans.append(value.dim() - len(term.replace("...", "")) if "..." in term else 0)
+    if min(spans) < 0:
+        return None
+    width = max(spans)
+    fresh = [c for c in string.ascii_letters if c not in eq][:width]
+    if len(fresh) < width:
+        return None
+
+    def spell(term: str, n: int) -> str:
+        return term.replace("...", "".join(fresh[width - n:]))
+    return f"{spell(terms[0], spans[0])},{spell(terms[1], spans[1])}->{spell(out, width)}"
 
 
 def _einsum_broadcast(graph: fx.Graph, node: fx.Node, a_idx: str, b_idx: str, out: str, c: str,
@@ -808,3 +849,108 @@ def _rebuild(node: fx.Node, env: dict, inner: set, call: Callable) -> fx.Node:
     args = tuple(_rebuild(a, env, inner, call) if isinstance(a, fx.Node) and (a in env or a in inner) else a
                  for a in node.args)
     return call(node.target, *args)
+
+
+# --- keys side by side: one query against several key sets, one softmax over all of them ----------------------
+
+_CAT = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)} | (
+    {torch.ops.aten.cat.default} if hasattr(torch.ops.aten, "cat") else set())
+
+
+def side_by_side(dim: int, *parts: torch.Tensor) -> torch.Tensor:
+    """``parts`` broadcast to their common batch dims (all but the last two) and concatenated along ``dim``
+    (-1: transposed keys ``[.., d, n_i]``; -2: values ``[.., n_i, d]``)."""
+    batch = torch.broadcast_shapes(*(p.shape[:-2] for p in parts))
+    return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in parts], dim)
+
+
+def _single_use_product(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is MATMUL and len(node.users) == 1
+
+
+def _products_side_by_side(graph: fx.Graph, cat: fx.Node) -> bool:
+    """``cat([a @ b1, a @ b2, ...], -1)`` with one left operand ``a`` as ``a @ side_by_side(-1, b1, b2, ...)``: the
+    columns of a product are the products with the columns of its right operand."""
+    parts = _arg(cat, 0, "tensors")
+    dim = _arg(cat, 1, "dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) < 2 or not all(map(_single_use_product, parts)):
+        return False
+    r = rank(cat)
+    if r is None or dim not in (-1, r - 1) or len({p.args[0] for p in parts}) != 1:
+        return False
+    if any(rank(p.args[1]) is None or rank(p.args[1]) < 2 or rank(p.args[0]) < 2 for p in parts):
+        return False
+    with graph.inserting_before(cat):
+        keys = _replace(graph, cat, side_by_side, (-1, *[p.args[1] for p in parts]))
+        new = _replace(graph, cat, MATMUL, (parts[0].args[0], keys))
+    if not same_shape(shape(new), shape(cat)):
+        remove_dead(graph, [new, keys])
+        return False
+    cat.replace_all_uses_with(new)
+    graph.erase_node(cat)
+    for p in parts:
+        graph.erase_node(p)
+    return True
+
+
+def _last_dim_slice(node: Any) -> Optional[tuple]:
+    """``(x, start, stop)`` where ``node`` is ``x[..., start:stop]`` (int bounds, every other dim whole); ``stop`` is
+    None where the slice runs to the end (the last dim's size may be symbolic)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    x, index = node.args
+    index = index if isinstance(index, tuple) else (index,)
+    r = rank(x)
+    if len(index) == 2 and index[0] is Ellipsis:
+        last = index[1]
+    elif r is not None and len(index) == r and all(i == slice(None) for i in index[:-1]):
+        last = index[-1]
+    else:
+        return None
+    if not isinstance(last, slice) or last.step not in (None, 1):
+        return None
+    size = static_int((shape(x) or (None,))[-1])
+    start, stop = last.start or 0, last.stop
+    if not isinstance(start, int) or not (stop is None or isinstance(stop, int)):
+        return None
+    if size is not None:  # negative bounds, and a stop past the end, as Python reads them
+        start = start + size if start < 0 else start
+        stop = None if stop is None or stop >= size else (stop + size if stop < 0 else stop)
+    elif start < 0 or (stop is not None and stop < 0):
+        return None
+    return (x, start, stop) if 0 <= start and (stop is None or start < stop) else None
+
+
+def _summed_terms(node: fx.Node, top: bool = True) -> list:
+    """The terms of a chain of additions (inner additions used only by the chain)."""
+    if node.op == "call_function" and node.target is ADD and len(node.args) == 2 and not node.kwargs \
+            and (top or len(node.users) == 1):
+        return [t for a in node.args for t in (_summed_terms(a, False) if isinstance(a, fx.Node) else [a])]
+    return [node]
+
+
+def _slice_products_summed(graph: fx.Graph, add: fx.Node) -> bool:
+    """``p[..., :g] @ v1 + p[..., g:] @ v2`` (slices that tile the last dim of ``p``, each read once) as
+    ``p @ side_by_side(-2, v1, v2)``: a product summed over column blocks is the product over all columns."""
+    terms = _summed_terms(add)
+    if len(terms) < 2 or not all(map(_single_use_product, terms)):
+        return False
+    slices = [_last_dim_slice(t.args[0]) for t in terms]
+    if any(s is None or len(t.args[0].users) != 1 for s, t in zip(slices, terms)):
+        return False
+    if len({s[0] for s in slices}) != 1:
+        return False
+    order = sorted(range(len(terms)), key=lambda i: slices[i][1])
+    bounds = [(slices[i][1], slices[i][2]) for i in order]
+    if bounds[0][0] != 0 or bounds[-1][1] is not None or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        return False  # the slices must tile the columns: from 0, each where the last stopped, the last to the end
+    with graph.inserting_before(add):
+        values = _replace(graph, add, side_by_side, (-2, *[terms[i].args[1] for i in order]))
+        new = _replace(graph, add, MATMUL, (slices[0][0], values))
+    if not same_shape(shape(new), shape(add)):
+        remove_dead(graph, [new, values])
+        return False
+    add.replace_all_uses_with(new)
+    remove_dead(graph, [add])
+    return True
+

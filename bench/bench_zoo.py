@@ -8,18 +8,26 @@ longer one, both with a padded row). Each type gets one row, with the statuses o
 (FULL / PARTIAL / WRONG / ERROR / SKIPPED / NONE / TIMEOUT).
 
 The shrink keeps a config consistent (:func:`shrink`): per-layer lists (layer kinds, stage widths, per-layer
-overrides of heterogeneous configs) are cut with their count keeping one layer of each kind, multi-head models
-keep as many key/value heads as heads, sizes that equalled the hidden or head width follow it, rotary and
-multimodal-rotary sections fit the head, images shrink to a few patches, a timm backbone becomes transformers'
-ResNet. Sizes a default config leaves unset (``UNSET``: head width, key/value heads, a mixture of experts' counts,
-a forecaster's ``prediction_length``) are set; layers sharing another's cache (Gemma 3n) keep a producer of each
+overrides of heterogeneous configs) are cut with their count keeping one layer of each kind, lists of layer
+indices renumbered to the kept layers, a backbone's stage names and output stages cut with them; a backbone's
+stage count (as many as its ``depths``) is kept, each stage cut to two blocks. Multi-head models keep as many
+key/value heads as heads; sizes that equalled the hidden or head width follow it, and so do sizes that equalled
+another named hidden width (``*hidden_size``), head counts of another stack (``*_num_attention_heads``), widths
+one tower restates from another (a size or a stage-width list that equalled any tower's hidden width, SAM's
+``vit_dim``), two widths side by side (``TWO_WIDTHS``), a state-space mixer's heads x head width (``expand`` x
+hidden) and a hierarchy's final width (first stage's doubled per stage). Rotary and multimodal-rotary sections fit
+the head (the multi-head latent head spans the rope part over its partial rotary factor); images (and crops) shrink
+to a few patches but keep a window at every stage of a windowed hierarchy, with the patches a side derived from
+them; clips to 16 frames; a two-stage detector to 16 queries; a timm backbone becomes transformers' ResNet. Sizes
+a default config leaves unset (``UNSET``: head width, key/value heads, a mixture of experts' counts, a
+forecaster's ``prediction_length``) are set; layers sharing another's cache (Gemma 3n) keep a producer of each
 kind; a forecaster's label window fits its context. Types whose configuration names timm get timm (from
 ``.deps/timm``, :func:`zoo_common.import_timm`) imported in their process before transformers, which decides on
 import whether timm is there. Inputs come from the product's own generator (``rewrite.io.inputs.example_kwargs``:
 the other modality of a dual encoder, layout boxes, flattened patches with ``grid_thw``, speech features, video
-clips, time-series histories, trajectories...). What does not run is
-tried again with the other audio layout, then without a cache, then with four heads of the original head
-width, then with only the layer counts shrunk.
+clips, time-series histories, trajectories, NaViT patch rows, region features...). What does not run is
+tried again with the other audio layouts (:func:`flipped`), then without a cache, then with four heads of the
+original head width, then with only the layer counts shrunk.
 
 Run: ``python bench/bench_zoo.py [--types bert,gpt2] [--limit N] [--timeout 180] [--jsonl out.jsonl]``;
 ``python bench/bench_zoo.py --table a.jsonl b.jsonl`` prints the markdown summary (later files win per type).
@@ -31,11 +39,12 @@ import glob
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import time
 
-from zoo_common import STATUSES, fused_calls, import_timm, judged, print_row, same, sdpa_calls, sweep
+from zoo_common import STATUSES, fused_calls, import_timm, judged, print_row, same, sdpa_calls, softmax_calls, sweep
 
 #: config attributes shrunk on every (sub-)config that has them
 SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "num_hidden_layers": 2, "num_layers": 2,
@@ -56,13 +65,15 @@ def shrink(cfg, depth: int = 0, keep_head_width: bool = False, keep_widths: bool
     for it): four heads of the original width instead of four heads of 16. ``keep_widths``: the last fallback,
     for widths tied by rules the config does not state (LiLT's six box embeddings, Reformer's axial factors):
     only the layer counts shrink."""
+    before_tree = _snapshot(cfg) if depth == 0 else None
+    original = dict(vars(cfg))
     overrides, overridden = _take_per_layer_overrides(cfg)
     before = {name: getattr(cfg, name, None) for name in COUNTS}
     widths = _widths(cfg)
     kv = getattr(cfg, "num_key_value_heads", None)
     grouped = kv is not None and kv != getattr(cfg, "num_attention_heads", None)
     staged = _stage_widths(cfg) if not keep_widths else set()
-    small = {k: v for k, v in SMALL.items() if not keep_widths or k in COUNTS}
+    small = {k: v for k, v in SMALL.items() if (not keep_widths or k in COUNTS) and k not in _stage_counts(cfg)}
     if keep_head_width and widths["head"]:
         small.update({n: 4 * widths["head"] for n in ("hidden_size", "d_model", "embed_dim")})
         small.update({n: widths["head"] for n in ("head_dim", "d_kv")})
@@ -74,40 +85,156 @@ def shrink(cfg, depth: int = 0, keep_head_width: bool = False, keep_widths: bool
         _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # multi-head (or latent) attention stays so
     kept = _cut_layer_lists(cfg, before)
     _follow_widths(cfg, widths)
+    _keep_inner_width(cfg, original, widths)
+    _keep_final_stage_width(cfg, original)
     _agree(cfg)
     _put_per_layer_overrides(cfg, overrides, overridden, kept)
     if depth < 2:
         for sub in vars(cfg).values():
             if hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
                 shrink(sub, depth + 1, keep_head_width, keep_widths)
+    if before_tree is not None:
+        _follow_tower_widths(cfg, before_tree)
     return cfg
 
 
+def _configs(cfg, depth: int = 0) -> list:
+    """``cfg`` and its sub-configs (two levels down, as :func:`shrink` goes)."""
+    subs = [v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")] if depth < 2 else []
+    return [cfg] + [c for sub in subs for c in _configs(sub, depth + 1)]
+
+
+def _snapshot(cfg) -> dict:
+    """Every (sub-)config's attributes before the shrink, by the config's identity."""
+    return {id(c): dict(vars(c)) for c in _configs(cfg)}
+
+
+HIDDEN = ("hidden_size", "d_model", "embed_dim")
+
+
+def _follow_tower_widths(cfg, before: dict) -> None:
+    """Widths one tower reads from another, which its config restates as a number: a size (or a list of stage
+    widths starting or ending with it) that equalled a tower's hidden width and that the shrink left alone takes
+    that tower's shrunk width (SAM's ``vit_dim`` and its neck's ``output_channels`` read by the mask decoder,
+    SAM 2's ``embed_dim_per_stage`` and ``backbone_channel_list`` around its Hiera backbone's ``hidden_size``).
+    Lists are scaled by the same factor; a width two towers shrank differently is left alone."""
+    moved = {}
+    for c in _configs(cfg):
+        old = before.get(id(c), {})
+        for name in HIDDEN:
+            was, now = old.get(name), getattr(c, name, None)
+            if isinstance(was, int) and isinstance(now, int) and now < was:
+                moved.setdefault(was, set()).add(now)
+    moved = {was: now.pop() for was, now in moved.items() if len(now) == 1}
+    for c in _configs(cfg):
+        old = before.get(id(c), {})
+        for name, value in list(vars(c).items()):
+            if not isinstance(value, (int, list, tuple)) or name.startswith("_") or name in HIDDEN or name in SMALL \
+                    or not isinstance(old.get(name), type(value)) or old.get(name) != value \
+                    or any(w in name for w in NOT_WIDTHS) or name.startswith("qk_") \
+                    or not name.endswith(("_dim", "channels", "_size", "_per_stage", "_list", "pos_feats")):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and value in moved:
+                _set(c, name, moved[value])
+            elif "pos_feats" in name and isinstance(value, int) and 2 * value in moved:
+                _set(c, name, moved[2 * value] // 2)  # sine and cosine features: half a width each
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and v > 0 for v in value):
+                was = value[0] if value[0] in moved else value[-1] if value[-1] in moved else None
+                if was is not None and all(v * moved[was] % was == 0 for v in value):
+                    _set(c, name, type(value)(v * moved[was] // was for v in value))
+
+
 def _widths(cfg) -> dict:
-    """The config's hidden width and per-head width before the shrink."""
+    """The config's hidden width and per-head width before the shrink, and its other named hidden widths
+    (``*hidden_size``: MobileBERT's ``true_hidden_size``, a predictor's ``pred_hidden_size``)."""
     hidden = next((getattr(cfg, n) for n in ("hidden_size", "d_model", "embed_dim") if isinstance(getattr(cfg, n, None), int)), None)
     heads = next((getattr(cfg, n) for n in ("num_attention_heads", "num_heads") if isinstance(getattr(cfg, n, None), int)), None)
-    return {"hidden": hidden, "head": hidden // heads if hidden and heads else None}
+    named = {v for n, v in vars(cfg).items() if n.endswith("hidden_size") and isinstance(v, int)
+             and not isinstance(v, bool) and v > SMALL["hidden_size"]}
+    return {"hidden": hidden, "head": hidden // heads if hidden and heads else None, "named": named}
 
 
 #: names of sizes that are not widths, even when they equal one
 NOT_WIDTHS = ("position", "vocab", "token", "image", "length", "sampling", "layers", "heads", "window", "codebook_size")
 
 
+#: sizes that are two hidden widths side by side (Zamba 2's attention reads the hidden state beside the input
+#: embeddings; NeuCodec's quantizer reads its semantic and acoustic encodings): twice the shrunk width
+TWO_WIDTHS = ("attention_hidden_size", "quantization_dim")
+
+
 def _follow_widths(cfg, before: dict) -> None:
     """Sizes that equalled the hidden width or the head width (a conv's groups, a per-head projection) follow
-    them; sizes named after another tower's hidden width (BLIP-2's ``encoder_hidden_size``) take the shrunk one."""
+    them; sizes named after another tower's hidden width (BLIP-2's ``encoder_hidden_size``) take the shrunk one,
+    and so do sizes that equalled such a width (MobileBERT's ``intra_bottleneck_size``, its ``true_hidden_size``);
+    head counts of another stack (a predictor's ``pred_num_attention_heads``) that no longer divide its shrunk
+    width (``pred_hidden_size``) shrink like the main one."""
     now = _widths(cfg)
+    heads = SMALL["num_attention_heads"]
+    # attention over two widths side by side (Zamba 2): its heads are twice as wide too
+    doubled = any(isinstance(getattr(cfg, n, None), int) and getattr(cfg, n) == 2 * (before["hidden"] or 0)
+                  for n in TWO_WIDTHS)
     for name, value in list(vars(cfg).items()):
+        width = getattr(cfg, name[: -len("num_attention_heads")] + "hidden_size", None)
+        if name.endswith("_num_attention_heads") and isinstance(value, int) and not isinstance(value, bool) \
+                and value > heads and isinstance(width, int) and width % value:
+            _set(cfg, name, heads)  # (their stack's width, pred_hidden_size, shrunk below a multiple of them)
         if not isinstance(value, int) or isinstance(value, bool) or name in SMALL or name.startswith("_") \
                 or any(w in name for w in NOT_WIDTHS) or name.startswith("qk_"):
             continue
-        if name.endswith("hidden_size") and value > SMALL["hidden_size"]:
+        if before["hidden"] and now["hidden"] and name in TWO_WIDTHS and value == 2 * before["hidden"]:
+            _set(cfg, name, 2 * now["hidden"])
+        elif name.endswith("hidden_size") and value > SMALL["hidden_size"]:
             _set(cfg, name, SMALL["hidden_size"])
         elif before["hidden"] and now["hidden"] and value == before["hidden"] and value > now["hidden"]:
             _set(cfg, name, now["hidden"])
-        elif before["head"] and now["head"] and value == before["head"] and value > now["head"] and "dim" in name:
-            _set(cfg, name, now["head"])
+        elif before["head"] and now["head"] and value > now["head"] and ("dim" in name or name.endswith("channels")) \
+                and (value == before["head"] or value == 2 * before["head"] and doubled):
+            _set(cfg, name, now["head"] * value // before["head"])
+        elif value in before["named"] and name.endswith(("_size", "_dim")):
+            _set(cfg, name, SMALL["hidden_size"])
+
+
+def _stage_counts(cfg) -> set:
+    """The counts that count a backbone's stages (Swin's ``num_layers``: as many as ``depths`` and one less than
+    ``stage_names``): kept, each stage cut to two blocks instead (detection heads read every stage)."""
+    depths, names = getattr(cfg, "depths", None), getattr(cfg, "stage_names", None)
+    if not isinstance(depths, (list, tuple)) or not isinstance(names, (list, tuple)) or len(names) != len(depths) + 1:
+        return set()
+    return {n for n in COUNTS if getattr(cfg, n, None) == len(depths)}
+
+
+def _keep_final_stage_width(cfg, old: dict) -> None:
+    """A hierarchical model whose final width (``hidden_size``) was its first stage's doubled per stage (CLAP's
+    audio Swin: ``patch_embeds_hidden_size`` x 2 ** (stages - 1)) keeps that relation over the stages it kept."""
+    depths, hidden = old.get("depths"), old.get("hidden_size")
+    for name in ("embed_dim", "patch_embeds_hidden_size"):
+        first = old.get(name)
+        if isinstance(depths, (list, tuple)) and depths and isinstance(first, int) and isinstance(hidden, int) \
+                and hidden == first * 2 ** (len(depths) - 1) and isinstance(getattr(cfg, name, None), int):
+            _set(cfg, "hidden_size", getattr(cfg, name) * 2 ** (len(cfg.depths) - 1))
+            return
+
+
+def _keep_inner_width(cfg, old: dict, before: dict) -> None:
+    """A state-space mixer's inner width (``expand`` x hidden) split into heads (Mamba 2's ``num_heads`` x
+    ``head_dim``, Zamba 2's ``n_mamba_heads`` x ``mamba_headdim``) stays so: its heads shrink like attention
+    heads, the head width follows, and its groups (``n_groups``) still divide the heads."""
+    expand = next((v for k, v in old.items() if "expand" in k and isinstance(v, (int, float))
+                   and not isinstance(v, bool)), None)
+    hidden, now = before["hidden"], _widths(cfg)["hidden"]
+    if not expand or not hidden or not now or now == hidden:
+        return
+    ints = {k: v for k, v in old.items() if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+    for heads in [k for k in ints if "heads" in k]:
+        for width in [k for k in ints if "head" in k and "dim" in k]:
+            if ints[heads] * ints[width] == int(expand * hidden) and isinstance(getattr(cfg, heads, None), int):
+                count = min(getattr(cfg, heads), SMALL["num_heads"])
+                _set(cfg, heads, count)
+                _set(cfg, width, max(1, int(expand * now) // count))
+                for groups in [k for k in ints if "groups" in k and isinstance(getattr(cfg, k, None), int)]:
+                    if count % getattr(cfg, groups):
+                        _set(cfg, groups, math.gcd(count, getattr(cfg, groups)))
 
 
 def _stage_widths(cfg) -> set:
@@ -150,10 +277,26 @@ def _cut_layer_lists(cfg, before: dict) -> list:
         for name, value in lists.items():
             _set(cfg, name, type(value)(value[i] for i in kept))
         for name, idx in list(vars(cfg).items()):  # lists of layer indices (attention layers of a hybrid)
-            if ("ind" in name or "idx" in name) and isinstance(idx, (list, tuple)) and idx \
-                    and all(isinstance(i, int) and 0 <= i < old for i in idx):
-                _set(cfg, name, type(idx)(sorted({i % getattr(cfg, count) for i in idx})))
+            if any(w in name for w in ("index", "indices", "idx", "_ids")) and not name.startswith("_") \
+                    and isinstance(idx, (list, tuple)) and idx and all(isinstance(i, int) and 0 <= i < old for i in idx):
+                # the kept layers among them renumbered (Zamba 2's hybrid layers, kept as a layer kind), else
+                # folded into the new count
+                renumbered = [kept.index(i) for i in idx if i in kept] if kinds else []
+                _set(cfg, name, type(idx)(renumbered or sorted({i % getattr(cfg, count) for i in idx})))
+        _cut_stages(cfg, old, kept)
     return kept
+
+
+def _cut_stages(cfg, old: int, kept: list) -> None:
+    """A backbone's stage names (the stem, then one per layer or stage) follow its cut count, and the stages it
+    outputs (``out_indices`` / ``out_features``) are those kept, renumbered; the last one where none is kept."""
+    names, indices = getattr(cfg, "stage_names", None), getattr(cfg, "_out_indices", None)
+    if not isinstance(names, (list, tuple)) or len(names) != old + 1 \
+            or not hasattr(cfg, "set_output_features_output_indices"):
+        return
+    _set(cfg, "stage_names", list(names[: len(kept) + 1]))
+    renumbered = [kept.index(i - 1) + 1 for i in (indices or []) if i >= 1 and i - 1 in kept] or [len(kept)]
+    cfg.set_output_features_output_indices(out_features=None, out_indices=renumbered)
 
 
 def _take_per_layer_overrides(cfg) -> tuple:
@@ -222,6 +365,9 @@ def _agree(cfg) -> None:
         # layers reusing an earlier layer's cache (Gemma 3n) come after a producer of each kind
         producers = max(kinds.index(k) for k in set(kinds)) + 1
         _set(cfg, "num_kv_shared_layers", max(0, min(shared, len(kinds) - producers)))
+    if getattr(cfg, "two_stage", False) and isinstance(getattr(cfg, "num_queries", None), int) \
+            and cfg.num_queries > 16:
+        _set(cfg, "num_queries", 16)  # a two-stage detector picks its queries among a small image's few tokens
     moe = getattr(cfg, "moe_intermediate_size", None)
     if isinstance(moe, int) and moe % 4:
         _set(cfg, "moe_intermediate_size", moe + 4 - moe % 4)  # grouped expert matmuls need 16-byte strides
@@ -249,7 +395,14 @@ def _agree(cfg) -> None:
         _set(cfg, "attn_layer_offset", layers - 1)  # a hybrid (Jamba) keeps an attention layer
     rope = getattr(cfg, "qk_rope_head_dim", None)
     if isinstance(rope, int) and getattr(cfg, "head_dim", None) is not None:
-        _set(cfg, "head_dim", rope)  # multi-head latent attention: the rotary embedding spans the rope part
+        # multi-head latent attention: the rotary embedding (the head width's partial rotary factor) spans the
+        # rope part
+        params = getattr(cfg, "rope_parameters", None)
+        params = params if isinstance(params, dict) else {}
+        kinds = [p for p in params.values() if isinstance(p, dict)]  # (per layer kind: Dots 3)
+        partial = getattr(cfg, "partial_rotary_factor", None) or params.get("partial_rotary_factor") or \
+            next((p["partial_rotary_factor"] for p in kinds if p.get("partial_rotary_factor")), None) or 1.0
+        _set(cfg, "head_dim", int(round(rope / partial)))
     depths = getattr(cfg, "depths", None)
     if isinstance(depths, (list, tuple)) and all(isinstance(d, int) for d in depths):  # stages of a backbone
         _set(cfg, "depths", type(depths)(min(d, 2) for d in depths))
@@ -260,16 +413,33 @@ def _agree(cfg) -> None:
     if getattr(cfg, "use_timm_backbone", False):
         _set(cfg, "use_timm_backbone", False)
         _set(cfg, "use_pretrained_backbone", False)
+    arch = str(getattr(cfg, "architecture", ""))
+    patch = re.search(r"patch(\d+)", arch)
+    if getattr(cfg, "model_type", None) == "timm_wrapper" and arch.startswith("vit") and patch \
+            and not getattr(cfg, "model_args", None):
+        # a timm ViT tower (PE's video encoder) is built from its name: shrunk through timm's own arguments
+        _set(cfg, "model_args", {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 4 * int(patch.group(1))})
     backbone = getattr(cfg, "backbone_config", None)
     if getattr(backbone, "model_type", None) == "timm_backbone":  # timm is optional here: transformers' ResNet
         import transformers as tf
         stages = [f"stage{i}" for i in (getattr(backbone, "out_indices", None) or [1, 2, 3, 4]) if 1 <= i <= 4]
         _set(cfg, "backbone_config", tf.ResNetConfig(out_features=stages))
-    size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+    patch = getattr(cfg, "patch_size", None)
     patch = patch if isinstance(patch, int) and patch > 0 else 16
     small = patch * max(2, -(-64 // patch))
-    if isinstance(size, int) and size > small:
-        _set(cfg, "image_size", small)  # fewer patches: a faster sweep; position tables are built for it
+    window, depths = getattr(cfg, "window_size", None), getattr(cfg, "depths", None)
+    if isinstance(window, int) and isinstance(depths, (list, tuple)) and depths:
+        small = max(small, patch * window * 2 ** (len(depths) - 1))  # a windowed hierarchy: a window at every stage
+    for key in ("image_size", "crop_size"):  # (V-JEPA 2 names its input size crop_size)
+        size = getattr(cfg, key, None)
+        if isinstance(size, int) and size > small:
+            _set(cfg, key, small)  # fewer patches: a faster sweep; position tables are built for it
+            for name, value in list(vars(cfg).items()):  # patches a side the config derived (SAM's prompts)
+                if name.endswith("embedding_size") and value == size // patch:
+                    _set(cfg, name, small // patch)
+    for name in ("num_frames", "frames_per_clip"):  # long clips: 16 frames
+        if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) > 16:
+            _set(cfg, name, 16)
 
 
 def widest(cfg, depth: int = 0) -> int:
@@ -281,13 +451,16 @@ def widest(cfg, depth: int = 0) -> int:
     return max([own] + subs)
 
 
-def flipped(batch: dict, flip: bool) -> dict:
+def flipped(batch: dict, flip: str = "") -> dict:
     """``batch`` in the other audio layout the config does not decide: speech features' last two axes swapped
-    (frames-first vs mels-first), a waveform given a channel axis (codecs: (batch, 1, samples)). The second try
-    when the first layout does not run."""
-    if flip and getattr(batch.get("input_features"), "dim", lambda: 0)() == 3:
+    (``flip="features"``: frames-first vs mels-first) or given a channel axis (``flip="channel"``: CLAP reads a
+    spectrogram as a one-channel image), a waveform given a channel axis (``flip="waveform"``: codecs read
+    (batch, 1, samples), NeuCodec beside its features). The next tries when the first layout does not run."""
+    if flip == "features" and getattr(batch.get("input_features"), "dim", lambda: 0)() == 3:
         return {**batch, "input_features": batch["input_features"].transpose(1, 2).contiguous()}
-    if flip and getattr(batch.get("input_values"), "dim", lambda: 0)() == 2:
+    if flip == "channel" and getattr(batch.get("input_features"), "dim", lambda: 0)() == 3:
+        return {**batch, "input_features": batch["input_features"][:, None]}  # (CLAP: spectrogram as an image)
+    if flip == "waveform" and getattr(batch.get("input_values"), "dim", lambda: 0)() == 2:
         return {**batch, "input_values": batch["input_values"][:, None]}
     if flip:
         raise ValueError("nothing to flip")
@@ -330,12 +503,13 @@ def one(model_type: str) -> dict:
     import rewrite
     from rewrite.io.inputs import example_kwargs
     failure = None
-    tries = ({}, {"flip": True}, {"no_cache": True}, {"keep_head_width": True}, {"keep_widths": True})
+    tries = ({}, {"flip": "features"}, {"flip": "channel"}, {"flip": "waveform"}, {"no_cache": True},
+             {"keep_head_width": True}, {"keep_widths": True})
     for attempt in tries:
         if attempt.get("keep_widths") and widest(tf.AutoConfig.for_model(model_type)) > 1024:
             continue  # full-width layers of a large model: too slow for a sweep
         torch.manual_seed(0)
-        flip = attempt.get("flip", False)
+        flip = attempt.get("flip", "")
         try:
             cfg = shrink(tf.AutoConfig.for_model(model_type), keep_head_width=attempt.get("keep_head_width", False),
                          keep_widths=attempt.get("keep_widths", False))
@@ -368,7 +542,8 @@ def one(model_type: str) -> dict:
     except Exception as err:  # noqa: BLE001
         return {"type": model_type, "status": "ERROR", "why": f"{type(err).__name__}: {str(err)[:160]}"}
     rep = rewrite.report(eager)
-    row = judged(model_type, equal, rep, oracle, calls=lambda: fused_calls(eager, batches[0]))
+    row = judged(model_type, equal, rep, oracle, calls=lambda: fused_calls(eager, batches[0]),
+                 softmax_left=lambda: softmax_calls(eager, batches[0]))
     row["optimize_s"] = optimize_s
     return row
 

@@ -116,9 +116,18 @@ def softmax_calls(model, batch) -> int:
     SDPA path (no oracle), a softmax left is attention the rewrite may have missed, or a softmax that is not
     attention (a router, a pooling): the row says how many, for a reader to check."""
     import torch
+    softmax = ("aten::_softmax", "aten::_safe_softmax")
+
+    def inside(event) -> bool:  # SDPA's math path and _safe_softmax run a softmax of their own
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name in softmax or "scaled_dot_product" in parent.name:
+                return True
+            parent = parent.cpu_parent
+        return False
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         call(model, batch)
-    return sum(e.name in ("aten::_softmax", "aten::_safe_softmax") for e in prof.events())
+    return sum(e.name in softmax and not inside(e) for e in prof.events())
 
 
 def failed(name: str, status: str, err: BaseException) -> dict:

@@ -106,6 +106,39 @@ def test_folded_head_layout_runs_a_fused_kernel(bias_shape):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+class ChannelsFirstKeys(torch.nn.Module):
+    """Keys and values written feature-first (``[b, h, d, n]``, as convolutional vision blocks keep them)."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.qkv = heads, torch.nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q = q.view(b, n, self.heads, -1).transpose(1, 2)
+        kt, vt = (t.view(b, n, self.heads, -1).permute(0, 2, 3, 1).contiguous() for t in (k, v))
+        probs = (q @ kt * (d // self.heads) ** -0.5).softmax(-1)
+        return (probs @ vt.transpose(-1, -2)).transpose(1, 2).reshape(b, n, d)
+
+
+def test_feature_first_keys_and_values_run_a_fused_kernel():
+    """Keys and values untransposed from ``[b, h, d, n]`` have a strided feature dim: SDPA would run its math path;
+    the rewrite copies them contiguous first (N·d each, not N x N)."""
+    torch.manual_seed(0)
+    model, x = ChannelsFirstKeys().eval(), torch.randn(2, 24, 32)
+    with torch.no_grad():
+        ref = model(x)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = model(x)
+    names = {e.name for e in prof.events()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "scaled" in n)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_find_attention_dynamo_and_export_agree():
     model = tiny_bert()
     d = rewrite.find_attention(model, example_kwargs=bert_batch())

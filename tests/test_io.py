@@ -578,3 +578,115 @@ def test_unknown_main_input_names_it_the_other_inputs_and_the_fix():
         rio.example_kwargs(Model())
     words = str(err.value)
     assert "'point_cloud'" in words and "'normals'" in words and "--calibration" in words
+
+
+def test_navit_vision_tower_gets_padded_patch_rows_with_their_shapes():
+    """SigLIP 2 reads each image's patches as rows padded to one length, a mask of the real ones and each
+    image's (rows, columns) of patches."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    model = _tiny(Siglip2VisionConfig, Siglip2VisionModel, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, patch_size=4, num_patches=16)
+    batch = rio.example_kwargs(model, batch=2)
+    assert batch["pixel_values"].shape == (2, 20, 3 * 4 * 4) and batch["spatial_shapes"].tolist() == [[4, 4]] * 2
+    mask = batch["pixel_attention_mask"]
+    assert mask.shape == (2, 20) and mask[:, :16].all() and not mask[:, 16:].any()
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_speech_features_of_the_feature_projection_width():
+    """Wav2Vec2-BERT stacks two 80-bin frames: its features are feature_projection_input_dim wide."""
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+    model = _tiny(Wav2Vec2BertConfig, Wav2Vec2BertModel, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=64, output_hidden_size=32, feature_projection_input_dim=24)
+    batch = rio.example_kwargs(model, batch=2)
+    assert batch["input_features"].shape[-1] == 24
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_speech_features_sized_by_a_sub_config():
+    """A codec reading features through a sub-model (NeuCodec's semantic encoder) sizes them in that sub-config."""
+    from transformers import Wav2Vec2BertConfig
+
+    class Codec(torch.nn.Module):
+        main_input_name = "input_features"
+
+        def __init__(self):
+            super().__init__()
+            self.config = BertConfig(hidden_size=32, num_attention_heads=4)
+            self.config.semantic_model_config = Wav2Vec2BertConfig(feature_projection_input_dim=24)
+
+        def forward(self, input_features, input_features_mask=None):
+            return input_features
+
+    assert rio.example_kwargs(Codec())["input_features"].shape[-1] == 24
+
+
+def test_patch_grid_tower_with_a_per_patch_convolution_gets_patch_images():
+    """Kimi-K2.5's tower embeds each patch with a 2-D convolution: patches as (channels, patch, patch)."""
+    from transformers.models.kimi_k25.configuration_kimi_k25 import Kimi_K25VisionConfig
+    from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25VisionModel
+    model = _tiny(Kimi_K25VisionConfig, Kimi_K25VisionModel, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=4)
+    batch = rio.example_kwargs(model, batch=2)
+    patch = model.config.patch_size
+    assert batch["pixel_values"].shape[1:] == (3, patch, patch)
+    assert int(batch["grid_thw"].prod(-1).sum()) == batch["pixel_values"].shape[0]
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_text_length_fits_a_dual_encoder_text_tower():
+    """OWL-ViT's text tower has 16 positions: longer examples are cut to them."""
+    from transformers import OwlViTConfig, OwlViTModel
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = _tiny(lambda **k: OwlViTConfig(text_config=dict(tower, vocab_size=64, max_position_embeddings=16),
+                                           vision_config=dict(tower, image_size=32, patch_size=16), **k), OwlViTModel)
+    batch = rio.example_kwargs(model, batch=2, length=24)
+    assert batch["input_ids"].shape == (2, 16)
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_vision_language_models_get_regions_pixels_and_language_ids():
+    """LXMERT reads region features and boxes, ViLT (one tower) pixels of its image size, X-MOD a language."""
+    from transformers import LxmertConfig, LxmertModel, ViltConfig, ViltModel, XmodConfig, XmodModel
+    model = _tiny(LxmertConfig, LxmertModel, vocab_size=64, hidden_size=32, num_attention_heads=4,
+                  intermediate_size=64, l_layers=1, x_layers=1, r_layers=1, visual_feat_dim=8)
+    batch = rio.example_kwargs(model, batch=2, length=8)
+    assert batch["visual_feats"].shape == (2, 4, 8) and batch["visual_pos"].shape == (2, 4, 4)
+    pos = batch["visual_pos"]
+    assert (pos[..., 2] >= pos[..., 0]).all() and (pos[..., 3] >= pos[..., 1]).all() and pos.max() <= 1
+    with torch.no_grad():
+        model(**batch)
+    model = _tiny(ViltConfig, ViltModel, vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=64, image_size=32, patch_size=16, max_image_length=8)
+    batch = rio.example_kwargs(model, batch=2, length=8)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        model(**batch)
+    model = _tiny(XmodConfig, XmodModel, vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=64, languages=["en_XX", "de_DE"])
+    batch = rio.example_kwargs(model, batch=2, length=8)
+    assert batch["lang_ids"].tolist() == [0, 0]
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_several_main_inputs_and_a_fixed_length_task_prompt():
+    """OneFormer names two main inputs (its image and its task): the first leads, the task prompt is
+    task_seq_len token ids."""
+    class Segmenter(torch.nn.Module):
+        main_input_name = ["pixel_values", "task_inputs"]
+
+        def __init__(self):
+            super().__init__()
+            self.config = BertConfig(hidden_size=32, num_attention_heads=4)
+            self.config.image_size, self.config.task_seq_len, self.config.text_encoder_vocab_size = 32, 7, 50
+
+        def forward(self, pixel_values, task_inputs, text_inputs=None):
+            return pixel_values
+
+    batch = rio.example_kwargs(Segmenter(), batch=2)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["task_inputs"].shape == (2, 7)

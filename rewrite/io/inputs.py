@@ -51,9 +51,11 @@ def forward_params(model: Any) -> Optional[set]:
 def max_length(model: Any, tokenizer: Any = None) -> Optional[int]:
     cfg = getattr(model, "config", None)
     limits = []
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v > 0:
+    # the model's own limit, else its text tower's (a dual encoder's text positions: OWL-ViT's 16)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        v = next((v for v in (getattr(c, a, None) for a in ("max_position_embeddings", "n_positions", "max_seq_len",
+                                                             "seq_length")) if isinstance(v, int) and v > 0), None)
+        if v is not None:
             limits.append(v)
             break
     t = getattr(tokenizer, "model_max_length", None)
@@ -70,6 +72,8 @@ def example_kwargs(model: torch.nn.Module, tokenizer: Any = None, batch: int = 2
     """
     params = forward_params(model)
     main = getattr(model, "main_input_name", "input_ids")
+    if isinstance(main, (list, tuple)):  # several main inputs (OneFormer's image and task): the first leads
+        main = main[0] if main else "input_ids"
     cfg = getattr(model, "config", None)
     limit = max_length(model, tokenizer)
     if limit:
@@ -154,17 +158,43 @@ def _pixel_inputs(model, cfg, batch: int, length: int, gen, video: bool = False)
     """Images of the size and channel count the (vision) config names; for a video model, clips of
     (batch, frames, channels, height, width) (:func:`_video_frames`)."""
     vc = _sub_config(cfg, "video_config" if video else "vision_config", "vision_config", "backbone_config") or cfg
-    size = getattr(vc, "image_size", None) or getattr(cfg, "image_size", None) or 224
+    size = getattr(vc, "image_size", None) or getattr(cfg, "image_size", None) or _patch_embedding_size(model) or 224
     if isinstance(size, dict):
         size = (size.get("height", 224), size.get("width", 224))
     height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
     chans = getattr(vc, "num_channels", None) or getattr(cfg, "num_channels", None) or 3
+    if "spatial_shapes" in (forward_params(model) or ()):
+        return _patch_sequence_inputs(vc, chans, batch, gen)
     frames = _video_frames(model, cfg, vc, video)
     if frames:
         name = "pixel_values_videos" if video or getattr(model, "main_input_name", None) == "pixel_values_videos" \
             else "pixel_values"
         return {name: torch.randn(batch, frames, chans, height, width, generator=gen)}
     return {"pixel_values": torch.randn(batch, chans, height, width, generator=gen)}
+
+
+def _patch_embedding_size(model) -> Optional[tuple]:
+    """The image size a tower's patch embedding was built for, where the config names none (a timm tower, whose
+    config names only its architecture: timm's PatchEmbed keeps ``img_size``)."""
+    sizes = (getattr(m, "img_size", None) for m in model.modules() if hasattr(m, "proj"))
+    return next((tuple(s) for s in sizes if isinstance(s, (tuple, list)) and len(s) == 2
+                 and all(isinstance(v, int) and v > 0 for v in s)), None)
+
+
+def _patch_sequence_inputs(vc, chans: int, batch: int, gen) -> dict:
+    """A NaViT-style vision tower's input (SigLIP 2: forward takes ``spatial_shapes``): each image's patches
+    flattened to (patches, channels·patch·patch) and padded to one length, with ``pixel_attention_mask`` marking
+    the real patches and ``spatial_shapes`` each image's (rows, columns) of patches; here 4 x 4 patches (fewer
+    where the config's ``num_patches`` is smaller) and 4 padding patches."""
+    patch = _first_int(getattr(vc, "patch_size", None)) or 16
+    most = _first_int(getattr(vc, "num_patches", None)) or 16
+    side = max(1, min(4, int(most ** 0.5)))
+    real = side * side
+    total = real + 4
+    mask = torch.zeros(batch, total, dtype=torch.long)
+    mask[:, :real] = 1
+    values = torch.randn(batch, total, chans * patch * patch, generator=gen) * mask[..., None]
+    return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[side, side]] * batch)}
 
 
 def _first_int(*values) -> Optional[int]:
@@ -190,14 +220,21 @@ def _video_frames(model, cfg, vc, video: bool = False) -> Optional[int]:
 
 def _flat_patch_inputs(model, cfg, batch: int, gen) -> dict:
     """A Qwen-VL-style vision tower's input: every image's patches flattened into one sequence, with each image's
-    (frames, rows, columns) grid in ``grid_thw``; each image here is 2 x 2 merged patches."""
-    patch = getattr(cfg, "patch_size", None) or 14
-    frames = getattr(cfg, "temporal_patch_size", None) or 1
+    (frames, rows, columns) grid in ``grid_thw``; each image here is 2 x 2 merged patches. A patch spans
+    ``temporal_patch_size`` (``patch_temporal``) frames; merges join ``spatial_merge_size`` (``merge_size``,
+    ``merge_kernel_size``) patches a side. A tower whose patch embedding is a 2-D convolution over one patch
+    (Kimi-K2.5) reads each patch as (channels, patch, patch) instead of one flat row."""
+    patch = _first_int(getattr(cfg, "patch_size", None)) or 14
+    frames = _first_int(getattr(cfg, "temporal_patch_size", None), getattr(cfg, "patch_temporal", None)) or 1
     chans = getattr(cfg, "in_channels", None) or getattr(cfg, "num_channels", None) or 3
-    side = 2 * (getattr(cfg, "spatial_merge_size", None) or 1)
+    side = 2 * (_first_int(*(getattr(cfg, n, None) for n in ("spatial_merge_size", "merge_size",
+                                                               "merge_kernel_size"))) or 1)
     grid = next(n for n in _required_params(model) if n.endswith("grid_thw"))
     name = next(n for n in _required_params(model) if n != grid)
-    patches = torch.randn(batch * side * side, chans * frames * patch * patch, generator=gen)
+    first_conv = next((m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
+    per_patch = isinstance(first_conv, torch.nn.Conv2d) and tuple(first_conv.kernel_size) == (patch, patch)
+    shape = (chans, patch, patch) if per_patch else (chans * frames * patch * patch,)
+    patches = torch.randn(batch * side * side, *shape, generator=gen)
     return {name: patches, grid: torch.tensor([[1, side, side]] * batch)}
 
 
@@ -206,8 +243,12 @@ def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:
     (batch, mels, frames), 2·``max_source_positions`` frames where the config fixes them; other speech encoders
     (batch, frames, features)."""
     ac = _sub_config(cfg, "audio_config", "encoder_config") or cfg
-    mels = next((v for v in (getattr(ac, n, None) for n in ("num_mel_bins", "feature_size", "input_feat_per_channel",
-                                                             "n_mels")) if isinstance(v, int) and v > 0), 80)
+    # (a feature projection's input width comes first: Wav2Vec2-BERT stacks two 80-bin frames into 160 features;
+    # a codec that reads features through a sub-model names them in that sub-config: NeuCodec's semantic model)
+    names = ("feature_projection_input_dim", "num_mel_bins", "feature_size", "input_feat_per_channel", "n_mels")
+    subs = [v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+    mels = next((v for c in (ac, *subs) for v in (getattr(c, n, None) for n in names)
+                 if isinstance(v, int) and v > 0), 80)
     positions = getattr(ac, "max_source_positions", None)
     first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv1d)), None)
     if first_conv is not None and first_conv.in_channels == mels:  # the mel bins are its channels (Whisper)
@@ -320,13 +361,25 @@ def _add_companion_inputs(out: dict, model, params, batch: int, length: int, gen
               "input_ids": (_token_inputs, "text_config", "text"),
               "pixel_values_videos": (_video_inputs, "video_config", "video")}
     for name, (build, tower, modality) in towers.items():
-        wanted = name in required or (getattr(cfg, tower, None) is not None and not _has_placeholder_token(cfg, modality))
+        # a model with that tower, or a one-tower image-text model whose config sizes its images (ViLT)
+        has_tower = getattr(cfg, tower, None) is not None or (name == "pixel_values" and "input_ids" in out
+                                                              and isinstance(getattr(cfg, "image_size", None), int))
+        wanted = name in required or (has_tower and not _has_placeholder_token(cfg, modality))
         if name in params and name not in out and wanted:
             out.update({k: v for k, v in build(model, cfg, batch, length, gen).items() if k in params})
+    out.update(_region_inputs(cfg, params, out, batch, gen))
+    if "lang_ids" in params and getattr(cfg, "languages", None) and "input_ids" in out:
+        out["lang_ids"] = torch.zeros(batch, dtype=torch.long)  # (X-MOD's adapters: the first language)
     ids = out.get("input_ids")
     for name in required - set(out):  # another tower's token ids (InstructBLIP's qformer_input_ids)
         if name.endswith("input_ids") and ids is not None:
             out[name] = ids.clone()
+        elif name.endswith("_inputs") and isinstance(getattr(cfg, name[: -len("inputs")] + "seq_len", None), int):
+            # a fixed-length token prompt the config sizes (OneFormer's task_inputs: task_seq_len tokens)
+            vocab = next((v for k, v in vars(cfg).items() if k.endswith("vocab_size") and isinstance(v, int)
+                          and v > 1), 256)
+            out[name] = torch.randint(0, vocab, (batch, getattr(cfg, name[: -len("inputs")] + "seq_len")),
+                                      generator=gen)
     if "bbox" in params and ids is not None:
         out["bbox"] = _layout_boxes(ids.shape, gen)
     if "query_embeds" in required:  # a query transformer (BLIP-2's Q-Former): one query per token of the mask
@@ -335,6 +388,22 @@ def _add_companion_inputs(out: dict, model, params, batch: int, length: int, gen
         if isinstance(width, int) and "encoder_hidden_states" in params:  # it cross-attends to an image encoder
             out["encoder_hidden_states"] = torch.randn(batch, length, width, generator=gen)
     return _add_decoder_inputs(out, model, params, batch, max(2, length // 2), gen)
+
+
+def _region_inputs(cfg, params: set, out: dict, batch: int, gen) -> dict:
+    """Image regions a vision-and-language model reads as features (LXMERT's ``visual_feats`` of
+    ``visual_feat_dim`` features, and their ``visual_pos`` boxes of ``visual_pos_dim`` normalized coordinates
+    x0 <= x1, y0 <= y1): 4 regions per image, where forward takes them and the config sizes them."""
+    regions, made = 4, {}
+    feats, pos = getattr(cfg, "visual_feat_dim", None), getattr(cfg, "visual_pos_dim", None)
+    if "visual_feats" in params and "visual_feats" not in out and isinstance(feats, int):
+        made["visual_feats"] = torch.randn(batch, regions, feats, generator=gen)
+    if "visual_pos" in params and "visual_pos" not in out and isinstance(pos, int):
+        corner = torch.rand(batch, regions, 2, generator=gen) / 2
+        boxes = torch.cat([corner, corner + torch.rand(batch, regions, 2, generator=gen) / 2], dim=-1)
+        made["visual_pos"] = boxes[..., :pos] if pos <= 4 else torch.cat(
+            [boxes, torch.rand(batch, regions, pos - 4, generator=gen)], dim=-1)
+    return made
 
 
 def _layout_boxes(shape, gen) -> torch.Tensor:

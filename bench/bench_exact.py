@@ -2,6 +2,10 @@
 
 Both models share weights and run in one process, interleaved, so the printed ratios compare like with like
 on a noisy machine. Run: ``python bench/bench_exact.py`` (``--quick`` for a smaller run).
+
+``--layouts``: the SDPA call of an exact site in the layouts the fused kernels do not take, as the site gives it and
+as the rewrite calls it (interleaved, median): ``(b·h) n d`` inputs (run as one 4-D batch), ``[b, blocks, h, n, d]``
+(leading dims flattened) and keys with a strided feature dim (copied contiguous first).
 """
 from __future__ import annotations
 
@@ -56,11 +60,43 @@ def llama(batch: int, length: int):
     return "Llama-4L (GQA 8/2)", eager, sdpa, kwargs
 
 
+def layouts(repeats: int) -> None:
+    from rewrite.pipeline import sdpa_leading_dims_flattened
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    q3, k3, v3 = (torch.randn(12, 1024, 64) for _ in range(3))
+    m3 = torch.zeros(12, 1, 1024)
+    q5, k5, v5 = torch.randn(2, 8, 12, 128, 64), torch.randn(2, 8, 12, 384, 64), torch.randn(2, 8, 12, 384, 64)
+    q4 = torch.randn(1, 12, 1024, 64)
+    kt = torch.randn(1, 12, 64, 1024)
+    cases = [("(b·h) n d: 12 x 1024 x 64", lambda: F.scaled_dot_product_attention(q3, k3, v3, attn_mask=m3),
+              lambda: F.scaled_dot_product_attention(q3[None], k3[None], v3[None], attn_mask=m3[None])[0]),
+             ("[b, blocks, h, n, d]: 2 x 8 x 12 x 128 (x 384 keys)", lambda: F.scaled_dot_product_attention(q5, k5, v5),
+              lambda: sdpa_leading_dims_flattened(q5, k5, v5)),
+             ("keys [b, h, d, n] untransposed: 12 x 1024", lambda: F.scaled_dot_product_attention(q4, kt.mT, kt.mT),
+              lambda: F.scaled_dot_product_attention(q4, kt.mT.contiguous(), kt.mT.contiguous()))]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'layout':52} {'as given ms':>12} {'as rewritten ms':>16} {'speed-up':>9}")
+    with torch.no_grad():
+        for name, given, rewritten in cases:
+            a, b = [], []
+            for _ in range(repeats):
+                a.append(timeit(given, 1))
+                b.append(timeit(rewritten, 1))
+            ta, tb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
+            print(f"{name:52} {ta:12.1f} {tb:16.1f} {ta / tb:8.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--layouts", action="store_true", help="only the layouts the fused kernels do not take")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     args = ap.parse_args()
+    if args.layouts:
+        torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+        return layouts(args.repeats)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cases = [minilm(4, 128 if args.quick else 512), llama(1, 512 if args.quick else 2048)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -704,10 +704,10 @@ def _describe(m: SiteMatch, values: dict, is_causal: bool, causal_ops, is_state=
     split = [op.value for op in m.ops if op.kind == "split"]
     if split and len(shape(m.softmax) or ()) == 4:
         site.heads = site.kv_heads = _int(shape(m.softmax)[-3])
-    elif len(qs) == 4:
+    elif len(qs) >= 4:  # heads at dim -3, as SDPA reads them (more leading dims are batch: blocks, windows)
         site.heads = _int(qs[-3])
         base = unrepeat(m.v) if m.kind != "sdpa" else None
-        site.kv_heads = _int(shape(base[0])[-3]) if base else _int(vs[-3]) if len(vs) == 4 else None
+        site.kv_heads = _int(shape(base[0])[-3]) if base else _int(vs[-3]) if len(vs) >= 4 else None
         site.gqa = bool(site.kv_heads and site.heads and site.kv_heads != site.heads)
     site.layout = _layout(m)
     site.cross = bool(qs and ks) and str(qs[-2]) != str(ks[-2])

@@ -172,6 +172,18 @@ def t5_encoder(attn: str = "eager", seed: int = 0) -> ZooModel:
     return ZooModel("t5_encoder", m, kw, _sites("encoder.block.{}.layer.0.SelfAttention", LAYERS))
 
 
+def longt5_encoder(attn: str = "eager", seed: int = 0) -> ZooModel:
+    """Block-local attention: blocks of 4 queries against their own and both neighbouring blocks' keys."""
+    cfg = tf.LongT5Config(
+        vocab_size=VOCAB, d_model=HID, d_kv=16, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS, local_radius=3,
+        encoder_attention_type="local", relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        initializer_factor=1.0, dropout_rate=0.1,
+    )
+    m = _build(tf.LongT5EncoderModel, cfg, attn, seed)
+    kw = dict(input_ids=_ids(), attention_mask=_mask())
+    return ZooModel("longt5_encoder", m, kw, _sites("encoder.block.{}.layer.0.LocalSelfAttention", LAYERS))
+
+
 # --------------------------------------------------------------------------------------------
 # decoders
 # --------------------------------------------------------------------------------------------
@@ -425,6 +437,7 @@ ZOO: dict[str, Callable[..., ZooModel]] = {
     "gemma": gemma,
     "phi": phi,
     "t5_encoder": t5_encoder,
+    "longt5_encoder": longt5_encoder,
     "bart": bart,
     "whisper": whisper,
     "vit": vit,
@@ -441,7 +454,7 @@ LM_ZOO: dict[str, Callable[..., ZooModel]] = {
 ALL: dict[str, Callable[..., ZooModel]] = {**ZOO, **LM_ZOO}
 
 # transformers raises for attn_implementation="sdpa" on these
-SDPA_UNSUPPORTED = {"bloom"}
+SDPA_UNSUPPORTED = {"bloom", "longt5_encoder"}
 
 
 def build(name: str, attn: str = "eager", seed: int = 0) -> ZooModel:

@@ -185,7 +185,8 @@ class GraphRun:
 def _find(gm: fx.GraphModule, session: Session) -> list:
     """The matched sites; rejected attention-like regions go to the report."""
     with module_names(session.model):
-        matches, rejected = find_sites(gm)
+        matches, rejected, others = find_sites(gm)
+    session.report.record_other_softmax(others)
     for r in rejected:
         session.report.record_rejected(r.name, r.reason, r.ordinal)
         _add_site(session, _describe(r, {}, False, []))

@@ -84,6 +84,8 @@ class RewriteReport:
         self.policy = policy
         self._sites: dict[tuple, SiteRow] = {}
         self._rejected: dict[tuple, RegionRow] = {}
+        #: modules holding softmax ops that are not attention-like (most per captured graph seen)
+        self.other_softmax: dict[str, int] = {}
         self.breaks: list[BreakRow] = []
         self.graphs = 0
         self.recompiles = 0
@@ -140,6 +142,12 @@ class RewriteReport:
 
     def record_rejected(self, name: str, reason: str, ordinal: int) -> None:
         self._rejected.setdefault((name, ordinal, reason), RegionRow(name, reason))
+
+    def record_other_softmax(self, owners: list) -> None:
+        """The modules of one captured graph's softmax ops that are not attention-like; a module keeps the most any
+        graph had (recompiles and recaptures see the same ops again)."""
+        for name in set(owners):
+            self.other_softmax[name] = max(self.other_softmax.get(name, 0), owners.count(name))
 
     def record_unrewritten(self, name: str, ordinal: int, reason: str) -> None:
         """A site whose graph could not be rewritten at all: listed as kept, with the reason, unless a row for it
@@ -325,6 +333,13 @@ class RewriteReport:
         if self.rejected:
             out.append("\nRejected attention-like regions:")
             out.append(tabulate([[r.name, r.reason] for r in self.rejected], headers=["module", "why"], tablefmt="simple"))
+        if self.other_softmax:
+            names = sorted(self.other_softmax)
+            shown = ", ".join(f"{n or '(model)'}" + (f" x{self.other_softmax[n]}" if self.other_softmax[n] > 1 else "")
+                              for n in names[:6]) + (f", ... ({len(names) - 6} more modules)" if len(names) > 6 else "")
+            out.append(f"\n{sum(self.other_softmax.values())} other softmax op(s), not attention-like (no score product "
+                       f"before or value product after; routers, gates, pooling, or attention written in a form not "
+                       f"read here), left as they are: {shown}.")
         b, a = self.attention_flops()
         if b and a < b:
             out.append(f"Attention FLOPs: {b / 1e9:.3f} G -> {a / 1e9:.3f} G ({1 - a / b:.1%} cut).")
@@ -358,6 +373,7 @@ class RewriteReport:
                 "recaptures": list(self.recaptures),
                 "sites": [r.to_json() for r in self.sites],
                 "rejected": [r.to_json() for r in self.rejected], "breaks": [b.to_json() for b in self.breaks],
+                "other_softmax": dict(self.other_softmax),
                 "plan": {"version": 1, "sites": self.plan}, "optimize_seconds": self.optimize_seconds,
                 "calibration": self.calibration.to_json() if self.calibration is not None else None}
 

@@ -395,6 +395,34 @@ def test_column_slices_that_skip_a_column_are_not_one_product():
         torch.testing.assert_close(model(*args), ref)
 
 
+class RoutedBlock(nn.Module):
+    """Attention, then a router's softmax over experts (not attention: no score product, no value product)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv, self.router, self.experts = nn.Linear(d, 3 * d), nn.Linear(d, 4), nn.Linear(d, 4 * d)
+
+    def forward(self, x):
+        gate = self.router(x).softmax(-1)                                  # [b, n, experts], from the block input
+        q, k, v = self.qkv(x).chunk(3, -1)
+        x = x + (q @ k.transpose(-1, -2) / 4).softmax(-1) @ v
+        return (self.experts(x).view(*x.shape[:-1], 4, -1) * gate[..., None]).sum(-2)
+
+
+def test_other_softmax_ops_are_named_in_the_report_and_left_alone():
+    torch.manual_seed(0)
+    model, x = RoutedBlock(), torch.randn(2, 6, 16)
+    with torch.no_grad():
+        ref = model(x)
+    rewrite.optimize(model, "exact", example_inputs=(x,))
+    report = model.rewrite_report
+    assert [r.status for r in report.sites] == ["rewritten"]
+    assert report.other_softmax == {"": 1} and "1 other softmax op(s), not attention-like" in report.table()
+    assert report.to_json()["other_softmax"] == {"": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
 # --- attention sinks: extra keys whose probabilities are dropped (gpt-oss) -----------------------------------
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

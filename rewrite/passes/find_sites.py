@@ -219,15 +219,18 @@ def _feeds_matmul(node: fx.Node, depth: int = 4) -> bool:
     return False
 
 
-def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[SiteMatch]]:
-    """All attention sites of a canonical graph, and the attention-like regions rejected (with why)."""
-    sites, rejected = [], []
+def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[SiteMatch], list[str]]:
+    """All attention sites of a canonical graph, the attention-like regions rejected (with why), and the modules of
+    the other softmax ops (no score product before them nor value product after: routers, gates, pooling, or
+    attention written in a form the matcher does not read)."""
+    sites, rejected, others = [], [], []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target is SOFTMAX or node.target in SAFE_SOFTMAX:
             m = _match_softmax(node)
             if m is None:
+                others.append(owner_path(node))
                 continue
             (sites if m.status == "matched" else rejected).append(m)
         elif node.target is SDPA or op_kind(node) == "sdpa":
@@ -242,7 +245,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[SiteMatch]]:
         m.index = i
         m.ordinal = counts.get(m.name, 0)
         counts[m.name] = m.ordinal + 1
-    return sites, rejected
+    return sites, rejected, others
 
 
 _FAST_PATH_FIX = ("; rewrite.optimize captures the Python path itself, and for torch.compile(backend=...) call "

@@ -5,7 +5,8 @@ on a noisy machine. Run: ``python bench/bench_exact.py`` (``--quick`` for a smal
 
 ``--layouts``: the SDPA call of an exact site in the layouts the fused kernels do not take, as the site gives it and
 as the rewrite calls it (interleaved, median): ``(b·h) n d`` inputs (run as one 4-D batch), ``[b, blocks, h, n, d]``
-(leading dims flattened) and keys with a strided feature dim (copied contiguous first).
+(leading dims flattened), keys with a strided feature dim (copied contiguous first), values of another width than
+the keys (q and k zero-padded, the scale kept) and a ``[h, n, n]`` mask beside 4-D inputs (given a batch dim).
 """
 from __future__ import annotations
 
@@ -69,12 +70,17 @@ def layouts(repeats: int) -> None:
     q5, k5, v5 = torch.randn(2, 8, 12, 128, 64), torch.randn(2, 8, 12, 384, 64), torch.randn(2, 8, 12, 384, 64)
     q4 = torch.randn(1, 12, 1024, 64)
     kt = torch.randn(1, 12, 64, 1024)
+    qn, bias3 = torch.randn(1, 12, 1024, 32), torch.randn(12, 1024, 1024)
     cases = [("(b·h) n d: 12 x 1024 x 64", lambda: F.scaled_dot_product_attention(q3, k3, v3, attn_mask=m3),
               lambda: F.scaled_dot_product_attention(q3[None], k3[None], v3[None], attn_mask=m3[None])[0]),
              ("[b, blocks, h, n, d]: 2 x 8 x 12 x 128 (x 384 keys)", lambda: F.scaled_dot_product_attention(q5, k5, v5),
               lambda: sdpa_leading_dims_flattened(q5, k5, v5)),
              ("keys [b, h, d, n] untransposed: 12 x 1024", lambda: F.scaled_dot_product_attention(q4, kt.mT, kt.mT),
-              lambda: F.scaled_dot_product_attention(q4, kt.mT.contiguous(), kt.mT.contiguous()))]
+              lambda: F.scaled_dot_product_attention(q4, kt.mT.contiguous(), kt.mT.contiguous())),
+             ("values 2x the keys' width: 12 x 1024 x 32 / 64", lambda: F.scaled_dot_product_attention(qn, qn, q4),
+              lambda: F.scaled_dot_product_attention(F.pad(qn, (0, 32)), F.pad(qn, (0, 32)), q4, scale=32 ** -0.5)),
+             ("a [h, n, n] mask beside 4-D inputs: 12 x 1024 x 64", lambda: F.scaled_dot_product_attention(
+                 q4, q4, q4, attn_mask=bias3), lambda: F.scaled_dot_product_attention(q4, q4, q4, attn_mask=bias3[None]))]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'layout':52} {'as given ms':>12} {'as rewritten ms':>16} {'speed-up':>9}")
     with torch.no_grad():

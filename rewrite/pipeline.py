@@ -495,6 +495,10 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
         new.meta["rewrite_site"] = (m.name, m.ordinal)
     elif target is F.scaled_dot_product_attention and not block_level:
         _last_dims_contiguous(graph, m.output, call)
+        value_width = _widths_matched(graph, m.output, call)
+        if _rank(call.q) == 4 and _rank(call.attn_mask) == 3:  # [h, nq, nk] beside 4-D q: math path otherwise
+            call.attn_mask = insert_call(graph, m.output, torch.unsqueeze, (call.attn_mask, 0), {}, like=m.output)
+            call.new_nodes.append(call.attn_mask)
         if _rank(call.q) == 3:
             new = _sdpa_with_one_batch(graph, m.output, call)
         elif (_rank(call.q) or 0) > 4 and _rank(call.k) == _rank(call.v) == _rank(call.q):
@@ -502,6 +506,9 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
                               like=m.output)
         else:
             new = insert_call(graph, m.output, target, (call.q, call.k, call.v), call.kwargs(), like=m.output)
+        if value_width is not None:
+            call.new_nodes.append(new)
+            new = insert_call(graph, m.output, torch.narrow, (new, -1, 0, value_width), {}, like=m.output)
     else:
         new = insert_call(graph, m.output, target, args, call.kwargs(), like=m.output)
     for fix, extra in call.row_fixes:
@@ -542,6 +549,26 @@ def _last_dims_contiguous(graph: fx.Graph, before: fx.Node, call: SiteCall) -> N
             setattr(call, name, node)
 
 
+def _widths_matched(graph: fx.Graph, before: fx.Node, call: SiteCall) -> Optional[int]:
+    """On CPU, values wider or narrower than the keys (LeViT's ``attn_ratio``) make SDPA run its math path: q and k,
+    or v, are padded with zeros to the wider width (a zero feature adds nothing to q·kᵀ; the scale is kept explicit),
+    and the output is cut back to the values' width, which is returned (None: the widths already match)."""
+    q, v = meta_value(call.q), meta_value(call.v)
+    if not (isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor)) or q.device.type != "cpu":
+        return None
+    d, dv = static_int(q.shape[-1]), static_int(v.shape[-1])
+    if d is None or dv is None or d == dv:
+        return None
+    if call.scale is None:
+        call.scale = d ** -0.5
+    for name, width in (("q", d), ("k", d), ("v", dv)):
+        if width < max(d, dv):
+            node = insert_call(graph, before, F.pad, (getattr(call, name), (0, max(d, dv) - width)), {}, like=before)
+            call.new_nodes.append(node)
+            setattr(call, name, node)
+    return dv
+
+
 def _sdpa_with_one_batch(graph: fx.Graph, before: fx.Node, call: SiteCall) -> fx.Node:
     """SDPA on ``(b·h) n d`` inputs, called as one batch of ``b·h`` heads: the fused kernels (CPU flash, CUDA flash
     and memory-efficient) take 4-D inputs only, and 3-D ones run the math path, which forms the N x N scores."""
@@ -566,6 +593,8 @@ def sdpa_leading_dims_flattened(q, k, v, attn_mask=None, **kwargs) -> torch.Tens
     if attn_mask is not None and attn_mask.dim() > 3:
         mask = attn_mask.reshape((1,) * (q.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
         attn_mask = mask.expand(*lead, *mask.shape[-3:]).flatten(0, len(lead) - 1)
+    elif attn_mask is not None and attn_mask.dim() == 3:  # [h, nq, nk]: 4-D, or the fused kernel is skipped
+        attn_mask = attn_mask.unsqueeze(0)
     out = F.scaled_dot_product_attention(q.flatten(0, len(lead) - 1), k.flatten(0, len(lead) - 1),
                                          v.flatten(0, len(lead) - 1), attn_mask=attn_mask, **kwargs)
     return out.unflatten(0, lead)

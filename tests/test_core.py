@@ -139,6 +139,36 @@ def test_feature_first_keys_and_values_run_a_fused_kernel():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+class WideValues(torch.nn.Module):
+    """Values wider than the keys (LeViT's ``attn_ratio``), or narrower."""
+
+    def __init__(self, d: int = 8, dv: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads, self.d, self.dv = heads, d, dv
+        self.qkv = torch.nn.Linear(32, heads * (2 * d + dv))
+
+    def forward(self, x, bias):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, -1).transpose(1, 2).split([self.d, self.d, self.dv], -1)
+        return ((q @ k.transpose(-1, -2)) * self.d ** -0.5 + bias).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("d, dv", [(8, 16), (16, 8)])
+def test_values_of_another_width_run_a_fused_kernel(d, dv):
+    torch.manual_seed(0)
+    model, x, bias = WideValues(d, dv).eval(), torch.randn(2, 20, 32), torch.randn(4, 20, 20)
+    with torch.no_grad():
+        ref = model(x, bias)
+    rewrite.optimize(model, "exact", example_inputs=(x, bias))
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = model(x, bias)
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "scaled" in n)
+    assert out.shape == ref.shape == (2, 4, 20, dv)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_find_attention_dynamo_and_export_agree():
     model = tiny_bert()
     d = rewrite.find_attention(model, example_kwargs=bert_batch())

@@ -322,11 +322,12 @@ def test_block_local_attention_by_ellipsis_einsum_runs_one_fused_call():
     assert "aten::scaled_dot_product_attention" in names and "aten::_scaled_dot_product_attention_math" not in names
 
 
-@pytest.mark.parametrize("mask_rank", [0, 2, 4, 5])
+@pytest.mark.parametrize("mask_rank", [0, 2, 3, 4, 5])
 def test_sdpa_over_several_batch_dims_matches_sdpa(mask_rank):
     from rewrite.pipeline import sdpa_leading_dims_flattened
     q, k, v = torch.randn(2, 3, 4, 5, 8), torch.randn(2, 3, 4, 7, 8), torch.randn(2, 3, 4, 7, 6)
-    mask = {0: None, 2: torch.randn(5, 7), 4: torch.randn(3, 1, 5, 7), 5: torch.randn(2, 3, 4, 1, 7)}[mask_rank]
+    mask = {0: None, 2: torch.randn(5, 7), 3: torch.randn(4, 5, 7), 4: torch.randn(3, 1, 5, 7),
+            5: torch.randn(2, 3, 4, 1, 7)}[mask_rank]
     torch.testing.assert_close(sdpa_leading_dims_flattened(q, k, v, attn_mask=mask),
                                nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     gqa = sdpa_leading_dims_flattened(q, k[:, :, :2], v[:, :, :2], attn_mask=mask, enable_gqa=True)

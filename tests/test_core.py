@@ -69,6 +69,22 @@ def test_rewritten_graph_really_calls_sdpa(monkeypatch):
     assert real is torch.nn.functional.scaled_dot_product_attention and not calls
 
 
+def _exact_on_a_fused_kernel(model, *inputs) -> torch.Tensor:
+    """Optimize ``model`` exactly on ``inputs``; its one site is rewritten, a forward runs SDPA's fused kernel (not
+    the math path, which forms the N x N scores) and matches the original. Returns the output."""
+    with torch.no_grad():
+        ref = model(*inputs)
+    rewrite.optimize(model, "exact", example_inputs=inputs)
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = model(*inputs)
+    names = {e.name for e in prof.events()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "scaled" in n)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    return out
+
+
 class FoldedHeads(torch.nn.Module):
     """Attention written on ``(b·h) n d`` tensors with ``bmm`` (fairseq, FSMT, many research models)."""
 
@@ -94,16 +110,7 @@ def test_folded_head_layout_runs_a_fused_kernel(bias_shape):
     bias = {"per_head_keys": pad.repeat_interleave(4, 0)[:, None, :],
             "per_head_full": torch.randn(8, 24, 24),
             "shared": torch.randn(24, 24)}[bias_shape]
-    with torch.no_grad():
-        ref = model(x, bias)
-    rewrite.optimize(model, "exact", example_inputs=(x, bias))
-    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        out = model(x, bias)
-    names = {e.name for e in prof.events()}
-    assert "aten::scaled_dot_product_attention" in names
-    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "scaled" in n)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    _exact_on_a_fused_kernel(model, x, bias)
 
 
 class ChannelsFirstKeys(torch.nn.Module):
@@ -127,16 +134,7 @@ def test_feature_first_keys_and_values_run_a_fused_kernel():
     the rewrite copies them contiguous first (N·d each, not N x N)."""
     torch.manual_seed(0)
     model, x = ChannelsFirstKeys().eval(), torch.randn(2, 24, 32)
-    with torch.no_grad():
-        ref = model(x)
-    rewrite.optimize(model, "exact", example_inputs=(x,))
-    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        out = model(x)
-    names = {e.name for e in prof.events()}
-    assert "aten::scaled_dot_product_attention" in names
-    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "scaled" in n)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    _exact_on_a_fused_kernel(model, x)
 
 
 class WideValues(torch.nn.Module):
@@ -157,16 +155,7 @@ class WideValues(torch.nn.Module):
 def test_values_of_another_width_run_a_fused_kernel(d, dv):
     torch.manual_seed(0)
     model, x, bias = WideValues(d, dv).eval(), torch.randn(2, 20, 32), torch.randn(4, 20, 20)
-    with torch.no_grad():
-        ref = model(x, bias)
-    rewrite.optimize(model, "exact", example_inputs=(x, bias))
-    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        out = model(x, bias)
-    names = {e.name for e in prof.events()}
-    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "scaled" in n)
-    assert out.shape == ref.shape == (2, 4, 20, dv)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert _exact_on_a_fused_kernel(model, x, bias).shape == (2, 4, 20, dv)
 
 
 def test_find_attention_dynamo_and_export_agree():

@@ -419,14 +419,29 @@ class ModelCapture:
                 torch._dynamo.mark_static(t, dim)
 
     def _fall_back(self, path: str, module: torch.nn.Module, args: tuple, kwargs: dict, err: BaseException) -> Any:
-        """Dynamo could not trace this call: run the original code, as the model did before ``optimize``."""
+        """Dynamo could not trace this call: run the original code, as the model did before ``optimize``. When the
+        root of an installed capture fails, its container children (an encoder, a decoder: children with modules of
+        their own) get entry points of their own first, so the original root code calls them captured."""
+        children = self._capture_children() if not path and "" in self.entries else []
         out = module._call_impl(*args, **kwargs)  # the model's own error, if the inputs were bad to begin with
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        why = (f"Dynamo could not trace this input ({type(err).__name__}: {first[:200]}); calls like it run the "
-               "original code, with the original attention")
+        runs = (f"run the model's own code, with its submodules {', '.join(children)} captured on their own" if children else
+                "run the original code, with the original attention")
+        why = f"Dynamo could not trace this input ({type(err).__name__}: {first[:200]}); calls like it {runs}"
         self._eager_signatures[_signature(args, kwargs, module)] = why
         self.record_fallback(path or "(model)", why, calls=1)
         return out
+
+    def _capture_children(self) -> list:
+        """Entry points for the root's container children not yet entered (once: the names, or [] after)."""
+        if getattr(self, "_children_captured", False):
+            return []
+        self._children_captured = True
+        names = [name for name, child in self.model.named_children()
+                 if name not in self.entries and next(child.children(), None) is not None]
+        for name in names:
+            self._install(name, self.model.get_submodule(name))
+        return names
 
     def _has_rewritten(self, path: str) -> bool:
         prefix = path + "." if path else ""

@@ -564,3 +564,55 @@ def test_a_few_image_sizes_compile_static_graphs_then_dynamic():
     # a static graph for each of the first sizes (the batch of 2 after the example's 1 is one more), then one
     # dynamic graph covers the rest
     assert STATIC_IMAGE_SIZES <= rep.recompiles <= STATIC_IMAGE_SIZES + 2, rep.recompiles
+
+
+# --- a root Dynamo cannot trace: its encoder and decoder are captured on their own ---------------------------
+
+class _SelfAttention(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return x + (q @ k.transpose(-1, -2) / 4).softmax(-1) @ v
+
+
+class _UntraceableRoot(nn.Module):
+    """UDOP's pattern: a bool mask set at tuples of 0-d index tensors, which Dynamo's fake tensors cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.encoder = nn.Sequential(_SelfAttention(), _SelfAttention())
+        self.decoder = nn.Sequential(_SelfAttention())
+
+    def forward(self, ids, rows, cols):
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        mask[(tuple(rows.unbind()), tuple(cols.unbind()))] = True
+        return self.decoder(self.encoder(self.embed(ids) * (1 + mask[..., None].float())))
+
+
+def test_a_root_dynamo_cannot_trace_has_its_children_captured():
+    torch.manual_seed(0)
+    model = _UntraceableRoot().eval()
+    inputs = (torch.randint(0, 10, (2, 6)), torch.tensor([0, 1, 1]), torch.tensor([2, 3, 0]))
+    with torch.no_grad():
+        ref = model(*inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rewrite.optimize(model, "exact", example_inputs=inputs)
+        report = model.rewrite_report
+        assert [r.status for r in report.sites] == ["rewritten"] * 3, report.table()
+        assert "submodules encoder, decoder captured on their own" in report.fallbacks[0].why
+        other = (torch.randint(0, 10, (3, 9)), torch.tensor([2, 0]), torch.tensor([8, 1]))
+        with torch.no_grad():
+            out = model(*other)  # a new length: captured and verified again
+            with torch.profiler.profile() as prof:
+                model(*other)
+    assert sum(e.name == "aten::scaled_dot_product_attention" for e in prof.events()) == 3
+    model2 = _UntraceableRoot().eval()
+    model2.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), ref)
+        torch.testing.assert_close(out, model2(*other))

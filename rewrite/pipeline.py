@@ -476,8 +476,9 @@ def _example_mask_onto(site: AttentionSite, call: SiteCall) -> None:
 
 def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall,
                    block_level: bool = False) -> fx.Node:
-    """Call the replacement with SDPA's signature before the site's output; modules become submodules. SDPA on
-    3-D inputs runs as one 4-D batch, except for a block-level action (its pass reads the SDPA call's own inputs)."""
+    """Call the replacement with SDPA's signature before the site's output; modules become submodules. SDPA is
+    called in a form its fused kernels take, except for a block-level action (its pass reads the SDPA call's own
+    inputs)."""
     graph = gm.graph
     args = (call.q, call.k, call.v)
     if isinstance(target, torch.nn.Module):
@@ -494,21 +495,7 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
                 new.meta[key] = m.output.meta[key]
         new.meta["rewrite_site"] = (m.name, m.ordinal)
     elif target is F.scaled_dot_product_attention and not block_level:
-        _last_dims_contiguous(graph, m.output, call)
-        value_width = _widths_matched(graph, m.output, call)
-        if _rank(call.q) == 4 and _rank(call.attn_mask) == 3:  # [h, nq, nk] beside 4-D q: math path otherwise
-            call.attn_mask = insert_call(graph, m.output, torch.unsqueeze, (call.attn_mask, 0), {}, like=m.output)
-            call.new_nodes.append(call.attn_mask)
-        if _rank(call.q) == 3:
-            new = _sdpa_with_one_batch(graph, m.output, call)
-        elif (_rank(call.q) or 0) > 4 and _rank(call.k) == _rank(call.v) == _rank(call.q):
-            new = insert_call(graph, m.output, sdpa_leading_dims_flattened, (call.q, call.k, call.v), call.kwargs(),
-                              like=m.output)
-        else:
-            new = insert_call(graph, m.output, target, (call.q, call.k, call.v), call.kwargs(), like=m.output)
-        if value_width is not None:
-            call.new_nodes.append(new)
-            new = insert_call(graph, m.output, torch.narrow, (new, -1, 0, value_width), {}, like=m.output)
+        new = _sdpa_on_a_fused_kernel(graph, m.output, call)
     else:
         new = insert_call(graph, m.output, target, args, call.kwargs(), like=m.output)
     for fix, extra in call.row_fixes:
@@ -535,6 +522,28 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
 def _rank(node) -> Optional[int]:
     value = meta_value(node) if isinstance(node, fx.Node) else node
     return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _sdpa_on_a_fused_kernel(graph: fx.Graph, before: fx.Node, call: SiteCall) -> fx.Node:
+    """SDPA on the site's inputs, in a form its fused kernels take: otherwise SDPA runs its math path, which forms
+    the N x N scores (3-5x slower at 1k tokens on this CPU: ``bench/bench_exact.py --layouts``)."""
+    _last_dims_contiguous(graph, before, call)
+    value_width = _widths_matched(graph, before, call)
+    if _rank(call.q) == 4 and _rank(call.attn_mask) == 3:  # an [h, nq, nk] mask beside 4-D inputs
+        call.attn_mask = insert_call(graph, before, torch.unsqueeze, (call.attn_mask, 0), {}, like=before)
+        call.new_nodes.append(call.attn_mask)
+    if _rank(call.q) == 3:
+        new = _sdpa_with_one_batch(graph, before, call)
+    elif (_rank(call.q) or 0) > 4 and _rank(call.k) == _rank(call.v) == _rank(call.q):
+        new = insert_call(graph, before, sdpa_leading_dims_flattened, (call.q, call.k, call.v), call.kwargs(),
+                          like=before)
+    else:
+        new = insert_call(graph, before, F.scaled_dot_product_attention, (call.q, call.k, call.v), call.kwargs(),
+                          like=before)
+    if value_width is None:
+        return new
+    call.new_nodes.append(new)
+    return insert_call(graph, before, torch.narrow, (new, -1, 0, value_width), {}, like=before)
 
 
 def _last_dims_contiguous(graph: fx.Graph, before: fx.Node, call: SiteCall) -> None:

@@ -301,8 +301,20 @@ class ModelCapture:
     def _compile(self, path: str) -> Callable:
         options = {"isolate_recompiles": True, "recompile_limit": self.recompile_limit} if _ISOLATES else {}
         label = f"{self.label}_{path.replace('.', '_')}" if path else self.label
-        return torch.compile(_own_function(_call_module, label), backend=self.compiler, dynamic=self.dynamic,
-                             **options)
+        return torch.compile(_own_function(_call_module, label), backend=self._compiler_for(path),
+                             dynamic=self.dynamic, **options)
+
+    def _compiler_for(self, path: str) -> Callable:
+        """The backend of the entry at ``path``: its own forward is on no module's stack, so the sites there are
+        named by the entry's path (the root's: ``""``)."""
+        if not path:
+            return self.compiler
+
+        def compiler(gm, example_inputs):
+            from .graph import entry_root
+            with entry_root(path):
+                return self.compiler(gm, example_inputs)
+        return compiler
 
     def _install(self, path: str, module: torch.nn.Module) -> None:
         self._compiled[path] = self._compile(path)
@@ -419,29 +431,36 @@ class ModelCapture:
                 torch._dynamo.mark_static(t, dim)
 
     def _fall_back(self, path: str, module: torch.nn.Module, args: tuple, kwargs: dict, err: BaseException) -> Any:
-        """Dynamo could not trace this call: run the original code, as the model did before ``optimize``. When the
-        root of an installed capture fails, its container children (an encoder, a decoder: children with modules of
-        their own) get entry points of their own first, so the original root code calls them captured."""
-        children = self._capture_children() if not path and "" in self.entries else []
+        """Dynamo could not trace this call: run the original code, as the model did before ``optimize``. When an
+        installed entry fails (the root, or a child entered this way), its container children (an encoder, a
+        decoder, a stack's blocks: children with modules of their own) get entry points of their own first, so the
+        original code calls them captured."""
+        children = self._capture_children(path, module) if path in self.entries else []
         out = module._call_impl(*args, **kwargs)  # the model's own error, if the inputs were bad to begin with
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        runs = (f"run the model's own code, with its submodules {', '.join(children)} captured on their own" if children else
+        runs = (f"run the original code, with its submodules {', '.join(children)} captured on their own" if children else
                 "run the original code, with the original attention")
         why = f"Dynamo could not trace this input ({type(err).__name__}: {first[:200]}); calls like it {runs}"
         self._eager_signatures[_signature(args, kwargs, module)] = why
         self.record_fallback(path or "(model)", why, calls=1)
         return out
 
-    def _capture_children(self) -> list:
-        """Entry points for the root's container children not yet entered (once: the names, or [] after)."""
-        if getattr(self, "_children_captured", False):
+    def _capture_children(self, path: str, module: torch.nn.Module) -> list:
+        """Entry points for the container children of the entry at ``path`` not yet entered (once per entry: the
+        paths, or [] after). A module list has no forward of its own: its items are the children."""
+        tried = self.__dict__.setdefault("_children_tried", set())
+        if path in tried:
             return []
-        self._children_captured = True
-        names = [name for name, child in self.model.named_children()
-                 if name not in self.entries and next(child.children(), None) is not None]
-        for name in names:
-            self._install(name, self.model.get_submodule(name))
-        return names
+        tried.add(path)
+        prefix = path + "." if path else ""
+        found = []
+        for name, child in module.named_children():
+            items = child.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)) else []
+            for sub, mod in [(f"{name}.{i}", c) for i, c in items] or [(name, child)]:
+                if prefix + sub not in self.entries and next(mod.children(), None) is not None:
+                    found.append(prefix + sub)
+                    self._install(prefix + sub, mod)
+        return found
 
     def _has_rewritten(self, path: str) -> bool:
         prefix = path + "." if path else ""

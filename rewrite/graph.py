@@ -299,6 +299,25 @@ class module_names:
         _NAMES_BY_ID.update(self.saved)
 
 
+#: the module path of the capture entry being compiled (see ``entry_root``)
+_ENTRY_ROOT: list = [""]
+
+
+class entry_root:
+    """Context: code on no module's stack belongs to the capture entry at ``path``, the module Dynamo is compiling
+    (the model itself: ``""``; a child given an entry of its own: its path)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        _ENTRY_ROOT.append(self.path)
+        return self
+
+    def __exit__(self, *exc):
+        _ENTRY_ROOT.pop()
+
+
 _ROOT_ARG = re.compile(r"^L\['[A-Za-z_]+'\](\[\d+\])?\.?")
 
 
@@ -306,7 +325,7 @@ def owner_path(node: fx.Node) -> str:
     """The dotted ``named_modules()`` path of the innermost module on the node's module stack."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return ""
+        return _ENTRY_ROOT[-1]
     key, (path, _type) = list(stack.items())[-1]
     if _NAMES_BY_ID and isinstance(key, str) and key.isdigit() and int(key) in _NAMES_BY_ID:
         return _NAMES_BY_ID[int(key)]

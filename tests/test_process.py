@@ -578,22 +578,40 @@ class _SelfAttention(nn.Module):
         return x + (q @ k.transpose(-1, -2) / 4).softmax(-1) @ v
 
 
-class _UntraceableRoot(nn.Module):
+def _untraceable_mask(ids, rows, cols):
     """UDOP's pattern: a bool mask set at tuples of 0-d index tensors, which Dynamo's fake tensors cannot run."""
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    mask[(tuple(rows.unbind()), tuple(cols.unbind()))] = True
+    return mask[..., None].float()
+
+
+class _UntraceableStack(nn.Module):
+    """UDOP's encoder: the untraceable mask inside, its blocks in a module list."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(10, 16)
-        self.encoder = nn.Sequential(_SelfAttention(), _SelfAttention())
+        self.blocks = nn.ModuleList([_SelfAttention(), _SelfAttention()])
+
+    def forward(self, ids, rows, cols):
+        x = self.embed(ids) * (1 + _untraceable_mask(ids, rows, cols))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = _UntraceableStack()
         self.decoder = nn.Sequential(_SelfAttention())
 
     def forward(self, ids, rows, cols):
-        mask = torch.zeros(ids.shape, dtype=torch.bool)
-        mask[(tuple(rows.unbind()), tuple(cols.unbind()))] = True
-        return self.decoder(self.encoder(self.embed(ids) * (1 + mask[..., None].float())))
+        return self.decoder(self.encoder(ids, rows, cols) * (1 + _untraceable_mask(ids, rows, cols)))
 
 
 def test_a_root_dynamo_cannot_trace_has_its_children_captured():
+    """The root and its encoder cannot be traced: the decoder and the encoder's blocks are captured on their own."""
     torch.manual_seed(0)
     model = _UntraceableRoot().eval()
     inputs = (torch.randint(0, 10, (2, 6)), torch.tensor([0, 1, 1]), torch.tensor([2, 3, 0]))
@@ -604,7 +622,9 @@ def test_a_root_dynamo_cannot_trace_has_its_children_captured():
         rewrite.optimize(model, "exact", example_inputs=inputs)
         report = model.rewrite_report
         assert [r.status for r in report.sites] == ["rewritten"] * 3, report.table()
-        assert "submodules encoder, decoder captured on their own" in report.fallbacks[0].why
+        whys = {f.where: f.why for f in report.fallbacks}
+        assert "submodules encoder, decoder captured on their own" in whys["(model)"], whys
+        assert "submodules encoder.blocks.0, encoder.blocks.1 captured on their own" in whys["encoder"], whys
         other = (torch.randint(0, 10, (3, 9)), torch.tensor([2, 0]), torch.tensor([8, 1]))
         with torch.no_grad():
             out = model(*other)  # a new length: captured and verified again

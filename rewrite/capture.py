@@ -278,6 +278,7 @@ class ModelCapture:
         self.trace_data_dependent = True
         self._image_shapes: set = set()  # the shapes of image-like inputs seen (see _keep_image_sizes_static)
         self._first_shapes: dict = {}    # input place -> the first shape a floating 4-D+ input had there
+        self._children_tried: set = set()  # entries whose failure entered their container children
         self._warned: set = set()
         self._sites_seen = 0
         self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
@@ -448,10 +449,9 @@ class ModelCapture:
     def _capture_children(self, path: str, module: torch.nn.Module) -> list:
         """Entry points for the container children of the entry at ``path`` not yet entered (once per entry: the
         paths, or [] after). A module list has no forward of its own: its items are the children."""
-        tried = self.__dict__.setdefault("_children_tried", set())
-        if path in tried:
+        if path in self._children_tried:
             return []
-        tried.add(path)
+        self._children_tried.add(path)
         prefix = path + "." if path else ""
         found = []
         for name, child in module.named_children():

@@ -244,8 +244,8 @@ def factory_number(node: Any) -> Optional[float]:
 
 def reads_only_shape(user: fx.Node, node: fx.Node) -> bool:
     """Whether ``user`` reads nothing of ``node`` but its shape (``x.expand_as(node)``, ``x.reshape_as(node)``,
-    ``node.size()``,
-    ``node.dim()``, ``sym_size``): such a user is unaffected by what ``node`` holds or when it is mutated."""
+    ``node.size()``, ``node.dim()``, ``sym_size``): such a user is unaffected by what ``node`` holds or when it is
+    mutated."""
     if user.op == "call_method":
         if user.target in ("expand_as", "reshape_as", "view_as"):
             return len(user.args) == 2 and user.args[1] is node and user.args[0] is not node

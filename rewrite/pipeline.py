@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import math
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from . import cost
 from .actions import Action, Decline, Exact, RewriteError, build_target
-from .graph import (example_value, hint_int, input_cone, insert_call, is_mutating, meta_value, module_names, remove_dead,
-                    same_shape, shape, static_int)
+from .graph import (example_value, hint_int, input_cone, insert_call, is_mutating, meta_value, module_names, rank,
+                    remove_dead, same_shape, shape, static_int)
 from .passes.adversarial import adversarial_inputs
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
@@ -519,46 +519,45 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
     return new
 
 
-def _rank(node) -> Optional[int]:
-    value = meta_value(node) if isinstance(node, fx.Node) else node
-    return value.dim() if isinstance(value, torch.Tensor) else None
-
-
 def _sdpa_on_a_fused_kernel(graph: fx.Graph, before: fx.Node, call: SiteCall) -> fx.Node:
     """SDPA on the site's inputs, in a form its fused kernels take: otherwise SDPA runs its math path, which forms
-    the N x N scores (3-5x slower at 1k tokens on this CPU: ``bench/bench_exact.py --layouts``)."""
-    _last_dims_contiguous(graph, before, call)
-    value_width = _widths_matched(graph, before, call)
-    if _rank(call.q) == 4 and _rank(call.attn_mask) == 3:  # an [h, nq, nk] mask beside 4-D inputs
-        call.attn_mask = insert_call(graph, before, torch.unsqueeze, (call.attn_mask, 0), {}, like=before)
-        call.new_nodes.append(call.attn_mask)
-    if _rank(call.q) == 3:
-        new = _sdpa_with_one_batch(graph, before, call)
-    elif (_rank(call.q) or 0) > 4 and _rank(call.k) == _rank(call.v) == _rank(call.q):
-        new = insert_call(graph, before, sdpa_leading_dims_flattened, (call.q, call.k, call.v), call.kwargs(),
-                          like=before)
-    else:
-        new = insert_call(graph, before, F.scaled_dot_product_attention, (call.q, call.k, call.v), call.kwargs(),
-                          like=before)
-    if value_width is None:
-        return new
-    call.new_nodes.append(new)
-    return insert_call(graph, before, torch.narrow, (new, -1, 0, value_width), {}, like=before)
+    the N x N scores (3-5x slower at 1k tokens on this CPU: ``bench/bench_exact.py --layouts``). The fused kernels
+    take 4-D inputs with a unit-stride feature dim, values as wide as the keys (on CPU) and a mask of rank 2 or 4."""
+    def through(name: str, fn, *args) -> None:  # the call's input ``name`` becomes ``fn(input, *args)``
+        node = insert_call(graph, before, fn, (getattr(call, name), *args), {}, like=before)
+        call.new_nodes.append(node)
+        setattr(call, name, node)
+
+    _features_contiguous(call, through)
+    value_width = _widths_matched(call, through)
+    folded = rank(call.q) == 3
+    if folded:  # (b·h) n d: one batch of b·h heads
+        for name in ("q", "k", "v"):
+            through(name, torch.unsqueeze, 0)
+    if rank(call.q) == 4 and rank(call.attn_mask) == 3:  # [h, nq, nk] (or (b·h) nq nk) beside 4-D inputs
+        through("attn_mask", torch.unsqueeze, 0)
+    several_batch_dims = (rank(call.q) or 0) > 4 and rank(call.k) == rank(call.v) == rank(call.q)
+    target = sdpa_leading_dims_flattened if several_batch_dims else F.scaled_dot_product_attention
+    out = insert_call(graph, before, target, (call.q, call.k, call.v), call.kwargs(), like=before)
+    after = [(torch.squeeze, (0,))] if folded else []
+    if value_width is not None:
+        after.append((torch.narrow, (-1, 0, value_width)))
+    for fn, args in after:
+        call.new_nodes.append(out)
+        out = insert_call(graph, before, fn, (out, *args), {}, like=before)
+    return out
 
 
-def _last_dims_contiguous(graph: fx.Graph, before: fx.Node, call: SiteCall) -> None:
+def _features_contiguous(call: SiteCall, through: Callable) -> None:
     """q, k and v whose feature dim is strided on the example (keys written transposed, ``[b, h, d, n]``, and
-    untransposed by the lowering) are copied contiguous first: SDPA's fused kernels need a unit stride there, and
-    otherwise run the math path, which forms the N x N scores (a copy of q, k or v costs N·d)."""
+    untransposed by the lowering) are copied contiguous first (a copy of q, k or v costs N·d)."""
     for name in ("q", "k", "v"):
         value = meta_value(getattr(call, name))
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[-1] > 1 and value.stride(-1) != 1:
-            node = insert_call(graph, before, torch.Tensor.contiguous, (getattr(call, name),), {}, like=before)
-            call.new_nodes.append(node)
-            setattr(call, name, node)
+            through(name, torch.Tensor.contiguous)
 
 
-def _widths_matched(graph: fx.Graph, before: fx.Node, call: SiteCall) -> Optional[int]:
+def _widths_matched(call: SiteCall, through: Callable) -> Optional[int]:
     """On CPU, values wider or narrower than the keys (LeViT's ``attn_ratio``) make SDPA run its math path: q and k,
     or v, are padded with zeros to the wider width (a zero feature adds nothing to q·kᵀ; the scale is kept explicit),
     and the output is cut back to the values' width, which is returned (None: the widths already match)."""
@@ -572,25 +571,8 @@ def _widths_matched(graph: fx.Graph, before: fx.Node, call: SiteCall) -> Optiona
         call.scale = d ** -0.5
     for name, width in (("q", d), ("k", d), ("v", dv)):
         if width < max(d, dv):
-            node = insert_call(graph, before, F.pad, (getattr(call, name), (0, max(d, dv) - width)), {}, like=before)
-            call.new_nodes.append(node)
-            setattr(call, name, node)
+            through(name, F.pad, (0, max(d, dv) - width))
     return dv
-
-
-def _sdpa_with_one_batch(graph: fx.Graph, before: fx.Node, call: SiteCall) -> fx.Node:
-    """SDPA on ``(b·h) n d`` inputs, called as one batch of ``b·h`` heads: the fused kernels (CPU flash, CUDA flash
-    and memory-efficient) take 4-D inputs only, and 3-D ones run the math path, which forms the N x N scores."""
-    def lift(node):
-        call.new_nodes.append(insert_call(graph, before, torch.unsqueeze, (node, 0), {}, like=before))
-        return call.new_nodes[-1]
-    kwargs = call.kwargs()
-    if _rank(call.attn_mask) == 3:  # (b·h) nq nk: one per head; a 2-D mask broadcasts as it is
-        kwargs["attn_mask"] = lift(call.attn_mask)
-    out = insert_call(graph, before, F.scaled_dot_product_attention, (lift(call.q), lift(call.k), lift(call.v)),
-                      kwargs, like=before)
-    call.new_nodes.append(out)
-    return insert_call(graph, before, torch.squeeze, (out, 0), {}, like=before)
 
 
 def sdpa_leading_dims_flattened(q, k, v, attn_mask=None, **kwargs) -> torch.Tensor:
@@ -599,11 +581,9 @@ def sdpa_leading_dims_flattened(q, k, v, attn_mask=None, **kwargs) -> torch.Tens
     lead = q.shape[:-3]
     if k.shape[:-3] != lead or v.shape[:-3] != lead:  # batch dims that broadcast: as SDPA takes them
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
-    if attn_mask is not None and attn_mask.dim() > 3:
+    if attn_mask is not None and attn_mask.dim() > 2:  # to q's batch dims, flattened (a 3-D mask skips the kernel)
         mask = attn_mask.reshape((1,) * (q.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
         attn_mask = mask.expand(*lead, *mask.shape[-3:]).flatten(0, len(lead) - 1)
-    elif attn_mask is not None and attn_mask.dim() == 3:  # [h, nq, nk]: 4-D, or the fused kernel is skipped
-        attn_mask = attn_mask.unsqueeze(0)
     out = F.scaled_dot_product_attention(q.flatten(0, len(lead) - 1), k.flatten(0, len(lead) - 1),
                                          v.flatten(0, len(lead) - 1), attn_mask=attn_mask, **kwargs)
     return out.unflatten(0, lead)

@@ -568,16 +568,6 @@ def test_a_few_image_sizes_compile_static_graphs_then_dynamic():
 
 # --- a root Dynamo cannot trace: its encoder and decoder are captured on their own ---------------------------
 
-class _SelfAttention(nn.Module):
-    def __init__(self, d: int = 16):
-        super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).chunk(3, -1)
-        return x + (q @ k.transpose(-1, -2) / 4).softmax(-1) @ v
-
-
 def _untraceable_mask(ids, rows, cols):
     """UDOP's pattern: a bool mask set at tuples of 0-d index tensors, which Dynamo's fake tensors cannot run."""
     mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -591,7 +581,7 @@ class _UntraceableStack(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(10, 16)
-        self.blocks = nn.ModuleList([_SelfAttention(), _SelfAttention()])
+        self.blocks = nn.ModuleList([Block(16, seed=1), Block(16, seed=2)])
 
     def forward(self, ids, rows, cols):
         x = self.embed(ids) * (1 + _untraceable_mask(ids, rows, cols))
@@ -604,7 +594,7 @@ class _UntraceableRoot(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = _UntraceableStack()
-        self.decoder = nn.Sequential(_SelfAttention())
+        self.decoder = nn.Sequential(Block(16, seed=3))
 
     def forward(self, ids, rows, cols):
         return self.decoder(self.encoder(ids, rows, cols) * (1 + _untraceable_mask(ids, rows, cols)))

@@ -37,7 +37,7 @@ from ..graph import (factory_number, input_cone, with_descendants, is_dead, is_r
                      same_shape, same_size, shape,
                      static_int)
 from ..sites import MASKED_BELOW
-from .normalize import DROPOUT, MASKED_FILL, MATMUL, PERMUTE, SDPA, SOFTMAX, WHERE, op_kind
+from .normalize import CAT, DROPOUT, MASKED_FILL, MATMUL, PERMUTE, SDPA, SOFTMAX, WHERE, op_kind
 from .softcap import cap_problem, constant_number, is_tanh
 
 #: ``torch.export`` graphs spell a masked softmax ``aten._safe_softmax``: softmax, with rows of −∞ giving 0
@@ -524,7 +524,7 @@ def _score_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
         kind = "split" if len(shape(node)) > len(shape(node.args[0])) else "merge"
         ops.append(ScoreOp(kind, value=leading_view(node), node=node))
         return node.args[0]
-    if node.op == "call_function" and node.target in _CAT:
+    if node.op == "call_function" and node.target in CAT:
         return _extra_key_columns(m, node, ops)
     if node.op == "call_function" and node.target is MASKED_FILL:
         x, cond, val = node.args
@@ -605,10 +605,6 @@ def _additive_step(m: SiteMatch, node: fx.Node, ops: list) -> fx.Node:
     else:
         ops.append(ScoreOp("add", value=term, power=sign, node=node))
     return chain
-
-
-_CAT = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)} | (
-    {torch.ops.aten.cat.default} if hasattr(torch.ops.aten, "cat") else set())
 
 
 def _identity_views(m: SiteMatch, node: fx.Node) -> Optional[fx.Node]:

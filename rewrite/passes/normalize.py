@@ -54,6 +54,9 @@ MATMUL = torch.matmul
 SOFTMAX = torch.softmax
 PERMUTE = torch.permute
 MUL, DIV, ADD, SUB = torch.mul, torch.div, torch.add, torch.sub
+#: every spelling of a concatenation (torch level and ATen)
+CAT = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)} | (
+    {torch.ops.aten.cat.default} if hasattr(torch.ops.aten, "cat") else set())
 MASKED_FILL = torch.masked_fill
 WHERE = torch.where
 DROPOUT = F.dropout
@@ -160,7 +163,7 @@ def normalize(gm: fx.GraphModule, binary: Callable[[fx.Node], bool] = lambda nod
         if node.op == "call_function" and node.target is MATMUL and _slices_after_the_product(graph, node):
             changed += 1
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _CAT and _products_side_by_side(graph, node):
+        if node.op == "call_function" and node.target in CAT and _products_side_by_side(graph, node):
             changed += 1
         elif node.op == "call_function" and node.target is ADD and _slice_products_summed(graph, node):
             changed += 1
@@ -853,10 +856,6 @@ def _rebuild(node: fx.Node, env: dict, inner: set, call: Callable) -> fx.Node:
 
 # --- keys side by side: one query against several key sets, one softmax over all of them ----------------------
 
-_CAT = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)} | (
-    {torch.ops.aten.cat.default} if hasattr(torch.ops.aten, "cat") else set())
-
-
 def side_by_side(dim: int, *parts: torch.Tensor) -> torch.Tensor:
     """``parts`` broadcast to their common batch dims (all but the last two) and concatenated along ``dim``
     (-1: transposed keys ``[.., d, n_i]``; -2: values ``[.., n_i, d]``)."""
@@ -880,16 +879,19 @@ def _products_side_by_side(graph: fx.Graph, cat: fx.Node) -> bool:
         return False
     if any(rank(p.args[1]) is None or rank(p.args[1]) < 2 or rank(p.args[0]) < 2 for p in parts):
         return False
-    with graph.inserting_before(cat):
-        keys = _replace(graph, cat, side_by_side, (-1, *[p.args[1] for p in parts]))
-        new = _replace(graph, cat, MATMUL, (parts[0].args[0], keys))
-    if not same_shape(shape(new), shape(cat)):
-        remove_dead(graph, [new, keys])
+    return _as_one_product(graph, cat, parts[0].args[0], -1, [p.args[1] for p in parts])
+
+
+def _as_one_product(graph: fx.Graph, node: fx.Node, left: fx.Node, dim: int, rights: list) -> bool:
+    """``node`` replaced by ``left @ side_by_side(dim, *rights)`` where that has ``node``'s shape (False, and the
+    graph as it was, where not); what only ``node`` read is removed with it."""
+    joint = _replace(graph, node, side_by_side, (dim, *rights))
+    new = _replace(graph, node, MATMUL, (left, joint))
+    if not same_shape(shape(new), shape(node)):
+        remove_dead(graph, [new, joint])
         return False
-    cat.replace_all_uses_with(new)
-    graph.erase_node(cat)
-    for p in parts:
-        graph.erase_node(p)
+    node.replace_all_uses_with(new)
+    remove_dead(graph, [node])
     return True
 
 
@@ -944,13 +946,5 @@ def _slice_products_summed(graph: fx.Graph, add: fx.Node) -> bool:
     bounds = [(slices[i][1], slices[i][2]) for i in order]
     if bounds[0][0] != 0 or bounds[-1][1] is not None or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
         return False  # the slices must tile the columns: from 0, each where the last stopped, the last to the end
-    with graph.inserting_before(add):
-        values = _replace(graph, add, side_by_side, (-2, *[terms[i].args[1] for i in order]))
-        new = _replace(graph, add, MATMUL, (slices[0][0], values))
-    if not same_shape(shape(new), shape(add)):
-        remove_dead(graph, [new, values])
-        return False
-    add.replace_all_uses_with(new)
-    remove_dead(graph, [add])
-    return True
+    return _as_one_product(graph, add, slices[0][0], -2, [terms[i].args[1] for i in order])
 

@@ -102,20 +102,24 @@ def judged(name: str, equal: bool, report, oracle, calls=None, softmax_left=None
     return row
 
 
-def fused_calls(model, batch) -> int:
-    """How many SDPA ops one forward of an optimized model runs, its compiled graphs included (the profiler's
-    count: a graph that runs once per image counts once per image)."""
+def profiled_ops(model, batch) -> list:
+    """The profiler's CPU events of one forward without gradients, compiled graphs included (a graph that runs
+    once per image counts once per image)."""
     import torch
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         call(model, batch)
-    return sum(e.name == "aten::scaled_dot_product_attention" for e in prof.events())
+    return prof.events()
+
+
+def fused_calls(model, batch) -> int:
+    """How many SDPA ops one forward of an optimized model runs."""
+    return sum(e.name == "aten::scaled_dot_product_attention" for e in profiled_ops(model, batch))
 
 
 def softmax_calls(model, batch) -> int:
     """How many softmax ops one forward runs (compiled graphs included). On an optimized model of a type with no
     SDPA path (no oracle), a softmax left is attention the rewrite may have missed, or a softmax that is not
     attention (a router, a pooling): the row says how many, for a reader to check."""
-    import torch
     softmax = ("aten::_softmax", "aten::_safe_softmax")
 
     def inside(event) -> bool:  # SDPA's math path and _safe_softmax run a softmax of their own
@@ -125,9 +129,7 @@ def softmax_calls(model, batch) -> int:
                 return True
             parent = parent.cpu_parent
         return False
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        call(model, batch)
-    return sum(e.name in softmax and not inside(e) for e in prof.events())
+    return sum(e.name in softmax and not inside(e) for e in profiled_ops(model, batch))
 
 
 def failed(name: str, status: str, err: BaseException) -> dict:

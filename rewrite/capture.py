@@ -283,6 +283,9 @@ class ModelCapture:
         self._sites_seen = 0
         self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
         self._compiled: dict[str, Callable] = {}
+        self._traced: dict[str, tuple] = {}   # path -> (the function Dynamo traces, its backend)
+        #: why the model's entries compile static shapes (a rewrite read at fixed sizes), or "" (Dynamo decides)
+        self.static_shapes = ""
         #: called before each call: the name of model state that changed since the rewrite read it, or None
         self.guard: Optional[Callable[[], Optional[str]]] = None
         self.label = f"rewrite_{type(model).__name__}_{next(_serial)}"
@@ -300,21 +303,37 @@ class ModelCapture:
                 self._install(path, self.model.get_submodule(path))
 
     def _compile(self, path: str) -> Callable:
-        options = {"isolate_recompiles": True, "recompile_limit": self.recompile_limit} if _ISOLATES else {}
         label = f"{self.label}_{path.replace('.', '_')}" if path else self.label
-        return torch.compile(_own_function(_call_module, label), backend=self._compiler_for(path),
-                             dynamic=self.dynamic, **options)
+        self._traced[path] = (_own_function(_call_module, label), self._compiler_for(path))
+        return self._wrap(path)
+
+    def _wrap(self, path: str) -> Callable:
+        """``torch.compile`` of the entry's own function and backend (the same ones keep its compiled graphs)."""
+        options = {"isolate_recompiles": True, "recompile_limit": self.recompile_limit} if _ISOLATES else {}
+        fn, backend = self._traced[path]
+        return torch.compile(fn, backend=backend, dynamic=False if self.static_shapes else self.dynamic, **options)
 
     def _compiler_for(self, path: str) -> Callable:
         """The backend of the entry at ``path``: its own forward is on no module's stack, so the sites there are
-        named by the entry's path (the root's: ``""``)."""
-        if not path:
-            return self.compiler
+        named by the entry's path (the root's: ``""``). A graph that holds a rewrite read at fixed sizes (a band:
+        ``STATIC_SHAPES``) turns Dynamo's automatic dynamic shapes off for every entry of the model from then on:
+        each new input shape compiles (and reads) a graph of its own, while the graphs compiled so far stay."""
+        from .graph import entry_root
+        from .passes.band import STATIC_SHAPES
 
         def compiler(gm, example_inputs):
-            from .graph import entry_root
-            with entry_root(path):
-                return self.compiler(gm, example_inputs)
+            if path:
+                with entry_root(path):
+                    out = self.compiler(gm, example_inputs)
+            else:
+                out = self.compiler(gm, example_inputs)
+            why = gm.meta.get(STATIC_SHAPES)
+            if why and not self.static_shapes:
+                self.static_shapes = why
+                for entry in self.entries:
+                    self._compiled[entry] = self._wrap(entry)
+                self.report.record_capture_note(why)
+            return out
         return compiler
 
     def _install(self, path: str, module: torch.nn.Module) -> None:

@@ -21,13 +21,15 @@ from .actions import Action, Decline, Exact, RewriteError, build_target
 from .graph import (example_value, hint_int, input_cone, insert_call, is_mutating, meta_value, module_names, rank,
                     remove_dead, same_shape, shape, static_int)
 from .passes.adversarial import adversarial_inputs
+from .passes.band import BAND_AT_STATIC_SHAPES, bands_as_dense
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
 from .passes.find_sites import SiteMatch, find_sites
 from .passes.mask_semantics import empty_row_problem, holds_only_zero_one, read_fill_values
-from .passes.lower import SiteCall, unrepeat, build_call
+from .passes.lower import SiteCall, band_in_mask, build_call, unrepeat
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
 from .passes.verify import differing_output, record, relative_error, tolerance
+from .mixers.sliding_window import banded_attention
 from .policy import Policy
 from .report import RewriteReport, SiteRow
 from .sites import AttentionSite, SiteTable
@@ -134,6 +136,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # as captured: normalize must compute the same
     run = GraphRun(gm, example_inputs, session)
     normalized = normalize(gm, binary=lambda node: holds_only_zero_one(node, run.values, run.is_state_read))
+    normalized += bands_as_dense(gm)
     matches = _find(gm, session)
     if not matches:
         return _as_captured(gm, captured) if normalized else gm
@@ -188,6 +191,8 @@ def _find(gm: fx.GraphModule, session: Session) -> list:
         matches, rejected, others = find_sites(gm)
     session.report.record_other_softmax(others)
     for r in rejected:
+        if r.softmax is not None and r.softmax.meta.get(BAND_AT_STATIC_SHAPES):
+            continue  # a band seen at symbolic sizes: its entry recompiles with static shapes, where it is read
         session.report.record_rejected(r.name, r.reason, r.ordinal)
         _add_site(session, _describe(r, {}, False, []))
     return matches
@@ -238,6 +243,8 @@ def _lower(run: GraphRun, s: Lowered) -> None:
                             else "the policy leaves it as it was", m)
         return
     call = build_call(run.gm.graph, m, *_causal_for_sdpa(m, s.causal_ops))
+    if not (isinstance(action, Exact) and action.kernel != "triton"):
+        band_in_mask(run.gm.graph, m.output, call)  # the banded kernel serves exact SDPA only
     if action.reads_example_mask:
         _example_mask_onto(s.site, call)
     target = build_target(action, call, s.site)
@@ -449,6 +456,7 @@ def _switch_site(session: "Session", graph: fx.Graph, m: SiteMatch, site: Attent
     ``(action, call, new node, note)`` as ``_lower`` records them."""
     state = session.calibration  # a calibrate.CalibrationState: it makes the switches (no import upwards)
     call = build_call(graph, m, *_causal_for_sdpa(m, causal_ops))
+    band_in_mask(graph, m.output, call)
     actions = session.candidates(site)
     if any(a.reads_example_mask for a in actions):
         _example_mask_onto(site, call)
@@ -494,6 +502,9 @@ def _insert_target(gm: fx.GraphModule, m: SiteMatch, target: Any, call: SiteCall
             if key in m.output.meta:
                 new.meta[key] = m.output.meta[key]
         new.meta["rewrite_site"] = (m.name, m.ordinal)
+    elif target is F.scaled_dot_product_attention and call.band is not None:  # a band fill: O(n·w), not N x N
+        new = insert_call(graph, m.output, banded_attention, args, {**call.kwargs(), "band": call.band},
+                          like=m.output)
     elif target is F.scaled_dot_product_attention and not block_level:
         new = _sdpa_on_a_fused_kernel(graph, m.output, call)
     else:

@@ -92,6 +92,8 @@ class RewriteReport:
         self._fallbacks: dict[tuple, FallbackRow] = {}
         self.errors: list[str] = []
         self.recaptures: list[str] = []
+        #: how the capture compiles this model, where the rewrite needed a change (static shapes for a band)
+        self.capture_notes: list[str] = []
         self.plan: dict[str, dict] = {}
         self.optimize_seconds: Optional[float] = None
         self.calibration = None   # a measured.CalibrationReport when a measured policy chose the plan
@@ -162,12 +164,17 @@ class RewriteReport:
     def record_recapture(self, why: str) -> None:
         self.recaptures.append(why)
 
+    def record_capture_note(self, note: str) -> None:
+        if note not in self.capture_notes:
+            self.capture_notes.append(note)
+
     def start_over(self) -> None:
         """A copy of the model compiles afresh: its live counts start at zero (the site rows stay, and are
         updated as its own graphs are rewritten and verified)."""
         self.graphs = self.recompiles = 0
         self._fallbacks = {}
         self.recaptures = []
+        self.capture_notes = []
 
     # -- reading --------------------------------------------------------------------------------------
     @property
@@ -351,6 +358,9 @@ class RewriteReport:
             out.append("\nFallbacks to the original code:")
             out.append(tabulate([[f.calls, f.where, f.why] for f in self.fallbacks], headers=["calls", "where", "why"],
                                 tablefmt="simple"))
+        if self.capture_notes:
+            out.append("\nCapture:")
+            out.extend(f"  {note}" for note in self.capture_notes)
         if self.recaptures:
             out.append("\nRecompiled from scratch (rewritten and verified again):")
             out.extend(f"  {why}" for why in self.recaptures)
@@ -370,7 +380,7 @@ class RewriteReport:
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy, "graphs": self.graphs, "recompiles": self.recompiles,
                 "fallbacks": [f.to_json() for f in self.fallbacks], "errors": list(self.errors),
-                "recaptures": list(self.recaptures),
+                "recaptures": list(self.recaptures), "capture_notes": list(self.capture_notes),
                 "sites": [r.to_json() for r in self.sites],
                 "rejected": [r.to_json() for r in self.rejected], "breaks": [b.to_json() for b in self.breaks],
                 "other_softmax": dict(self.other_softmax),

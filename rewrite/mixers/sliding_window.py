@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import sympy
 import torch
@@ -194,12 +195,14 @@ class SlidingWindowAttention(_base.SDPAMixer):
 
     __name__ = "sliding_window_attention"
 
-    def __init__(self, window: int = 256, sinks: int = 0, causal: bool = False):
+    def __init__(self, window: int = 256, sinks: int = 0, causal: bool = False, reach: Optional[tuple] = None):
         super().__init__()
         self.window, self.sinks, self.causal = int(window), int(sinks), bool(causal)
+        #: (left, right) keys around each query, given as such (an exact band site), instead of from ``window``
+        self.reach = None if reach is None else (int(reach[0]), int(reach[1]))
 
     def _config(self) -> dict:
-        return {"window": self.window, "sinks": self.sinks, "causal": self.causal}
+        return {"window": self.window, "sinks": self.sinks, "causal": self.causal, "reach": self.reach}
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         c = _layout.canon(q, k, v, attn_mask, scale)
@@ -208,7 +211,7 @@ class SlidingWindowAttention(_base.SDPAMixer):
             raise ValueError(f"SlidingWindowAttention needs as many queries as keys (got {n} and {nk}); "
                              "cross-attention and KV-cache decoding are declined by its handler")
         causal = self.causal or bool(is_causal)
-        left, right = _reach(self.window, causal)
+        left, right = self.reach or _reach(self.window, causal)
         left, right = min(left, n - 1), min(right, n - 1)
         s = min(self.sinks, n)
         p = float(dropout_p or 0.0)
@@ -381,6 +384,53 @@ class SlidingWindowAttention(_base.SDPAMixer):
             return b.view(bm, hm, 1, gm, 1, cols)
         b = F.pad(b, (0, 0, 0, nb * bq - n))
         return b.view(bm, hm, gm, nb, bq, cols).transpose(2, 3)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_module(left: int, right: int) -> SlidingWindowAttention:
+    return SlidingWindowAttention(reach=(left, right))
+
+
+def banded_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                     band=(0, 0)):
+    """Exact attention where query ``i`` sees keys ``i - left .. i + right`` (``band = (left, right)``), with
+    ``attn_mask`` applied inside the band: what SDPA computes with the band folded into its mask, in O(n·(left +
+    right)) time and memory (the query blocks above). A row whose every key in the band is masked with −∞ is NaN,
+    as the softmax over it is. The lowering of an exact site whose scores a band fill masks (``SiteCall.band``,
+    e.g. Longformer's local attention read by ``passes/band.py``).
+
+    Example::
+
+        out = banded_attention(q, k, v, attn_mask=key_padding_bias, band=(256, 256))
+    """
+    if is_causal:
+        raise ValueError("banded_attention takes the band alone; give a causal band as band=(left, 0)")
+    left, right = int(band[0]), int(band[1])
+    out = _band_module(left, right)(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
+                                    enable_gqa=enable_gqa)
+    dead = _band_dead_rows(attn_mask, q.shape[-2], left, right)
+    return out if dead is None else out.masked_fill(dead, float("nan"))
+
+
+def _band_dead_rows(mask, n: int, left: int, right: int):
+    """``[..., n, 1]``: rows whose keys in the band are all removed by ``mask`` (−∞, or False), or None (no such row
+    can be: no mask, or nothing removed; on CPU, where the check is free of a device sync)."""
+    from torch._subclasses.fake_tensor import is_fake
+    if mask is None or (mask.device.type == "cpu" and not is_fake(mask)
+                        and not bool((~mask if mask.dtype == torch.bool else torch.isneginf(mask)).any())):
+        return None
+    kept = (mask if mask.dtype == torch.bool else ~torch.isneginf(mask)).to(torch.int32)
+    nk = kept.shape[-1]
+    seen = F.pad(kept.cumsum(-1), (1, 0))                                  # [..., rows, nk + 1]: keys kept before j
+    i = torch.arange(n, device=kept.device)
+    hi = (i + right).clamp(max=nk - 1) + 1
+    lo = (i - left).clamp(min=0)
+    if kept.shape[-2] == 1:
+        count = seen[..., hi] - seen[..., lo]                               # [..., 1, n]
+        return (count == 0).transpose(-1, -2)
+    lead = seen.shape[:-2]
+    hi_idx, lo_idx = (x.view(n, 1).expand(*lead, n, 1) for x in (hi, lo))
+    return (seen.gather(-1, hi_idx) - seen.gather(-1, lo_idx)) == 0
 
 
 @register_handler(SlidingWindow)

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..graph import insert_call, is_tensor_scalar, meta_value, rank, same_shape, shape, static_int
+from .band import outside_band
 from .find_sites import SiteMatch
 from .normalize import ADD, DIV, MUL, PERMUTE, SUB, WHERE
 
@@ -41,6 +42,9 @@ class SiteCall:
     more_new: list = dataclasses.field(default_factory=list)
     #: the scores' soft-cap (``cap * tanh(scale * q @ kᵀ / cap)`` before the mask): only the flash kernel takes it
     softcap: Optional[float] = None
+    #: ``(left, right)``: a −∞ fill outside keys ``i - left .. i + right`` (``band.outside_band``), kept out of
+    #: ``attn_mask`` for the banded exact kernel; ``band_in_mask`` folds it in for every other target
+    band: Optional[tuple] = None
 
     def kwargs(self) -> dict:
         kw = {"attn_mask": self.attn_mask, "dropout_p": self.dropout_p, "is_causal": self.is_causal,
@@ -93,8 +97,33 @@ def build_call(graph: fx.Graph, m: SiteMatch, causal_ops: set, is_causal: bool) 
     call = SiteCall(q=q, k=k, v=v, attn_mask=beta, dropout_p=m.dropout_p, is_causal=is_causal,
                     scale=scale, enable_gqa=enable_gqa, new_nodes=b.new,
                     flatten_output=len(f.split) if f.in_split and not m.values_split else 0, row_fixes=_row_fixes(b, m, causal_ops, beta, v),
-                    transpose_output=m.values_left, softcap=m.softcap)
+                    transpose_output=m.values_left, softcap=m.softcap, band=f.band)
     return call
+
+
+def _is_band(cond: Any) -> bool:
+    return isinstance(cond, fx.Node) and cond.op == "call_function" and cond.target is outside_band
+
+
+def band_in_mask(graph: fx.Graph, before: fx.Node, call: SiteCall) -> None:
+    """Fold ``call.band`` into ``call.attn_mask`` (an ``[nq, nk]`` pattern beside it): for targets other than the
+    banded exact kernel, which see the band as SDPA would."""
+    if call.band is None:
+        return
+    b = _Builder(graph, before)
+    call.attn_mask = b.call(with_band, call.attn_mask, call.q, call.k, *call.band)
+    call.new_nodes.extend(b.new)
+    call.band = None
+
+
+def with_band(mask: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """``mask`` with keys outside ``i - left .. i + right`` of query ``i`` removed (bool: True = attend)."""
+    keep = ~outside_band(q, k, left, right)
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, _NEG_INF)
 
 
 @dataclasses.dataclass
@@ -103,6 +132,7 @@ class _Folded:
     scale_num: Any = 1.0                     # Python-level factor (number, SymFloat, or a node of one)
     scale_tensor: Optional[fx.Node] = None   # a tensor factor constant along the keys: folded into q
     beta: Optional[fx.Node] = None
+    band: Optional[tuple] = None
     split: Optional[tuple] = None
     in_split: bool = False
     streams: list = dataclasses.field(default_factory=list)  # [q2, kt2, [(factor, power), ...]]
@@ -143,6 +173,10 @@ def _fold_score_ops(b: "_Builder", m: SiteMatch, causal_ops: set, qdtype: torch.
                     f.beta = b.call(torch.clamp_min, f.beta, op.value)
         elif op.kind == "fill":
             cond = op.cond
+            if _is_band(cond) and float_value(op.value) == _NEG_INF and op.fill_where_true and \
+                    not any(other.kind == "fill" for j, other in enumerate(m.ops) if j != i):
+                f.band = tuple(cond.args[2:4])  # −∞ stays −∞ whatever is added after: the band is a separate mask
+                continue
             if f.beta is None and float_value(op.value) == _NEG_INF and _only_op(m, i, causal_ops):
                 # a lone -inf fill is a boolean mask: SDPA takes True = attend
                 f.beta = b.call(torch.logical_not, cond) if op.fill_where_true else _as_bool(b, cond)

@@ -1,0 +1,171 @@
+"""Banded (local) attention computed without an N x N product (issue 15): Longformer's sliding chunks, and other
+spellings of the same band, are read from their index structure (passes/band.py) and run as one exact site on
+the banded kernel; spellings that look alike but are not a band are left as they were."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import rewrite
+from rewrite.mixers.sliding_window import banded_attention
+from rewrite.passes.lower import with_band
+
+
+class UnfoldBand(nn.Module):
+    """Local attention by ``unfold``: keys and values padded by ``w`` each side and unfolded into a window per
+    query, the padded slots masked with −∞ from a pattern of positions, probabilities times the unfolded values."""
+
+    def __init__(self, w: int = 3, heads: int = 2, width: int = 16, circular: bool = False):
+        super().__init__()
+        self.w, self.h, self.circular = w, heads, circular
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def windows(self, t):                                        # [b, h, n, d] -> [b, h, n, d, 2w+1]
+        if self.circular:   # keys wrap around the ends: a ring, not a band
+            t = torch.cat([t[:, :, -self.w:], t, t[:, :, :self.w]], dim=2)
+        else:
+            t = F.pad(t, (0, 0, self.w, self.w))
+        return t.unfold(2, 2 * self.w + 1, 1)
+
+    def forward(self, x, key_bias):
+        b, n, e = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, e // self.h).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("bhnd,bhndw->bhnw", q * (e // self.h) ** -0.5, self.windows(k))
+        scores = scores + self.windows(key_bias[:, None, :, None]).squeeze(3)   # the keys' padding bias
+        if not self.circular:
+            pos = torch.arange(n, device=x.device)[:, None] + torch.arange(2 * self.w + 1, device=x.device) - self.w
+            scores = scores.masked_fill((pos < 0) | (pos >= n), float("-inf"))
+        probs = scores.softmax(-1)
+        out = torch.einsum("bhnw,bhndw->bhnd", probs, self.windows(v))
+        return out.transpose(1, 2).reshape(b, n, e)
+
+
+def _bias(b, n, gen):
+    bias = torch.zeros(b, n)
+    bias[0, n // 2:] = torch.finfo(torch.float32).min   # a padded row
+    bias[-1] = torch.where(torch.rand(n, generator=gen) < 0.3, torch.finfo(torch.float32).min, 0.0)
+    return bias
+
+
+def test_local_attention_by_unfold_is_one_banded_site():
+    gen = torch.Generator().manual_seed(0)
+    model = UnfoldBand().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 12, 16, generator=gen)
+    rewrite.optimize(model, "exact", example_inputs=(x, _bias(2, 12, gen)))
+    row = model.rewrite_report.sites[0]
+    assert (row.status, row.action) == ("rewritten", "Exact(kernel='sdpa')"), row.reason
+    with torch.no_grad():
+        y = torch.randn(2, 12, 16, generator=gen)
+        for bias in (_bias(2, 12, gen), torch.zeros(2, 12)):
+            torch.testing.assert_close(model(y, bias), ref(y, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_ring_of_keys_is_not_a_band():
+    model = UnfoldBand(circular=True).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 12, 16)
+    rewrite.optimize(model, "exact", example_inputs=(x, torch.zeros(2, 12)))
+    assert all(r.status != "rewritten" for r in model.rewrite_report.sites)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.zeros(2, 12)), ref(x, torch.zeros(2, 12)))
+
+
+def _longformer(layers=2, window=8):
+    from transformers import LongformerConfig, LongformerModel
+    cfg = LongformerConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=37,
+                           attention_window=window, vocab_size=99, max_position_embeddings=120)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return LongformerModel(cfg).eval()
+
+
+def _batch(b, n, gen):
+    ids = torch.randint(0, 99, (b, n), generator=gen)
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[0, n // 3:] = 0
+    if b > 2:
+        mask[2] = (torch.rand(n, generator=gen) < 0.6).long()
+        mask[2, 0] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("policy", ["exact", {"_default": rewrite.SlidingWindow(window=17)}])
+def test_longformer_local_attention_is_rewritten_and_exact(policy):
+    """Every layer's sliding-chunk attention becomes one site. Exact runs the banded kernel; another action gets
+    the band in its mask (a sliding window as wide as the band then computes the same attention)."""
+    gen = torch.Generator().manual_seed(1)
+    model = _longformer()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, policy, example_kwargs=_batch(2, 16, gen))
+    rows = model.rewrite_report.sites     # the layers share one captured graph: one site serves them all
+    assert rows and all(r.status == "rewritten" for r in rows), [r.reason for r in rows]
+    with torch.no_grad():
+        for n in (16, 40):
+            batch = _batch(2, n, gen)
+            torch.testing.assert_close(model(**batch).last_hidden_state, ref(**batch).last_hidden_state,
+                                       rtol=1e-5, atol=1e-5)
+        assert not _softmax_ops(model, batch) and _softmax_ops(ref, batch)   # the chunks are gone
+
+
+def test_longformer_stays_banded_at_every_batch_and_length():
+    """Dynamo would make the next shape's graph symbolic, where the chunk arithmetic breaks the graph inside the
+    attention: after a band the model compiles static graphs per shape, each read and rewritten."""
+    gen = torch.Generator().manual_seed(2)
+    model = _longformer()
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_kwargs=_batch(2, 16, gen))
+    with torch.no_grad():
+        for b, n in [(3, 16), (2, 40), (1, 64), (4, 24), (5, 100)]:
+            batch = _batch(b, n, gen)
+            torch.testing.assert_close(model(**batch).last_hidden_state, ref(**batch).last_hidden_state,
+                                       rtol=1e-5, atol=1e-5)
+            assert not _softmax_ops(model, batch), (b, n)
+    report = model.rewrite_report
+    assert any("static graph per input shape" in note for note in report.capture_notes)
+    assert not report.rejected and not report.fallbacks
+
+
+def _softmax_ops(model, batch) -> list:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(**batch)
+    return [e.name for e in prof.events() if e.name == "aten::_softmax"]
+
+
+def _softmax_reference(q, k, v, mask, left, right):
+    n = q.shape[-2]
+    i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    s = s.masked_fill((j < i - left) | (j > i + right), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 90), left=st.integers(0, 40), right=st.integers(0, 40),
+       mask=st.sampled_from(["none", "keys", "keys_bool", "per_query", "dead_rows"]), seed=st.integers(0, 2 ** 16))
+def test_banded_attention_matches_the_softmax_over_the_band(n, left, right, mask, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for _ in range(3))
+    m = None
+    if mask == "keys":
+        m = torch.where(torch.rand(2, 1, 1, n, generator=gen) < 0.3, float("-inf"), 0.0)
+    elif mask == "keys_bool":
+        m = torch.rand(2, 1, 1, n, generator=gen) < 0.7
+    elif mask == "per_query":
+        m = torch.randn(2, 3, n, n, generator=gen)
+    elif mask == "dead_rows":   # every key of some queries' bands removed: the softmax is NaN there
+        m = torch.zeros(2, 1, n, n)
+        m[:, :, : n // 2] = float("-inf")
+    want = _softmax_reference(q, k, v, m, left, right)
+    got = banded_attention(q, k, v, attn_mask=m, band=(left, right))
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
+    folded = with_band(m, q, k, left, right)                 # the band in the mask, for every other target
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=folded)
+    alive = ~torch.isnan(want)
+    torch.testing.assert_close(dense[alive], want[alive], rtol=1e-5, atol=1e-5)

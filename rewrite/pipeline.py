@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import operator
 from typing import Any, Callable, Optional
@@ -21,7 +22,7 @@ from .actions import Action, Decline, Exact, RewriteError, build_target
 from .graph import (example_value, hint_int, input_cone, insert_call, is_mutating, meta_value, module_names, rank,
                     remove_dead, same_shape, shape, static_int)
 from .passes.adversarial import adversarial_inputs
-from .passes.band import BAND_AT_STATIC_SHAPES, bands_as_dense
+from .passes.band import BAND, BAND_AT_STATIC_SHAPES, bands_as_dense
 from .passes.causal import prove_causal
 from .passes.expand_mha import NOTE_KEY as MHA_NOTE, expand_mha
 from .passes.find_sites import SiteMatch, find_sites
@@ -29,7 +30,7 @@ from .passes.mask_semantics import empty_row_problem, holds_only_zero_one, read_
 from .passes.lower import SiteCall, band_in_mask, build_call, unrepeat
 from .passes.normalize import DIV, MUL, PERMUTE, normalize
 from .passes.verify import differing_output, record, relative_error, tolerance
-from .mixers.sliding_window import banded_attention
+from .mixers.sliding_window import banded_attention, banded_flops
 from .policy import Policy
 from .report import RewriteReport, SiteRow
 from .sites import AttentionSite, SiteTable
@@ -863,6 +864,9 @@ def _action_flops(action: Action, vals: dict, m: SiteMatch, row: SiteRow) -> tup
     """The action's attention FLOPs at the captured shape (and its expression)."""
     sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind, m.values_left)
     flops = getattr(action, "flops", None)
+    band = m.qk.meta.get(BAND) if isinstance(m.qk, fx.Node) else None
+    if band is not None and isinstance(action, Exact) and action.kernel != "triton":
+        flops = functools.partial(banded_flops, *band["reach"])   # it ran on the banded kernel
     if sizes is None or flops is None:
         return row.flops_before, row.flops_before_expr
     try:
@@ -893,10 +897,14 @@ def _row(m: SiteMatch, site: AttentionSite, vals: dict) -> SiteRow:
     sizes = _core_sizes(q, kt, v, m.kind, m.values_left)
     row = SiteRow(name=site.name, index=site.index, status="kept", ordinal=site.ordinal, is_causal=site.is_causal,
                   mask=site.mask, heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim)
-    if sizes is not None:
+    band = m.qk.meta.get(BAND) if isinstance(m.qk, fx.Node) else None
+    if band is not None:  # the original computed its band's chunks, not N x N
+        row.flops_before, row.flops_before_expr = float(band["flops"]), "the band's products as the model spelled them"
+    elif sizes is not None:
         expr = cost.exact_flops()
         row.flops_before = cost.evaluate(expr, **sizes)
         row.flops_before_expr = str(expr)
+    if sizes is not None:
         row.bytes_before = _bytes(vals, m, materialized=m.kind != "sdpa")
         row.shape = f"q{tuple(q.shape)} k·v Nk={sizes['Nk']}"
     return row

@@ -58,6 +58,7 @@ def test_local_attention_by_unfold_is_one_banded_site():
     rewrite.optimize(model, "exact", example_inputs=(x, _bias(2, 12, gen)))
     row = model.rewrite_report.sites[0]
     assert (row.status, row.action) == ("rewritten", "Exact(kernel='sdpa')"), row.reason
+    assert row.flops_before == 2 * (2 * 2 * 2 * 12 * 7 * 8)   # what the model computed: q·k and p·v over 7 slots
     with torch.no_grad():
         y = torch.randn(2, 12, 16, generator=gen)
         for bias in (_bias(2, 12, gen), torch.zeros(2, 12)):

@@ -386,6 +386,11 @@ class SlidingWindowAttention(_base.SDPAMixer):
         return b.view(bm, hm, gm, nb, bq, cols).transpose(2, 3)
 
 
+def banded_flops(left: int, right: int) -> sympy.Expr:
+    """``banded_attention``'s FLOPs: each query block scores a chunk of ``Bq + left + right`` keys."""
+    return _layout.attention_flops(N, sympy.Min(_block(left, right) + left + right, Nk))
+
+
 @functools.lru_cache(maxsize=64)
 def _band_module(left: int, right: int) -> SlidingWindowAttention:
     return SlidingWindowAttention(reach=(left, right))

@@ -72,6 +72,9 @@ class _NotABand(Exception):
 STATIC_SHAPES = "rewrite_static_shapes"
 #: ``node.meta`` key on a softmax whose band is read at fixed shapes only (the report names it there, not here)
 BAND_AT_STATIC_SHAPES = "rewrite_band_at_static_shapes"
+#: ``node.meta`` key on a rewritten band's score product: ``{"reach": (left, right), "flops": F}``, F the FLOPs of
+#: the products the original computed (its chunks), for the report's "before"
+BAND = "rewrite_band"
 
 
 def bands_as_dense(gm: fx.GraphModule) -> int:
@@ -116,7 +119,8 @@ class _Band:
         self.after_softmax: list = []    # the casts and dropout between the softmax and the value product
         self.row_fills: list = []        # (condition node, value): whole query rows filled after the softmax
         self.output = None               # the node whose value the rewrite gives
-        self.output_view = None          # (size, stride, offset) of it on ``rows x features``
+        self.output_view = None          # (layout, size, stride, offset) of it on ``rows x features``
+        self.flops = 0                   # what the original's products computed
 
 
 def _read_band(sm: fx.Node) -> _Band:
@@ -133,6 +137,7 @@ def _read_band(sm: fx.Node) -> _Band:
     if max(_numel(s_shape), *(_numel(_example_shape(p) or ()) for p in products + [value_product])) > MAX_READ:
         raise _NotABand
     terms = _read_terms(assembly, products, scores, s_shape)
+    b.flops = sum(2 * _numel(_example_shape(p)) * _contracted(p) for p in products + [value_product])
     _read_scores(b, terms)
     _read_values(b, value_product, prob_chain, terms)
     b.region |= assembly | set(products) | {sm} | set(prob_chain)
@@ -446,6 +451,15 @@ class _Product:
         raise _NotABand
 
 
+def _contracted(p: fx.Node) -> int:
+    """How many products of pairs make one output element of ``p`` (a term added as it is: 0)."""
+    if not _is_product(p):
+        return 0
+    operands, letters, out = _letters(p)
+    sizes = {ch: d for o, ls in zip(operands, letters) for ch, d in zip(ls, _example_shape(o) or ())}
+    return _numel(tuple(d for ch, d in sizes.items() if ch not in out))
+
+
 def _letters(p: fx.Node) -> tuple[list, list, str]:
     """(operand nodes, their letters, output letters) of a matmul or a two-operand einsum."""
     if _is_matmul(p):
@@ -507,23 +521,22 @@ def _read_terms(assembly: set, products: list, scores: fx.Node, s_shape: tuple) 
     if any(s is None for s in p_shapes):
         raise _NotABand
     t = _Terms()
-    for i, p in enumerate(products):
-        runs = []
-        for off in (0.0, _SHIFT):
-            env = {q: (_numbered(s, off) if q is p else torch.zeros(s, dtype=torch.float64))
-                   for q, s in zip(products, p_shapes)}
-            runs.append(_evaluate(nodes, env)[scores])
-        if tuple(runs[0].shape) != s_shape:
+    for p, p_shape in zip(products, p_shapes):
+        # one numbered run per term (the random run below catches a constant that looks like a number)
+        env = {q: (_numbered(s, _SHIFT) if q is p else torch.zeros(s, dtype=torch.float64))
+               for q, s in zip(products, p_shapes)}
+        run = _evaluate(nodes, env)[scores]
+        if tuple(run.shape) != s_shape:
             raise _NotABand
-        neg_inf = torch.isneginf(runs[0])
+        neg_inf = torch.isneginf(run)
         if t.neg_inf is None:
             t.neg_inf = neg_inf
         elif not torch.equal(t.neg_inf, neg_inf):
             raise _NotABand
-        index, constant = _decode(*runs)
-        if bool((constant[~neg_inf] != 0).any()):
-            raise _NotABand
-        t.elements.append(index)
+        copied = (run > _SHIFT) & (run <= _SHIFT + _numel(p_shape))
+        if bool((~copied & ~neg_inf & (run != 0)).any()):
+            raise _NotABand  # a score the softmax sees holds a constant, or a sum of elements of one term
+        t.elements.append(torch.where(copied, run - (_SHIFT + 1), -1.0).to(torch.int64))
     # the scores are the sum of those terms (the assembly is linear in the products), checked at random values
     g = torch.Generator().manual_seed(0)
     randoms = [torch.randn(s, dtype=torch.float64, generator=g) for s in p_shapes]
@@ -588,10 +601,8 @@ def _read_scores(b: _Band, t: _Terms) -> None:
         raise _NotABand
     qs, qshape, qstep, q_at, ks, kshape, kstep, k_at, width = qk
     nrows = len(b.rows)
-    flat_valid = valid.reshape(-1)
-    coords = _coords(b.rows + (b.slots,))[flat_valid]                    # [valid scores, rows + 1]
-    q_fit = _affine(coords, q_at.reshape(-1)[flat_valid])
-    k_fit = _affine(coords, k_at.reshape(-1)[flat_valid])
+    q_fit = _affine(q_at.view(valid.shape), valid)
+    k_fit = _affine(k_at.view(valid.shape), valid)
     if q_fit is None or k_fit is None:
         raise _NotABand
     if q_fit[1][-1] != 0:   # the keys on the left: ``k @ qᵀ`` read row-wise is the same product
@@ -618,7 +629,7 @@ def _read_scores(b: _Band, t: _Terms) -> None:
     b.q = _strided(qs, qshape, b.rows, a, q_fit[0], q_steps, [(width, qstep)])
     b.k = _strided(ks, kshape, b.rows, a, k_fit[0] + slot_step * left, k_steps, [(width, kstep)])
     for ms, mshape, m_at in masks:
-        fit = _affine(coords, m_at.reshape(-1)[flat_valid])
+        fit = _affine(m_at.view(valid.shape), valid)
         if fit is None:
             raise _NotABand
         m0, steps = fit
@@ -632,20 +643,27 @@ def _coords(shape_: tuple) -> torch.Tensor:
     return torch.stack([g.reshape(-1) for g in grids], 1)
 
 
-def _affine(coords: torch.Tensor, values: torch.Tensor) -> Optional[tuple[int, list]]:
-    """``(c0, steps)`` with ``values == c0 + coords @ steps`` exactly, or None. Dims that never vary get step 0."""
-    if values.numel() == 0:
+def _affine(values: torch.Tensor, where: torch.Tensor) -> Optional[tuple[int, list]]:
+    """``(c0, steps)`` with ``values[i] == c0 + Σ_d i_d · steps[d]`` exactly (integers) at every index ``i`` of the
+    grid where ``where`` holds, or None. Dims along which ``where`` never varies get step 0."""
+    chosen = where.reshape(-1).nonzero().squeeze(1)
+    if chosen.numel() == 0:
         return None
-    x = torch.cat([torch.ones(coords.shape[0], 1, dtype=torch.float64), coords.double()], 1)
-    pick = torch.linspace(0, coords.shape[0] - 1, min(coords.shape[0], 4096)).long()
-    sol = torch.linalg.lstsq(x[pick], values[pick].double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    k = min(chosen.numel(), 4096)
+    pick = chosen[torch.arange(k) * (chosen.numel() - 1) // max(k - 1, 1)]
+    coords = torch.stack(torch.unravel_index(pick, where.shape), 1)
+    x = torch.cat([torch.ones(k, 1, dtype=torch.float64), coords.double()], 1)
+    sol = torch.linalg.lstsq(x, values.reshape(-1)[pick].double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
     steps = [int(round(float(v))) for v in sol[1:]]
-    for d in range(coords.shape[1]):
-        if bool((coords[:, d] == coords[0, d]).all()):
+    for d in range(where.dim()):
+        if int(where.movedim(d, 0).reshape(where.shape[d], -1).any(1).sum()) <= 1:
             steps[d] = 0
-    c0 = int(values[0]) - sum(s * int(c) for s, c in zip(steps, coords[0]))
-    pred = c0 + (coords * torch.tensor(steps, dtype=torch.int64)).sum(1)
-    if not torch.equal(pred, values.to(torch.int64)):
+    c0 = int(values.reshape(-1)[pick[0]]) - sum(s * int(c) for s, c in zip(steps, coords[0]))
+    pred = torch.full(where.shape, c0, dtype=torch.int64)
+    for d, s in enumerate(steps):
+        if s:
+            pred += s * torch.arange(where.shape[d]).view([-1 if i == d else 1 for i in range(where.dim())])
+    if bool(((pred != values) & where).any()):
         return None
     return c0, steps
 
@@ -720,34 +738,33 @@ def _read_values(b: _Band, product: fx.Node, chain: list, t: _Terms) -> None:
     vb, v_step = prod.rows(iv, f, constants=True, want=keep + [prod.c])
     real = pa >= 0
     nrows, slots = len(b.rows), b.slots
-    score_row = torch.where(real, pa // slots, torch.full_like(pa, -1))
-    slot = pa % slots
-    row_of = score_row.amax(-1)                                    # [keep...]
+    score_row = torch.where(real, pa // slots, -1)
+    row_of = score_row.amax(-1)                                    # [keep...]: the score row each output row sums
     if bool((row_of < 0).any()) or bool((real & (score_row != row_of.unsqueeze(-1))).any()):
         raise _NotABand  # each output row sums the probabilities of one score row
-    valid = (~t.neg_inf).reshape(-1, slots)
+    valid = ~t.neg_inf.reshape(-1)
     out_rows = row_of.reshape(-1)
-    counts = torch.zeros(out_rows.numel(), slots, dtype=torch.int64)
-    r_idx = torch.arange(out_rows.numel()).view(*row_of.shape, 1).expand_as(pa)
-    counts.index_put_((r_idx[real], slot[real]), torch.ones_like(pa[real]), accumulate=True)
-    wanted = valid[out_rows]
-    if not torch.equal(counts * wanted, wanted.long()):
+    if int(torch.bincount(out_rows).max()) > 1:
+        raise _NotABand  # two output rows of one score row
+    seen = real & valid[pa.clamp_min(0)]
+    hits = torch.zeros(valid.numel(), dtype=torch.int32).index_add_(0, pa[seen], torch.ones(1, dtype=torch.int32)
+                                                                      .expand(int(seen.sum())))
+    per_row = valid.view(-1, slots).sum(1)
+    if bool((hits > 1).any()) or not torch.equal(seen.sum(-1).reshape(-1), per_row[out_rows]):
         raise _NotABand  # every slot the softmax sees, exactly once
-    seen = real & valid.reshape(-1)[pa.clamp_min(0)]
     if bool((vb[seen] < 0).any()):
         raise _NotABand
-    rc = _coords(b.rows)[score_row[seen]]                          # [pairs, rows]
+    # the value row each seen score met, on the scores' grid: v = v0 + Σ_d ν_d r_d + ν_s s, where s = j - i + left
+    met = torch.full((valid.numel(),), -1, dtype=torch.int64)
+    met[pa[seen]] = vb[seen]
     a = b.token_dim
-    key = rc[:, a] + slot[seen] - b.left
-    fit = _affine(torch.cat([rc, key.unsqueeze(1)], 1), vb[seen])
-    if fit is None:
-        raise _NotABand
+    fit = _affine(met.view(t.neg_inf.shape), met.view(t.neg_inf.shape) >= 0)
+    if fit is None or fit[1][a] != fit[1][-1]:
+        raise _NotABand  # a value row that moves with the query, not with the key
     v0, steps = fit
     width = prod.size(f)
-    if steps[a] != 0:
-        raise _NotABand  # a value row that moves with the query, not with the key
     row_steps = [steps[-1] if d == a else steps[d] for d in range(nrows)]
-    b.v = _strided(values.source, values.shape, b.rows, a, v0, row_steps, [(width, v_step)])
+    b.v = _strided(values.source, values.shape, b.rows, a, v0 + steps[-1] * b.left, row_steps, [(width, v_step)])
     _read_output(b, prod, keep, f, out_rows)
 
 
@@ -779,7 +796,7 @@ def _read_output(b: _Band, prod: _Product, keep: list, f: str, row_of: torch.Ten
     flat = torch.zeros(logical.shape[0], dtype=torch.int64)
     for d in layout:
         flat = flat * sizes[d] + logical[:, d]
-    fit = _affine(_coords(out_shape), flat)
+    fit = _affine(flat.view(out_shape), torch.ones(out_shape, dtype=torch.bool))
     if fit is None or fit[0] < 0 or any(s < 0 for s in fit[1]):
         raise _NotABand
     b.output = node
@@ -807,6 +824,7 @@ def _write_dense(graph: fx.Graph, b: _Band) -> None:
 
     q, k = view(b.q), view(b.k)
     scores = call(MATMUL, q, call(torch.transpose, k, -2, -1))
+    scores.meta[BAND] = {"reach": (b.left, b.right), "flops": b.flops}
     for mask in b.masks:
         scores = call(torch.add, scores, view(mask))
     scores = call(MASKED_FILL, scores, call(outside_band, q, k, b.left, b.right), float("-inf"))

@@ -65,6 +65,25 @@ def test_local_attention_by_unfold_is_one_banded_site():
             torch.testing.assert_close(model(y, bias), ref(y, bias), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=8, deadline=None)
+@given(w=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]), n=st.integers(2, 20), batch=st.integers(1, 3),
+       circular=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 99))
+def test_unfold_windows_of_any_size_are_read_exactly(w, heads, n, batch, circular, dtype, seed):
+    """Windows wider than the sequence, one head or several, a ring instead of a band: a band is rewritten and
+    equal to the original on other inputs; a ring is left as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    model = UnfoldBand(w=w, heads=heads, width=8 * heads, circular=circular and n > w).to(dtype).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(batch, n, 8 * heads, generator=gen, dtype=dtype)
+    rewrite.optimize(model, "exact", example_inputs=(x, _bias(batch, n, gen).to(dtype)))
+    statuses = {r.status for r in model.rewrite_report.sites}
+    assert statuses == ({"kept", "rejected"} & statuses if model.circular else {"rewritten"}), \
+        [r.reason for r in model.rewrite_report.sites]
+    with torch.no_grad():
+        y, bias = torch.randn(batch, n, 8 * heads, generator=gen, dtype=dtype), _bias(batch, n, gen).to(dtype)
+        torch.testing.assert_close(model(y, bias), ref(y, bias), rtol=1e-5, atol=1e-5)
+
+
 def test_a_ring_of_keys_is_not_a_band():
     model = UnfoldBand(circular=True).eval()
     ref = copy.deepcopy(model)

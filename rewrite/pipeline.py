@@ -225,6 +225,9 @@ def _lower(run: GraphRun, s: Lowered) -> None:
     """Decide the site's action and insert its replacement beside the original (nothing is rewired yet)."""
     session, m = run.session, s.match
     action = _ask_policy(session.policy.action_for, s.site) if session.mode == "rewrite" else None
+    kept_band = action is None and session.mode == "rewrite" and _band(m) is not None
+    if kept_band:  # its chunked spelling is gone from the graph (passes/band.py): "as it was" is the exact band
+        action = Exact()
     if m.status == "rejected":  # by what its masks mean (passes/mask_semantics.py)
         s.note = m.reason
         return
@@ -258,6 +261,8 @@ def _lower(run: GraphRun, s: Lowered) -> None:
         target = build_target(action, call, s.site)
     s.action, s.call, s.new = action, call, _insert_target(run.gm, m, target, call,
                                                            block_level=getattr(action, "block_level", False))
+    if kept_band:
+        note = "the policy leaves it: its chunked spelling is not kept, so it runs exact on the banded kernel"
     s.note = _with_note(note, m)
 
 
@@ -864,7 +869,7 @@ def _action_flops(action: Action, vals: dict, m: SiteMatch, row: SiteRow) -> tup
     """The action's attention FLOPs at the captured shape (and its expression)."""
     sizes = _core_sizes(vals.get(m.q), vals.get(m.kt), vals.get(m.v), m.kind, m.values_left)
     flops = getattr(action, "flops", None)
-    band = m.qk.meta.get(BAND) if isinstance(m.qk, fx.Node) else None
+    band = _band(m)
     if band is not None and isinstance(action, Exact) and action.kernel != "triton":
         flops = functools.partial(banded_flops, *band["reach"])   # it ran on the banded kernel
     if sizes is None or flops is None:
@@ -892,12 +897,17 @@ def _bytes(vals: dict, m: SiteMatch, materialized: bool) -> Optional[float]:
     return cost.evaluate(cost.exact_bytes(vals[m.q].element_size(), materialized), **sizes)
 
 
+def _band(m: SiteMatch) -> Optional[dict]:
+    """What ``passes/band.py`` recorded on a band's score product (``BAND``), or None for any other site."""
+    return m.qk.meta.get(BAND) if isinstance(m.qk, fx.Node) else None
+
+
 def _row(m: SiteMatch, site: AttentionSite, vals: dict) -> SiteRow:
     q, kt, v = vals.get(m.q), vals.get(m.kt), vals.get(m.v)
     sizes = _core_sizes(q, kt, v, m.kind, m.values_left)
     row = SiteRow(name=site.name, index=site.index, status="kept", ordinal=site.ordinal, is_causal=site.is_causal,
                   mask=site.mask, heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim)
-    band = m.qk.meta.get(BAND) if isinstance(m.qk, fx.Node) else None
+    band = _band(m)
     if band is not None:  # the original computed its band's chunks, not N x N
         row.flops_before, row.flops_before_expr = float(band["flops"]), "the band's products as the model spelled them"
     elif sizes is not None:

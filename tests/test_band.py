@@ -113,16 +113,18 @@ def _batch(b, n, gen):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("policy", ["exact", {"_default": rewrite.SlidingWindow(window=17)}])
+@pytest.mark.parametrize("policy", ["exact", {"_default": rewrite.SlidingWindow(window=17)}, {"_default": None}])
 def test_longformer_local_attention_is_rewritten_and_exact(policy):
     """Every layer's sliding-chunk attention becomes one site. Exact runs the banded kernel; another action gets
-    the band in its mask (a sliding window as wide as the band then computes the same attention)."""
+    the band in its mask (a sliding window as wide as the band then computes the same attention); a policy that
+    leaves the site gets the exact band too (the chunks are gone from the graph), and the report says so."""
     gen = torch.Generator().manual_seed(1)
     model = _longformer()
     ref = copy.deepcopy(model)
     rewrite.optimize(model, policy, example_kwargs=_batch(2, 16, gen))
     rows = model.rewrite_report.sites     # the layers share one captured graph: one site serves them all
     assert rows and all(r.status == "rewritten" for r in rows), [r.reason for r in rows]
+    assert all(("banded kernel" in r.reason) == (policy == {"_default": None}) for r in rows)
     with torch.no_grad():
         for n in (16, 40):
             batch = _batch(2, n, gen)

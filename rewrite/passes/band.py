@@ -10,12 +10,13 @@ that, and the next model spells it another way. So this pass reads what the inde
    those tensors) are the scores' *assembly*; from each product, the ops back to its operands' sources are
    pure index ops (views, ``as_strided``, pads, slices). Nothing else may enter: an input read for its values
    other than through a product ends the reading (the assembly then depends only on the products).
-2. The index ops are run on numbered tensors (element ``i`` holds ``i + 1``), twice with different offsets, so
-   a copied element and a constant (a pad, a zero fill) tell themselves apart. That gives, for every score,
-   which query row and key row its product paired (the feature axis contracted in step), which mask element
-   each additive term carries, and where −∞ was written; a random run checks the scores are the sum of those
-   terms. The same reading of the value side gives, for every output element, which probabilities met which
-   value rows.
+2. The index ops are run on numbered tensors (element ``i`` holds ``i + 1`` plus a large offset: the operands'
+   index ops twice, with two offsets, so a copied element and a constant such as a pad or a zero fill tell
+   themselves apart; the assembly once per term). That gives, for every score, which query row and key row its
+   product paired (the feature axis contracted in step), which mask element each additive term carries, and
+   where −∞ was written; a run on random values checks the scores are exactly the sum of those terms (a
+   constant that happened to look like a number would fail it). The same reading of the value side gives, for
+   every output element, which probabilities met which value rows.
 3. The reading is accepted when it is a band: each score row has one query (an affine position in the source
    tensors), its slot ``s`` reads key ``i + s - left`` along the same axis, the −∞ entries are exactly the keys
    past either end, the value product sums every slot of the row once with that key's value row, and the output
@@ -24,8 +25,9 @@ that, and the next model spells it another way. So this pass reads what the inde
 The rewrite is ``softmax(q @ kᵀ + mask, masked to |band|) @ v`` in a ``[..., n, d]`` layout, the band a fill
 by ``outside_band`` (a function of the lengths only), so ``find_sites`` reads a plain site and the lowering
 runs it on the banded kernel (``SiteCall.band``), O(n·w), never N x N. A post-softmax fill of whole query rows
-with 0 (Longformer's padded queries) becomes the same fill of those output rows. Shapes must be static: the
-reading holds for the shapes it was read at.
+with 0 (Longformer's padded queries) becomes the same fill of those output rows. The reading holds for the shapes
+it was read at: a graph with symbolic sizes is not rewritten, and the capture compiles static graphs once a band
+is seen (``STATIC_SHAPES``).
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ class _Band:
         self.q = self.k = self.v = None  # (source node, size, stride, offset)
         self.masks: list = []            # (source node, size, stride, offset): additive terms [..., nq, nk]
         self.after_softmax: list = []    # the casts and dropout between the softmax and the value product
-        self.row_fills: list = []        # (condition node, value): whole query rows filled after the softmax
+        self.row_fills: list = []        # condition nodes: whole query rows filled with 0 after the softmax
         self.output = None               # the node whose value the rewrite gives
         self.output_view = None          # (layout, size, stride, offset) of it on ``rows x features``
         self.flops = 0                   # what the original's products computed

@@ -151,6 +151,19 @@ def test_longformer_stays_banded_at_every_batch_and_length():
     assert not report.rejected and not report.fallbacks
 
 
+def test_longformer_in_bfloat16():
+    gen = torch.Generator().manual_seed(3)
+    model = _longformer().to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    rewrite.optimize(model, "exact", example_kwargs=_batch(2, 16, gen))
+    assert all(r.status == "rewritten" for r in model.rewrite_report.sites)
+    with torch.no_grad():
+        batch = _batch(3, 40, gen)
+        torch.testing.assert_close(model(**batch).last_hidden_state, ref(**batch).last_hidden_state,
+                                   rtol=2e-2, atol=2e-2)
+        assert not _softmax_ops(model, batch)
+
+
 def _softmax_ops(model, batch) -> list:
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(**batch)

@@ -251,6 +251,18 @@ def _stage_widths(cfg) -> set:
     return {"embed_dim", "hidden_size"}
 
 
+def _code_default_sections(cfg):
+    """The multimodal rotary sections a model's code falls back to when its config names none
+    (``rope_parameters.get("mrope_section", [8, 12, 12])`` in GLM-4V and its kin), or None."""
+    module = type(cfg).__module__.replace(".configuration_", ".modeling_")
+    spec = importlib.util.find_spec(module) if module != type(cfg).__module__ else None
+    if spec is None or spec.origin is None:
+        return None
+    with open(spec.origin) as f:
+        found = re.search(r'get\(\s*"mrope_section"\s*,\s*\[([\d,\s]+)\]\s*\)', f.read())
+    return [int(x) for x in found.group(1).split(",") if x.strip()] if found else None
+
+
 def _set(cfg, name, value) -> None:
     try:
         setattr(cfg, name, value)
@@ -379,6 +391,10 @@ def _agree(cfg) -> None:
         _set(cfg, "rotary_dim", head)
     for params in (getattr(cfg, "rope_parameters", None), getattr(cfg, "rope_scaling", None)):
         sections = params.get("mrope_section") if isinstance(params, dict) else None
+        if isinstance(params, dict) and sections is None and params is getattr(cfg, "rope_parameters", None):
+            sections = _code_default_sections(cfg)   # written in the model's code, sized for the original head
+            if sections is not None:
+                params["mrope_section"] = sections
         partial = getattr(cfg, "partial_rotary_factor", None) or params.get("partial_rotary_factor") or 1.0 \
             if isinstance(params, dict) else 1.0
         half = int(head * partial) // 2 if isinstance(head, int) else None

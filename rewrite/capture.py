@@ -284,8 +284,8 @@ class ModelCapture:
         self.session: Any = None   # the pipeline's state for this model, kept here for the API layer
         self._compiled: dict[str, Callable] = {}
         self._traced: dict[str, tuple] = {}   # path -> (the function Dynamo traces, its backend)
-        #: why the model's entries compile static shapes (a rewrite read at fixed sizes), or "" (Dynamo decides)
-        self.static_shapes = ""
+        #: entries that compile static shapes (a graph of theirs held a rewrite read at fixed sizes: a band)
+        self.static_paths: set = set()
         #: called before each call: the name of model state that changed since the rewrite read it, or None
         self.guard: Optional[Callable[[], Optional[str]]] = None
         self.label = f"rewrite_{type(model).__name__}_{next(_serial)}"
@@ -311,14 +311,14 @@ class ModelCapture:
         """``torch.compile`` of the entry's own function and backend (the same ones keep its compiled graphs)."""
         options = {"isolate_recompiles": True, "recompile_limit": self.recompile_limit} if _ISOLATES else {}
         fn, backend = self._traced[path]
-        return torch.compile(fn, backend=backend, dynamic=False if self.static_shapes else self.dynamic, **options)
+        return torch.compile(fn, backend=backend, dynamic=False if path in self.static_paths else self.dynamic,
+                             **options)
 
     def _compiler_for(self, path: str) -> Callable:
         """The backend of the entry at ``path``: its own forward is on no module's stack, so the sites there are
-        named by the entry's path (the root's: ``""``). A graph that holds a rewrite read at fixed sizes (a band:
-        ``STATIC_SHAPES``) turns Dynamo's automatic dynamic shapes off for every entry of the model from then on:
-        each new input shape compiles (and reads) a graph of its own, while the graphs compiled so far stay."""
-        from .graph import entry_root
+        named by the entry's path (the root's: ``""``). The modules of a graph's rewrites read at fixed sizes (a
+        band: ``STATIC_SHAPES``) get static entries (``_keep_static``)."""
+        from .graph import entry_root, modules_running
         from .passes.band import STATIC_SHAPES
 
         def compiler(gm, example_inputs):
@@ -327,22 +327,40 @@ class ModelCapture:
                     out = self.compiler(gm, example_inputs)
             else:
                 out = self.compiler(gm, example_inputs)
-            why = gm.meta.get(STATIC_SHAPES)
-            if why and not self.static_shapes:
-                self.static_shapes = why
-                for entry in self.entries:
-                    self._compiled[entry] = self._wrap(entry)
-                self.report.record_capture_note(why)
+            for owner, trace in sorted(gm.meta.get(STATIC_SHAPES, ())):
+                for module_path in modules_running(self.model, trace) or [owner]:
+                    self._keep_static(module_path)
             return out
         return compiler
+
+    def _keep_static(self, path: str) -> None:
+        """Give the module at ``path`` an entry compiled with static shapes: each new input shape compiles (and
+        reads) a graph of its own. Enclosing entries keep Dynamo's dynamic shapes and break their graph at its
+        call (a decoder generating token by token would otherwise recompile at every step); the graphs compiled
+        so far stay."""
+        if path in self.static_paths:
+            return
+        self.static_paths.add(path)
+        if path in self.entries:
+            self._compiled[path] = self._wrap(path)
+        else:
+            self._install(path, self.model.get_submodule(path))
+        self.report.record_capture_note(f"{path or '(model)'}: banded attention is read at fixed shapes, so it "
+                                        "compiles a static graph per input shape (its callers break their graph there)")
 
     def _install(self, path: str, module: torch.nn.Module) -> None:
         self._compiled[path] = self._compile(path)
         capture = self
 
         if path:
+            @torch._dynamo.disable
+            def run_alone(*args, **kwargs):
+                return capture._run(path, module, args, kwargs)
+
             def entry(*args, **kwargs):
                 if torch.compiler.is_compiling():  # traced as part of a capture of an enclosing module
+                    if path in capture.static_paths:  # a graph break: it runs its own graph of static shapes
+                        return run_alone(*args, **kwargs)
                     return module._call_impl(*args, **kwargs)
                 return capture._run(path, module, args, kwargs)
         else:

@@ -335,6 +335,27 @@ def owner_path(node: fx.Node) -> str:
     return name
 
 
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def modules_running(model: torch.nn.Module, stack_trace: str) -> list[str]:
+    """The paths of the modules whose class's ``forward`` holds ``stack_trace``'s innermost frame that is one (every
+    instance of that class), or []: found by source location, so a graph compiled from a frame Dynamo resumed
+    inside a module (no module stack on its nodes) still names it."""
+    codes: dict = {}   # a forward's code object -> the paths of the modules that run it
+    for name, module in model.named_modules():
+        code = getattr(type(module).forward, "__code__", None)
+        if code is not None:
+            codes.setdefault(code, []).append(name)
+    for filename, line, function in reversed(_FRAME.findall(stack_trace or "")):
+        for code, names in codes.items():
+            if code.co_filename == filename and code.co_name == function:
+                lines = [n for _, _, n in code.co_lines() if n is not None]
+                if lines and min(lines) <= int(line) <= max(lines):
+                    return names
+    return []
+
+
 # --- values on the example batch ------------------------------------------------------------------
 
 def _is_graph_leaf(n: fx.Node) -> bool:

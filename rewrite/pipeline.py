@@ -137,7 +137,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, session: Session) ->
     captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # as captured: normalize must compute the same
     run = GraphRun(gm, example_inputs, session)
     normalized = normalize(gm, binary=lambda node: holds_only_zero_one(node, run.values, run.is_state_read))
-    normalized += bands_as_dense(gm)
+    with module_names(session.model):
+        normalized += bands_as_dense(gm)
     matches = _find(gm, session)
     if not matches:
         return _as_captured(gm, captured) if normalized else gm

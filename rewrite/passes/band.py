@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import hint_int, input_cone, insert_call, is_mutating, meta_value, remove_dead, shape
+from ..graph import hint_int, input_cone, insert_call, is_mutating, meta_value, owner_path, remove_dead, shape
 from .normalize import MASKED_FILL, MATMUL, SOFTMAX, op_kind
 
 #: offsets of the two numbered runs: an element copied by the index ops differs by exactly ``_SHIFT``
@@ -70,7 +70,8 @@ class _NotABand(Exception):
     pass
 
 
-#: ``gm.meta`` key: why the graph's entry should be captured with static shapes (a band read at symbolic sizes)
+#: ``gm.meta`` key: ``{(owner path, stack trace)}`` of each band's softmax: the capture compiles the modules whose
+#: forward holds a band with static shapes
 STATIC_SHAPES = "rewrite_static_shapes"
 #: ``node.meta`` key on a softmax whose band is read at fixed shapes only (the report names it there, not here)
 BAND_AT_STATIC_SHAPES = "rewrite_band_at_static_shapes"
@@ -81,18 +82,18 @@ BAND = "rewrite_band"
 
 def bands_as_dense(gm: fx.GraphModule) -> int:
     """Rewrite every banded attention of ``gm`` read as described above; returns how many. The reading holds for
-    the sizes it was made at, so a graph with a band sets ``gm.meta[STATIC_SHAPES]``: the capture compiles static
-    graphs from then on (Dynamo would otherwise make the next shape's graph symbolic, where the chunk arithmetic
-    also breaks the graph inside the attention). A band in a graph with symbolic sizes is read at the example's
-    sizes, to ask for that, and left as it was."""
+    the sizes it was made at, so each band's module goes into ``gm.meta[STATIC_SHAPES]``: the capture gives it an
+    entry of its own that compiles static graphs (Dynamo would otherwise make the next shape's graph symbolic,
+    where Longformer's chunk arithmetic also breaks the graph inside the attention). A band in a graph with
+    symbolic sizes is read at the example's sizes, to ask for that, and left as it was. Run under
+    ``graph.module_names`` so the modules are named."""
     found = 0
     for sm in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SOFTMAX]:
         try:
             band = _read_band(sm)
         except _NotABand:
             continue
-        gm.meta[STATIC_SHAPES] = ("banded attention is read at fixed shapes: the model compiles a static graph per "
-                                  "input shape from here on")
+        gm.meta.setdefault(STATIC_SHAPES, set()).add((owner_path(sm), sm.meta.get("stack_trace") or ""))
         if any(_symbolic(n) for n in (sm, band.output, band.q[0], band.k[0], band.v[0])):
             sm.meta[BAND_AT_STATIC_SHAPES] = True
             continue

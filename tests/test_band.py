@@ -18,9 +18,9 @@ class UnfoldBand(nn.Module):
     """Local attention by ``unfold``: keys and values padded by ``w`` each side and unfolded into a window per
     query, the padded slots masked with −∞ from a pattern of positions, probabilities times the unfolded values."""
 
-    def __init__(self, w: int = 3, heads: int = 2, width: int = 16, circular: bool = False):
+    def __init__(self, w: int = 3, heads: int = 2, width: int = 16, circular: bool = False, scale_after=False):
         super().__init__()
-        self.w, self.h, self.circular = w, heads, circular
+        self.w, self.h, self.circular, self.scale_after = w, heads, circular, scale_after
         self.qkv = nn.Linear(width, 3 * width)
 
     def windows(self, t):                                        # [b, h, n, d] -> [b, h, n, d, 2w+1]
@@ -33,7 +33,10 @@ class UnfoldBand(nn.Module):
     def forward(self, x, key_bias):
         b, n, e = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.h, e // self.h).permute(2, 0, 3, 1, 4)
-        scores = torch.einsum("bhnd,bhndw->bhnw", q * (e // self.h) ** -0.5, self.windows(k))
+        if self.scale_after:   # the scale on the scores, after the window product
+            scores = torch.einsum("bhnd,bhndw->bhnw", q, self.windows(k)) * (e // self.h) ** -0.5
+        else:
+            scores = torch.einsum("bhnd,bhndw->bhnw", q * (e // self.h) ** -0.5, self.windows(k))
         scores = scores + self.windows(key_bias[:, None, :, None]).squeeze(3)   # the keys' padding bias
         if not self.circular:
             pos = torch.arange(n, device=x.device)[:, None] + torch.arange(2 * self.w + 1, device=x.device) - self.w
@@ -50,9 +53,10 @@ def _bias(b, n, gen):
     return bias
 
 
-def test_local_attention_by_unfold_is_one_banded_site():
+@pytest.mark.parametrize("scale_after", [False, True])
+def test_local_attention_by_unfold_is_one_banded_site(scale_after):
     gen = torch.Generator().manual_seed(0)
-    model = UnfoldBand().eval()
+    model = UnfoldBand(scale_after=scale_after).eval()
     ref = copy.deepcopy(model)
     x = torch.randn(2, 12, 16, generator=gen)
     rewrite.optimize(model, "exact", example_inputs=(x, _bias(2, 12, gen)))
@@ -67,12 +71,14 @@ def test_local_attention_by_unfold_is_one_banded_site():
 
 @settings(max_examples=8, deadline=None)
 @given(w=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]), n=st.integers(2, 20), batch=st.integers(1, 3),
-       circular=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 99))
-def test_unfold_windows_of_any_size_are_read_exactly(w, heads, n, batch, circular, dtype, seed):
-    """Windows wider than the sequence, one head or several, a ring instead of a band: a band is rewritten and
-    equal to the original on other inputs; a ring is left as it was."""
+       circular=st.booleans(), scale_after=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 99))
+def test_unfold_windows_of_any_size_are_read_exactly(w, heads, n, batch, circular, scale_after, dtype, seed):
+    """Windows wider than the sequence, one head or several, the scale before or after the window product, a ring
+    instead of a band: a band is rewritten and equal to the original on other inputs; a ring is left as it was."""
     gen = torch.Generator().manual_seed(seed)
-    model = UnfoldBand(w=w, heads=heads, width=8 * heads, circular=circular and n > w).to(dtype).eval()
+    model = UnfoldBand(w=w, heads=heads, width=8 * heads, circular=circular and n > w,
+                       scale_after=scale_after).to(dtype).eval()
     ref = copy.deepcopy(model)
     x = torch.randn(batch, n, 8 * heads, generator=gen, dtype=dtype)
     rewrite.optimize(model, "exact", example_inputs=(x, _bias(batch, n, gen).to(dtype)))

@@ -14,8 +14,9 @@ that, and the next model spells it another way. So this pass reads what the inde
    index ops twice, with two offsets, so a copied element and a constant such as a pad or a zero fill tell
    themselves apart; the assembly once per term). That gives, for every score, which query row and key row its
    product paired (the feature axis contracted in step), which mask element each additive term carries, and
-   where −∞ was written; a run on random values checks the scores are exactly the sum of those terms (a
-   constant that happened to look like a number would fail it). The same reading of the value side gives, for
+   where −∞ was written, and the number a term is scaled by after its product (a second run at another offset);
+   a run on random values checks the scores are exactly the sum of those terms (a constant that happened to look
+   like a number would fail it). The same reading of the value side gives, for
    every output element, which probabilities met which value rows.
 3. The reading is accepted when it is a band: each score row has one query (an affine position in the source
    tensors), its slot ``s`` reads key ``i + s - left`` along the same axis, the −∞ entries are exactly the keys
@@ -42,7 +43,7 @@ from ..graph import hint_int, input_cone, insert_call, is_mutating, meta_value, 
 from .normalize import MASKED_FILL, MATMUL, SOFTMAX, op_kind
 
 #: offsets of the two numbered runs: an element copied by the index ops differs by exactly ``_SHIFT``
-_SHIFT = float(2 ** 40)
+_SHIFT = float(2 ** 30)
 
 _MOVE_METHODS = {"view", "reshape", "transpose", "permute", "as_strided", "contiguous", "unfold", "expand",
                  "flatten", "unflatten", "squeeze", "unsqueeze", "narrow", "clone", "movedim", "swapaxes", "t",
@@ -118,7 +119,8 @@ class _Band:
         self.token_dim = 0               # which row dim is the query position
         self.left = self.right = 0
         self.q = self.k = self.v = None  # (source node, size, stride, offset)
-        self.masks: list = []            # (source node, size, stride, offset): additive terms [..., nq, nk]
+        self.masks: list = []            # ((source node, size, stride, offset), factor): terms [..., nq, nk]
+        self.scale = 1.0                 # the number q·kᵀ is multiplied by (a scale after the products)
         self.after_softmax: list = []    # the casts and dropout between the softmax and the value product
         self.row_fills: list = []        # condition nodes: whole query rows filled with 0 after the softmax
         self.output = None               # the node whose value the rewrite gives
@@ -200,6 +202,9 @@ def _assembles(node: fx.Node) -> bool:
         return False
     if _is_move(node) or op_kind(node) in ("add", "iadd", "sub", "masked_fill", "where"):
         return True
+    if op_kind(node) in ("mul", "div", "imul", "idiv") and len(node.args) == 2 and \
+            isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool):
+        return True  # a scale (the softmax's, after the products): read as each term's factor
     if node.op == "call_method":
         return node.target in _ASSEMBLY_METHODS
     return node.target in _ASSEMBLY_FUNCTIONS or (
@@ -515,6 +520,7 @@ class _Terms:
     def __init__(self):
         self.products: list = []
         self.elements: list = []   # per product: [scores] flat product index or -1
+        self.scales: list = []     # per product: the number it is multiplied by on its way to the scores
         self.neg_inf = None
 
 
@@ -537,16 +543,25 @@ def _read_terms(assembly: set, products: list, scores: fx.Node, s_shape: tuple) 
         elif not torch.equal(t.neg_inf, neg_inf):
             raise _NotABand
         copied = (run > _SHIFT) & (run <= _SHIFT + _numel(p_shape))
-        if bool((~copied & ~neg_inf & (run != 0)).any()):
-            raise _NotABand  # a score the softmax sees holds a constant, or a sum of elements of one term
-        t.elements.append(torch.where(copied, run - (_SHIFT + 1), -1.0).to(torch.int64))
+        scale = 1.0
+        if bool((~copied & ~neg_inf & (run != 0)).any()):  # scaled after the product? a second run says by what
+            env[p] = _numbered(p_shape, 2 * _SHIFT)
+            step = (_evaluate(nodes, env)[scores] - run).masked_fill(neg_inf, 0.0) / _SHIFT
+            scale = float(step[step != 0][0]) if bool((step != 0).any()) else 0.0
+            copied = (step != 0) & ~neg_inf
+            if scale == 0.0 or not torch.allclose(step[copied], torch.full_like(step[copied], scale), rtol=1e-9) \
+                    or bool((~copied & ~neg_inf & (run != 0)).any()):
+                raise _NotABand  # a score the softmax sees holds a constant, or a sum of elements of one term
+            run = torch.where(copied, run / scale, run)
+        t.elements.append(torch.where(copied, (run - (_SHIFT + 1)).round(), -1.0).to(torch.int64))
+        t.scales.append(scale)
     # the scores are the sum of those terms (the assembly is linear in the products), checked at random values
     g = torch.Generator().manual_seed(0)
     randoms = [torch.randn(s, dtype=torch.float64, generator=g) for s in p_shapes]
     got = _evaluate(nodes, dict(zip(products, randoms)))[scores]
     want = torch.zeros(s_shape, dtype=torch.float64)
-    for r, index in zip(randoms, t.elements):
-        want = want + torch.where(index >= 0, r.reshape(-1)[index.clamp_min(0)], torch.zeros_like(want))
+    for r, index, scale in zip(randoms, t.elements, t.scales):
+        want = want + scale * torch.where(index >= 0, r.reshape(-1)[index.clamp_min(0)], torch.zeros_like(want))
     want = want.masked_fill(t.neg_inf, float("-inf"))
     if not torch.equal(torch.isneginf(got), t.neg_inf) or not torch.allclose(got[~t.neg_inf], want[~t.neg_inf]):
         raise _NotABand
@@ -584,22 +599,23 @@ def _read_scores(b: _Band, t: _Terms) -> None:
     if not bool(valid.any(-1).all()):
         raise _NotABand  # a row of no key at all
     qk, masks = None, []
-    for p, elements in zip(t.products, t.elements):
+    for p, elements, scale in zip(t.products, t.elements, t.scales):
         if bool((elements[valid] < 0).any()):
             raise _NotABand  # a term missing from a score the softmax sees
         at = elements.clamp_min(0)
         if not _is_product(p):  # a term added as it is (gathered by index ops): its own elements
             if _example_shape(p) is None:
                 raise _NotABand
-            masks.append((p, _example_shape(p), elements))
+            masks.append((p, _example_shape(p), elements, scale))
         elif not any(op.ones for op in _Product(p).operands):
             if qk is not None:
                 raise _NotABand  # two products of data: not one attention
             (qs, qshape, qstep, rows), (ks, kshape, kstep, cols), width = _product_pairs(p)
             qk = (qs, qshape, qstep, rows.reshape(-1)[at], ks, kshape, kstep, cols.reshape(-1)[at], width)
+            b.scale = scale
         else:
             ms, mshape, mel = _mask_elements(p)
-            masks.append((ms, mshape, mel.reshape(-1)[at]))
+            masks.append((ms, mshape, mel.reshape(-1)[at], scale))
     if qk is None:
         raise _NotABand
     qs, qshape, qstep, q_at, ks, kshape, kstep, k_at, width = qk
@@ -631,14 +647,14 @@ def _read_scores(b: _Band, t: _Terms) -> None:
     q_steps, k_steps = q_fit[1][:nrows], k_fit[1][:nrows]
     b.q = _strided(qs, qshape, b.rows, a, q_fit[0], q_steps, [(width, qstep)])
     b.k = _strided(ks, kshape, b.rows, a, k_fit[0] + slot_step * left, k_steps, [(width, kstep)])
-    for ms, mshape, m_at in masks:
+    for ms, mshape, m_at, scale in masks:
         fit = _affine(m_at.view(valid.shape), valid)
         if fit is None:
             raise _NotABand
         m0, steps = fit
         key_step = steps[-1]                         # m = m0 + Σ μ_d r_d + μ_s s, and s = j - i + left
         rows_steps = [st - key_step if d == a else st for d, st in enumerate(steps[:nrows])]
-        b.masks.append(_strided(ms, mshape, b.rows, a, m0 + key_step * left, rows_steps, [(n, key_step)]))
+        b.masks.append((_strided(ms, mshape, b.rows, a, m0 + key_step * left, rows_steps, [(n, key_step)]), scale))
 
 
 def _coords(shape_: tuple) -> torch.Tensor:
@@ -826,10 +842,13 @@ def _write_dense(graph: fx.Graph, b: _Band) -> None:
         return call(strided_view, source, size, stride, offset)
 
     q, k = view(b.q), view(b.k)
-    scores = call(MATMUL, q, call(torch.transpose, k, -2, -1))
-    scores.meta[BAND] = {"reach": (b.left, b.right), "flops": b.flops}
-    for mask in b.masks:
-        scores = call(torch.add, scores, view(mask))
+    product = scores = call(MATMUL, q, call(torch.transpose, k, -2, -1))
+    product.meta[BAND] = {"reach": (b.left, b.right), "flops": b.flops}
+    if b.scale != 1.0:
+        scores = call(torch.mul, scores, b.scale)
+    for mask, factor in b.masks:
+        term = view(mask)
+        scores = call(torch.add, scores, term if factor == 1.0 else call(torch.mul, term, factor))
     scores = call(MASKED_FILL, scores, call(outside_band, q, k, b.left, b.right), float("-inf"))
     kwargs = dict(b.softmax.kwargs)
     kwargs["dim"] = len(b.rows)

@@ -691,9 +691,29 @@ def _fills_keeping_rows(gm, m: SiteMatch, causal_ops: set, values: dict, is_stat
     """Indices of the finite fills of ``m`` (not the causal mask) proven to leave every query row a key, so the
     rows a finite fill would empty (where SDPA differs from the original) do not occur. The state a proof read
     goes to ``reads``."""
-    return {i for i, op in enumerate(m.ops) if op.kind == "fill" and i not in causal_ops
+    kept = {i for i, op in enumerate(m.ops) if op.kind == "fill" and i not in causal_ops
             and math.isfinite(getattr(op, "fill_value", -math.inf))
             and _proven(gm, m, op, values, is_state, reads, keeps_rows=True)}
+    together = sorted(kept | {i for i in causal_ops if m.ops[i].kind == "fill"})
+    if len(together) > 1 and not _keep_rows_together(m, together):
+        return set()  # each keeps a key in every row, but perhaps not the same one
+    return kept
+
+
+def _keep_rows_together(m: SiteMatch, fills: list) -> bool:
+    """Whether the fills ``fills`` of ``m`` together leave every query row a key: evaluated at the captured shape,
+    which is every shape only when the scores' shape is static (otherwise: not proven)."""
+    if not all(isinstance(d, int) for d in (*(shape(m.q) or (None,)), *(shape(m.kt) or (None,)))):
+        return False
+    filled = None
+    for i in fills:
+        op = m.ops[i]
+        cond = example_value(op.cond)
+        if not isinstance(cond, torch.Tensor):
+            return False
+        hit = cond.bool() if op.fill_where_true else ~cond.bool()
+        filled = hit if filled is None else filled | hit
+    return bool((~filled).any(-1).all())
 
 
 def _proven(gm, m: SiteMatch, op, values: dict, is_state, reads: list, **how) -> bool:

@@ -351,3 +351,65 @@ def test_verification_redraws_the_masks(monkeypatch):
     mask = _masks((2, 1, 8, 8), 1)
     with torch.no_grad():
         assert _close(model(q, q, q, mask), ref(q, q, q, mask))
+
+
+class TwoStaticFills(nn.Module):
+    """Two finite fills from positions alone, each leaving every row a key: the causal pattern and ``keep`` (which
+    keys each row keeps besides). Disjoint, they leave some rows no key at all (the original: a uniform row)."""
+
+    def __init__(self, disjoint: bool):
+        super().__init__()
+        self.disjoint = disjoint
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) * 8 ** -0.5
+        i = torch.arange(n, device=x.device)[:, None]
+        j = torch.arange(n, device=x.device)[None, :]
+        s = s.masked_fill(j > i, -1e9)                             # causal: keeps j <= i
+        second = (j <= i) & (i > 2) if self.disjoint else (j < i - 4)   # disjoint: keeps j > i on rows 3+
+        s = s.masked_fill(second, -1e9)
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+@pytest.mark.parametrize("disjoint", [False, True])
+def test_two_fills_that_each_keep_rows_are_proven_together(disjoint):
+    """A window under the causal mask keeps a key in every row together with it: rewritten. A fill keeping only
+    future keys empties rows together with the causal mask: whatever is decided, the outputs stay the original's."""
+    model, ref = _optimized(TwoStaticFills(disjoint).eval(), (torch.randn(2, 12, 16),))
+    row = model.rewrite_report.sites[0]
+    assert disjoint or row.status == "rewritten", row.reason
+    with torch.no_grad():
+        x = torch.randn(2, 12, 16)
+        assert _close(model(x), ref(x))
+
+
+class DisjointKeptKeys(nn.Module):
+    """Two fills from positions, neither the causal mask, each leaving every row a key: one keeps the keys after
+    the query (the last row: all), the other those before it (the first row: all). Together they leave rows 1 to
+    n - 2 no key, where the original gives a uniform row and SDPA would not (a fill of -1e4 does not swamp q·k)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2)
+        i = torch.arange(n, device=x.device)[:, None]
+        j = torch.arange(n, device=x.device)[None, :]
+        s = s.masked_fill((j <= i) & (i < n - 1), -1e4)
+        s = s.masked_fill((j >= i) & (i > 0), -1e4)
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+def test_fills_that_keep_rows_one_by_one_but_not_together_are_not_rewritten():
+    model, ref = _optimized(DisjointKeptKeys().eval(), (torch.randn(2, 10, 16) * 4,))
+    row = model.rewrite_report.sites[0]
+    assert row.status == "rejected" and "two finite fills" in row.reason, row.reason   # by proof, not by luck
+    with torch.no_grad():
+        x = torch.randn(2, 10, 16) * 4
+        assert _close(model(x), ref(x))

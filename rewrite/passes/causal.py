@@ -48,8 +48,10 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
     whether the fill ``op`` leaves every query row at least one key instead (a band of GPT-Neo's local attention:
     the diagonal stays), proven the same way, at the captured length and the probed ones."""
     qs, ks = shape(m.q), shape(m.kt)
-    if qs is None or ks is None or not same_size(qs[-2], ks[-1]):
-        return False, "query and key lengths differ (cross-attention or a KV cache)"
+    if qs is None or ks is None:
+        return False, "the query or key shape is not known"
+    if not same_size(qs[-2], ks[-1]) and not (keeps_rows and all(isinstance(d, int) for d in (*qs, *ks))):
+        return False, "query and key lengths differ (cross-attention or a KV cache)"  # a row-keeping fill: static
     root = op.value if op.kind == "add" else op.cond
     if not isinstance(root, fx.Node):
         return False, "the mask is not a tensor"
@@ -245,14 +247,14 @@ def _check(sub: fx.GraphModule, leaf_nodes: dict, leaf_values: dict, op: ScoreOp
     if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
         return False, "the mask is not a matrix"
     rows, cols = mask.shape[-2], mask.shape[-1]
-    if rows != cols or (n is not None and rows != n):
-        return False, f"the mask is {rows}x{cols}, not square at the score shape"
-    visible = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril()
-    if keeps_rows:
+    if keeps_rows:  # any shape (block-local windows have more keys than queries): every row keeps a key
         if op.kind != "fill" or (mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all()):
             return False, "not a boolean fill"
         filled = mask.bool() if op.fill_where_true else ~mask.bool()
         return (True, "") if bool((~filled).any(-1).all()) else (False, "a row has every key filled")
+    if rows != cols or (n is not None and rows != n):
+        return False, f"the mask is {rows}x{cols}, not square at the score shape"
+    visible = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril()
     if op.kind == "fill":
         filled = mask.bool() if op.fill_where_true else ~mask.bool()
         if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():

@@ -149,8 +149,9 @@ def _read_band(sm: fx.Node) -> _Band:
     return b
 
 
-#: the most elements a band's scores or products may have to be read (the numbered runs hold a few such tensors)
-MAX_READ = 2 ** 27
+#: the most elements a band's scores or products may have to be read: the numbered runs hold a few such tensors in
+#: float64 (Longformer-base at 4k tokens, products of 47 M: about 3 GB at the peak, 13 s); larger is left as it was
+MAX_READ = 2 ** 26
 #: index ops that move elements to other positions (a plain attention's views and masks never do)
 _GATHERING_METHODS = {"as_strided", "unfold", "new_zeros", "new_full", "new_empty", "roll", "index_select", "gather"}
 

@@ -238,3 +238,15 @@ def test_banded_attention_matches_the_softmax_over_the_band(n, left, right, mask
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=folded)
     alive = ~torch.isnan(want)
     torch.testing.assert_close(dense[alive], want[alive], rtol=1e-5, atol=1e-5)
+
+
+def test_a_band_too_large_to_read_is_left_as_it_was(monkeypatch):
+    from rewrite.passes import band
+    monkeypatch.setattr(band, "MAX_READ", 100)     # the example's scores have 2 x 2 x 12 x 7 = 336 elements
+    model = UnfoldBand().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 12, 16)
+    rewrite.optimize(model, "exact", example_inputs=(x, torch.zeros(2, 12)))
+    assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.zeros(2, 12)), ref(x, torch.zeros(2, 12)))

@@ -347,9 +347,11 @@ def _run(n: fx.Node, env: dict) -> Any:
     raise _NotABand
 
 
-def _constant(a: fx.Node, env: dict, depth: int = 16) -> Any:
+def _constant(a: fx.Node, env: dict) -> Any:
+    """The value of an input outside the nodes run: computed when its cone reads no graph input (a size, a
+    position pattern), else zeros of its example shape (it is read for its shape or dtype only)."""
     cone = input_cone(a, limit=64)
-    if cone is not None and not cone[1] and depth:
+    if cone is not None and not cone[1]:
         for n in [x for x in a.graph.nodes if x in cone[0]]:
             if n not in env:
                 env[n] = _run(n, env)
@@ -366,6 +368,7 @@ def _constant(a: fx.Node, env: dict, depth: int = 16) -> Any:
 
 
 def _numbered(shape_: tuple, offset: float) -> torch.Tensor:
+    """Element ``i`` of the tensor holds ``i + 1 + offset`` (float64: exact integers)."""
     return torch.arange(1, 1 + _numel(shape_), dtype=torch.float64).view(shape_) + offset
 
 

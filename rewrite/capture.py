@@ -327,7 +327,7 @@ class ModelCapture:
                     out = self.compiler(gm, example_inputs)
             else:
                 out = self.compiler(gm, example_inputs)
-            for owner, trace in sorted(gm.meta.get(STATIC_SHAPES, ())):
+            for owner, trace in sorted(gm.meta.get(STATIC_SHAPES, ()) if self.entries else ()):  # installed only
                 for module_path in modules_running(self.model, trace) or [owner]:
                     self._keep_static(module_path)
             return out

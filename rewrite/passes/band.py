@@ -39,7 +39,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import hint_int, input_cone, insert_call, is_mutating, meta_value, owner_path, remove_dead, shape
+from ..graph import (hint_int, input_cone, insert_call, is_mutating, meta_value, owner_path, reads_only_shape,
+                     remove_dead, shape)
 from .normalize import MASKED_FILL, MATMUL, SOFTMAX, op_kind
 
 #: offsets of the two numbered runs: an element copied by the index ops differs by exactly ``_SHIFT``
@@ -51,10 +52,9 @@ _MOVE_METHODS = {"view", "reshape", "transpose", "permute", "as_strided", "conti
 _MOVE_FUNCTIONS = {operator.getitem, torch.as_strided, torch.transpose, torch.reshape, torch.permute, torch.flatten,
                    torch.unflatten, torch.squeeze, torch.unsqueeze, torch.narrow, torch.movedim, F.pad,
                    torch._C._nn.pad, torch.swapaxes, torch.clone, torch.detach}
-#: ops that read an input for its shape, dtype or device only (position of that input)
-_SHAPE_ONLY_METHODS = {"new_zeros": 0, "new_ones": 0, "new_full": 0, "new_empty": 0, "size": 0, "dim": 0,
-                       "type_as": 1, "expand_as": 1, "view_as": 1, "reshape_as": 1}
-_SHAPE_ONLY_FUNCTIONS = {torch.zeros_like: 0, torch.ones_like: 0, torch.empty_like: 0}
+#: ops that read an input for its dtype and device (and shape) only, besides ``graph.reads_only_shape``'s (position)
+_METADATA_METHODS = {"new_zeros": 0, "new_ones": 0, "new_full": 0, "new_empty": 0, "type_as": 1}
+_METADATA_FUNCTIONS = {torch.zeros_like: 0, torch.ones_like: 0, torch.empty_like: 0}
 _CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous"}
 _ASSEMBLY_METHODS = _CASTS | {"new_zeros", "new_ones", "new_full", "new_empty", "tril", "triu", "flip", "bool",
                               "expand_as", "fill_", "zero_", "copy_", "masked_fill_", "__and__", "__or__",
@@ -161,8 +161,7 @@ def _gathers(assembly: set, products: list) -> bool:
     ``unfold``, pads, copies into new tensors (a band's chunks and shifts)."""
     nodes = set(assembly)
     for p in products:
-        for operand in (p.args[1] if len(p.args) == 2 and isinstance(p.args[1], (tuple, list)) else
-                        p.args[1:] if not _is_matmul(p) else p.args[:2]):
+        for operand in _operands(p):
             nodes.update(_source(operand)[1] if isinstance(operand, fx.Node) else [])
     for n in nodes:
         if n.op == "call_method" and n.target in _GATHERING_METHODS:
@@ -236,12 +235,12 @@ def _plain_index(idx: Any) -> bool:
 
 def _shape_only(node: fx.Node, inp: fx.Node) -> bool:
     """Whether ``node`` reads ``inp`` for its shape, dtype or device only."""
+    if reads_only_shape(node, inp):
+        return True
     if node.op == "call_method":
-        pos = _SHAPE_ONLY_METHODS.get(node.target)
+        pos = _METADATA_METHODS.get(node.target)
     elif node.op == "call_function":
-        pos = _SHAPE_ONLY_FUNCTIONS.get(node.target)
-        if "sym_size" in str(node.target):
-            pos = 0
+        pos = _METADATA_FUNCTIONS.get(node.target)
     else:
         pos = None
     if pos is None or len(node.args) <= pos or node.args[pos] is not inp:
@@ -450,8 +449,9 @@ class _Product:
         """``x`` (dims ``have``) over the dims ``want`` (output letters, or ``c``), broadcast where it lacks one."""
         if any(ch not in want for ch in have):
             raise _NotABand
-        x = x.permute([have.index(ch) for ch in want if ch in have])
-        x = x.reshape([x.shape[[ch for ch in want if ch in have].index(ch)] if ch in have else 1 for ch in want])
+        kept = [ch for ch in want if ch in have]
+        x = x.permute([have.index(ch) for ch in kept])
+        x = x.reshape([x.shape[kept.index(ch)] if ch in have else 1 for ch in want])
         return x.expand([self.operand_size(ch) for ch in want])
 
     def operand_size(self, ch: str) -> int:
@@ -472,6 +472,13 @@ def _contracted(p: fx.Node) -> int:
     return _numel(tuple(d for ch, d in sizes.items() if ch not in out))
 
 
+def _operands(p: fx.Node) -> list:
+    """The two operands of a product (an einsum takes them as a tuple or one by one)."""
+    if _is_matmul(p):
+        return list(p.args[:2])
+    return list(p.args[1] if len(p.args) == 2 and isinstance(p.args[1], (tuple, list)) else p.args[1:])
+
+
 def _letters(p: fx.Node) -> tuple[list, list, str]:
     """(operand nodes, their letters, output letters) of a matmul or a two-operand einsum."""
     if _is_matmul(p):
@@ -482,7 +489,7 @@ def _letters(p: fx.Node) -> tuple[list, list, str]:
         batch = "ijklmnop"[:max(ra, rb) - 2]
         return [a, b], [batch[len(batch) - (ra - 2):] + "xc", batch[len(batch) - (rb - 2):] + "cy"], batch + "xy"
     eq = p.args[0] if isinstance(p.args[0], str) else None
-    operands = p.args[1] if len(p.args) == 2 and isinstance(p.args[1], (tuple, list)) else p.args[1:]
+    operands = _operands(p)
     if eq is None or "..." in eq or "->" not in eq or len(operands) != 2:
         raise _NotABand
     inputs, out = eq.replace(" ", "").split("->")
@@ -573,10 +580,9 @@ def _read_terms(assembly: set, products: list, scores: fx.Node, s_shape: tuple) 
     return t
 
 
-def _product_pairs(p: fx.Node) -> tuple:
+def _product_pairs(prod: "_Product") -> tuple:
     """For a product of two tensors contracting their features: per product element, the first source element of
     each side's row (-1: zeros), with each side's source, shape and feature step, and the feature width."""
-    prod = _Product(p)
     if any(op.ones for op in prod.operands):
         raise _NotABand
     sides = []
@@ -586,9 +592,8 @@ def _product_pairs(p: fx.Node) -> tuple:
     return sides[0], sides[1], prod.operand_size(prod.c)
 
 
-def _mask_elements(p: fx.Node) -> tuple:
+def _mask_elements(prod: "_Product") -> tuple:
     """``ones @ m`` (either side) over a contraction of one: per product element the element of ``m`` it holds."""
-    prod = _Product(p)
     ones = [op.ones for op in prod.operands]
     if ones.count(True) != 1 or prod.operand_size(prod.c) != 1:
         raise _NotABand
@@ -611,14 +616,16 @@ def _read_scores(b: _Band, t: _Terms) -> None:
             if _example_shape(p) is None:
                 raise _NotABand
             masks.append((p, _example_shape(p), elements, scale))
-        elif not any(op.ones for op in _Product(p).operands):
+            continue
+        prod = _Product(p)
+        if not any(op.ones for op in prod.operands):
             if qk is not None:
                 raise _NotABand  # two products of data: not one attention
-            (qs, qshape, qstep, rows), (ks, kshape, kstep, cols), width = _product_pairs(p)
+            (qs, qshape, qstep, rows), (ks, kshape, kstep, cols), width = _product_pairs(prod)
             qk = (qs, qshape, qstep, rows.reshape(-1)[at], ks, kshape, kstep, cols.reshape(-1)[at], width)
             b.scale = scale
         else:
-            ms, mshape, mel = _mask_elements(p)
+            ms, mshape, mel = _mask_elements(prod)
             masks.append((ms, mshape, mel.reshape(-1)[at], scale))
     if qk is None:
         raise _NotABand

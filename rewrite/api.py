@@ -71,15 +71,18 @@ def _capture(model: torch.nn.Module, session: Session, recipe: Recipe) -> ModelC
     return capture
 
 
-def _rebuild(model: torch.nn.Module, recipe: Recipe, report: RewriteReport, modules: dict) -> ModelCapture:
-    """The capture of a deep copy or an unpickled model: the same plan, its own entry points and cache. Runs
-    while the copy is still being built (see ``ModelCapture.__deepcopy__``), so it touches no submodule by name."""
+def _rebuild(model: torch.nn.Module, recipe: Recipe, report: RewriteReport, modules: dict,
+             static_paths: tuple = ()) -> ModelCapture:
+    """The capture of a deep copy or an unpickled model: the same plan, its own entry points and cache, the same
+    modules of static shapes (so its first call does not compile a graph through a band first). Runs while the
+    copy is still being built (see ``ModelCapture.__deepcopy__``), so it touches no submodule by name."""
     policy = Policy(recipe.policy)
     policy.fitted = dict(recipe.fitted or {})
     report.start_over()
     recipe.report = report
     session = Session(policy, report, model, mode="rewrite")
     capture = _capture(model, session, recipe)
+    capture.static_paths.update(static_paths)
     capture._install("", model)
     for path, module in modules.items():
         capture._install(path, module)

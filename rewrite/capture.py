@@ -208,6 +208,24 @@ _serial = itertools.count()
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
+def stop_enclosing_traces(module: torch.nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing. Dynamo inlines a hook-free module's ``forward`` directly, past
+    ``_compiled_call_impl``; with a hook it traces ``Module.__call__``, which calls the module's entry, and an
+    entry of static shapes breaks the enclosing graph there (``ModelCapture._install``). Module-level, so a
+    copied or pickled model keeps it without a reference to this capture."""
+    return None
+
+
+def _stop_enclosing_traces_at(module: torch.nn.Module, on: bool) -> None:
+    """Give ``module`` one ``stop_enclosing_traces`` hook (``on``) or none (a deep copy carries its original's;
+    a copy's root, still being built, has no hooks yet)."""
+    hooks = module.__dict__.get("_forward_pre_hooks", {})
+    for key in [key for key, hook in hooks.items() if hook is stop_enclosing_traces]:
+        del hooks[key]
+    if on:
+        module.register_forward_pre_hook(stop_enclosing_traces)
+
+
 def _is_dynamo_failure(err: BaseException) -> bool:
     """Whether ``err`` came from Dynamo failing to trace or compile (not from the model's own code)."""
     from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, Unsupported, ... included
@@ -256,7 +274,7 @@ class ModelCapture:
     """One model's entry points into Dynamo, the fallbacks they took, and how to copy or pickle them.
 
     ``compiler`` is the Dynamo backend (the rewrite pipeline for this model's session); ``report`` receives
-    fallbacks and is what ``rewrite.report(model)`` shows. ``rebuild(model, recipe, report, modules)`` (a
+    fallbacks and is what ``rewrite.report(model)`` shows. ``rebuild(model, recipe, report, modules, static_paths)`` (a
     module-level function, so that it pickles by name) makes an equivalent capture on a copied or unpickled
     model from ``recipe`` (what ``optimize`` was asked for); without it, a copy is a plain model.
     """
@@ -341,15 +359,20 @@ class ModelCapture:
         if path in self.static_paths:
             return
         self.static_paths.add(path)
+        module = self.model.get_submodule(path)
         if path in self.entries:
             self._compiled[path] = self._wrap(path)
+            if path:
+                _stop_enclosing_traces_at(module, True)
         else:
-            self._install(path, self.model.get_submodule(path))
+            self._install(path, module)
         self.report.record_capture_note(f"{path or '(model)'}: banded attention is read at fixed shapes, so it "
                                         "compiles a static graph per input shape (its callers break their graph there)")
 
     def _install(self, path: str, module: torch.nn.Module) -> None:
         self._compiled[path] = self._compile(path)
+        if path:  # the root's entry is never traced (below)
+            _stop_enclosing_traces_at(module, path in self.static_paths)
         capture = self
 
         if path:
@@ -395,6 +418,8 @@ class ModelCapture:
             current = module.__dict__.get("_compiled_call_impl")
             if getattr(current, "_rewrite_capture", None) is self:
                 module._compiled_call_impl = None
+                if module is not self.model:
+                    _stop_enclosing_traces_at(module, False)
         self.entries = {}
         self._compiled = {}
 
@@ -524,13 +549,14 @@ class ModelCapture:
         if model is None or self.rebuild is None:
             return None
         modules = {path: memo.get(id(m), m) for path, m in self.entries.items() if path}
-        return self.rebuild(model, copy.deepcopy(self.recipe, memo), copy.deepcopy(self.report, memo), modules)
+        return self.rebuild(model, copy.deepcopy(self.recipe, memo), copy.deepcopy(self.report, memo), modules,
+                            tuple(sorted(self.static_paths)))
 
     def __reduce__(self):
         if self.rebuild is None:
             raise RewriteError("This capture cannot be pickled; save the model with rewrite.save(model, folder).")
         modules = {path: m for path, m in self.entries.items() if path}
-        return (self.rebuild, (self.model, self.recipe, self.report, modules))
+        return (self.rebuild, (self.model, self.recipe, self.report, modules, tuple(sorted(self.static_paths))))
 
 
 def run_example(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:

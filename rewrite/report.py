@@ -170,11 +170,11 @@ class RewriteReport:
 
     def start_over(self) -> None:
         """A copy of the model compiles afresh: its live counts start at zero (the site rows stay, and are
-        updated as its own graphs are rewritten and verified)."""
+        updated as its own graphs are rewritten and verified; the capture notes stay: the copy's capture keeps
+        the same modules of static shapes)."""
         self.graphs = self.recompiles = 0
         self._fallbacks = {}
         self.recaptures = []
-        self.capture_notes = []
 
     # -- reading --------------------------------------------------------------------------------------
     @property

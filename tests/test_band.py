@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import rewrite
+from rewrite.capture import stop_enclosing_traces
 from rewrite.mixers.sliding_window import banded_attention
 from rewrite.passes.lower import with_band
 
@@ -140,24 +141,37 @@ def test_longformer_local_attention_is_rewritten_and_exact(policy):
             assert not _softmax_ops(model, batch) and _softmax_ops(ref, batch)   # the chunks are gone
 
 
-def test_longformer_stays_exact_at_every_batch_and_length():
+def test_longformer_stays_exact_and_banded_at_every_batch_and_length():
     """Dynamo would make the next shape's graph symbolic, where the chunk arithmetic breaks the graph inside the
-    attention: the band's module gets static entries of its own. Every output equals the original's at every shape.
-    (Known gap, issue 15's note: once an enclosing entry has compiled a symbolic graph that inlines the band's
-    module, that graph serves later shapes with the band in its original spelling: correct, not faster.)"""
+    attention: the band's module gets static entries of its own, and enclosing symbolic graphs stop at its call
+    (Dynamo inlines a module's ``forward`` past its entry unless the module has a hook). At every shape the output
+    equals the original's and no chunk product runs; a copy keeps that; each band module holds one such hook."""
     gen = torch.Generator().manual_seed(2)
     model = _longformer()
     ref = copy.deepcopy(model)
     rewrite.optimize(model, "exact", example_kwargs=_batch(2, 16, gen))
     with torch.no_grad():
-        for b, n in [(2, 40), (3, 16), (1, 64), (4, 24), (5, 100)]:
+        for b, n in [(2, 40), (3, 16), (1, 64), (4, 24), (5, 100), (2, 16)]:
             batch = _batch(b, n, gen)
             torch.testing.assert_close(model(**batch).last_hidden_state, ref(**batch).last_hidden_state,
                                        rtol=1e-5, atol=1e-5)
+            assert not _softmax_ops(model, batch), (b, n)
     report = model.rewrite_report
     assert [note.split(":")[0] for note in report.capture_notes] == ["encoder.layer.0.attention.self",
                                                                      "encoder.layer.1.attention.self"]
     assert not report.fallbacks
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        batch = _batch(2, 48, gen)
+        torch.testing.assert_close(twin(**batch).last_hidden_state, ref(**batch).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+        assert not _softmax_ops(twin, batch)     # (its first call compiled no graph through the band's module)
+    assert twin.rewrite_report.capture_notes == report.capture_notes
+    rewrite.optimize(model, "exact", example_kwargs=_batch(2, 16, gen))   # undoes the first capture, captures anew
+    for m in (model, twin):
+        assert sorted(name for name, module in m.named_modules() for hook in module._forward_pre_hooks.values()
+                      if hook is stop_enclosing_traces) == ["encoder.layer.0.attention.self",
+                                                            "encoder.layer.1.attention.self"]
 
 
 def test_led_generates_without_a_graph_per_token():
@@ -192,6 +206,7 @@ def test_finding_a_band_leaves_the_model_as_it_was():
     rows = rewrite.find_attention(model, example_kwargs=_batch(2, 16, torch.Generator().manual_seed(0)))
     assert rows and all(r.status == "matched" for r in rows)
     assert not [name for name, m in model.named_modules() if m.__dict__.get("_compiled_call_impl") is not None]
+    assert not [name for name, m in model.named_modules() if m._forward_pre_hooks]
 
 
 def test_longformer_in_bfloat16():

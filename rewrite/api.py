@@ -10,7 +10,7 @@ import torch
 
 from .actions import RewriteError
 from .backend import check_then, make_compiler
-from .capture import DEFAULT_RECOMPILE_LIMIT, ModelCapture, mha_fastpath_off, run_example
+from .capture import DEFAULT_RECOMPILE_LIMIT, NESTS_GRAPH_BREAKS, ModelCapture, mha_fastpath_off, run_example
 from .pipeline import Session, rewrite_graph
 from .policy import Policy
 from .report import BreakRow, RewriteReport
@@ -46,6 +46,7 @@ class Recipe:
     dynamic: Optional[bool]
     recompile_limit: int
     report: Any = None
+    nested_breaks: bool = False   # Dynamo nests graph breaks (``_capture_first_call`` chose it)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -58,7 +59,8 @@ class Recipe:
 
 def _capture(model: torch.nn.Module, session: Session, recipe: Recipe) -> ModelCapture:
     capture = ModelCapture(model, make_compiler(session, recipe.then), session.report, dynamic=recipe.dynamic,
-                           recompile_limit=recipe.recompile_limit, recipe=recipe, rebuild=_rebuild)
+                           recompile_limit=recipe.recompile_limit, recipe=recipe, rebuild=_rebuild,
+                           nested_breaks=getattr(recipe, "nested_breaks", False))
     capture.session = session
 
     def guard():
@@ -87,6 +89,47 @@ def _rebuild(model: torch.nn.Module, recipe: Recipe, report: RewriteReport, modu
     for path, module in modules.items():
         capture._install(path, module)
     return capture
+
+
+def _capture_first_call(model: torch.nn.Module, recipe: Recipe, args: tuple, kwargs: dict) -> tuple:
+    """Install a capture of ``recipe`` on ``model`` (replacing any) and run the example through it: the rewrite
+    of every graph it captures, checked. Returns ``(report, session)``; undoes the capture on failure."""
+    _undo(model)
+    pol = Policy(recipe.policy)
+    pol.fitted = recipe.fitted   # the same dict: what mixers fit during the call is the recipe's too
+    report = RewriteReport(pol.describe())
+    recipe.report = report
+    session = Session(pol, report, model, mode="rewrite")
+    capture = _capture(model, session, recipe)
+    model.__dict__[_KEY] = capture  # before the first call, so that a failure below undoes what it attached
+    from torch._dynamo.utils import counters
+    counters["graph_break"].clear()
+    capture.install()
+    try:
+        run_example(model, args, kwargs)
+        if report.graphs == 0:
+            why = "; ".join(f"{f.where}: {f.why}" for f in report.fallbacks)
+            raise RewriteError(f"torch.compile captured no graph of this {type(model).__name__}, so nothing could be "
+                               "searched or rewritten: " + (why or "Dynamo ran its forward without tracing it "
+                               "(torch._dynamo.disable, code Dynamo skips, or C++ only)") +
+                               ". Pass the module whose forward computes the attention in Python.")
+        unused = pol.unused_keys()
+        if unused:
+            names = ", ".join(s.name for s in session.sites) or "(none)"
+            raise RewriteError(f"Policy key(s) {', '.join(repr(k) for k in unused)} match no attention site. "
+                               f"The sites found are: {names}. Fix the names or patterns.")
+        if not session.sites and not report.rejected and session.errors:
+            raise RewriteError("The model could not be rewritten: " + "; ".join(session.errors))
+        capture.add_entries(site.name for site in session.sites)
+        capture._sites_seen = report.site_count()
+    except BaseException:
+        _undo(model)
+        raise
+    return report, session
+
+
+def _rewritten(report: RewriteReport) -> int:
+    return sum(row.status == "rewritten" for row in report.sites)
 
 
 def _graph_breaks() -> list:
@@ -176,36 +219,19 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
     if isinstance(policy, MeasuredPolicy):
         policy, fitted, calibration_report = _measured_plan(model, policy, args, kwargs, list(calibration or []),
                                                             fitted, dynamic)
-    pol = Policy(policy)
-    pol.fitted = dict(fitted or {})
-    report = RewriteReport(pol.describe())
-    recipe = Recipe(policy, pol.fitted, then, dynamic, recompile_limit, report)
-    session = Session(pol, report, model, mode="rewrite")
-    capture = _capture(model, session, recipe)
-    model.__dict__[_KEY] = capture  # before the first call, so that a failure below undoes what it attached
-    from torch._dynamo.utils import counters
-    counters["graph_break"].clear()
-    capture.install()
-    try:
-        run_example(model, args, kwargs)
-        if report.graphs == 0:
-            why = "; ".join(f"{f.where}: {f.why}" for f in report.fallbacks)
-            raise RewriteError(f"torch.compile captured no graph of this {type(model).__name__}, so nothing could be "
-                               "searched or rewritten: " + (why or "Dynamo ran its forward without tracing it "
-                               "(torch._dynamo.disable, code Dynamo skips, or C++ only)") +
-                               ". Pass the module whose forward computes the attention in Python.")
-        unused = pol.unused_keys()
-        if unused:
-            names = ", ".join(s.name for s in session.sites) or "(none)"
-            raise RewriteError(f"Policy key(s) {', '.join(repr(k) for k in unused)} match no attention site. "
-                               f"The sites found are: {names}. Fix the names or patterns.")
-        if not session.sites and not report.rejected and session.errors:
-            raise RewriteError("The model could not be rewritten: " + "; ".join(session.errors))
-        capture.add_entries(site.name for site in session.sites)
-        capture._sites_seen = report.site_count()
-    except BaseException:
-        _undo(model)
-        raise
+    recipe = Recipe(policy, dict(fitted or {}), then, dynamic, recompile_limit)
+    report, session = _capture_first_call(model, recipe, args, kwargs)
+    if session.graph_returns_intermediates and NESTS_GRAPH_BREAKS and _graph_breaks():
+        # a graph returned what the attention computes: the model returns it, or a graph break separates it from
+        # the code that drops it; with nested graph breaks the graph after a break goes on into that code
+        nested = dataclasses.replace(recipe, nested_breaks=True)
+        nested_report, nested_session = _capture_first_call(model, nested, args, kwargs)
+        if _rewritten(nested_report) > _rewritten(report):
+            report, session = nested_report, nested_session
+            report.record_capture_note("graph breaks nested: the graph after a break inside a module goes on into "
+                                       "its callers' code, which drops what the attention returned")
+        else:
+            report, session = _capture_first_call(model, recipe, args, kwargs)
     report.optimize_seconds = time.perf_counter() - start
     report.attach_calibration(calibration_report)
     report.breaks = _graph_breaks()

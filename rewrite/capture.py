@@ -127,6 +127,24 @@ class _DataDependentTracing(_SharedSettings):
 _data_dependent = _DataDependentTracing()
 
 
+class _NestedGraphBreaks(_SharedSettings):
+    """Dynamo resuming a graph break inside the nested frame it happened in, so that the graph after it goes on
+    into the callers' code (which may drop what the attention returns: its probabilities). Used only by the
+    captures that need it (``ModelCapture.nested_breaks``): it also splits graphs where a break bubbling up to the
+    top frame would not (a band read whole at its module's entry)."""
+
+    def _apply(self) -> dict:
+        return _set_dynamo({"nested_graph_breaks": True})
+
+
+_nested = _NestedGraphBreaks()
+NESTS_GRAPH_BREAKS = hasattr(torch._dynamo.config, "nested_graph_breaks")
+
+
+def nested_graph_breaks(on: bool):
+    return _nested() if on and NESTS_GRAPH_BREAKS else contextlib.nullcontext()
+
+
 def data_dependent_tracing(on: bool):
     """The settings of :class:`_DataDependentTracing` while a call runs, where ``on``. A model whose code cannot
     be traced so (it branches on such a size in a way Dynamo cannot guard) has its capture turn this off
@@ -281,7 +299,7 @@ class ModelCapture:
 
     def __init__(self, model: torch.nn.Module, compiler: Callable, report: Any, *, dynamic: Optional[bool] = None,
                  recompile_limit: int = DEFAULT_RECOMPILE_LIMIT, recipe: Any = None,
-                 rebuild: Optional[Callable] = None):
+                 rebuild: Optional[Callable] = None, nested_breaks: bool = False):
         if not isinstance(recompile_limit, int) or recompile_limit < 1:
             raise RewriteError(f"recompile_limit must be a positive int; got {recompile_limit!r}.")
         self.model = model
@@ -290,6 +308,8 @@ class ModelCapture:
         self.dynamic = dynamic
         self.recompile_limit = recompile_limit
         self.recipe, self.rebuild = recipe, rebuild
+        #: Dynamo nests graph breaks while this capture runs (see ``_NestedGraphBreaks``)
+        self.nested_breaks = nested_breaks
         self.entries: dict[str, torch.nn.Module] = {}
         self._eager_signatures: dict[tuple, str] = {}
         #: whether Dynamo traces data-dependent shapes (see ``data_dependent_tracing``); off for good after a failure
@@ -446,7 +466,8 @@ class ModelCapture:
         runs = _CALL.graph_runs
         _CALL.active.append(self)
         try:
-            with capture_settings(self.recompile_limit), data_dependent_tracing(self.trace_data_dependent):
+            with capture_settings(self.recompile_limit), data_dependent_tracing(self.trace_data_dependent), \
+                    nested_graph_breaks(self.nested_breaks):
                 out = compiled(module, *args, **kwargs)
         except Exception as err:
             inner = inner_rewrite_error(err)

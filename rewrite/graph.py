@@ -286,17 +286,23 @@ class module_names:
     """Context: resolve owners through the model's own ``named_modules()`` (Dynamo keys the stack by id)."""
 
     def __init__(self, model: Optional[torch.nn.Module]):
+        self.model = model
         self.names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
 
     def __enter__(self):
         self.saved = dict(_NAMES_BY_ID)
         _NAMES_BY_ID.clear()
         _NAMES_BY_ID.update(self.names)
+        _NAMED_MODEL.append(self.model)
         return self
 
     def __exit__(self, *exc):
         _NAMES_BY_ID.clear()
         _NAMES_BY_ID.update(self.saved)
+        _NAMED_MODEL.pop()
+
+
+_NAMED_MODEL: list = [None]   # the model of the innermost ``module_names`` context
 
 
 #: the module path of the capture entry being compiled (see ``entry_root``)
@@ -325,7 +331,7 @@ def owner_path(node: fx.Node) -> str:
     """The dotted ``named_modules()`` path of the innermost module on the node's module stack."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return _ENTRY_ROOT[-1]
+        return _resumed_owner(node)
     key, (path, _type) = list(stack.items())[-1]
     if _NAMES_BY_ID and isinstance(key, str) and key.isdigit() and int(key) in _NAMES_BY_ID:
         return _NAMES_BY_ID[int(key)]
@@ -335,7 +341,17 @@ def owner_path(node: fx.Node) -> str:
     return name
 
 
+def _resumed_owner(node: fx.Node) -> str:
+    """The owner of a node on no module stack: the capture entry's own forward, or (a graph Dynamo resumed inside
+    a module's forward after a graph break, whose nodes carry no stack) the module whose forward holds the node's
+    source line: the entry if it is one of them, else the first (one graph serves every instance of its class)."""
+    model, entry = _NAMED_MODEL[-1], _ENTRY_ROOT[-1]
+    running = modules_running(model, node.meta.get("stack_trace") or "") if model is not None else []
+    return entry if not running or entry in running else running[0]
+
+
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_RESUMED = re.compile(r"^torch_dynamo_resume_in_(\w+)_at_\d+$")
 
 
 def modules_running(model: torch.nn.Module, stack_trace: str) -> list[str]:
@@ -348,6 +364,8 @@ def modules_running(model: torch.nn.Module, stack_trace: str) -> list[str]:
         if code is not None:
             codes.setdefault(code, []).append(name)
     for filename, line, function in reversed(_FRAME.findall(stack_trace or "")):
+        resumed = _RESUMED.match(function)
+        function = resumed.group(1) if resumed else function
         for code, names in codes.items():
             if code.co_filename == filename and code.co_name == function:
                 lines = [n for _, _, n in code.co_lines() if n is not None]

@@ -47,6 +47,8 @@ class Session:
         self._state_ptrs: Optional[set] = None
         self.model = model
         self.calibration = None          # a calibrate.CalibrationState in mode "calibrate"
+        #: a region was rejected because its graph returns an intermediate (the capture may nest graph breaks)
+        self.graph_returns_intermediates = False
         self.attached: list = []         # (owner module path, name) of mixers attached to the model
         self.candidates = lambda site: []  # site -> candidate actions, in mode "calibrate"
         #: site key -> the run-time modules a block-level action inserted for it (one per captured graph): token
@@ -196,6 +198,7 @@ def _find(gm: fx.GraphModule, session: Session) -> list:
         if r.softmax is not None and r.softmax.meta.get(BAND_AT_STATIC_SHAPES):
             continue  # a band seen at symbolic sizes: its entry recompiles with static shapes, where it is read
         session.report.record_rejected(r.name, r.reason, r.ordinal)
+        session.graph_returns_intermediates |= r.returned
         _add_site(session, _describe(r, {}, False, []))
     return matches
 

@@ -92,6 +92,7 @@ class SiteMatch:
     region: list = dataclasses.field(default_factory=list)
     status: str = "matched"
     reason: str = ""
+    returned: bool = False   # rejected because the captured graph returns an intermediate (see _Returned)
     kind: str = "eager"
     ordinal: int = 0
     index: int = 0
@@ -122,6 +123,11 @@ class _Reject(Exception):
     pass
 
 
+class _Returned(_Reject):
+    """An intermediate is a graph output: the model returns it, or a graph break separates it from the code that
+    drops it (which a capture that nests graph breaks can see)."""
+
+
 def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours: Optional[fx.Node] = None) -> fx.Node:
     """The one user of ``node`` whose result is used. Users whose results go nowhere (a clone kept for an
     intermediates record nobody reads) are not users: they are remembered on ``m`` and removed with the site.
@@ -136,7 +142,7 @@ def _single_user(node: fx.Node, what: str, m: Optional["SiteMatch"] = None, ours
         live = [ours] + [u for u in live if u is not ours and not _only_scores_of_softmax(u) and not _a_record(u)]
     if len(live) != 1:
         returned = any(u.op == "output" for u in live)
-        raise _Reject(f"{what} are used elsewhere ({len(live)} users: "
+        raise (_Returned if returned else _Reject)(f"{what} are used elsewhere ({len(live)} users: "
                       f"{', '.join(_describe(u) for u in live[:3])}), so rewriting would change them"
                       + ("; the captured graph returns them: the model returns them, or a graph break separates "
                          "them from code that drops them (see the report's graph breaks)" if returned else ""))
@@ -297,7 +303,7 @@ def _match_softmax(sm: fx.Node) -> Optional[SiteMatch]:
     except _Reject as why:
         if not (_produces_matmul(sm.args[0]) or _feeds_matmul(sm)):
             return None  # a softmax that is not attention-like (a router, a classifier head): not ours
-        m.status, m.reason = "rejected", str(why)
+        m.status, m.reason, m.returned = "rejected", str(why), isinstance(why, _Returned)
     return m
 
 

@@ -559,7 +559,8 @@ def one(model_type: str) -> dict:
         return {"type": model_type, "status": "ERROR", "why": f"{type(err).__name__}: {str(err)[:160]}"}
     rep = rewrite.report(eager)
     row = judged(model_type, equal, rep, oracle, calls=lambda: fused_calls(eager, batches[0]),
-                 softmax_left=lambda: softmax_calls(eager, batches[0]))
+                 softmax_left=lambda: softmax_calls(eager, batches[0]),
+                 left_by_shape=lambda: tuple(softmax_calls(eager, b) for b in batches))
     row["optimize_s"] = optimize_s
     return row
 

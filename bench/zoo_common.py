@@ -71,7 +71,7 @@ def same(a, b) -> bool:
     return bool(finite.all()) and (a - b).nan_to_num().abs().max().item() / scale < 1e-3
 
 
-def judged(name: str, equal: bool, report, oracle, calls=None, softmax_left=None) -> dict:
+def judged(name: str, equal: bool, report, oracle, calls=None, softmax_left=None, left_by_shape=None) -> dict:
     """The row of one optimized case: its status from the outputs, the report's sites and the oracle's count.
 
     ``calls``: a function giving how many fused calls one forward of the optimized model makes, asked when every
@@ -79,7 +79,9 @@ def judged(name: str, equal: bool, report, oracle, calls=None, softmax_left=None
     per image is several calls). ``softmax_left``: a function giving how many softmax ops one forward of the
     optimized model still runs, asked where there is no oracle: a FULL row without an oracle says how many are
     left (attention written without an N x N score product, such as a chunked band, or a softmax that is not
-    attention)."""
+    attention). ``left_by_shape``: a function giving the softmax ops left per forward at the example's shape and at
+    another shape (compiled after it): more at the other shape means a rewrite held at the example's shape only
+    (the row is PARTIAL, whatever the rest says)."""
     rows = report.sites
     # a site the model already computes with SDPA is already fused: covered
     done = sum(r.status == "rewritten" or "already scaled_dot_product_attention" in (r.reason or "") for r in rows)
@@ -98,6 +100,12 @@ def judged(name: str, equal: bool, report, oracle, calls=None, softmax_left=None
         if left and status == "FULL":  # not proven FULL: the reader checks what the softmax ops left are
             row["status"] = "PARTIAL"
             reasons.append(f"no SDPA oracle: {left} softmax op(s) still run per forward outside the rewritten sites")
+    if left_by_shape is not None and row["status"] == "FULL":
+        at_example, elsewhere = left_by_shape()
+        if elsewhere > at_example:
+            row["status"] = "PARTIAL"
+            reasons.append(f"rewritten at the example's shape only: {elsewhere} softmax op(s) outside SDPA at the "
+                           f"second shape, {at_example} at the example's")
     row["why"] = "; ".join(reasons)
     return row
 

@@ -113,3 +113,14 @@ def test_a_tiny_timm_vision_transformer():
     assert [r.status for r in rewrite.report(model).sites] == ["rewritten"], rewrite.report(model).table()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_zoo_judge_calls_a_rewrite_held_at_the_example_shape_only_partial():
+    """A site rewritten in the example's graph but not in the graph of the next shape leaves softmax ops at that
+    shape: the row is PARTIAL with the counts, however FULL the report looks."""
+    from types import SimpleNamespace
+    report = SimpleNamespace(sites=[SimpleNamespace(status="rewritten", reason="")], rejected=[], graphs=2)
+    held = zoo_common.judged("m", True, report, 1, left_by_shape=lambda: (0, 0))
+    lost = zoo_common.judged("m", True, report, 1, left_by_shape=lambda: (0, 2))
+    assert held["status"] == "FULL" and lost["status"] == "PARTIAL"
+    assert "example's shape only: 2 softmax op(s)" in lost["why"]

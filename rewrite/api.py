@@ -10,7 +10,7 @@ import torch
 
 from .actions import RewriteError
 from .backend import check_then, make_compiler
-from .capture import DEFAULT_RECOMPILE_LIMIT, NESTS_GRAPH_BREAKS, ModelCapture, mha_fastpath_off, run_example
+from .capture import DEFAULT_RECOMPILE_LIMIT, ModelCapture, may_nest_graph_breaks, mha_fastpath_off, run_example
 from .pipeline import Session, rewrite_graph
 from .policy import Policy
 from .report import BreakRow, RewriteReport
@@ -113,19 +113,29 @@ def _capture_first_call(model: torch.nn.Module, recipe: Recipe, args: tuple, kwa
                                "searched or rewritten: " + (why or "Dynamo ran its forward without tracing it "
                                "(torch._dynamo.disable, code Dynamo skips, or C++ only)") +
                                ". Pass the module whose forward computes the attention in Python.")
-        unused = pol.unused_keys()
+    except BaseException:
+        _undo(model)
+        raise
+    return report, session
+
+
+def _check_and_widen(model: torch.nn.Module, report: RewriteReport, session: Session) -> None:
+    """The chosen capture's checks (every policy key used; not only internal errors), then entries of their own
+    for the modules that own sites. Undoes the capture on failure."""
+    try:
+        unused = session.policy.unused_keys()
         if unused:
             names = ", ".join(s.name for s in session.sites) or "(none)"
             raise RewriteError(f"Policy key(s) {', '.join(repr(k) for k in unused)} match no attention site. "
                                f"The sites found are: {names}. Fix the names or patterns.")
         if not session.sites and not report.rejected and session.errors:
             raise RewriteError("The model could not be rewritten: " + "; ".join(session.errors))
+        capture = model.__dict__[_KEY]
         capture.add_entries(site.name for site in session.sites)
         capture._sites_seen = report.site_count()
     except BaseException:
         _undo(model)
         raise
-    return report, session
 
 
 def _rewritten(report: RewriteReport) -> int:
@@ -221,7 +231,7 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
                                                             fitted, dynamic)
     recipe = Recipe(policy, dict(fitted or {}), then, dynamic, recompile_limit)
     report, session = _capture_first_call(model, recipe, args, kwargs)
-    if session.graph_returns_intermediates and NESTS_GRAPH_BREAKS and _graph_breaks():
+    if may_nest_graph_breaks(session):
         # a graph returned what the attention computes: the model returns it, or a graph break separates it from
         # the code that drops it; with nested graph breaks the graph after a break goes on into that code
         nested = dataclasses.replace(recipe, nested_breaks=True)
@@ -232,6 +242,7 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
                                        "its callers' code, which drops what the attention returned")
         else:
             report, session = _capture_first_call(model, recipe, args, kwargs)
+    _check_and_widen(model, report, session)
     report.optimize_seconds = time.perf_counter() - start
     report.attach_calibration(calibration_report)
     report.breaks = _graph_breaks()

@@ -145,6 +145,14 @@ def nested_graph_breaks(on: bool):
     return _nested() if on and NESTS_GRAPH_BREAKS else contextlib.nullcontext()
 
 
+def may_nest_graph_breaks(session: Any) -> bool:
+    """Whether a first call through a capture should be tried again with nested graph breaks: one of its graphs
+    returned what an attention computes, and Dynamo broke a graph during the call (since the counters were
+    cleared), so a break may separate it from the code that drops it."""
+    from torch._dynamo.utils import counters
+    return bool(session.graph_returns_intermediates and NESTS_GRAPH_BREAKS and counters["graph_break"])
+
+
 def data_dependent_tracing(on: bool):
     """The settings of :class:`_DataDependentTracing` while a call runs, where ``on``. A model whose code cannot
     be traced so (it branches on such a size in a way Dynamo cannot guard) has its capture turn this off

@@ -103,3 +103,19 @@ def test_probabilities_the_model_returns_are_kept():
     with torch.no_grad():
         x, cu = _inputs([4, 12], seed=3)
         torch.testing.assert_close(model(x, cu), ref(x, cu))
+
+
+def test_calibration_sees_the_sites_that_need_nested_breaks():
+    """``auto`` calibrates on the same capture optimize would make: the sites behind a graph break are measured
+    (here every candidate is slower than exact, so the plan stays exact) and rewritten."""
+    import policy_timers
+    from rewrite.calibrate import candidate_key
+    candidates = [rewrite.SlidingWindow(window=4, sinks=1)]
+    slow = policy_timers.table_timer({candidate_key(c): 2.0 for c in candidates}, exact_ms=1.0)
+    torch.manual_seed(0)
+    model = Tower(explicit_break=True).eval()
+    rewrite.optimize(model, rewrite.auto(max_error=0.5, candidates=candidates, progress=False, timer=slow),
+                     example_inputs=_inputs([6, 10]), calibration=[_inputs([5, 11], seed=1)])
+    report = model.rewrite_report
+    assert report.calibration.rows and "nothing pays off" in report.calibration.message
+    assert report.sites and all(r.status == "rewritten" for r in report.sites), str(report)

@@ -637,6 +637,19 @@ def test_patch_grid_tower_with_a_per_patch_convolution_gets_patch_images():
         model(**batch)
 
 
+def test_patch_grid_tower_with_a_per_patch_convolution_over_flat_rows_gets_flat_rows():
+    """HunYuan-VL's tower also embeds each patch with a 2-D convolution, but reads flat rows and reshapes them:
+    the layout the tower runs on is the one given."""
+    from transformers.models.hunyuan_vl.configuration_hunyuan_vl import HunYuanVLVisionConfig
+    from transformers.models.hunyuan_vl.modeling_hunyuan_vl import HunYuanVLVisionTransformer
+    model = _tiny(HunYuanVLVisionConfig, HunYuanVLVisionTransformer, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=4)
+    batch = rio.example_kwargs(model, batch=2)
+    assert batch["pixel_values"].dim() == 2
+    with torch.no_grad():
+        model(**batch)
+
+
 def test_text_length_fits_a_dual_encoder_text_tower():
     """OWL-ViT's text tower has 16 positions: longer examples are cut to them."""
     from transformers import OwlViTConfig, OwlViTModel

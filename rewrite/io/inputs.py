@@ -233,9 +233,26 @@ def _flat_patch_inputs(model, cfg, batch: int, gen) -> dict:
     name = next(n for n in _required_params(model) if n != grid)
     first_conv = next((m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
     per_patch = isinstance(first_conv, torch.nn.Conv2d) and tuple(first_conv.kernel_size) == (patch, patch)
-    shape = (chans, patch, patch) if per_patch else (chans * frames * patch * patch,)
-    patches = torch.randn(batch * side * side, *shape, generator=gen)
-    return {name: patches, grid: torch.tensor([[1, side, side]] * batch)}
+    shapes = [(chans, patch, patch), (chans * frames * patch * patch,)]
+    grids = torch.tensor([[1, side, side]] * batch)
+    layouts = [{name: torch.randn(batch * side * side, *shape, generator=gen), grid: grids}
+               for shape in (shapes if per_patch else shapes[::-1])]
+    return _first_that_runs(model, layouts)
+
+
+def _first_that_runs(model, candidates: list) -> dict:
+    """The first of ``candidates`` (input dicts, most likely first) that ``model`` runs on; the first if none
+    does (its error is then the user's to see). The layout of flat patches is not in the config: a per-patch
+    convolution reads rows of (channels, patch, patch) in one tower (Kimi-K2.5) and flat rows in another
+    (HunYuan-VL)."""
+    for inputs in candidates[:-1]:
+        try:
+            with torch.no_grad():
+                model(**inputs)
+            return inputs
+        except Exception:  # noqa: BLE001 - the next layout is tried
+            continue
+    return candidates[-1]
 
 
 def _feature_inputs(model, cfg, batch: int, length: int, gen) -> dict:

@@ -413,3 +413,48 @@ def test_fills_that_keep_rows_one_by_one_but_not_together_are_not_rewritten():
     with torch.no_grad():
         x = torch.randn(2, 10, 16) * 4
         assert _close(model(x), ref(x))
+
+
+# --- block-local masks whose query length is a block: the proof varies the block count too -----------------------
+
+def _look_around(x, pad_value):   # [.., windows, w, ...] -> [.., windows, 2w, ...]: the previous window and its own
+    t = nn.functional.pad(x, (0,) * (2 * (x.dim() - 2)) + (1, 0), value=pad_value)
+    return torch.cat([t[:, :-1], t[:, 1:]], dim=2)
+
+
+class BlockLocalWithACut(nn.Module):
+    """lucidrains-style block-local attention (each block of queries against its own and the previous block of
+    keys, causal, the look-around padding filled) whose fill also empties every query row from position ``cut``
+    on: at lengths up to ``cut`` each row keeps its own key, past it rows see nothing (the original gives them a
+    uniform row). The queries' length is the block (static); the block count is the symbol."""
+
+    def __init__(self, w=4, cut=20):
+        super().__init__()
+        self.w, self.cut = w, cut
+
+    def forward(self, q, k, v):
+        bh, n, d = q.shape
+        windows = n // self.w
+        pos = torch.arange(n, device=q.device).view(1, windows, self.w)
+        bq = q.view(bh, windows, self.w, d)
+        bk, bv = (_look_around(t.view(bh, windows, self.w, d), 0.0) for t in (k, v))
+        kpos = _look_around(pos, -1)
+        sim = torch.einsum("bwid,bwjd->bwij", bq, bk) * d ** -0.5
+        hidden = (pos[..., :, None] < kpos[..., None, :]) | (kpos[..., None, :] == -1) | (pos[..., :, None] >= self.cut)
+        sim = sim.masked_fill(hidden, -torch.finfo(sim.dtype).max)
+        return torch.einsum("bwij,bwjd->bwid", sim.softmax(-1), bv).reshape(bh, n, d)
+
+
+def test_a_block_local_fill_is_not_proven_from_the_captured_block_count_alone():
+    torch.manual_seed(0)
+    model, ref = _optimized(BlockLocalWithACut(), tuple(torch.randn(2, 16, 8) for _ in range(3)))
+    with torch.no_grad():
+        for n in (16, 24, 32, 8, 28):
+            q, k, v = (torch.randn(2, n, 8) for _ in range(3))
+            assert _close(model(q, k, v), ref(q, k, v)), n
+        # the symbolic graph is rewritten too: the key and value lengths are two symbols there, equal because the
+        # original's value product multiplies them
+        with torch.profiler.profile() as prof:
+            model(q, k, v)
+    names = [e.name for e in prof.events()]
+    assert "aten::scaled_dot_product_attention" in names and "aten::_softmax" not in names

@@ -70,6 +70,10 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
     if not ok:
         return False, why
     if length_sym is None:
+        others = _size_symbols(leaves)
+        if others:   # checked at the captured sizes only, it would hold for those alone
+            return False, (f"the mask depends on symbolic sizes ({', '.join(sorted(map(str, others)))}) other "
+                           "than a query length that is one symbol, which the proof does not vary")
         if _captured_length(sub, leaf_nodes, captured) < 2:
             return False, "a 1x1 mask proves nothing about causality"
         return True, "static length"
@@ -88,6 +92,21 @@ def prove_causal(gm: fx.GraphModule, m: SiteMatch, op: ScoreOp, values: dict, is
         if not ok:
             return False, f"at length {n}: {why}"
     return True, "proven at the captured length and at lengths " + ", ".join(map(str, lengths))
+
+
+def _size_symbols(leaves: list) -> set:
+    """The free symbols of the symbolic sizes among ``leaves`` (sizes, size tuples) on the captured graph."""
+    found: set = set()
+
+    def visit(v: Any) -> None:
+        if isinstance(v, torch.SymInt):
+            found.update(getattr(v.node.expr, "free_symbols", ()))
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                visit(x)
+    for leaf in leaves:
+        visit(meta_value(leaf))
+    return found
 
 
 def _probe_lengths(cone: set, leaves: list, values: dict) -> Optional[list]:

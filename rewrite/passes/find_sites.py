@@ -820,7 +820,7 @@ def _check_shapes(m: SiteMatch) -> None:
     qs, kts, vs, ss = shape(m.q), shape(m.kt), shape(m.v), shape(m.qk)
     if None in (qs, kts, vs, ss) or len(qs) < 2 or len(kts) < 2 or len(vs) < 2:
         raise _Reject("q, k or v has no known shape")
-    if not same_size(kts[-1], vs[-1] if m.values_left else vs[-2]):
+    if not _keys_meet_values(m, kts, vs):
         raise _Reject("the key length of the scores does not match the value length")
     if not same_size(qs[-1], kts[-2]):
         raise _Reject("q and k head dims differ")
@@ -828,6 +828,20 @@ def _check_shapes(m: SiteMatch) -> None:
     for o in m.ops:
         if o.kind == "stream" and not _stream_fits(m, o.stream):
             o.kind, o.power = "add", 1  # features that cannot be laid beside q's and k's: an additive bias
+
+
+def _keys_meet_values(m: SiteMatch, kts: tuple, vs: tuple) -> bool:
+    """Whether the scores' key axis is the values' length axis for every input: known from the sizes, or (two
+    symbols Dynamo gave the key and value lengths separately) from the value product itself, which multiplies the
+    probabilities' last axis by the values' length: where the probabilities reach it with the scores' key length,
+    the original runs only when the two agree."""
+    if same_size(kts[-1], vs[-1] if m.values_left else vs[-2]):
+        return True
+    if m.values_left or m.output is None or op_kind(m.output) != "matmul" or len(m.output.args) != 2:
+        return False
+    probs, values = m.output.args
+    ps = shape(probs)
+    return values is m.v and ps is not None and len(ps) >= 2 and same_size(kts[-1], ps[-1])
 
 
 def _values_split(m: SiteMatch) -> bool:

@@ -276,3 +276,34 @@ def test_a_band_too_large_to_read_is_left_as_it_was(monkeypatch):
     assert not any(r.status == "rewritten" for r in model.rewrite_report.sites)
     with torch.no_grad():
         torch.testing.assert_close(model(x, torch.zeros(2, 12)), ref(x, torch.zeros(2, 12)))
+
+
+class ScatteredBias(nn.Module):
+    """A bias scattered into zeros in place (``scatter_add_``, as GLM-5's next-token text model builds an index
+    bias) and added to the scores: the in-place write is no assembly op, so this is no band. Reading it once looped
+    for ever."""
+
+    def forward(self, q, k, v, idx, weight):
+        bias = torch.zeros(*q.shape[:-1], k.shape[-2])
+        bias.scatter_add_(-1, idx, weight)
+        return (q @ k.transpose(-1, -2) + bias).softmax(-1) @ v
+
+
+def test_scores_with_a_bias_scattered_in_place_are_read_and_left():
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("reading the scores' assembly did not finish")
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(120)
+    try:
+        q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+        idx, weight = torch.randint(0, 10, (2, 3, 10, 4)), torch.randn(2, 3, 10, 4)
+        model = ScatteredBias()
+        rewrite.optimize(model, "exact", example_inputs=(q, k, v, idx, weight))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert [r.status for r in model.rewrite_report.sites] == ["rewritten"]   # an additive bias, as any other
+    with torch.no_grad():
+        torch.testing.assert_close(model(q, k, v, idx, weight), ScatteredBias()(q, k, v, idx, weight))

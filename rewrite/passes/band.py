@@ -282,6 +282,8 @@ def _assembly(root: fx.Node, stop) -> tuple[set, list]:
             if order[n] >= order[root]:
                 break
             if n not in region and is_mutating(n) and n.args and n.args[0] in aliases:
+                if stop(n):
+                    raise _NotABand  # written in place by what does not assemble scores (it would end the walk)
                 for a in _alias_path(n.args[0], region):
                     region.add(a)
                 walk(n)

@@ -404,8 +404,11 @@ def _agree(cfg) -> None:
             scaled[-1] += half - sum(scaled)
             params["mrope_section"] = scaled
     for name in ("depth_coefficient", "width_coefficient"):  # compound-scaled convnets (EfficientNet-B7)
-        if isinstance(getattr(cfg, name, None), float) and getattr(cfg, name) > 1.0:
+        factor = getattr(cfg, name, None)
+        if isinstance(factor, float) and factor > 1.0:
             _set(cfg, name, 1.0)
+            if name == "width_coefficient" and isinstance(getattr(cfg, "hidden_dim", None), int):
+                _set(cfg, "hidden_dim", round(cfg.hidden_dim / factor))  # the head's width is scaled with it
     layers, offset = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "attn_layer_offset", None)
     if isinstance(layers, int) and isinstance(offset, int) and offset >= layers:
         _set(cfg, "attn_layer_offset", layers - 1)  # a hybrid (Jamba) keeps an attention layer

@@ -562,13 +562,20 @@ def one(model_type: str) -> dict:
     except Exception as err:  # noqa: BLE001
         return {"type": model_type, "status": "ERROR", "why": f"{type(err).__name__}: {str(err)[:160]}"}
     rep = rewrite.report(eager)
-    row = judged(model_type, equal, rep, oracle, calls=lambda: fused_calls(eager, batches[0]),
-                 softmax_left=lambda: softmax_calls(eager, batches[0]),
-                 left_by_shape=lambda: tuple(softmax_calls(eager, b) for b in batches))
+    row = _judged(model_type, eager, equal, batches, oracle)
     row["optimize_s"] = optimize_s
     if row["status"] == "PARTIAL" and any("soft-capping" in (r.reason or "") for r in rep.sites):
         row = _softcapped(model_type, pristine, batches, refs, oracle) or row
     return row
+
+
+def _judged(model_type: str, model, equal: bool, batches: list, oracle) -> dict:
+    """The row of an optimized ``model`` (``zoo_common.judged``), its counts taken on ``batches``: fused calls and
+    softmax ops left at the example's shape, softmax ops left at both."""
+    import rewrite
+    return judged(model_type, equal, rewrite.report(model), oracle, calls=lambda: fused_calls(model, batches[0]),
+                  softmax_left=lambda: softmax_calls(model, batches[0]),
+                  left_by_shape=lambda: tuple(softmax_calls(model, b) for b in batches))
 
 
 def _softcapped(model_type: str, model, batches: list, refs: list, oracle) -> dict:
@@ -583,9 +590,7 @@ def _softcapped(model_type: str, model, batches: list, refs: list, oracle) -> di
             equal = all(same(r, seeded(model, b)) for r, b in zip(refs, batches))
     except Exception:  # noqa: BLE001 - the first row stands
         return None
-    row = judged(model_type, equal, rewrite.report(model), oracle, calls=lambda: fused_calls(model, batches[0]),
-                 softmax_left=lambda: softmax_calls(model, batches[0]),
-                 left_by_shape=lambda: tuple(softmax_calls(model, b) for b in batches))
+    row = _judged(model_type, model, equal, batches, oracle)
     if row["status"] != "FULL":
         return None
     row["why"] = "soft-capped sites on Exact(kernel='triton') (its chunked exact path on CPU), the rest on SDPA"

@@ -10,7 +10,7 @@ import torch
 
 from .actions import RewriteError
 from .backend import check_then, make_compiler
-from .capture import DEFAULT_RECOMPILE_LIMIT, ModelCapture, may_nest_graph_breaks, mha_fastpath_off, run_example
+from .capture import DEFAULT_RECOMPILE_LIMIT, ModelCapture, capture_choosing_nesting, mha_fastpath_off, run_example
 from .pipeline import Session, rewrite_graph
 from .policy import Policy
 from .report import BreakRow, RewriteReport
@@ -102,8 +102,6 @@ def _capture_first_call(model: torch.nn.Module, recipe: Recipe, args: tuple, kwa
     session = Session(pol, report, model, mode="rewrite")
     capture = _capture(model, session, recipe)
     model.__dict__[_KEY] = capture  # before the first call, so that a failure below undoes what it attached
-    from torch._dynamo.utils import counters
-    counters["graph_break"].clear()
     capture.install()
     try:
         run_example(model, args, kwargs)
@@ -230,18 +228,14 @@ def optimize(model: torch.nn.Module, policy: Any = "exact", example_inputs: Sequ
         policy, fitted, calibration_report = _measured_plan(model, policy, args, kwargs, list(calibration or []),
                                                             fitted, dynamic)
     recipe = Recipe(policy, dict(fitted or {}), then, dynamic, recompile_limit)
-    report, session = _capture_first_call(model, recipe, args, kwargs)
-    if may_nest_graph_breaks(session):
-        # a graph returned what the attention computes: the model returns it, or a graph break separates it from
-        # the code that drops it; with nested graph breaks the graph after a break goes on into that code
-        nested = dataclasses.replace(recipe, nested_breaks=True)
-        nested_report, nested_session = _capture_first_call(model, nested, args, kwargs)
-        if _rewritten(nested_report) > _rewritten(report):
-            report, session = nested_report, nested_session
-            report.record_capture_note("graph breaks nested: the graph after a break inside a module goes on into "
-                                       "its callers' code, which drops what the attention returned")
-        else:
-            report, session = _capture_first_call(model, recipe, args, kwargs)
+
+    def attempt(nested: bool) -> tuple:
+        report, session = _capture_first_call(model, dataclasses.replace(recipe, nested_breaks=nested), args, kwargs)
+        return (report, session), session, _rewritten(report)
+    (report, session), nested = capture_choosing_nesting(attempt)
+    if nested:
+        report.record_capture_note("graph breaks nested: the graph after a break inside a module goes on into its "
+                                   "callers' code, which drops what the attention returned")
     _check_and_widen(model, report, session)
     report.optimize_seconds = time.perf_counter() - start
     report.attach_calibration(calibration_report)

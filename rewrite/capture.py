@@ -145,12 +145,25 @@ def nested_graph_breaks(on: bool):
     return _nested() if on and NESTS_GRAPH_BREAKS else contextlib.nullcontext()
 
 
-def may_nest_graph_breaks(session: Any) -> bool:
-    """Whether a first call through a capture should be tried again with nested graph breaks: one of its graphs
-    returned what an attention computes, and Dynamo broke a graph during the call (since the counters were
-    cleared), so a break may separate it from the code that drops it."""
+def capture_choosing_nesting(attempt: Callable[[bool], tuple]) -> tuple[Any, bool]:
+    """The first call of a capture, with Dynamo's nested graph breaks where they rewrite more: ``attempt(nested)``
+    installs a capture (replacing the one before) and runs the example through it, returning ``(result, session,
+    sites)``; Dynamo's graph-break counters are cleared before each attempt. A second attempt, nested, is made only
+    when a graph returned what an attention computes and Dynamo broke a graph (a break may separate it from the
+    code that drops it); it is kept when it has more ``sites``, else the plain capture is made again. Returns
+    ``(result, nested)``."""
     from torch._dynamo.utils import counters
-    return bool(session.graph_returns_intermediates and NESTS_GRAPH_BREAKS and counters["graph_break"])
+
+    def run(nested: bool) -> tuple:
+        counters["graph_break"].clear()
+        return attempt(nested)
+    plain, session, plain_sites = run(False)
+    if not (session.graph_returns_intermediates and NESTS_GRAPH_BREAKS and counters["graph_break"]):
+        return plain, False
+    nested, _, nested_sites = run(True)
+    if nested_sites > plain_sites:
+        return nested, True
+    return run(False)[0], False
 
 
 def data_dependent_tracing(on: bool):

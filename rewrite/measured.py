@@ -532,21 +532,22 @@ def isomer(shared: Optional[Action] = None, threshold: float = 0.9, max_site_err
 def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tuple, kwargs: dict,
                        batches: Sequence) -> tuple[dict, dict, CalibrationReport]:
     """Capture with switchable sites, measure on ``batches``, choose. Returns (plan by name, fitted, report)."""
-    from .capture import may_nest_graph_breaks
+    from .capture import capture_choosing_nesting
 
     if not batches:
         raise RewriteError(f"Policy {policy.name} measures errors on calibration data: pass "
                            "calibration=[batch, ...] (batches like the example inputs).")
     metric = metric_fn(policy.metric)
     start = time.perf_counter()
-    state, capture = _calibration_capture(model, policy, args, kwargs, nested_breaks=False)
-    if may_nest_graph_breaks(capture.session):   # as optimize does (api._capture_first_call)
-        plain = len(state.sites)
-        capture.uninstall()
-        state, capture = _calibration_capture(model, policy, args, kwargs, nested_breaks=True)
-        if len(state.sites) <= plain:
-            capture.uninstall()
-            state, capture = _calibration_capture(model, policy, args, kwargs, nested_breaks=False)
+    installed: list = []
+
+    def attempt(nested: bool) -> tuple:   # as optimize captures (api.optimize)
+        if installed:
+            installed.pop().uninstall()
+        state, capture = _calibration_capture(model, policy, args, kwargs, nested_breaks=nested)
+        installed.append(capture)
+        return (state, capture), capture.session, len(state.sites)
+    (state, capture), _ = capture_choosing_nesting(attempt)
     try:
         run = CalibrationRun(model, policy, state, batches, metric)
         with torch.no_grad():
@@ -581,7 +582,6 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
 def _calibration_capture(model: torch.nn.Module, policy: MeasuredPolicy, args: tuple, kwargs: dict,
                          nested_breaks: bool) -> tuple:
     """A capture with switchable sites installed on ``model`` and run once on the example: ``(state, capture)``."""
-    from torch._dynamo.utils import counters
     from .backend import make_compiler
     from .capture import ModelCapture, run_example
     from .pipeline import Session
@@ -593,7 +593,6 @@ def _calibration_capture(model: torch.nn.Module, policy: MeasuredPolicy, args: t
     session.candidates = policy.candidates_for
     capture = ModelCapture(model, make_compiler(session, "eager"), session.report, nested_breaks=nested_breaks)
     capture.session = session
-    counters["graph_break"].clear()
     capture.install()
     try:
         run_example(model, args, kwargs)

@@ -157,11 +157,16 @@ def exact_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def flash_cpu_serves(c: Canon, dropout_p) -> bool:
-    """Whether ``FLASH_CPU`` with a log-sum-exp merge serves this call: CPU, real fp32 tensors, no dropout,
-    nothing to differentiate (the kernel's log-sum-exp has no gradient), no compiler tracing, equal q/v head
-    dims (the kernel's). Elsewhere the mixers keep their differentiable, traceable path."""
-    return (FLASH_CPU is not None and c.q.device.type == "cpu" and not dropout_p and c.q.dtype == torch.float32
-            and c.q.shape[-1] == c.v.shape[-1] and not has_no_data(c.q) and not torch.compiler.is_compiling()
+def eager_cpu_inference(c: Canon, dropout_p) -> bool:
+    """Whether a CPU kernel without autograd may serve this call: CPU, real fp32 tensors, no dropout, nothing to
+    differentiate, no compiler tracing. Elsewhere the mixers keep their differentiable, traceable path."""
+    return (c.q.device.type == "cpu" and not dropout_p and c.q.dtype == torch.float32 and not has_no_data(c.q)
+            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v))))
+
+
+def flash_cpu_serves(c: Canon, dropout_p) -> bool:
+    """Whether ``FLASH_CPU`` with a log-sum-exp merge serves this call: ``eager_cpu_inference`` (the kernel's
+    log-sum-exp has no gradient) with equal q/v head dims (the kernel's)."""
+    return FLASH_CPU is not None and c.q.shape[-1] == c.v.shape[-1] and eager_cpu_inference(c, dropout_p)
 

@@ -26,14 +26,14 @@ mass and partial output give the routed output at every count by a cumulative su
 cost does not grow with the number of counts (``fit_errors``; a few exact calls at N = 1500). The counts
 are a buffer (``head_topk``), saved and restored with the model.
 
-On CPU (the PyTorch path) every query block is one "head" of fused SDPA calls whose keys are its chosen key
-blocks, then the pooled blocks and the sinks; the mask is built only for what hides keys (padding slots,
-causal, the site's mask, the pooled log-sizes). Without gradients the query blocks go in chunks, each chunk's
-keys gathered into a small per-thread buffer that is still in cache when the kernel reads it
-(``routed_blocks_attention``; a fresh buffer that large would be page-faulted memory on every call). The kernel
-runs 64-query heads at half to two thirds of its speed on long heads (its query tile shrinks to 32 rows:
-``bench/bench_mixers.py --part tiles``), which bounds the speed-up at long N (BENCHMARKS.md, "Cheap mixers on
-the clock").
+On CPU without gradients every query block runs as one tile of the C++ kernel of
+``rewrite.kernels.routed_blocks``: its scores against each chosen key block are one small GEMM on the block
+where it lies (1-D blocks are never copied or gathered; routing and pooling use block sums), the softmax runs
+once over the tile, and the sinks and pooled blocks are extra keys of the head. Where the kernel cannot be
+built (no C++ compiler; ``REWRITE_CPU_KERNELS=0``) each query block is a 64-query "head" of torch's fused SDPA
+over its gathered keys, in chunks whose keys fit in cache (``routed_blocks_attention``): about half as fast at
+long N, as that kernel runs such heads on 32-row tiles (``bench/bench_mixers.py --part tiles``). With gradients
+or under a compiler every block's keys are gathered at once (``_routed_sdpa``: differentiable, traceable).
 
 On CUDA tensors (or CPU ones with ``REWRITE_MIXER_KERNELS=1`` and ``TRITON_INTERPRET=1``, see
 ``rewrite/kernels/README.md``) the plain 1-D form (``summary=False``, no ``sinks``; ``per_head`` included) runs
@@ -62,6 +62,7 @@ from ..cost import B, H, N, Nk, d, dv
 from . import _layout
 from . import _dense
 from . import _base
+from ..kernels import routed_blocks
 
 LAYOUTS = ("auto", "1d", "2d")
 
@@ -259,10 +260,17 @@ class BlockRoutingAttention(_base.SDPAMixer):
             w = valid.to(qb.dtype)
             w = (w / w.sum(-1, keepdim=True).clamp(min=1)).view(nb, 1, bs)
             qr, kr = (w @ qb).squeeze(-2), (w @ kb).squeeze(-2)
+        return BlockRoutingAttention._route(qr, kr, causal)
+
+    @staticmethod
+    def _route(qr: torch.Tensor, kr: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Routing scores ``[Bf, Hkv, G, nb, nb]`` of pooled query blocks ``qr [Bf, Hkv, G, nb, D]`` against pooled
+        key blocks ``kr [Bf, Hkv, nb, D]``."""
+        nb = qr.shape[-2]
         aff = _dense.grouped_scores(qr, kr)
         if causal:
-            aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu(1), _layout.NEG_INF)
-        return aff.masked_fill(torch.eye(nb, dtype=torch.bool, device=qb.device), float("inf"))
+            aff = aff.masked_fill(torch.ones(nb, nb, dtype=torch.bool, device=qr.device).triu(1), _layout.NEG_INF)
+        return aff.masked_fill(torch.eye(nb, dtype=torch.bool, device=qr.device), float("inf"))
 
     def _kernel(self, c: _layout.Canon, topk, causal: bool, dropout_p: float):
         """Routed attention on the Triton block-sparse kernel (``[Bf, Hkv, G, N, Dv]``), or None where the kernel
@@ -312,25 +320,43 @@ class BlockRoutingAttention(_base.SDPAMixer):
     def _attend(self, c: _layout.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
         """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``.
 
-        Every query block is one "head" of fused SDPA calls on ``[Bf·Hkv·G·nb, bs, D]`` queries whose keys are
-        its ``topk`` chosen key blocks followed by the extra keys of its head: the pooled blocks (``summary``)
-        and the sinks. The mask holds only what is not all-visible (padding slots, the causal pattern, the
-        site's mask, the pooled blocks' log-size bias), never N×N. On CPU without gradients
-        (``_dense.flash_cpu_serves``) the query blocks go in chunks whose keys are gathered into a small
-        reused buffer, still in cache when the kernel reads it (``routed_blocks_attention``); elsewhere every
-        block's keys are gathered at once (differentiable, traceable)."""
+        Every query block attends to its ``topk`` chosen key blocks followed by the extra keys of its head: the
+        pooled blocks (``summary``) and the sinks. The mask holds only what is not all-visible (padding slots,
+        the causal pattern, the site's mask, the pooled blocks' log-size bias), never N×N. On CPU without
+        gradients (``_dense.eager_cpu_inference``) the C++ kernel of ``rewrite.kernels.routed_blocks`` runs each
+        query block as one tile, reading 1-D blocks where they lie (no padded copies, no gathers); without that
+        kernel, the query blocks go in chunks whose keys are gathered into a small reused buffer for fused SDPA
+        (``routed_blocks_attention``); elsewhere every block's keys are gathered at once (differentiable,
+        traceable)."""
         bf, hkv, g, n, _, dd, dv = c.dims
         order_list, p, slots = self._layout(n)
         nb, bs = len(order_list), len(order_list[0])
         blocks = _Blocks(c, order_list, p, slots, line=self.grid is None)
-        qb, kb, vb = (blocks.gather(c.q, bf, hkv, g, "block_routing.pad.q"),
-                      blocks.gather(c.k, bf, hkv, slot="block_routing.pad.k"),
-                      blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
+        kernel = _dense.eager_cpu_inference(c, dropout_p) and routed_blocks.available()
+        in_place = kernel and blocks.line
         t = min(topk, nb)
-        idx = self._block_affinity(qb, kb, blocks.valid, causal, blocks.line).topk(t, dim=-1).indices  # [Bf, Hkv, G, nb, t]
-        extra_k, extra_v, masks = [], [], [blocks.routed_mask(c, idx, causal)]
+        sums = None
+        if in_place:                       # 1-D blocks stay where they lie: routing and pooling from block sums
+            sums = [blocks.line_sums(x) for x in (c.q, c.k)]
+            qr, kr = (x if blocks.valid is None else x / blocks.counts().to(x.dtype).view(nb, 1) for x in sums)
+            idx = self._route(qr, kr, causal).topk(t, dim=-1).indices          # [Bf, Hkv, G, nb, t]
+            qb = kb = vb = None
+        else:
+            qb, kb, vb = (blocks.gather(c.q, bf, hkv, g, "block_routing.pad.q"),
+                          blocks.gather(c.k, bf, hkv, slot="block_routing.pad.k"),
+                          blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
+            idx = self._block_affinity(qb, kb, blocks.valid, causal, blocks.line).topk(t, dim=-1).indices
+        extra_k, extra_v = [], []
+        masks = [blocks.routed_mask(c, idx, causal, padding=not in_place)]
         if self.summary and nb > 1:
-            k_mean, v_mean, pooled_mask = self._pooled(c, qb, kb, vb, blocks, idx, causal)
+            if in_place and c.bias is None:
+                pooled_from = (sums[1], blocks.line_sums(c.v))
+            elif in_place:
+                pooled_from = (blocks.gather(c.k, bf, hkv, slot="block_routing.pad.k"),
+                               blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
+            else:
+                pooled_from = (kb, vb)
+            k_mean, v_mean, pooled_mask = self._pooled(c, pooled_from, blocks, idx, causal)
             extra_k.append(k_mean)
             extra_v.append(v_mean)
             masks.append(pooled_mask)
@@ -342,21 +368,39 @@ class BlockRoutingAttention(_base.SDPAMixer):
                 torch.arange(p, device=c.q.device).view(1, 1, 1, 1, 1, p)))
         mask = _join_masks(masks, [t * bs] + [x.shape[-2] for x in extra_k], c.q)   # [Bf·Hkv·G|1, nb, bs|1, S]
         extras = _extra_keys(extra_k, extra_v, bf, hkv) if extra_k else None
-        if _dense.flash_cpu_serves(c, dropout_p):
+        ek, ev = extras if extras is not None else (None, None)
+        per = 1 if ek is None else nb * (g if ek.shape[0] != bf * hkv * g else 1)   # query blocks per extras row
+        if in_place:
+            out = routed_blocks.routed_blocks_forward(
+                c.q.reshape(bf, hkv * g, n, dd), c.k, c.v, idx.reshape(bf, hkv * g, nb, t), bs, p, ek, ev, per,
+                mask, c.scale).view(bf, hkv, g, n, dv)
+            if p:
+                out[..., :p, :] = self._prefix_rows(c, p, causal, dropout_p)
+            return out
+        if kernel:
+            out = routed_blocks.routed_blocks_forward(
+                qb.reshape(bf, hkv * g, nb * bs, dd), kb.reshape(bf, hkv, nb * bs, dd), vb.reshape(bf, hkv, nb * bs, dv),
+                idx.reshape(bf, hkv * g, nb, t), bs, 0, ek, ev, per, mask, c.scale)
+        elif _dense.flash_cpu_serves(c, dropout_p):
             out = routed_blocks_attention(qb.reshape(1, -1, bs, dd), kb.reshape(bf * hkv * nb, bs, dd),
                                           vb.reshape(bf * hkv * nb, bs, dv), idx, mask, c.scale, extras)
         else:
             out = _routed_sdpa(qb, kb, vb, idx, mask, extras, c.scale, dropout_p)
-        out = blocks.body(out.view(bf, hkv, g, nb * bs, dv))
+        out = blocks.body(out.reshape(bf, hkv, g, nb * bs, dv))
         if not p:
             return out
-        # prefix queries attend to everything (causally: to what precedes)
-        pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (),
-                            c.out_dtype, c.mask_floor)
-        return torch.cat([_dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p), out], -2)
+        return torch.cat([self._prefix_rows(c, p, causal, dropout_p), out], -2)
 
     @staticmethod
-    def _pooled(c, qb, kb, vb, blocks, idx, causal: bool) -> tuple:
+    def _prefix_rows(c: _layout.Canon, p: int, causal: bool, dropout_p: float) -> torch.Tensor:
+        """The ``p`` prefix (sink / CLS) queries' rows ``[Bf, Hkv, G, p, Dv]``: they attend to every key
+        (causally, to what precedes them)."""
+        pre = _layout.Canon(c.q[..., :p, :], c.k, c.v, _dense.bias_rows(c.bias, slice(0, p)), c.scale, (),
+                            c.out_dtype, c.mask_floor)
+        return _dense.sdpa_rows(pre, c.k, c.v, pre.bias, causal=causal, dropout_p=dropout_p)
+
+    @staticmethod
+    def _pooled(c, pooled_from: tuple, blocks, idx, causal: bool) -> tuple:
         """Every block's pooled key and value ``[Bf, Hkv, G|1, nb, D]`` and the mask ``[Bf, Hkv, G, nb, bs|1,
         nb]`` of the pooled tokens for each query block: -inf for the blocks it chose (causally, also for the
         blocks that do not end before it) and, otherwise, the log-sum-exp of the site mask over the block's
@@ -366,9 +410,15 @@ class BlockRoutingAttention(_base.SDPAMixer):
         slots and keys the mask hides from every query are left out). Its score ``q·k̄·scale`` plus that
         log-sum-exp, which is ``log(size)`` without a mask and ``log(#visible)`` for 0/-inf masks, makes the
         block carry the mass of its keys.
+
+        ``pooled_from``: the key and value blocks ``[Bf, Hkv, nb, bs, D]``, or (1-D blocks without a site mask)
+        their sums over each block ``[Bf, Hkv, nb, D]``.
         """
-        bf, hkv, g, nb, bs, dd = qb.shape
-        valid = blocks.valid if blocks.valid is not None else torch.ones(nb, bs, dtype=torch.bool, device=qb.device)
+        bf, hkv, g = c.dims[:3]
+        nb, bs = blocks.nb, blocks.bs
+        kb, vb = pooled_from
+        dev = kb.device
+        valid = blocks.valid if blocks.valid is not None else torch.ones(nb, bs, dtype=torch.bool, device=dev)
         member = valid.to(c.q.dtype).view(1, 1, 1, nb, bs)                  # [1, 1, 1, nb, bs]
         log_bias = torch.where(valid, 0.0, _layout.NEG_INF).to(c.q.dtype).view(1, 1, 1, 1, 1, nb, bs)
         if c.bias is not None:
@@ -383,7 +433,9 @@ class BlockRoutingAttention(_base.SDPAMixer):
                 b = b.view(*c.bias.shape[:3], 1, 1, nb, bs)
             log_bias = b
         count = member.sum(-1, keepdim=True)
-        if c.bias is None and blocks.line:   # 1-D padding slots hold zeros: plain sums (a [1, bs] @ [bs, D]
+        if kb.dim() == 4:                    # block sums
+            k_mean, v_mean = (x.div(count.clamp(min=1).view(nb, 1)).unsqueeze(2) for x in (kb, vb))
+        elif c.bias is None and blocks.line:   # 1-D padding slots hold zeros: plain sums (a [1, bs] @ [bs, D]
             # product per block is several times slower on CPU)
             k_mean, v_mean = (x.sum(-2).div_(count.clamp(min=1).view(nb, 1)).unsqueeze(2) for x in (kb, vb))
         else:
@@ -393,9 +445,9 @@ class BlockRoutingAttention(_base.SDPAMixer):
         lse = torch.logsumexp(log_bias, dim=-1)                               # [.., nb|1, bs|1, nb]
         if c.bias is not None:                                                # no visible member: -inf
             lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), _layout.NEG_INF)
-        chosen = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=qb.device).scatter_(-1, idx, True)
+        chosen = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=dev).scatter_(-1, idx, True)
         if causal:  # blocks that do not end before the query block: never pooled
-            chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=qb.device).triu()
+            chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=dev).triu()
         return k_mean, v_mean, lse.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF)
 
 
@@ -517,6 +569,20 @@ class _Blocks:
             return body.reshape(*lead, self.nb, self.bs, t.shape[-1])
         return t.index_select(-2, self.flat).view(*lead, self.nb, self.bs, t.shape[-1])
 
+    def line_sums(self, t: torch.Tensor) -> torch.Tensor:
+        """``t [..., N, D]``'s sums over each 1-D block of body tokens ``[..., nb, D]``, read where the rows lie
+        (no padded copy: the short last block is summed apart)."""
+        body = t[..., self.p:, :]
+        full = (self.n - self.p) // self.bs
+        sums = body[..., :full * self.bs, :].unflatten(-2, (full, self.bs)).sum(-2)
+        if full == self.nb:
+            return sums
+        return torch.cat([sums, body[..., full * self.bs:, :].sum(-2, keepdim=True)], -2)
+
+    def counts(self) -> torch.Tensor:
+        """The tokens of each block ``[nb]``."""
+        return torch.full((self.nb,), self.bs, device=self.device) if self.valid is None else self.valid.sum(-1)
+
     def slots_of(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """``t`` with its token dim ``dim`` (size N) read in slot order (size nb·bs)."""
         if self.line and not self.p and not self.pad:
@@ -527,13 +593,14 @@ class _Blocks:
         """The token index of every slot ``[nb, bs]`` (padding slots: 0)."""
         return self.flat.view(self.nb, self.bs)
 
-    def routed_mask(self, c: _layout.Canon, idx: torch.Tensor, causal: bool):
+    def routed_mask(self, c: _layout.Canon, idx: torch.Tensor, causal: bool, padding: bool = True):
         """The mask ``[Bf|1, Hkv|1, G|1, nb, bs|1, t·bs]`` of the routed key blocks ``idx [Bf, Hkv, G, nb, t]``
-        (padding slots, the causal pattern, the site's mask), or None when every routed key is visible."""
+        (padding slots unless ``padding`` is False, the causal pattern, the site's mask), or None when every
+        routed key is visible."""
         nb, bs = self.nb, self.bs
         lead, t, dev = idx.shape[:3], idx.shape[-1], idx.device
         keep = None
-        if self.valid is not None:                                            # padding key slots
+        if self.valid is not None and padding:                                # padding key slots
             keep = self.valid[idx].view(*lead, nb, 1, t * bs)
         if causal:  # 1-D blocks: slot order is token order, so a key is visible iff its block is earlier, or it
             # is the query's own block and the key's slot is not after the query's

@@ -1,0 +1,190 @@
+// Routed block attention on CPU: every query block attends to its own list of key blocks (plus extra keys of its
+// head) in one tile, reading the key and value blocks where they lie. The semantics are those of reference.py.
+//
+// Why not torch's fused SDPA per query block: its CPU kernel runs a 64-query "head" on 32-row tiles at about half
+// of its long-head speed, and the chosen blocks must first be gathered into one key tensor (a copy of every kept
+// key and value). Here the scores of a query block against each chosen block are one small GEMM written into its
+// columns of a [rows, width] tile, the softmax runs once over the whole tile, and the output is one GEMM per block.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// BLAS (MKL in the x86 wheels of torch, exported by libtorch_cpu); column-major, hence the swapped operands below.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+// MKL's per-thread thread count: each worker's GEMMs must run on that worker alone (weak: other BLAS lack it)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// row-major C[m x n] (ld ldc) = alpha * A[m x k] (ld lda) . B[n x k]^T (ld ldb)
+void scores_gemm(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float* c,
+                 int ldc) {
+  const float zero = 0.f;
+  sgemm_("T", "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &zero, c, &ldc);
+}
+
+// row-major C[m x n] (ld ldc) = A[m x k] (ld lda) . B[k x n] (ld ldb) + beta * C
+void values_gemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                 int ldc) {
+  const float one = 1.f;
+  sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// exp(row - max) in place; returns the sum (0 for a row that sees no key, which is then zeroed)
+float softmax_numerators(float* row, int64_t width) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float mx = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, row, width);
+  if (mx == neg_inf) {
+    std::fill(row, row + width, 0.f);
+    return 0.f;
+  }
+  const Vec vmx(mx);
+  Vec acc(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= width; c += Vec::size()) {
+    Vec x = (Vec::loadu(row + c) - vmx).exp_u20();
+    x.store(row + c);
+    acc = acc + x;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; c < width; ++c) {
+    row[c] = std::exp(row[c] - mx);
+    sum += row[c];
+  }
+  return sum;
+}
+
+}  // namespace
+
+// q [A, Hq, N, D]; k [A, Hkv, Nk, D], v [A, Hkv, Nk, Dv] (any strides but a unit last one; query head h reads kv
+// head h / (Hq / Hkv)); blocks [A, Hq, nb, t] int64: the key blocks of each query block. Block i covers the rows
+// prefix + i*block ... (the last one may be short); extra_k [X, E, D], extra_v [X, E, Dv] (query block f =
+// (a*Hq + h)*nb + i uses extras row f / extra_per); mask [M, nb|1, block|1, t*block + E] additive, any strides
+// (query block f reads mask[f / nb if M > 1 else 0, i]). Writes rows prefix ... N-1 of out [A, Hq, N, Dv].
+void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           const torch::Tensor& blocks, int64_t block, int64_t prefix,
+                           const c10::optional<torch::Tensor>& extra_k, const c10::optional<torch::Tensor>& extra_v,
+                           int64_t extra_per, const c10::optional<torch::Tensor>& mask, double scale,
+                           torch::Tensor& out) {
+  for (const torch::Tensor* x : {&q, &k, &v, static_cast<const torch::Tensor*>(&out)}) {
+    TORCH_CHECK(x->dtype() == torch::kFloat32 && x->dim() == 4 && x->stride(3) == 1,
+                "routed_blocks: float32 [A, H, N, D] tensors with a unit last stride expected");
+  }
+  TORCH_CHECK(out.is_contiguous(), "routed_blocks: a contiguous out expected");
+  const int64_t A = q.size(0), hq = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t hkv = k.size(1), nk = k.size(2), dv = v.size(3);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0 && k.size(0) == A && v.size(0) == A && v.size(1) == hkv && v.size(2) == nk &&
+              k.size(3) == d && out.size(0) == A && out.size(1) == hq && out.size(2) == n && out.size(3) == dv,
+              "routed_blocks: q, k, v, out shapes disagree");
+  TORCH_CHECK(blocks.dtype() == torch::kInt64 && blocks.is_contiguous() && blocks.dim() == 4 &&
+              blocks.size(0) == A && blocks.size(1) == hq, "routed_blocks: blocks must be contiguous int64 [A, Hq, nb, t]");
+  const int64_t nb = blocks.size(2), t = blocks.size(3), g = hq / hkv;
+  TORCH_CHECK(block > 0 && prefix >= 0 && prefix + (nb - 1) * block < std::max<int64_t>(n, prefix + 1) &&
+              prefix + nb * block >= n, "routed_blocks: nb blocks of `block` rows after `prefix` must cover N");
+  const bool has_extra = extra_k.has_value() && extra_k->size(1) > 0;
+  const int64_t e = has_extra ? extra_k->size(1) : 0;
+  if (has_extra) {
+    TORCH_CHECK(extra_k->is_contiguous() && extra_v->is_contiguous() && extra_k->dtype() == torch::kFloat32 &&
+                extra_v->dtype() == torch::kFloat32 && extra_per > 0 && extra_k->size(2) == d &&
+                extra_v->size(2) == dv, "routed_blocks: contiguous float32 extras and a positive extra_per expected");
+  }
+  const int64_t width = t * block + e;
+  const int64_t heads = A * hq * nb;
+  if (heads == 0 || d == 0) return;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* ip = blocks.data_ptr<int64_t>();
+  const float* ekp = has_extra ? extra_k->data_ptr<float>() : nullptr;
+  const float* evp = has_extra ? extra_v->data_ptr<float>() : nullptr;
+  const float* mp = nullptr;
+  int64_t ms0 = 0, ms1 = 0, ms2 = 0, ms3 = 0;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dtype() == torch::kFloat32 && mask->dim() == 4 && mask->size(3) == width &&
+                (mask->size(1) == 1 || mask->size(1) == nb) && (mask->size(2) == 1 || mask->size(2) == block),
+                "routed_blocks: mask must be float32 [M, nb|1, block|1, t*block + E]");
+    mp = mask->data_ptr<float>();
+    ms0 = mask->size(0) > 1 ? mask->stride(0) : 0;
+    ms1 = mask->size(1) > 1 ? mask->stride(1) : 0;
+    ms2 = mask->size(2) > 1 ? mask->stride(2) : 0;
+    ms3 = mask->stride(3);
+  }
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  float* op = out.data_ptr<float>();
+  const float alpha = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, heads, 1, [&](int64_t f0, int64_t f1) {
+    const int saved_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    std::vector<float> tile(block * width);
+    std::vector<float> sums(block);
+    std::vector<int64_t> cols(t);
+    float* s = tile.data();
+    for (int64_t f = f0; f < f1; ++f) {
+      const int64_t seq = f / nb, i = f % nb, a = seq / hq, h = seq % hq, hk = h / g;
+      const int64_t row0 = prefix + i * block;
+      const int rows = static_cast<int>(std::min(block, n - row0));
+      if (rows <= 0) continue;
+      const float* qh = qp + a * qs0 + h * qs1 + row0 * qs2;
+      const float* kh = kp + a * ks0 + hk * ks1;
+      const float* vh = vp + a * vs0 + hk * vs1;
+      const int64_t* picked = ip + f * t;
+      for (int64_t j = 0; j < t; ++j) {
+        const int64_t start = prefix + picked[j] * block;
+        cols[j] = std::max<int64_t>(0, std::min(block, nk - start));
+        if (cols[j]) scores_gemm(rows, cols[j], d, alpha, qh, qs2, kh + start * ks2, ks2, s + j * block, width);
+        if (cols[j] < block) {  // a short (last) block: its missing keys are hidden
+          for (int r = 0; r < rows; ++r) std::fill(s + r * width + j * block + cols[j], s + r * width + (j + 1) * block, neg_inf);
+        }
+      }
+      const int64_t xr = has_extra ? f / extra_per : 0;
+      if (has_extra) scores_gemm(rows, e, d, alpha, qh, qs2, ekp + xr * e * d, d, s + t * block, width);
+      const float* mh = mp ? mp + seq * ms0 + i * ms1 : nullptr;
+      for (int r = 0; r < rows; ++r) {
+        float* row = s + r * width;
+        if (mh) {
+          const float* mrow = mh + r * ms2;
+          if (ms3 == 1) {
+            at::vec::map2<float>([](Vec x, Vec y) { return x + y; }, row, row, mrow, width);
+          } else {
+            for (int64_t c = 0; c < width; ++c) row[c] += mrow[c * ms3];
+          }
+        }
+        sums[r] = softmax_numerators(row, width);
+      }
+      float* oh = op + ((a * hq + h) * n + row0) * dv;
+      bool written = false;
+      for (int64_t j = 0; j < t; ++j) {
+        if (!cols[j]) continue;
+        values_gemm(rows, dv, cols[j], s + j * block, width, vh + (prefix + picked[j] * block) * vs2, vs2,
+                    written ? 1.f : 0.f, oh, dv);
+        written = true;
+      }
+      if (has_extra) {
+        values_gemm(rows, dv, e, s + t * block, width, evp + xr * e * dv, dv, written ? 1.f : 0.f, oh, dv);
+        written = true;
+      }
+      if (!written) std::fill(oh, oh + rows * dv, 0.f);
+      for (int r = 0; r < rows; ++r) {
+        const float inv = sums[r] > 0.f ? 1.f / sums[r] : 0.f;
+        float* orow = oh + r * dv;
+        at::vec::map<float>([inv](Vec x) { return x * Vec(inv); }, orow, orow, dv);
+      }
+    }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_threads);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("routed_blocks_forward", &routed_blocks_forward, "routed block attention (see reference.py)");
+}

@@ -1,0 +1,123 @@
+"""rewrite.kernels.routed_blocks: the C++ CPU kernel of BlockRouting against its plain-PyTorch reference, and
+BlockRouting with the kernel against BlockRouting without it."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixer_helpers import attention_case, run_case
+
+from rewrite.kernels import routed_blocks
+from rewrite.mixers.block_routing import BlockRoutingAttention
+
+
+def test_kernel_builds_where_a_compiler_is():
+    if not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("ninja"):
+        pytest.skip("no C++ compiler or ninja here: the kernel cannot be built (callers keep their PyTorch path)")
+    assert routed_blocks.available(), routed_blocks.why_unavailable()
+
+
+needs_kernel = pytest.mark.skipif(not routed_blocks.available(), reason=f"kernel unavailable: "
+                                  f"{routed_blocks.why_unavailable()}")
+
+
+@st.composite
+def routed_case(draw):
+    a, hkv, g = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2]))
+    hq = hkv * g
+    block = draw(st.integers(1, 9))
+    prefix = draw(st.integers(0, 3))
+    n = prefix + draw(st.integers(1, 40))
+    nb = -(-(n - prefix) // block)
+    t = draw(st.integers(1, 3))
+    d = draw(st.sampled_from([4, 8, 16, 64]))
+    dv = draw(st.sampled_from([d, d + 3]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    transposed = draw(st.booleans())     # q/k/v as [A, N, H, D] transposed: strided rows, as Hugging Face layers give
+    if transposed:
+        q = torch.randn(a, n, hq, d, generator=gen).transpose(1, 2)
+        k = torch.randn(a, n, hkv, d, generator=gen).transpose(1, 2)
+        v = torch.randn(a, n, hkv, dv, generator=gen).transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(a, h, n, x, generator=gen) for h, x in ((hq, d), (hkv, d), (hkv, dv)))
+    blocks = torch.randint(0, nb, (a, hq, nb, t), generator=gen)
+    e = draw(st.integers(0, 5))
+    per = draw(st.sampled_from([1, nb, nb * g]))
+    rows = -(-(a * hq * nb) // per)
+    extra_k = torch.randn(rows, e, d, generator=gen) if e else None
+    extra_v = torch.randn(rows, e, dv, generator=gen) if e else None
+    width = t * block + e
+    kind = draw(st.sampled_from(["none", "full", "per_block", "per_key", "hiding"]))
+    mask = None
+    if kind == "full":
+        mask = torch.randn(a * hq, nb, block, width, generator=gen)
+    elif kind == "per_block":        # broadcast over sequences and rows: stride-0 dims
+        mask = torch.randn(1, nb, 1, width, generator=gen).expand(a * hq, nb, block, width)
+    elif kind == "per_key":
+        mask = torch.randn(1, 1, 1, width, generator=gen)
+    elif kind == "hiding":           # whole rows and whole query blocks see nothing: they output 0
+        mask = torch.zeros(a * hq, nb, block, width).masked_fill_(torch.rand(a * hq, nb, block, width, generator=gen) < 0.4,
+                                                                float("-inf"))
+        mask[0, 0] = float("-inf")
+    return q, k, v, blocks, block, prefix, extra_k, extra_v, per, mask, draw(st.sampled_from([0.125, 0.7]))
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(case=routed_case())
+def test_kernel_matches_reference(case):
+    q, k, v, blocks, block, prefix, ek, ev, per, mask, scale = case
+    out = routed_blocks.routed_blocks_forward(q, k, v, blocks, block, prefix, ek, ev, per, mask, scale)
+    ref = routed_blocks.routed_blocks_reference(q, k, v, blocks, block, prefix, ek, ev, per, mask, scale)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out[:, :, prefix:], ref[:, :, prefix:], atol=2e-5, rtol=2e-5)
+    if mask is not None and mask.shape[0] > 1 and torch.isinf(mask[0, 0]).all():   # a query block that sees nothing
+        assert (out[0, 0, prefix:prefix + min(block, q.shape[2] - prefix)] == 0).all()
+
+
+@needs_kernel
+def test_kernel_zeroes_the_prefix_rows_and_torch_counts_its_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    blocks = torch.zeros(1, 2, 3, 2, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        out = routed_blocks.routed_blocks_forward(q, k, v, blocks, 6, 2, scale=0.3)
+    assert (out[:, :, :2] == 0).all() and (out[:, :, 2:] != 0).all()
+    assert counter.get_total_flops() == 2 * 2 * 18 * 12 * (8 + 8)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("REWRITE_CPU_KERNELS", "0")
+    assert not routed_blocks.available() and routed_blocks.why_unavailable() == "REWRITE_CPU_KERNELS=0"
+    q, k, v = (torch.randn(1, 1, 16, 4) for _ in range(3))
+    blocks = torch.tensor([[[[0], [1], [1], [0]]]])
+    out = routed_blocks.routed_blocks_forward(q, k, v, blocks, 4, scale=0.5)
+    torch.testing.assert_close(out, routed_blocks.routed_blocks_reference(q, k, v, blocks, 4, scale=0.5))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(case=attention_case(max_len=48), block=st.integers(1, 9), topk=st.integers(1, 4), sinks=st.integers(0, 3),
+       summary=st.booleans(), grid=st.booleans())
+def test_block_routing_is_the_same_with_and_without_the_kernel(case, block, topk, sinks, summary, grid):
+    """Every BlockRouting form (1-D with sinks and pooled blocks, causal, 2-D regions with a CLS token), every
+    site-mask kind, GQA: the kernel path and the fused-SDPA path of the same routing agree."""
+    n = case["q"].shape[-2]
+    if grid and not case["causal"] and n >= 5:
+        side = int((n - 1) ** 0.5)
+        n_used = 1 + side * side
+        case = {**case, "q": case["q"][..., :n_used, :], "k": case["k"][..., :n_used, :],
+                "v": case["v"][..., :n_used, :], "mask": None}
+        module = BlockRoutingAttention(block, topk, grid=(side, side), prefix_tokens=1, summary=summary)
+    else:
+        module = BlockRoutingAttention(block, topk, causal=case["causal"], sinks=sinks, summary=summary)
+    with torch.no_grad():
+        with_kernel = run_case(module, case)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("REWRITE_CPU_KERNELS", "0")
+            without = run_case(module, case)
+    torch.testing.assert_close(with_kernel, without, atol=3e-5, rtol=3e-5)

@@ -45,6 +45,8 @@ def routed_case(draw):
     else:
         q, k, v = (torch.randn(a, h, n, x, generator=gen) for h, x in ((hq, d), (hkv, d), (hkv, dv)))
     blocks = torch.randint(0, nb, (a, hq, nb, t), generator=gen)
+    if draw(st.booleans()):          # -1: no block (per-head counts below the call's t)
+        blocks = blocks.masked_fill(torch.rand(blocks.shape, generator=gen) < 0.3, -1)
     e = draw(st.integers(0, 5))
     per = draw(st.sampled_from([1, nb, nb * g]))
     rows = -(-(a * hq * nb) // per)
@@ -102,19 +104,26 @@ def test_switched_off_by_the_environment(monkeypatch):
 @needs_kernel
 @settings(max_examples=40, deadline=None)
 @given(case=attention_case(max_len=48), block=st.integers(1, 9), topk=st.integers(1, 4), sinks=st.integers(0, 3),
-       summary=st.booleans(), grid=st.booleans())
-def test_block_routing_is_the_same_with_and_without_the_kernel(case, block, topk, sinks, summary, grid):
-    """Every BlockRouting form (1-D with sinks and pooled blocks, causal, 2-D regions with a CLS token), every
-    site-mask kind, GQA: the kernel path and the fused-SDPA path of the same routing agree."""
+       summary=st.booleans(), grid=st.booleans(), per_head=st.booleans(), seed=st.integers(0, 99))
+def test_block_routing_is_the_same_with_and_without_the_kernel(case, block, topk, sinks, summary, grid, per_head,
+                                                               seed):
+    """Every BlockRouting form (1-D with sinks and pooled blocks, causal, 2-D regions with a CLS token, per-head
+    counts), every site-mask kind, GQA: the kernel path (one call for all counts) and the fused-SDPA path (one
+    pass per count) agree."""
     n = case["q"].shape[-2]
     if grid and not case["causal"] and n >= 5:
         side = int((n - 1) ** 0.5)
         n_used = 1 + side * side
         case = {**case, "q": case["q"][..., :n_used, :], "k": case["k"][..., :n_used, :],
                 "v": case["v"][..., :n_used, :], "mask": None}
-        module = BlockRoutingAttention(block, topk, grid=(side, side), prefix_tokens=1, summary=summary)
+        module = BlockRoutingAttention(block, topk, grid=(side, side), prefix_tokens=1, summary=summary,
+                                       per_head=per_head)
     else:
-        module = BlockRoutingAttention(block, topk, causal=case["causal"], sinks=sinks, summary=summary)
+        module = BlockRoutingAttention(block, topk, causal=case["causal"], sinks=sinks, summary=summary,
+                                       per_head=per_head)
+    if per_head:
+        hkv = case["k"].shape[1]
+        module.head_topk = torch.randint(1, 5, (hkv,), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         with_kernel = run_case(module, case)
         with pytest.MonkeyPatch.context() as mp:

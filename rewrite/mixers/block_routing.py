@@ -232,6 +232,8 @@ class BlockRoutingAttention(_base.SDPAMixer):
         out = self._kernel(c, self.head_topk, causal, dropout_p)
         if out is not None:
             return c.finish(out)
+        if len(set(counts)) == 1 or (_dense.eager_cpu_inference(c, dropout_p) and routed_blocks.available()):
+            return c.finish(self._attend(c, counts, causal, dropout_p))       # one pass: the kernel skips slots
         out = c.q.new_empty(bf, hkv, g, n, dv)
         for t in sorted(set(counts)):                                           # one routed pass per count
             heads = torch.tensor([h for h, x in enumerate(counts) if x == t], device=c.q.device)
@@ -317,8 +319,10 @@ class BlockRoutingAttention(_base.SDPAMixer):
                                      blk, attn_mask=mask, is_causal=causal, scale=c.scale)
         return out.view(bf, hkv, g, n, dv)
 
-    def _attend(self, c: _layout.Canon, topk: int, causal: bool, dropout_p: float) -> torch.Tensor:
+    def _attend(self, c: _layout.Canon, topk, causal: bool, dropout_p: float) -> torch.Tensor:
         """Routed attention of canonical ``c`` with ``topk`` blocks per query block: ``[Bf, Hkv, G, N, Dv]``.
+        ``topk``: an int, or per-kv-head counts (a tuple; all equal unless the C++ kernel serves the call, which
+        skips the picks past a head's count, marked -1).
 
         Every query block attends to its ``topk`` chosen key blocks followed by the extra keys of its head: the
         pooled blocks (``summary``) and the sinks. The mask holds only what is not all-visible (padding slots,
@@ -334,7 +338,8 @@ class BlockRoutingAttention(_base.SDPAMixer):
         blocks = _Blocks(c, order_list, p, slots, line=self.grid is None)
         kernel = _dense.eager_cpu_inference(c, dropout_p) and routed_blocks.available()
         in_place = kernel and blocks.line
-        t = min(topk, nb)
+        counts = tuple(topk) if isinstance(topk, (tuple, list)) else None
+        t = min(max(counts) if counts else topk, nb)
         sums = None
         if in_place:                       # 1-D blocks stay where they lie: routing and pooling from block sums
             sums = [blocks.line_sums(x) for x in (c.q, c.k)]
@@ -346,6 +351,9 @@ class BlockRoutingAttention(_base.SDPAMixer):
                           blocks.gather(c.k, bf, hkv, slot="block_routing.pad.k"),
                           blocks.gather(c.v, bf, hkv, slot="block_routing.pad.v"))
             idx = self._block_affinity(qb, kb, blocks.valid, causal, blocks.line).topk(t, dim=-1).indices
+        if counts and len(set(counts)) > 1:                                   # picks past a head's count: -1
+            beyond = torch.arange(t, device=idx.device) >= torch.tensor(counts, device=idx.device).view(hkv, 1, 1, 1)
+            idx = idx.masked_fill(beyond, -1)
         extra_k, extra_v = [], []
         masks = [blocks.routed_mask(c, idx, causal, padding=not in_place)]
         if self.summary and nb > 1:
@@ -445,7 +453,9 @@ class BlockRoutingAttention(_base.SDPAMixer):
         lse = torch.logsumexp(log_bias, dim=-1)                               # [.., nb|1, bs|1, nb]
         if c.bias is not None:                                                # no visible member: -inf
             lse = lse.masked_fill((count.squeeze(-1) == 0).view(*count.shape[:3], 1, 1, nb), _layout.NEG_INF)
-        chosen = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.bool, device=dev).scatter_(-1, idx, True)
+        picked = (idx >= 0).to(torch.int32)                                   # -1: no pick (per-head counts)
+        chosen = torch.zeros(bf, hkv, g, nb, nb, dtype=torch.int32, device=dev).scatter_add_(
+            -1, idx.clamp(min=0), picked) > 0
         if causal:  # blocks that do not end before the query block: never pooled
             chosen = chosen | torch.ones(nb, nb, dtype=torch.bool, device=dev).triu()
         return k_mean, v_mean, lse.masked_fill(chosen.unsqueeze(-2), _layout.NEG_INF)

@@ -69,7 +69,8 @@ float softmax_numerators(float* row, int64_t width) {
 // head h / (Hq / Hkv)); blocks [A, Hq, nb, t] int64: the key blocks of each query block. Block i covers the rows
 // prefix + i*block ... (the last one may be short); extra_k [X, E, D], extra_v [X, E, Dv] (query block f =
 // (a*Hq + h)*nb + i uses extras row f / extra_per); mask [M, nb|1, block|1, t*block + E] additive, any strides
-// (query block f reads mask[f / nb if M > 1 else 0, i]). Writes rows prefix ... N-1 of out [A, Hq, N, Dv].
+// (query block f reads mask[f / nb if M > 1 else 0, i]); a block index -1 is no block (its columns are hidden).
+// Writes rows prefix ... N-1 of out [A, Hq, N, Dv].
 void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                            const torch::Tensor& blocks, int64_t block, int64_t prefix,
                            const c10::optional<torch::Tensor>& extra_k, const c10::optional<torch::Tensor>& extra_v,
@@ -141,7 +142,7 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
       const int64_t* picked = ip + f * t;
       for (int64_t j = 0; j < t; ++j) {
         const int64_t start = prefix + picked[j] * block;
-        cols[j] = std::max<int64_t>(0, std::min(block, nk - start));
+        cols[j] = picked[j] < 0 ? 0 : std::max<int64_t>(0, std::min(block, nk - start));  // -1: no block
         if (cols[j]) scores_gemm(rows, cols[j], d, alpha, qh, qs2, kh + start * ks2, ks2, s + j * block, width);
         if (cols[j] < block) {  // a short (last) block: its missing keys are hidden
           for (int r = 0; r < rows; ++r) std::fill(s + r * width + j * block + cols[j], s + r * width + (j + 1) * block, neg_inf);

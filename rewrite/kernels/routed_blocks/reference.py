@@ -5,6 +5,7 @@ Query block ``i`` of head ``h`` attends to the key blocks ``blocks[a, h, i, 0..t
 head ``h // (Hq / Hkv)``; the missing rows of a short block are hidden) followed by the ``E`` extra keys
 ``extra_k[f // extra_per]``, where ``f = (a·Hq + h)·nb + i`` (its head's pooled blocks or sinks, say), with the
 additive ``mask [M, nb|1, block|1, t·block + E]`` (query block ``f`` reads ``mask[f // nb if M > 1 else 0, i]``).
+A block index -1 is no block: its ``block`` columns are hidden (how per-head block counts share one call).
 A row whose every score is -inf outputs 0. The first ``prefix`` rows of the output are left to the caller (0
 here).
 """
@@ -32,11 +33,11 @@ def routed_blocks_reference(q, k, v, blocks, block: int, prefix: int = 0, extra_
     present = torch.nn.functional.pad(torch.ones(n - prefix, dtype=torch.bool, device=q.device),
                                       (0, slots - (n - prefix))).view(nb, block)
     kv_head = torch.arange(hq, device=q.device) // (hq // hkv)
-    pick = blocks.view(a, hq, nb * t)
+    pick = blocks.reshape(a, hq, nb * t).clamp(min=0)                 # -1: no block (hidden below)
     keys = kb[:, kv_head].gather(2, pick[..., None, None].expand(-1, -1, -1, block, kb.shape[-1]))
     values = vb[:, kv_head].gather(2, pick[..., None, None].expand(-1, -1, -1, block, dv))
     keys, values = keys.view(a, hq, nb, t * block, -1), values.view(a, hq, nb, t * block, dv)
-    seen = present[blocks].view(a, hq, nb, 1, t * block)
+    seen = (present[blocks.clamp(min=0)] & (blocks >= 0).unsqueeze(-1)).view(a, hq, nb, 1, t * block)
     scores = (qb @ keys.transpose(-1, -2)) * scale                     # [A, Hq, nb, block, t·block]
     scores = scores.masked_fill(~seen, float("-inf"))
     if extra_k is not None and extra_k.shape[1]:

@@ -267,9 +267,9 @@ def ratios(lengths=(1024, 4096), repeats: int = 7, only: str = "", threads: int 
                   f"| {ratio:.2f}x | {fr:.2f}x | {rule} |", flush=True)
 
 
-#: the fused CPU attention kernels (torch's, and BlockRouting's C++ one): the share of a mixer's time in them is
-#: the attention, the rest routing, gathers, feature maps and merges
-KERNEL_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "rewrite::routed_blocks")
+#: the fused CPU attention kernels (torch's, and the C++ ones of rewrite.kernels): the share of a mixer's time
+#: in them is the attention, the rest routing, gathers, feature maps and merges
+KERNEL_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "rewrite::routed_blocks", "rewrite::cluster_attention")
 
 
 def profile(lengths=(1024, 4096), only: str = "", threads: int = 1, repeats: int = 3) -> None:

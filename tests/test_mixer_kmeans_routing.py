@@ -138,16 +138,27 @@ def test_bert_end_to_end(clusters, window, exact):
     bert_end_to_end(rewrite.KMeansRouting(clusters=clusters, window=window), exact_expected=exact)
 
 
-def test_fused_cpu_form_equals_the_slot_form(monkeypatch):
-    """The CPU form (queries sorted by cluster, one kernel call per head and cluster) gives the slot form's
-    output, with GQA, batches, empty clusters and windows wider than the keys."""
+def test_cpu_forms_equal_the_slot_form(monkeypatch):
+    """The C++ kernel (one tile per head and cluster) and the fused-SDPA form (queries sorted by cluster, one kernel
+    call per head and cluster) give the slot form's output, with GQA, batches, empty clusters, windows wider than
+    the keys and (C++ kernel and slot form) key-padding masks of both kinds."""
+    from rewrite.kernels import cluster_attention
     from rewrite.mixers import _dense
     gen = torch.Generator().manual_seed(1)
     for b, hq, hkv, n, nc, w in [(2, 4, 2, 100, 3, 32), (3, 2, 1, 50, 2, 80), (2, 8, 2, 33, 8, 5)]:
         q, k, v = (torch.randn(b, h, n, 16, generator=gen) for h in (hq, hkv, hkv))
+        pad = torch.ones(b, 1, 1, n, dtype=torch.bool)
+        pad[0, ..., n // 3:] = False
+        additive = torch.zeros(b, 1, 1, n).masked_fill(~pad, torch.finfo(torch.float32).min)
         module = KMeansRoutingAttention(nc, w)
-        fused = module(q, k, v)
-        with monkeypatch.context() as m:
-            m.setattr(_dense, "flash_cpu_serves", lambda *args: False)
-            slots = module(q, k, v)
-        assert_close(fused, slots)
+        for mask in (None, pad, additive):
+            kernel = module(q, k, v, attn_mask=mask)
+            with monkeypatch.context() as m:
+                m.setenv("REWRITE_CPU_KERNELS", "0")
+                fused = module(q, k, v) if mask is None else None
+                m.setattr(_dense, "flash_cpu_serves", lambda *args: False)
+                slots = module(q, k, v, attn_mask=mask)
+            assert_close(kernel, slots)
+            if fused is not None:
+                assert_close(fused, slots)
+    assert cluster_attention.available(), cluster_attention.why_unavailable()

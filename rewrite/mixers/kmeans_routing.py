@@ -14,7 +14,10 @@ cluster's queries; a block scores only its cluster's ``window`` keys. Time
 O((N + clusters·Bq)·window·d + N·clusters·d), memory O(N·window), whatever the cluster sizes.
 It equals exact attention with one cluster and ``window >= N``. On CPU without gradients (``_fused``) the
 queries are instead sorted by cluster and each (head, cluster) is one fused-kernel call of all its queries
-against its window: no padding slots, and the long query tiles the kernel is efficient on.
+against its window: no padding slots, and the long query tiles the kernel is efficient on. Where the C++ kernel of
+``rewrite.kernels.cluster_attention`` is built (the default), it serves those calls instead, key-padding masks
+included: per (head, cluster) the window is gathered once into a cache-resident tile, and the cluster's queries
+run through it in row tiles with their own key as one more column, their outputs written in token order.
 
 Causal sites route so that nothing depends on a later token (choosing each cluster's window among all keys
 would let a later key push an earlier one out): every key joins its nearest centroid's cluster, and a query
@@ -44,6 +47,7 @@ from . import _layout
 from . import _dense
 from . import _masks
 from . import _base
+from ..kernels import cluster_attention
 
 
 @register_action
@@ -227,6 +231,12 @@ class KMeansRoutingAttention(_base.SDPAMixer):
             return c.finish(self._causal(c, dropout_p))
         nc = self.clusters
         cluster, kidx = self.route(c.q, c.k)                                  # [Bf,Hkv,G,N], [Bf,Hkv,C,w]
+        servable, key_bias = _dense.kernel_key_mask(c)
+        if servable and _dense.eager_cpu_inference(c, dropout_p) and cluster_attention.available():
+            out = cluster_attention.cluster_attention_forward(
+                c.q.reshape(bf, hkv * g, n, dd), c.k, c.v, cluster.reshape(bf, hkv * g, n), kidx, c.scale,
+                None if key_bias is None else key_bias.squeeze(2))
+            return c.finish(out.view(bf, hkv, g, n, dv))
         if c.bias is None and _dense.flash_cpu_serves(c, dropout_p):
             return c.finish(self._fused(c, cluster, kidx))
         w = kidx.shape[-1]

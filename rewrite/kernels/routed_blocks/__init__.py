@@ -1,18 +1,15 @@
 """Routed block attention on CPU: each query block attends to its own chosen key blocks, in one tile.
 
-``routed_blocks_forward(q, kb, vb, blocks, extra_k=None, extra_v=None, extra_per=1, mask=None, scale=1.0)``
-computes what ``reference.routed_blocks_reference`` defines (see there) with the C++ kernel of ``cpu.cpp``
-when it can be built, else with the reference. The kernel is the CPU path of ``BlockRouting`` without
+``routed_blocks_forward(q, k, v, blocks, block, prefix=0, extra_k=None, extra_v=None, extra_per=1, mask=None,
+scale=1.0)`` computes what ``reference.routed_blocks_reference`` defines (see there) with the C++ kernel of
+``cpu.cpp`` when it can be built, else with the reference. The kernel is the CPU path of ``BlockRouting`` without
 gradients: it reads the chosen key and value blocks in place (no gather) and runs each query block's scores
 over all of its keys as one tile, where torch's fused SDPA runs a 64-query block on 32-row tiles
 (BENCHMARKS.md, "Cheap mixers on the clock").
 
-The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed;
-about 20 s, then cached by torch under ``TORCH_EXTENSIONS_DIR``), for the instruction set torch reports for
-this CPU, so a cache shared by machines of different CPUs keeps one build per instruction set. It calls the
-BLAS ``sgemm_`` that torch's x86 wheels carry (MKL). Where the build or the load fails, ``available()`` is
-False, ``why_unavailable()`` says why, and callers keep their PyTorch path. ``REWRITE_CPU_KERNELS=0`` turns the
-kernel off (read at every call).
+The kernel is compiled on first use (``rewrite/kernels/_cpu_build.py``: a C++ compiler and ninja, about 20 s
+once); where it cannot be, ``available()`` is False, ``why_unavailable()`` says why, and BlockRouting keeps its
+PyTorch path. ``REWRITE_CPU_KERNELS=0`` turns it off.
 
 Example::
 
@@ -21,63 +18,28 @@ Example::
 """
 from __future__ import annotations
 
-import functools
-import logging
-import os
 import pathlib
-
 from typing import Optional
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .._cpu_build import CpuKernel
 from .reference import routed_blocks_reference
 
 __all__ = ["available", "why_unavailable", "routed_blocks_forward", "routed_blocks_reference"]
 
-log = logging.getLogger(__name__)
-
-#: compiler flags per instruction set torch reports (``torch.backends.cpu.get_cpu_capability()``)
-_ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
-}
-
-
-def enabled() -> bool:
-    """False when ``REWRITE_CPU_KERNELS`` says 0 / false / off."""
-    return os.environ.get("REWRITE_CPU_KERNELS", "auto").strip().lower() not in ("0", "false", "no", "off")
-
-
-@functools.lru_cache(maxsize=None)
-def _build():
-    """(the compiled module, None) or (None, why not)."""
-    try:
-        from torch.utils.cpp_extension import load
-        isa = torch.backends.cpu.get_cpu_capability()
-        flags = _ISA_FLAGS.get(isa, [])
-        source = pathlib.Path(__file__).with_name("cpu.cpp")
-        module = load(name=f"rewrite_routed_blocks_{isa.lower()}", sources=[str(source)],
-                      extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
-        return module, None
-    except Exception as err:  # no compiler, no ninja, no BLAS symbol: the callers keep their PyTorch path
-        lines = str(err).strip().splitlines() or [""]
-        reason = f"{type(err).__name__}: {next((x for x in lines if 'error' in x.lower()), lines[-1]).strip()[:300]}"
-        log.warning("rewrite: the CPU routed-blocks kernel is unavailable (%s); BlockRouting keeps its PyTorch "
-                    "path", reason)
-        return None, reason
+_KERNEL = CpuKernel("routed_blocks", pathlib.Path(__file__).with_name("cpu.cpp"), "BlockRouting")
 
 
 def available() -> bool:
     """Whether the C++ kernel is on and built (builds it on the first call)."""
-    return enabled() and _build()[0] is not None
+    return _KERNEL.available()
 
 
 def why_unavailable() -> str | None:
     """None when ``available()``, else the reason."""
-    if not enabled():
-        return "REWRITE_CPU_KERNELS=0"
-    return _build()[1]
+    return _KERNEL.why_unavailable()
 
 
 @torch.library.custom_op("rewrite::routed_blocks", mutates_args=())
@@ -88,9 +50,10 @@ def _routed_blocks_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks:
             and (extra_k is None or extra_k.dtype == torch.float32))
     if not (fits and available()):
         return routed_blocks_reference(q, k, v, blocks, block, prefix, extra_k, extra_v, extra_per, mask, scale)
-    out = q.new_zeros(*q.shape[:3], v.shape[-1]) if prefix else q.new_empty(*q.shape[:3], v.shape[-1])
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    out[:, :, :prefix].zero_()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    _build()[0].routed_blocks_forward(
+    _KERNEL.module().routed_blocks_forward(
         q, k, v, blocks.to(torch.int64).contiguous(), int(block), int(prefix),
         None if extra_k is None else extra_k.contiguous(), None if extra_v is None else extra_v.contiguous(),
         int(extra_per), None if mask is None else mask.to(torch.float32), float(scale), out)

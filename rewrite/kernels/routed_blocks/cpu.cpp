@@ -5,65 +5,9 @@
 // of its long-head speed, and the chosen blocks must first be gathered into one key tensor (a copy of every kept
 // key and value). Here the scores of a query block against each chosen block are one small GEMM written into its
 // columns of a [rows, width] tile, the softmax runs once over the whole tile, and the output is one GEMM per block.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/cpu/vec/functional.h>
+#include "cpu_common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <vector>
-
-// BLAS (MKL in the x86 wheels of torch, exported by libtorch_cpu); column-major, hence the swapped operands below.
-extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                       const int*, const float*, const int*, const float*, float*, const int*);
-// MKL's per-thread thread count: each worker's GEMMs must run on that worker alone (weak: other BLAS lack it)
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-namespace {
-
-using Vec = at::vec::Vectorized<float>;
-
-// row-major C[m x n] (ld ldc) = alpha * A[m x k] (ld lda) . B[n x k]^T (ld ldb)
-void scores_gemm(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float* c,
-                 int ldc) {
-  const float zero = 0.f;
-  sgemm_("T", "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &zero, c, &ldc);
-}
-
-// row-major C[m x n] (ld ldc) = A[m x k] (ld lda) . B[k x n] (ld ldb) + beta * C
-void values_gemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                 int ldc) {
-  const float one = 1.f;
-  sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
-}
-
-// exp(row - max) in place; returns the sum (0 for a row that sees no key, which is then zeroed)
-float softmax_numerators(float* row, int64_t width) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  float mx = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, row, width);
-  if (mx == neg_inf) {
-    std::fill(row, row + width, 0.f);
-    return 0.f;
-  }
-  const Vec vmx(mx);
-  Vec acc(0.f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= width; c += Vec::size()) {
-    Vec x = (Vec::loadu(row + c) - vmx).exp_u20();
-    x.store(row + c);
-    acc = acc + x;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; c < width; ++c) {
-    row[c] = std::exp(row[c] - mx);
-    sum += row[c];
-  }
-  return sum;
-}
-
-}  // namespace
+using namespace rewrite_cpu;
 
 // q [A, Hq, N, D]; k [A, Hkv, Nk, D], v [A, Hkv, Nk, Dv] (any strides but a unit last one; query head h reads kv
 // head h / (Hq / Hkv)); blocks [A, Hq, nb, t] int64: the key blocks of each query block. Block i covers the rows

@@ -1,0 +1,62 @@
+// Shared pieces of the C++ CPU kernels (rewrite/kernels/*/cpu.cpp): BLAS products on row-major tiles and the
+// softmax numerators of a score row.
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// BLAS (MKL in the x86 wheels of torch, exported by libtorch_cpu); column-major, hence the swapped operands below.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+// MKL's per-thread thread count: each worker's GEMMs must run on that worker alone (weak: other BLAS lack it)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace rewrite_cpu {
+
+using Vec = at::vec::Vectorized<float>;
+
+// row-major C[m x n] (ld ldc) = alpha * A[m x k] (ld lda) . B[n x k]^T (ld ldb)
+inline void scores_gemm(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float* c,
+                 int ldc) {
+  const float zero = 0.f;
+  sgemm_("T", "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &zero, c, &ldc);
+}
+
+// row-major C[m x n] (ld ldc) = A[m x k] (ld lda) . B[k x n] (ld ldb) + beta * C
+inline void values_gemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                 int ldc) {
+  const float one = 1.f;
+  sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// exp(row - max) in place; returns the sum (0 for a row that sees no key, which is then zeroed)
+inline float softmax_numerators(float* row, int64_t width) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float mx = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, row, width);
+  if (mx == neg_inf) {
+    std::fill(row, row + width, 0.f);
+    return 0.f;
+  }
+  const Vec vmx(mx);
+  Vec acc(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= width; c += Vec::size()) {
+    Vec x = (Vec::loadu(row + c) - vmx).exp_u20();
+    x.store(row + c);
+    acc = acc + x;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; c < width; ++c) {
+    row[c] = std::exp(row[c] - mx);
+    sum += row[c];
+  }
+  return sum;
+}
+
+}  // namespace rewrite_cpu

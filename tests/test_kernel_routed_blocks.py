@@ -130,3 +130,27 @@ def test_block_routing_is_the_same_with_and_without_the_kernel(case, block, topk
             mp.setenv("REWRITE_CPU_KERNELS", "0")
             without = run_case(module, case)
     torch.testing.assert_close(with_kernel, without, atol=3e-5, rtol=3e-5)
+
+
+def test_an_expanded_key_padding_mask_is_served_as_a_key_mask():
+    """Hugging Face encoders expand a padding mask to [B, 1, N, N]: its rows repeat, so the mixers take it as the
+    key mask it is (one row; the kernels' key-mask paths) with the same output; a mask whose rows differ (causal,
+    or one changed row) keeps its rows."""
+    from rewrite.mixers import _layout
+    from rewrite.mixers.kmeans_routing import KMeansRoutingAttention
+    gen = torch.Generator().manual_seed(3)
+    b, h, n, d = 2, 4, 70, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[1, 50:] = False
+    key_mask = torch.zeros(b, 1, 1, n).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    expanded = key_mask.expand(b, 1, n, n).clone()                       # materialized, as HF's 1 - mask gives
+    assert _layout.canon(q, k, v, expanded, None).bias.shape[-2] == 1
+    causal = expanded.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    assert _layout.canon(q, k, v, causal, None).bias.shape[-2] == n
+    one_row = expanded.clone()
+    one_row[0, 0, 7, 3] = 0.5
+    assert _layout.canon(q, k, v, one_row, None).bias.shape[-2] == n
+    for module in (BlockRoutingAttention(16, 2, sinks=1, summary=True), KMeansRoutingAttention(2, 24)):
+        with torch.no_grad():
+            torch.testing.assert_close(module(q, k, v, attn_mask=expanded), module(q, k, v, attn_mask=key_mask))

@@ -160,7 +160,20 @@ def canon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional
             raise ValueError(f"attn_mask heads ({mh}) broadcast neither to 1 nor to {hq} query heads")
         if mq not in (1, nq):
             raise ValueError(f"attn_mask query length {mq} is neither 1 nor {nq}")
+        if mq > 1 and rows_repeat(bias):
+            bias = bias[..., :1, :]
     return Canon(qf, kf, vf, bias, float(scale), out_shape, q.dtype, floor)
+
+
+def rows_repeat(bias: torch.Tensor) -> bool:
+    """Whether every query row of a real mask ``[..., Nq, Nk]`` equals the first: a key-padding mask that a model
+    expanded to [B, 1, N, N] (as Hugging Face encoders do), which the mixers then serve as the key mask it is
+    (one row instead of N; key-mask fast paths and kernels). One comparison pass; never while tracing."""
+    if has_no_data(bias) or torch.compiler.is_compiling():
+        return False
+    if bias.stride(-2) == 0:
+        return True
+    return bool((bias == bias[..., :1, :]).all())
 
 
 def fake_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

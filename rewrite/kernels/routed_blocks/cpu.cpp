@@ -73,7 +73,7 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
     const int saved_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     std::vector<float> tile(block * width);
     std::vector<float> sums(block);
-    std::vector<int64_t> cols(t);
+    std::vector<int64_t> cols(t), starts(t), slot_of(t);
     float* s = tile.data();
     for (int64_t f = f0; f < f1; ++f) {
       const int64_t seq = f / nb, i = f % nb, a = seq / hq, h = seq % hq, hk = h / g;
@@ -84,39 +84,54 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
       const float* kh = kp + a * ks0 + hk * ks1;
       const float* vh = vp + a * vs0 + hk * vs1;
       const int64_t* picked = ip + f * t;
+      // the kept picks only (-1: no block), laid side by side: a query block's tile is as wide as what it keeps
+      int64_t kept = 0;
       for (int64_t j = 0; j < t; ++j) {
+        if (picked[j] < 0) continue;
         const int64_t start = prefix + picked[j] * block;
-        cols[j] = picked[j] < 0 ? 0 : std::max<int64_t>(0, std::min(block, nk - start));  // -1: no block
-        if (cols[j]) scores_gemm(rows, cols[j], d, alpha, qh, qs2, kh + start * ks2, ks2, s + j * block, width);
-        if (cols[j] < block) {  // a short (last) block: its missing keys are hidden
-          for (int r = 0; r < rows; ++r) std::fill(s + r * width + j * block + cols[j], s + r * width + (j + 1) * block, neg_inf);
+        const int64_t c = std::max<int64_t>(0, std::min(block, nk - start));
+        if (c == 0) continue;
+        slot_of[kept] = j;
+        starts[kept] = start;
+        cols[kept++] = c;
+      }
+      const int64_t span = kept * block + e;  // this tile's width (ld stays `width`)
+      for (int64_t x = 0; x < kept; ++x) {
+        scores_gemm(rows, cols[x], d, alpha, qh, qs2, kh + starts[x] * ks2, ks2, s + x * block, width);
+        if (cols[x] < block) {  // a short (last) block: its missing keys are hidden
+          for (int r = 0; r < rows; ++r) std::fill(s + r * width + x * block + cols[x], s + r * width + (x + 1) * block, neg_inf);
         }
       }
       const int64_t xr = has_extra ? f / extra_per : 0;
-      if (has_extra) scores_gemm(rows, e, d, alpha, qh, qs2, ekp + xr * e * d, d, s + t * block, width);
+      if (has_extra) scores_gemm(rows, e, d, alpha, qh, qs2, ekp + xr * e * d, d, s + kept * block, width);
       const float* mh = mp ? mp + seq * ms0 + i * ms1 : nullptr;
       for (int r = 0; r < rows; ++r) {
         float* row = s + r * width;
-        if (mh) {
+        if (mh) {  // the mask's columns of each kept block, then of the extras
           const float* mrow = mh + r * ms2;
-          if (ms3 == 1) {
-            at::vec::map2<float>([](Vec x, Vec y) { return x + y; }, row, row, mrow, width);
-          } else {
-            for (int64_t c = 0; c < width; ++c) row[c] += mrow[c * ms3];
+          for (int64_t x = 0; x <= kept; ++x) {
+            const bool extras = x == kept;
+            const int64_t len = extras ? e : block;
+            if (len == 0) continue;
+            float* dst = row + x * block;
+            const float* src = mrow + (extras ? t * block : slot_of[x] * block) * ms3;
+            if (ms3 == 1) {
+              at::vec::map2<float>([](Vec p, Vec q) { return p + q; }, dst, dst, src, len);
+            } else {
+              for (int64_t c = 0; c < len; ++c) dst[c] += src[c * ms3];
+            }
           }
         }
-        sums[r] = softmax_numerators(row, width);
+        sums[r] = span ? softmax_numerators(row, span) : 0.f;
       }
       float* oh = op + ((a * hq + h) * n + row0) * dv;
       bool written = false;
-      for (int64_t j = 0; j < t; ++j) {
-        if (!cols[j]) continue;
-        values_gemm(rows, dv, cols[j], s + j * block, width, vh + (prefix + picked[j] * block) * vs2, vs2,
-                    written ? 1.f : 0.f, oh, dv);
+      for (int64_t x = 0; x < kept; ++x) {
+        values_gemm(rows, dv, cols[x], s + x * block, width, vh + starts[x] * vs2, vs2, written ? 1.f : 0.f, oh, dv);
         written = true;
       }
       if (has_extra) {
-        values_gemm(rows, dv, e, s + t * block, width, evp + xr * e * dv, dv, written ? 1.f : 0.f, oh, dv);
+        values_gemm(rows, dv, e, s + kept * block, width, evp + xr * e * dv, dv, written ? 1.f : 0.f, oh, dv);
         written = true;
       }
       if (!written) std::fill(oh, oh + rows * dv, 0.f);

@@ -154,3 +154,13 @@ def test_an_expanded_key_padding_mask_is_served_as_a_key_mask():
     for module in (BlockRoutingAttention(16, 2, sinks=1, summary=True), KMeansRoutingAttention(2, 24)):
         with torch.no_grad():
             torch.testing.assert_close(module(q, k, v, attn_mask=expanded), module(q, k, v, attn_mask=key_mask))
+
+
+def test_a_kernel_that_cannot_build_says_why_and_is_unavailable(tmp_path, caplog):
+    from rewrite.kernels._cpu_build import CpuKernel
+    source = tmp_path / "cpu.cpp"
+    source.write_text("#include \"cpu_common.h\"\nthis is not C++;\n")
+    kernel = CpuKernel("broken_for_a_test", source, "a test mixer")
+    assert not kernel.available()
+    assert kernel.why_unavailable() and "error" in kernel.why_unavailable().lower()
+    assert "a test mixer keeps its PyTorch path" in caplog.text

@@ -57,7 +57,9 @@ class CpuKernel:
             return module, None
         except Exception as err:  # no compiler, no ninja, no BLAS symbol: the callers keep their PyTorch path
             lines = str(err).strip().splitlines() or [""]
-            line = next((x for x in lines if "error" in x.lower()), lines[-1]).strip()[:300]
+            line = next((x for x in lines if "error:" in x), None) or next(
+                (x for x in lines if "error" in x.lower()), lines[-1])    # the compiler's own message first
+            line = line.strip()[:300]
             reason = f"{type(err).__name__}: {line}"
             log.warning("rewrite: the CPU kernel %s is unavailable (%s); %s keeps its PyTorch path", self.name,
                         reason, self.user)

@@ -35,6 +35,49 @@ inline void values_gemm(int m, int n, int k, const float* a, int lda, const floa
   sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
+// key-major tiles: row-major C[n keys x m queries] (ld ldc) = alpha * (B[n x k] (ld ldb) . A[k x m] (ld lda)), from
+// the queries transposed (A = q^T) and a key block as it lies (B)
+inline void keys_gemm(int m, int n, int k, float alpha, const float* a_t, int lda, const float* b, int ldb, float* c,
+                      int ldc) {
+  const float zero = 0.f;
+  sgemm_("N", "N", &m, &n, &k, &alpha, a_t, &lda, b, &ldb, &zero, c, &ldc);
+}
+
+// row-major O[m x n] (ld ldo) = P[m x k] . V[k x n] (ld ldv) + beta * O, with P given key-major (P^T, [k x m], ld ldp)
+inline void weights_gemm(int m, int n, int k, const float* p_t, int ldp, const float* v, int ldv, float beta, float* o,
+                         int ldo) {
+  const float one = 1.f;
+  sgemm_("N", "T", &n, &m, &k, &one, v, &ldv, p_t, &ldp, &beta, o, &ldo);
+}
+
+// softmax numerators of a key-major tile (rows 0 ... keys - 1, columns 0 ... queries - 1, ld ld), in place, one
+// query per column; sums[r] gets each query's sum (0 for a query that sees no key, whose column is zeroed)
+inline void softmax_numerators_by_column(float* tile, int64_t keys, int queries, int64_t ld, float* top, float* sums) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::fill(top, top + queries, neg_inf);
+  std::fill(sums, sums + queries, 0.f);
+  if (keys == 0) return;
+  for (int64_t c = 0; c < keys; ++c) {
+    at::vec::map2<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, top, top, tile + c * ld, queries);
+  }
+  for (int r = 0; r < queries; ++r) {
+    if (top[r] == neg_inf) top[r] = std::numeric_limits<float>::infinity();  // exp(s - inf) = 0: a blind query
+  }
+  for (int64_t c = 0; c < keys; ++c) {
+    float* row = tile + c * ld;
+    int r = 0;
+    for (; r + Vec::size() <= queries; r += Vec::size()) {
+      Vec x = (Vec::loadu(row + r) - Vec::loadu(top + r)).exp_u20();
+      x.store(row + r);
+      (Vec::loadu(sums + r) + x).store(sums + r);
+    }
+    for (; r < queries; ++r) {
+      row[r] = std::exp(row[r] - top[r]);
+      sums[r] += row[r];
+    }
+  }
+}
+
 // exp(row - max) in place; returns the sum (0 for a row that sees no key, which is then zeroed)
 inline float softmax_numerators(float* row, int64_t width) {
   const float neg_inf = -std::numeric_limits<float>::infinity();

@@ -71,8 +71,9 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
   const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, heads, 1, [&](int64_t f0, int64_t f1) {
     const int saved_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-    std::vector<float> tile(block * width);
-    std::vector<float> sums(block);
+    // the tile is key-major, [width keys x block queries]: with the queries transposed once per query block, every
+    // product is an untransposed GEMM (MKL runs 64 x 64 x 64 ones 23% faster than with the key block transposed)
+    std::vector<float> tile(block * width), qt(d * block), top(block), sums(block);
     std::vector<int64_t> cols(t), starts(t), slot_of(t);
     float* s = tile.data();
     for (int64_t f = f0; f < f1; ++f) {
@@ -95,43 +96,40 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
         starts[kept] = start;
         cols[kept++] = c;
       }
-      const int64_t span = kept * block + e;  // this tile's width (ld stays `width`)
+      const int64_t span = kept * block + e;  // the keys this query block sees, tile rows 0 ... span - 1
+      at::vec::transpose_mxn<float>(qh, qs2, qt.data(), block, rows, static_cast<int>(d));
       for (int64_t x = 0; x < kept; ++x) {
-        scores_gemm(rows, cols[x], d, alpha, qh, qs2, kh + starts[x] * ks2, ks2, s + x * block, width);
-        if (cols[x] < block) {  // a short (last) block: its missing keys are hidden
-          for (int r = 0; r < rows; ++r) std::fill(s + r * width + x * block + cols[x], s + r * width + (x + 1) * block, neg_inf);
+        keys_gemm(rows, cols[x], d, alpha, qt.data(), block, kh + starts[x] * ks2, ks2, s + x * block * block, block);
+        for (int64_t c = cols[x]; c < block; ++c) {  // a short (last) block: its missing keys are hidden
+          std::fill(s + (x * block + c) * block, s + (x * block + c) * block + rows, neg_inf);
         }
       }
       const int64_t xr = has_extra ? f / extra_per : 0;
-      if (has_extra) scores_gemm(rows, e, d, alpha, qh, qs2, ekp + xr * e * d, d, s + kept * block, width);
-      const float* mh = mp ? mp + seq * ms0 + i * ms1 : nullptr;
-      for (int r = 0; r < rows; ++r) {
-        float* row = s + r * width;
-        if (mh) {  // the mask's columns of each kept block, then of the extras
-          const float* mrow = mh + r * ms2;
-          for (int64_t x = 0; x <= kept; ++x) {
-            const bool extras = x == kept;
-            const int64_t len = extras ? e : block;
-            if (len == 0) continue;
-            float* dst = row + x * block;
-            const float* src = mrow + (extras ? t * block : slot_of[x] * block) * ms3;
-            if (ms3 == 1) {
-              at::vec::map2<float>([](Vec p, Vec q) { return p + q; }, dst, dst, src, len);
-            } else {
-              for (int64_t c = 0; c < len; ++c) dst[c] += src[c * ms3];
-            }
+      if (has_extra) keys_gemm(rows, e, d, alpha, qt.data(), block, ekp + xr * e * d, d, s + kept * block * block, block);
+      if (mp) {  // the mask's columns of each kept block, then of the extras
+        const float* mh = mp + seq * ms0 + i * ms1;
+        for (int64_t c = 0; c < span; ++c) {
+          const int64_t x = c / block;
+          const int64_t mc = x < kept ? slot_of[x] * block + c % block : t * block + (c - kept * block);
+          float* dst = s + c * block;
+          if (ms2 == 0) {
+            const Vec m(mh[mc * ms3]);
+            at::vec::map<float>([m](Vec p) { return p + m; }, dst, dst, rows);
+          } else {
+            for (int r = 0; r < rows; ++r) dst[r] += mh[r * ms2 + mc * ms3];
           }
         }
-        sums[r] = span ? softmax_numerators(row, span) : 0.f;
       }
+      softmax_numerators_by_column(s, span, rows, block, top.data(), sums.data());
       float* oh = op + ((a * hq + h) * n + row0) * dv;
       bool written = false;
       for (int64_t x = 0; x < kept; ++x) {
-        values_gemm(rows, dv, cols[x], s + x * block, width, vh + starts[x] * vs2, vs2, written ? 1.f : 0.f, oh, dv);
+        weights_gemm(rows, dv, cols[x], s + x * block * block, block, vh + starts[x] * vs2, vs2, written ? 1.f : 0.f,
+                     oh, dv);
         written = true;
       }
       if (has_extra) {
-        values_gemm(rows, dv, e, s + kept * block, width, evp + xr * e * dv, dv, written ? 1.f : 0.f, oh, dv);
+        weights_gemm(rows, dv, e, s + kept * block * block, block, evp + xr * e * dv, dv, written ? 1.f : 0.f, oh, dv);
         written = true;
       }
       if (!written) std::fill(oh, oh + rows * dv, 0.f);

@@ -47,6 +47,7 @@ class CpuKernel:
         """(the compiled module, None) or (None, why not)."""
         try:
             from torch.utils.cpp_extension import load
+            log.info("rewrite: building the CPU kernel %s for %s (once per machine, about 20 s)", self.name, self.user)
             isa = torch.backends.cpu.get_cpu_capability()
             # the sources' hash in the name: an edit of the shared header rebuilds too (torch hashes sources only)
             digest = hashlib.sha1(self.source.read_bytes() + (_HERE / "cpu_common.h").read_bytes()).hexdigest()[:10]

@@ -164,3 +164,41 @@ def test_a_kernel_that_cannot_build_says_why_and_is_unavailable(tmp_path, caplog
     assert not kernel.available()
     assert kernel.why_unavailable() and "error" in kernel.why_unavailable().lower()
     assert "a test mixer keeps its PyTorch path" in caplog.text
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["plain", "summary_sinks", "kmeans"])
+def test_compiled_mixers_keep_the_kernel_ops_and_train_without_them(kind):
+    """Under torch.compile an inference call keeps the C++ kernel as one op node with the eager output (BlockRouting
+    in one graph; KMeansRouting breaks its graph where it asks whether its centroids are fitted); a call that needs
+    gradients traces the differentiable path instead (no kernel op) and trains."""
+    from rewrite.kernels import cluster_attention
+    from rewrite.mixers.kmeans_routing import KMeansRoutingAttention
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    if kind == "kmeans":
+        module, op = KMeansRoutingAttention(2, 24), "rewrite.cluster_attention"
+        assert cluster_attention.available()
+    else:
+        module, op = BlockRoutingAttention(16, 3, sinks=int(kind != "plain"), summary=kind != "plain"), \
+            "rewrite.routed_blocks"
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 100, 16, generator=gen) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 100)
+    mask[1, ..., 70:] = float("-inf")
+    compiled = torch.compile(module, backend=recording_backend, fullgraph=kind != "kmeans")
+    with torch.no_grad():
+        eager = module(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(compiled(q, k, v, attn_mask=mask), eager)
+    assert any(op in g for g in graphs)
+    before = len(graphs)
+    qg = q.clone().requires_grad_(True)
+    out = compiled(qg, k, v, attn_mask=mask)
+    assert len(graphs) > before and not any(op in g for g in graphs[before:])
+    torch.testing.assert_close(out, eager, atol=2e-5, rtol=2e-5)
+    out.square().sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0

@@ -157,12 +157,18 @@ def exact_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def eager_cpu_inference(c: Canon, dropout_p) -> bool:
-    """Whether a CPU kernel without autograd may serve this call: CPU, real fp32 tensors, no dropout, nothing to
-    differentiate, no compiler tracing. Elsewhere the mixers keep their differentiable, traceable path."""
-    return (c.q.device.type == "cpu" and not dropout_p and c.q.dtype == torch.float32 and not has_no_data(c.q)
-            and not torch.compiler.is_compiling()
+def cpu_inference(c: Canon, dropout_p) -> bool:
+    """Whether a CPU kernel op without autograd may serve this call: CPU, fp32, no dropout, nothing to
+    differentiate. Traced calls included: the C++ kernels of ``rewrite.kernels`` are ops with fake
+    implementations, so a compiled model keeps them as nodes. Elsewhere the mixers keep their differentiable path."""
+    return (c.q.device.type == "cpu" and not dropout_p and c.q.dtype == torch.float32
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, c.k, c.v))))
+
+
+def eager_cpu_inference(c: Canon, dropout_p) -> bool:
+    """``cpu_inference`` on real tensors outside compiler tracing: for CPU paths that are not single ops (loops
+    over ``.tolist()`` sizes)."""
+    return cpu_inference(c, dropout_p) and not has_no_data(c.q) and not torch.compiler.is_compiling()
 
 
 def flash_cpu_serves(c: Canon, dropout_p) -> bool:

@@ -169,7 +169,7 @@ def rows_repeat(bias: torch.Tensor) -> bool:
     """Whether every query row of a real mask ``[..., Nq, Nk]`` equals the first: a key-padding mask that a model
     expanded to [B, 1, N, N] (as Hugging Face encoders do), which the mixers then serve as the key mask it is
     (one row instead of N; key-mask fast paths and kernels). One comparison pass; never while tracing."""
-    if has_no_data(bias) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or has_no_data(bias):
         return False
     if bias.stride(-2) == 0:
         return True
@@ -223,8 +223,8 @@ def _scratch(slot: str, shape: tuple, like: torch.Tensor, needs_grad: bool) -> O
     """A reused per-thread tensor of ``shape`` in ``like``'s dtype (its contents are garbage), or None where
     the caller must allocate (see ``_SCRATCH``)."""
     numel = math.prod(shape)
-    if (like.device.type != "cpu" or needs_grad or numel > SCRATCH_MAX_ELEMENTS or has_no_data(like)
-            or torch.compiler.is_compiling() or numel < (1 << 16)):
+    if (torch.compiler.is_compiling() or like.device.type != "cpu" or needs_grad or numel > SCRATCH_MAX_ELEMENTS
+            or has_no_data(like) or numel < (1 << 16)):
         return None
     pool = _SCRATCH.__dict__.setdefault("pool", {})
     buf = pool.get((slot, like.dtype))

@@ -232,7 +232,7 @@ class BlockRoutingAttention(_base.SDPAMixer):
         out = self._kernel(c, self.head_topk, causal, dropout_p)
         if out is not None:
             return c.finish(out)
-        if len(set(counts)) == 1 or (_dense.eager_cpu_inference(c, dropout_p) and routed_blocks.available()):
+        if len(set(counts)) == 1 or (_dense.cpu_inference(c, dropout_p) and routed_blocks.available()):
             return c.finish(self._attend(c, counts, causal, dropout_p))       # one pass: the kernel skips slots
         out = c.q.new_empty(bf, hkv, g, n, dv)
         for t in sorted(set(counts)):                                           # one routed pass per count
@@ -327,7 +327,7 @@ class BlockRoutingAttention(_base.SDPAMixer):
         Every query block attends to its ``topk`` chosen key blocks followed by the extra keys of its head: the
         pooled blocks (``summary``) and the sinks. The mask holds only what is not all-visible (padding slots,
         the causal pattern, the site's mask, the pooled blocks' log-size bias), never N×N. On CPU without
-        gradients (``_dense.eager_cpu_inference``) the C++ kernel of ``rewrite.kernels.routed_blocks`` runs each
+        gradients (``_dense.cpu_inference``, compiled or not) the C++ kernel of ``rewrite.kernels.routed_blocks`` runs each
         query block as one tile, reading 1-D blocks where they lie (no padded copies, no gathers); without that
         kernel, the query blocks go in chunks whose keys are gathered into a small reused buffer for fused SDPA
         (``routed_blocks_attention``); elsewhere every block's keys are gathered at once (differentiable,
@@ -336,7 +336,7 @@ class BlockRoutingAttention(_base.SDPAMixer):
         order_list, p, slots = self._layout(n)
         nb, bs = len(order_list), len(order_list[0])
         blocks = _Blocks(c, order_list, p, slots, line=self.grid is None)
-        kernel = _dense.eager_cpu_inference(c, dropout_p) and routed_blocks.available()
+        kernel = _dense.cpu_inference(c, dropout_p) and routed_blocks.available()
         in_place = kernel and blocks.line
         counts = tuple(topk) if isinstance(topk, (tuple, list)) else None
         t = min(max(counts) if counts else topk, nb)

@@ -232,7 +232,7 @@ class KMeansRoutingAttention(_base.SDPAMixer):
         nc = self.clusters
         cluster, kidx = self.route(c.q, c.k)                                  # [Bf,Hkv,G,N], [Bf,Hkv,C,w]
         servable, key_bias = _dense.kernel_key_mask(c)
-        if servable and _dense.eager_cpu_inference(c, dropout_p) and cluster_attention.available():
+        if servable and _dense.cpu_inference(c, dropout_p) and cluster_attention.available():
             out = cluster_attention.cluster_attention_forward(
                 c.q.reshape(bf, hkv * g, n, dd), c.k, c.v, cluster.reshape(bf, hkv * g, n), kidx, c.scale,
                 None if key_bias is None else key_bias.squeeze(2))

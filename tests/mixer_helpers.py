@@ -238,3 +238,13 @@ def bert_end_to_end(action, exact_expected: bool):
         assert max(r.error for r in report.sites) > 1e-4, str(report)
         assert torch.isfinite(out).all()
     return report
+
+
+def draw_qkv(draw, a: int, hq: int, hkv: int, n: int, d: int, dv: int, gen: torch.Generator) -> tuple:
+    """q ``[a, hq, n, d]``, k ``[a, hkv, n, d]``, v ``[a, hkv, n, dv]``: contiguous, or (drawn) views of ``[a, n, h,
+    d]`` tensors transposed, whose rows are strided as Hugging Face layers hand them over."""
+    if draw(st.booleans()):
+        return (torch.randn(a, n, hq, d, generator=gen).transpose(1, 2),
+                torch.randn(a, n, hkv, d, generator=gen).transpose(1, 2),
+                torch.randn(a, n, hkv, dv, generator=gen).transpose(1, 2))
+    return tuple(torch.randn(a, h, n, x, generator=gen) for h, x in ((hq, d), (hkv, d), (hkv, dv)))

@@ -6,6 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mixer_helpers import draw_qkv
+
 from rewrite.kernels import cluster_attention
 
 needs_kernel = pytest.mark.skipif(not cluster_attention.available(), reason=f"kernel unavailable: "
@@ -22,12 +24,7 @@ def cluster_case(draw):
     d = draw(st.sampled_from([4, 16, 64]))
     dv = draw(st.sampled_from([d, d + 3]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
-    if draw(st.booleans()):      # [A, N, H, D] transposed: strided rows
-        q = torch.randn(a, n, hq, d, generator=gen).transpose(1, 2)
-        k = torch.randn(a, n, hkv, d, generator=gen).transpose(1, 2)
-        v = torch.randn(a, n, hkv, dv, generator=gen).transpose(1, 2)
-    else:
-        q, k, v = (torch.randn(a, h, n, x, generator=gen) for h, x in ((hq, d), (hkv, d), (hkv, dv)))
+    q, k, v = draw_qkv(draw, a, hq, hkv, n, d, dv, gen)
     cluster = torch.randint(0, nc, (a, hq, n), generator=gen)
     window = torch.stack([torch.randperm(n, generator=gen)[:w] for _ in range(a * hkv * nc)]).view(a, hkv, nc, w)
     kind = draw(st.sampled_from(["none", "per_key", "per_head", "padding", "hides_all"]))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixer_helpers import attention_case, run_case
+from mixer_helpers import attention_case, draw_qkv, run_case
 
 from rewrite.kernels import routed_blocks
 from rewrite.mixers.block_routing import BlockRoutingAttention
@@ -37,13 +37,7 @@ def routed_case(draw):
     d = draw(st.sampled_from([4, 8, 16, 64]))
     dv = draw(st.sampled_from([d, d + 3]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
-    transposed = draw(st.booleans())     # q/k/v as [A, N, H, D] transposed: strided rows, as Hugging Face layers give
-    if transposed:
-        q = torch.randn(a, n, hq, d, generator=gen).transpose(1, 2)
-        k = torch.randn(a, n, hkv, d, generator=gen).transpose(1, 2)
-        v = torch.randn(a, n, hkv, dv, generator=gen).transpose(1, 2)
-    else:
-        q, k, v = (torch.randn(a, h, n, x, generator=gen) for h, x in ((hq, d), (hkv, d), (hkv, dv)))
+    q, k, v = draw_qkv(draw, a, hq, hkv, n, d, dv, gen)
     blocks = torch.randint(0, nb, (a, hq, nb, t), generator=gen)
     if draw(st.booleans()):          # -1: no block (per-head counts below the call's t)
         blocks = blocks.masked_fill(torch.rand(blocks.shape, generator=gen) < 0.3, -1)

@@ -29,14 +29,8 @@ __all__ = ["available", "why_unavailable", "cluster_attention_forward", "cluster
 _KERNEL = CpuKernel("cluster_attention", pathlib.Path(__file__).with_name("cpu.cpp"), "KMeansRouting")
 
 
-def available() -> bool:
-    """Whether the C++ kernel is on and built (builds it on the first call)."""
-    return _KERNEL.available()
-
-
-def why_unavailable() -> str | None:
-    """None when ``available()``, else the reason."""
-    return _KERNEL.why_unavailable()
+#: whether the C++ kernel is on and built (builds it on the first call); and None when it is, else why not
+available, why_unavailable = _KERNEL.available, _KERNEL.why_unavailable
 
 
 @torch.library.custom_op("rewrite::cluster_attention", mutates_args=())

@@ -32,14 +32,8 @@ __all__ = ["available", "why_unavailable", "routed_blocks_forward", "routed_bloc
 _KERNEL = CpuKernel("routed_blocks", pathlib.Path(__file__).with_name("cpu.cpp"), "BlockRouting")
 
 
-def available() -> bool:
-    """Whether the C++ kernel is on and built (builds it on the first call)."""
-    return _KERNEL.available()
-
-
-def why_unavailable() -> str | None:
-    """None when ``available()``, else the reason."""
-    return _KERNEL.why_unavailable()
+#: whether the C++ kernel is on and built (builds it on the first call); and None when it is, else why not
+available, why_unavailable = _KERNEL.available, _KERNEL.why_unavailable
 
 
 @torch.library.custom_op("rewrite::routed_blocks", mutates_args=())

@@ -173,8 +173,8 @@ def _measured_plan(model: torch.nn.Module, policy, args: tuple, kwargs: dict, ba
     calibration run, then token merging tried on whole rewritten copies of the model (merge_schedule.py)."""
     import copy
 
-    from .measured import calibrate_and_plan
-    from .merge_schedule import choose_merging
+    from .measured import calibrate_and_plan, plan_is_merging_alone
+    from .merge_schedule import ALONE, choose_merging, merging_alone_if_faster
     plan, fitted_now, calibration = calibrate_and_plan(model, policy, args, kwargs, batches)
     fitted = {**fitted_now, **(fitted or {})}
 
@@ -182,13 +182,20 @@ def _measured_plan(model: torch.nn.Module, policy, args: tuple, kwargs: dict, ba
         return optimize(copy.deepcopy(model), candidate_plan, example_inputs=args, example_kwargs=kwargs,
                         fitted=fitted, dynamic=dynamic)
 
-    merged = choose_merging(model, plan, policy, batches, build, calibration.token_merging,
-                            lambda built: model_session(built).block_modules)
+    blocks_of = lambda built: model_session(built).block_modules  # noqa: E731
+    merged = choose_merging(model, plan, policy, batches, build, calibration.token_merging, blocks_of)
+    merged = merging_alone_if_faster(model, plan, merged, policy, batches, build, calibration.token_merging, blocks_of)
     if merged is not plan:
         chosen = next(r for r in calibration.token_merging if r.outcome == "chosen")
-        if calibration.model_ms:  # exact / plan, then plan / merged: both ratios measured interleaved
-            calibration.model_ms *= chosen.ms / chosen.plan_ms
-        merging = (f"token merging pays off: {chosen.action} after every site the per-site plan leaves exact "
+        alone = chosen.base == ALONE
+        if alone:
+            plan_is_merging_alone(calibration)
+        base_ms = calibration.exact_model_ms if alone else calibration.model_ms
+        if base_ms:  # exact / plan, then plan / merged: both ratios measured interleaved
+            calibration.model_ms = base_ms * chosen.ms / chosen.plan_ms
+        where = "at every site (every site exact: faster than the per-site plan with merging)" if alone else \
+            "after every site the per-site plan leaves exact"
+        merging = (f"token merging pays off: {chosen.action} {where} "
                    f"(error bound {chosen.error:.3g}; {chosen.ms:.4g} ms vs {chosen.plan_ms:.4g} ms without it)")
         calibration.message = merging + (f". Per-site mixers: {calibration.message}" if calibration.message else "")
     return merged, fitted, calibration

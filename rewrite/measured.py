@@ -788,6 +788,15 @@ def _flops(action: Action, sizes: Optional[dict]) -> Optional[float]:
         return None
 
 
+def plan_is_merging_alone(report: CalibrationReport) -> None:
+    """Rewrite ``report``'s rows for a final plan that keeps every site exact (token merging alone won): the sites
+    the per-site plan had routed say so, with exact's time and FLOPs."""
+    for r in report.rows:
+        if r.choice != EXACT:
+            r.why = f"exact: {r.choice} was in the per-site plan, but token merging alone is faster"
+            r.choice, r.chosen_ms, r.chosen_flops = EXACT, r.exact_ms, r.exact_flops
+
+
 def _plan_by_name(rows, plan_keys, policy) -> dict:
     """The plan as a policy map by module name (a module's several sites share its choice)."""
     by_key = {candidate_key(a): a for a in policy.candidate_list()}

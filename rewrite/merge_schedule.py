@@ -1,4 +1,5 @@
-"""Token merging in a measured plan: which ``MergeTokens`` setting ``auto`` adds after choosing its per-site plan.
+"""Token merging in a measured plan: which ``MergeTokens`` setting ``auto`` adds after choosing its per-site plan,
+and whether merging alone (every site exact) beats that (``merging_alone_if_faster``).
 
 A block-level action cannot be calibrated by a per-site switch (it changes the shape of everything after its
 block), so it is chosen after the per-site plan, on a whole model: one copy, rewritten with the per-site plan and
@@ -25,14 +26,20 @@ from .calibrate import error_bound, example_errors, metric_fn, progress, run_bat
 from .timing import ModelRun, default_timer
 
 
+#: what a ladder's mergers are added to: the per-site plan, or every site exact (merging alone)
+AFTER_PLAN, ALONE = "per-site plan", "every site exact"
+
+
 @dataclasses.dataclass
 class MergeRow:
-    """One setting of the ladder: its error bound, its time and the per-site plan's (ms), and the outcome."""
+    """One setting of a ladder: its error bound, its time and the time without it (ms), and the outcome;
+    ``base`` is what the mergers were added to (``AFTER_PLAN`` or ``ALONE``)."""
     action: str
     error: Optional[float] = None
     ms: Optional[float] = None
     plan_ms: Optional[float] = None
     outcome: str = ""
+    base: str = AFTER_PLAN
 
 
 def merge_ladder(policy) -> list:
@@ -48,7 +55,7 @@ def with_merging(plan: dict, action) -> dict:
 
 
 def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence, build: Callable,
-                   rows: list, modules_of: Callable) -> dict:
+                   rows: list, modules_of: Callable, base: str = AFTER_PLAN) -> dict:
     """The plan with the best token merging added (or ``plan``): ``build(plan)`` returns an optimized copy of
     ``model``, ``modules_of(copy)`` the mergers its block-level actions inserted (by site key); ``rows``
     receives a :class:`MergeRow` per setting tried.
@@ -67,7 +74,7 @@ def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence
         mergers = [m for ms in modules_of(candidate).values() for m in ms]
         within = []
         for action in progress(ladder, "token merging", enabled=policy.show_progress):
-            row = MergeRow(action.describe())
+            row = MergeRow(action.describe(), base=base)
             rows.append(row)
             set_merging(mergers, action)
             row.error = error_bound([e for r, b in zip(refs, batches)
@@ -77,6 +84,36 @@ def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence
                 break
             within.append((row, action))
         return _fastest_within(policy, plan, build(plan) if within else None, candidate, mergers, batches, within)
+
+
+def merging_alone_if_faster(model: torch.nn.Module, plan: dict, merged: dict, policy, batches: Sequence,
+                            build: Callable, rows: list, modules_of: Callable) -> dict:
+    """``merged`` (the per-site plan with its merging), or token merging alone where that is faster.
+
+    A per-site plan that routes some sites spends error budget that merging could have spent everywhere, and a
+    merged token saves its whole block, not only its attention: so when the per-site plan is not all exact,
+    merging alone (every site exact) gets its own ladder, and the two whole plans are timed against each other
+    (interleaved, median); merging alone is kept when it is faster by ``policy.min_gain``."""
+    if all(isinstance(a, Exact) for a in plan.values()) or not merge_ladder(policy):
+        return merged
+    exact_plan = {name: Exact() for name in plan}
+    first = len(rows)
+    alone = choose_merging(model, exact_plan, policy, batches, build, rows, modules_of, base=ALONE)
+    if alone is exact_plan:
+        return merged
+    winner = next(r for r in rows[first:] if r.outcome == "chosen")
+    timer = policy.timer or default_timer
+    with torch.no_grad():
+        alone_ms, merged_ms = _time_pair(timer, build(merged), build(alone), merged, alone, batches[0])
+    if alone_ms is None or not alone_ms < merged_ms * (1 - policy.min_gain):
+        winner.outcome = (f"best of merging alone, but the per-site plan with its merging is as fast or faster "
+                          f"({merged_ms:.4g} ms vs {alone_ms:.4g} ms)" if alone_ms is not None else
+                          "best of merging alone; not timed against the per-site plan")
+        return merged
+    for row in rows[:first]:
+        if row.outcome == "chosen":
+            row.outcome = f"best after the per-site plan, but merging alone is faster ({alone_ms:.4g} ms vs {merged_ms:.4g} ms)"
+    return alone
 
 
 def set_merging(mergers: list, action) -> None:

@@ -233,9 +233,11 @@ class RewriteReport:
             out.append(timing)
         merging = getattr(cal, "token_merging", None) or []
         if merging:
-            out.append("Token merging (whole models, after the per-site plan; ms vs the per-site plan's, interleaved):")
-            out.append(tabulate([[m.action, _fmt_err(m.error), _ms(m.ms), _ms(m.plan_ms), m.outcome] for m in merging],
-                                headers=["setting", "error bound", "ms", "plan ms", "outcome"], tablefmt="simple"))
+            out.append("Token merging (whole models; ms vs the same model without merging, interleaved):")
+            out.append(tabulate([[m.action, getattr(m, "base", ""), _fmt_err(m.error), _ms(m.ms), _ms(m.plan_ms),
+                                  m.outcome] for m in merging],
+                                headers=["setting", "added to", "error bound", "ms", "without ms", "outcome"],
+                                tablefmt="simple"))
         if cal.backoffs:
             out.append("back-off: " + "; ".join(cal.backoffs))
         if cal.message:

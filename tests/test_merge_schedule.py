@@ -88,3 +88,48 @@ def test_one_rewritten_copy_serves_every_setting():
     assert all((m.r, m.window, m.protect_first, m.metric) == (3, 5, 1, "hidden") for m in mergers)
     x = torch.randn(1, 12, 4)
     assert mergers[0](x, None, None, None, None, None, None)[0].shape == (1, 9, 4)
+
+
+def plans_timed(per_site_plan: float, merged_after_plan: float, merging_alone: float):
+    """Sites: exact 1 ms, SlidingWindow 0.5 ms. Whole models (10 ms exact) by what their plan holds."""
+    def timer(runs):
+        out = {}
+        for label in runs:
+            if isinstance(label, SiteRun):
+                out[label] = 0.5e-3 if label.action.startswith("SlidingWindow") else 1e-3
+                continue
+            actions = [a for *_, a in label.plan]
+            window = any(a.startswith("SlidingWindow") for a in actions)
+            merging = any(a.startswith("MergeTokens") for a in actions)
+            factor = {(False, False): 1.0, (True, False): per_site_plan, (True, True): merged_after_plan,
+                      (False, True): merging_alone}[(window, merging)]
+            out[label] = 1e-2 * factor
+        return out
+    return timer
+
+
+def test_merging_alone_replaces_a_per_site_plan_when_it_is_faster_and_the_report_says_so():
+    """The per-site plan routes both sites, so no merger can follow it (merging goes where the plan left a site
+    exact); merging alone is then tried with every site exact, and wins only when it is the faster whole plan."""
+    ladder = [rewrite.SlidingWindow(window=8), rewrite.MergeTokens(r=2), rewrite.MergeTokens(r=4)]
+    for merging_alone, alone_wins in ((0.5, True), (0.95, False)):
+        model = tiny_bert()
+        policy = rewrite.auto(max_error=10.0, candidates=ladder, progress=False,
+                              timer=plans_timed(0.9, 0.9, merging_alone))
+        rewrite.optimize(model, policy, example_kwargs=batch(0), calibration=[batch(1), batch(2)])
+        rep = rewrite.report(model)
+        rows = rep.calibration.token_merging
+        assert {r.base for r in rows} == {"per-site plan", "every site exact"}, rep.calibration_table()
+        chosen = [r for r in rows if r.outcome == "chosen"]
+        actions = {s.action.split("(")[0] for s in rep.sites}
+        if alone_wins:
+            assert len(chosen) == 1 and chosen[0].base == "every site exact", rep.calibration_table()
+            assert actions == {"MergeTokens"}, rep
+            assert all(r.choice.startswith("Exact") and "merging alone is faster" in r.why
+                       for r in rep.calibration.rows), rep.calibration_table()
+            assert "every site exact" in rep.calibration.message
+            assert rep.calibration.model_ms == rep.calibration.exact_model_ms * chosen[0].ms / chosen[0].plan_ms
+        else:
+            assert not chosen and actions == {"SlidingWindow"}, rep.calibration_table()
+            assert any("per-site plan with its merging is as fast or faster" in r.outcome for r in rows)
+            assert all(r.choice.startswith("SlidingWindow") for r in rep.calibration.rows)

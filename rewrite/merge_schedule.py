@@ -72,6 +72,9 @@ def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence
         refs = [run_batch(model, b) for b in batches]
         candidate = build(with_merging(plan, ladder[-1]))
         mergers = [m for ms in modules_of(candidate).values() for m in ms]
+        if not mergers:   # every site declined merging (a decoder, say): nothing to measure or time
+            rows.append(MergeRow(ladder[-1].describe(), base=base, outcome=_declined(candidate)))
+            return plan
         within = []
         for action in progress(ladder, "token merging", enabled=policy.show_progress):
             row = MergeRow(action.describe(), base=base)
@@ -114,6 +117,13 @@ def merging_alone_if_faster(model: torch.nn.Module, plan: dict, merged: dict, po
         if row.outcome == "chosen":
             row.outcome = f"best after the per-site plan, but merging alone is faster ({alone_ms:.4g} ms vs {merged_ms:.4g} ms)"
     return alone
+
+
+def _declined(built: torch.nn.Module) -> str:
+    """Why no site of ``built`` (rewritten with a block-level action everywhere it could go) took a merger."""
+    from .api import report
+    reasons = [s.reason for s in report(built).sites if getattr(s, "reason", "")]
+    return "declined at every site" + (f": {reasons[0]}" if reasons else "")
 
 
 def set_merging(mergers: list, action) -> None:

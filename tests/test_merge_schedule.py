@@ -133,3 +133,20 @@ def test_merging_alone_replaces_a_per_site_plan_when_it_is_faster_and_the_report
             assert not chosen and actions == {"SlidingWindow"}, rep.calibration_table()
             assert any("per-site plan with its merging is as fast or faster" in r.outcome for r in rows)
             assert all(r.choice.startswith("SlidingWindow") for r in rep.calibration.rows)
+
+
+def test_a_decoder_declines_merging_once_with_the_reason():
+    """Every site declines merging (causal): one row says why, and nothing is measured or timed for it."""
+    from transformers import GPT2Config, GPT2Model
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=100, attn_implementation="eager")).eval()
+    ids = [{"input_ids": torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(s))} for s in range(3)]
+    policy = rewrite.auto(max_error=0.05, candidates=LADDER, timer=merged_is_faster({2: 0.5, 4: 0.5, 8: 0.5}),
+                          progress=False)
+    rewrite.optimize(model, policy, example_kwargs=ids[0], calibration=ids[1:])
+    rep = rewrite.report(model)
+    rows = rep.calibration.token_merging
+    assert len(rows) == 1 and rows[0].error is None and rows[0].ms is None, rep.calibration_table()
+    assert rows[0].outcome.startswith("declined at every site") and "causal" in rows[0].outcome
+    assert all(s.action.startswith("Exact") for s in rep.sites)
+    assert "declined at every site" in rep.calibration_table()

@@ -121,8 +121,8 @@ def merging_alone_if_faster(model: torch.nn.Module, plan: dict, merged: dict, po
 
 def _declined(built: torch.nn.Module) -> str:
     """Why no site of ``built`` (rewritten with a block-level action everywhere it could go) took a merger."""
-    from .api import report
-    reasons = [s.reason for s in report(built).sites if getattr(s, "reason", "")]
+    rep = getattr(built, "rewrite_report", None)      # what rewrite.report(built) returns
+    reasons = [s.reason for s in (rep.sites if rep is not None else []) if getattr(s, "reason", "")]
     return "declined at every site" + (f": {reasons[0]}" if reasons else "")
 
 

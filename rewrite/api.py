@@ -183,8 +183,9 @@ def _measured_plan(model: torch.nn.Module, policy, args: tuple, kwargs: dict, ba
                         fitted=fitted, dynamic=dynamic)
 
     blocks_of = lambda built: model_session(built).block_modules  # noqa: E731
-    merged = choose_merging(model, plan, policy, batches, build, calibration.token_merging, blocks_of)
-    merged = merging_alone_if_faster(model, plan, merged, policy, batches, build, calibration.token_merging, blocks_of)
+    merged, merged_copy = choose_merging(model, plan, policy, batches, build, calibration.token_merging, blocks_of)
+    merged = merging_alone_if_faster(model, plan, merged, merged_copy, policy, batches, build,
+                                     calibration.token_merging, blocks_of)
     if merged is not plan:
         chosen = next(r for r in calibration.token_merging if r.outcome == "chosen")
         alone = chosen.base == ALONE

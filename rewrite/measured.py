@@ -551,7 +551,7 @@ def calibrate_and_plan(model: torch.nn.Module, policy: MeasuredPolicy, args: tup
     try:
         run = CalibrationRun(model, policy, state, batches, metric)
         with torch.no_grad():
-            rows, choice, checks = run.measure_and_choose(args, kwargs)
+            rows, choice, checks = run.measure_and_choose()
             plan_s, exact_s = checks.time({k: a for k, a in choice[0].items()})
     finally:
         capture.uninstall()
@@ -614,11 +614,10 @@ class CalibrationRun:
         self.fitted: dict = {}
         self.timing_seconds = 0.0
 
-    def measure_and_choose(self, args: tuple, kwargs: dict) -> tuple[list, tuple, PlanChecks]:
-        """Returns (rows, the policy's choice, the checks it used)."""
-        from .capture import run_example
+    def measure_and_choose(self) -> tuple[list, tuple, PlanChecks]:
+        """Returns (rows, the policy's choice, the checks it used). The capture has run the example already
+        (``_calibration_capture``): its sites are known."""
         state, policy = self.state, self.policy
-        run_example(self.model, args, kwargs)
         self.refs = [run_batch(self.model, b) for b in progress(self.batches, "reference", enabled=self.show)]
         state.collect_stats = True
         for b in progress(self.batches, "statistics", enabled=self.show):

@@ -55,10 +55,11 @@ def with_merging(plan: dict, action) -> dict:
 
 
 def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence, build: Callable,
-                   rows: list, modules_of: Callable, base: str = AFTER_PLAN) -> dict:
-    """The plan with the best token merging added (or ``plan``): ``build(plan)`` returns an optimized copy of
-    ``model``, ``modules_of(copy)`` the mergers its block-level actions inserted (by site key); ``rows``
-    receives a :class:`MergeRow` per setting tried.
+                   rows: list, modules_of: Callable, base: str = AFTER_PLAN) -> tuple[dict, Optional[torch.nn.Module]]:
+    """The plan with the best token merging added (or ``plan``), and the copy of ``model`` it measured rewritten
+    with that plan (None where it built none): ``build(plan)`` returns an optimized copy of ``model``,
+    ``modules_of(copy)`` the mergers its block-level actions inserted (by site key); ``rows`` receives a
+    :class:`MergeRow` per setting tried.
 
     One copy is built, with the harshest setting; each setting is measured on it by setting its mergers (they
     read their settings on every call). Errors first, gentlest up, until a setting is over the budget (error
@@ -66,7 +67,7 @@ def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence
     (time falls with ``r``, so usually the first timed wins and the gentler ones are not timed)."""
     ladder = merge_ladder(policy)
     if not ladder or not plan:
-        return plan
+        return plan, None
     metric = metric_fn(policy.metric)
     with torch.no_grad():
         refs = [run_batch(model, b) for b in batches]
@@ -74,7 +75,7 @@ def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence
         mergers = [m for ms in modules_of(candidate).values() for m in ms]
         if not mergers:   # every site declined merging (a decoder, say): nothing to measure or time
             rows.append(MergeRow(ladder[-1].describe(), base=base, outcome=_declined(candidate)))
-            return plan
+            return plan, None
         within = []
         for action in progress(ladder, "token merging", enabled=policy.show_progress):
             row = MergeRow(action.describe(), base=base)
@@ -86,12 +87,15 @@ def choose_merging(model: torch.nn.Module, plan: dict, policy, batches: Sequence
                 row.outcome = f"error {row.error:.3g} over the budget {policy.max_error:g}; harsher settings not tried"
                 break
             within.append((row, action))
-        return _fastest_within(policy, plan, build(plan) if within else None, candidate, mergers, batches, within)
+        without = build(plan) if within else None
+        chosen = _fastest_within(policy, plan, without, candidate, mergers, batches, within)
+        return chosen, (without if chosen is plan else candidate)   # the candidate's mergers hold the chosen setting
 
 
-def merging_alone_if_faster(model: torch.nn.Module, plan: dict, merged: dict, policy, batches: Sequence,
-                            build: Callable, rows: list, modules_of: Callable) -> dict:
-    """``merged`` (the per-site plan with its merging), or token merging alone where that is faster.
+def merging_alone_if_faster(model: torch.nn.Module, plan: dict, merged: dict, merged_copy, policy,
+                            batches: Sequence, build: Callable, rows: list, modules_of: Callable) -> dict:
+    """``merged`` (the per-site plan with its merging; ``merged_copy``: the copy ``choose_merging`` measured it
+    on, or None), or token merging alone where that is faster.
 
     A per-site plan that routes some sites spends error budget that merging could have spent everywhere, and a
     merged token saves its whole block, not only its attention: so when the per-site plan is not all exact,
@@ -101,13 +105,14 @@ def merging_alone_if_faster(model: torch.nn.Module, plan: dict, merged: dict, po
         return merged
     exact_plan = {name: Exact() for name in plan}
     first = len(rows)
-    alone = choose_merging(model, exact_plan, policy, batches, build, rows, modules_of, base=ALONE)
+    alone, alone_copy = choose_merging(model, exact_plan, policy, batches, build, rows, modules_of, base=ALONE)
     if alone is exact_plan:
         return merged
     winner = next(r for r in rows[first:] if r.outcome == "chosen")
     timer = policy.timer or default_timer
     with torch.no_grad():
-        alone_ms, merged_ms = _time_pair(timer, build(merged), build(alone), merged, alone, batches[0])
+        alone_ms, merged_ms = _time_pair(timer, merged_copy if merged_copy is not None else build(merged),
+                                         alone_copy, merged, alone, batches[0])
     if alone_ms is None or not alone_ms < merged_ms * (1 - policy.min_gain):
         winner.outcome = (f"best of merging alone, but the per-site plan with its merging is as fast or faster "
                           f"({merged_ms:.4g} ms vs {alone_ms:.4g} ms)" if alone_ms is not None else

@@ -21,6 +21,29 @@ namespace rewrite_cpu {
 
 using Vec = at::vec::Vectorized<float>;
 
+// While alive, this thread's BLAS calls run on this thread alone (a parallel_for worker must not start BLAS threads
+// of its own); restores the thread's setting when it ends, thrown errors included.
+class OneBlasThread {
+ public:
+  OneBlasThread() : saved_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int saved_;
+};
+
+// q, k, v (and any more) as float32 [A, H, N, D] with rows of unit stride: what the kernels index by pointer
+inline void check_row_tensors(const char* op, std::initializer_list<const torch::Tensor*> tensors) {
+  for (const torch::Tensor* x : tensors) {
+    TORCH_CHECK(x->dtype() == torch::kFloat32 && x->dim() == 4 && x->stride(3) == 1, op,
+                ": float32 [A, H, N, D] tensors with a unit last stride expected");
+  }
+}
+
 // row-major C[m x n] (ld ldc) = alpha * A[m x k] (ld lda) . B[n x k]^T (ld ldb)
 inline void scores_gemm(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float* c,
                  int ldc) {

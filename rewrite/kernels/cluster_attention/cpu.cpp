@@ -20,10 +20,7 @@ constexpr int64_t kRowsPerTile = 128;
 torch::Tensor cluster_attention_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                         const torch::Tensor& cluster, const torch::Tensor& window,
                                         const c10::optional<torch::Tensor>& key_bias, double scale) {
-  for (const torch::Tensor* x : {&q, &k, &v}) {
-    TORCH_CHECK(x->dtype() == torch::kFloat32 && x->dim() == 4 && x->stride(3) == 1,
-                "cluster_attention: float32 [A, H, N, D] tensors with a unit last stride expected");
-  }
+  check_row_tensors("cluster_attention", {&q, &k, &v});
   const int64_t A = q.size(0), hq = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t hkv = k.size(1), dv = v.size(3);
   TORCH_CHECK(hkv > 0 && hq % hkv == 0 && k.size(0) == A && k.size(2) == n && k.size(3) == d && v.size(0) == A &&
@@ -60,7 +57,7 @@ torch::Tensor cluster_attention_forward(const torch::Tensor& q, const torch::Ten
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t width = w + 1;  // the window, then the own key
   at::parallel_for(0, A * hq * nc, 1, [&](int64_t g0, int64_t g1) {
-    const int saved_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const OneBlasThread one_blas_thread;
     std::vector<float> keys(w * d), values(w * dv), qtile(kRowsPerTile * d), tile(kRowsPerTile * width),
         otile(kRowsPerTile * dv), sums(kRowsPerTile), window_bias(w);
     std::vector<char> member(n);
@@ -126,7 +123,6 @@ torch::Tensor cluster_attention_forward(const torch::Tensor& q, const torch::Ten
         }
       }
     }
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_threads);
   });
   return out;
 }

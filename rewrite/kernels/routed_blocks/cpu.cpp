@@ -4,7 +4,8 @@
 // Why not torch's fused SDPA per query block: its CPU kernel runs a 64-query "head" on 32-row tiles at about half
 // of its long-head speed, and the chosen blocks must first be gathered into one key tensor (a copy of every kept
 // key and value). Here the scores of a query block against each chosen block are one small GEMM written into its
-// columns of a [rows, width] tile, the softmax runs once over the whole tile, and the output is one GEMM per block.
+// rows of a key-major [keys, queries] tile, the softmax runs once over the whole tile (by column), and the output
+// is one GEMM per block.
 #include "cpu_common.h"
 
 using namespace rewrite_cpu;
@@ -20,10 +21,7 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
                            const c10::optional<torch::Tensor>& extra_k, const c10::optional<torch::Tensor>& extra_v,
                            int64_t extra_per, const c10::optional<torch::Tensor>& mask, double scale,
                            torch::Tensor& out) {
-  for (const torch::Tensor* x : {&q, &k, &v, static_cast<const torch::Tensor*>(&out)}) {
-    TORCH_CHECK(x->dtype() == torch::kFloat32 && x->dim() == 4 && x->stride(3) == 1,
-                "routed_blocks: float32 [A, H, N, D] tensors with a unit last stride expected");
-  }
+  check_row_tensors("routed_blocks", {&q, &k, &v, &out});
   TORCH_CHECK(out.is_contiguous(), "routed_blocks: a contiguous out expected");
   const int64_t A = q.size(0), hq = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t hkv = k.size(1), nk = k.size(2), dv = v.size(3);
@@ -70,7 +68,7 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
   const float alpha = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, heads, 1, [&](int64_t f0, int64_t f1) {
-    const int saved_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const OneBlasThread one_blas_thread;
     // the tile is key-major, [width keys x block queries]: with the queries transposed once per query block, every
     // product is an untransposed GEMM (MKL runs 64 x 64 x 64 ones 23% faster than with the key block transposed)
     std::vector<float> tile(block * width), qt(d * block), top(block), sums(block);
@@ -139,7 +137,6 @@ void routed_blocks_forward(const torch::Tensor& q, const torch::Tensor& k, const
         at::vec::map<float>([inv](Vec x) { return x * Vec(inv); }, orow, orow, dv);
       }
     }
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_threads);
   });
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -248,3 +249,8 @@ def draw_qkv(draw, a: int, hq: int, hkv: int, n: int, d: int, dv: int, gen: torc
                 torch.randn(a, n, hkv, d, generator=gen).transpose(1, 2),
                 torch.randn(a, n, hkv, dv, generator=gen).transpose(1, 2))
     return tuple(torch.randn(a, h, n, x, generator=gen) for h, x in ((hq, d), (hkv, d), (hkv, dv)))
+
+
+def needs_cpu_kernel(kernel):
+    """Skips a test where ``kernel`` (a package of ``rewrite.kernels`` with a C++ kernel) cannot be built here."""
+    return pytest.mark.skipif(not kernel.available(), reason=f"kernel unavailable: {kernel.why_unavailable()}")

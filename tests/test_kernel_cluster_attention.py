@@ -1,17 +1,15 @@
 """rewrite.kernels.cluster_attention: the C++ CPU kernel of KMeansRouting against its plain-PyTorch reference."""
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixer_helpers import draw_qkv
+from mixer_helpers import draw_qkv, needs_cpu_kernel
 
 from rewrite.kernels import cluster_attention
 
-needs_kernel = pytest.mark.skipif(not cluster_attention.available(), reason=f"kernel unavailable: "
-                                  f"{cluster_attention.why_unavailable()}")
+needs_kernel = needs_cpu_kernel(cluster_attention)
 
 
 @st.composite

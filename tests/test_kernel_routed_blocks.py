@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixer_helpers import attention_case, draw_qkv, run_case
+from mixer_helpers import attention_case, draw_qkv, needs_cpu_kernel, run_case
 
 from rewrite.kernels import routed_blocks
 from rewrite.mixers.block_routing import BlockRoutingAttention
@@ -21,8 +21,7 @@ def test_kernel_builds_where_a_compiler_is():
     assert routed_blocks.available(), routed_blocks.why_unavailable()
 
 
-needs_kernel = pytest.mark.skipif(not routed_blocks.available(), reason=f"kernel unavailable: "
-                                  f"{routed_blocks.why_unavailable()}")
+needs_kernel = needs_cpu_kernel(routed_blocks)
 
 
 @st.composite
